@@ -1,0 +1,108 @@
+"""A relay on a GPIO pin (or a gpiozero mock pin), pulsed for a fixed time.
+
+The pin is switched off by a timer thread, not by the event loop: a stalled
+loop must never leave a relay energised. A second open during a pulse joins
+the running pulse: no new edge (a step-by-step barrier controller reads a
+second edge as "stop") and no extension (the pulse length is a hard cap).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+from gpiozero import GPIOZeroError, OutputDevice
+from gpiozero.pins.mock import MockFactory
+
+from gated.config import GpioActuatorConfig, MockActuatorConfig
+from gated.errors import ActuatorError
+
+log = structlog.get_logger("gated.relay")
+
+
+class RelayActuator:
+    def __init__(self, gate: str, device: OutputDevice, pulse: float) -> None:
+        self.gate = gate
+        self.pulse = pulse
+        self._device = device
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    @classmethod
+    def create(cls, gate: str, config: GpioActuatorConfig | MockActuatorConfig,
+               *, pin_factory: Any) -> RelayActuator:
+        try:
+            device = OutputDevice(config.pin, active_high=config.active_high,
+                                  initial_value=False, pin_factory=pin_factory)
+        except (GPIOZeroError, OSError, ValueError) as exc:
+            raise ActuatorError(f"gate {gate!r}: cannot use pin {config.pin}: {exc}") from exc
+        if isinstance(config, GpioActuatorConfig) and isinstance(device.pin_factory, MockFactory):
+            device.close()
+            raise ActuatorError(
+                f"gate {gate!r}: type 'gpio' but gpiozero chose mock pins "
+                "(GPIOZERO_PIN_FACTORY=mock?); use type = \"mock\" to mean that"
+            )
+        log.info("relay ready", gate=gate, pin=str(config.pin), active_high=config.active_high,
+                 pulse=config.pulse, backend=type(device.pin_factory).__name__)
+        return cls(gate, device, config.pulse)
+
+    @property
+    def energised(self) -> bool:
+        return bool(self._device.value)
+
+    async def open(self) -> str:
+        return self.trigger()
+
+    def trigger(self) -> str:
+        """Energise the relay now and schedule its release; "joined" if already on."""
+        with self._lock:
+            if self._closed:
+                raise ActuatorError(f"gate {self.gate!r}: relay is shut down")
+            if self._timer is not None:
+                return "joined"
+            try:
+                self._device.on()
+            except (GPIOZeroError, OSError) as exc:
+                self._safe_off()
+                raise ActuatorError(f"gate {self.gate!r}: relay did not switch: {exc}") from exc
+            timer = threading.Timer(self.pulse, self._release)
+            timer.daemon = True
+            timer.start()
+            self._timer = timer
+        log.info("relay on", gate=self.gate, pulse=self.pulse)
+        return "pulsed"
+
+    def _release(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._safe_off()
+        log.info("relay off", gate=self.gate)
+
+    def _safe_off(self) -> None:
+        try:
+            self._device.off()
+        except (GPIOZeroError, OSError) as exc:  # nothing more can be done from here
+            log.error("relay did not release", gate=self.gate, error=str(exc))
+
+    async def close(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Relay off and pin released; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._safe_off()
+            pin = self._device.pin
+            if isinstance(self._device.pin_factory, MockFactory) and pin is not None:
+                # Mock pins are the only way to see what a relay did in a
+                # daemon with no hardware: log the whole history at exit.
+                log.info("mock pin history", gate=self.gate, pin=str(pin.info.name),
+                         states=[bool(s.state) for s in pin.states])
+            self._device.close()

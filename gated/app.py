@@ -1,0 +1,20 @@
+"""The aiohttp application factory: typed dependencies in, app out."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gated.config import ServerConfig
+from gated.gatekeeper import Gatekeeper
+from gated.keys import GATEKEEPER, WEBHOOK
+from gated.webhook import WebhookSettings, voipgrid
+
+
+def make_app(gatekeeper: Gatekeeper, server: ServerConfig) -> web.Application:
+    app = web.Application(client_max_size=server.max_body)
+    app[GATEKEEPER] = gatekeeper
+    app[WEBHOOK] = WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
+                                         server.answer_deadline)
+    app.router.add_route("GET", server.path, voipgrid)
+    app.router.add_route("POST", server.path, voipgrid)
+    return app

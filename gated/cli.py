@@ -1,0 +1,240 @@
+"""The ``gated`` command: the daemon and the tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from gated import __version__
+from gated import config as config_mod
+from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
+from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
+
+
+def _load(path: str | None) -> config_mod.Loaded:
+    return config_mod.load(path or config_mod.default_path())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gated import logs
+    from gated.daemon import Daemon
+
+    loaded = _load(args.config)
+    logs.configure(loaded.config.log.format, loaded.config.log.level)
+
+    async def main() -> None:
+        await Daemon(loaded).run()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args.file or args.config)
+    config, book = loaded.config, loaded.book
+    print(f"{loaded.path}: OK")
+    print(f"site      {config.site.id} ({config.site.timezone}, region {config.site.region})")
+    print(f"webhook   http://{config.server.listen}{config.server.path}"
+          f"  ({len(config.server.tokens)} token(s), deadline {config.server.answer_deadline}s)")
+    for name, gate in config.gates.items():
+        actuator = gate.actuator
+        detail = " ".join(f"{k}={v}" for k, v in _fields(actuator).items())
+        numbers = ", ".join(sorted(book.gates[name].numbers)) or "(any number)"
+        print(f"gate      {name}: {numbers}; {actuator.__struct_config__.tag} {detail}; "
+              f"{len(gate.callers)} caller(s)")
+    print(f"codes     {len(book.codes)} static, "
+          f"{sum(len(t.users) for t in book.totp.values())} TOTP")
+    if args.codes:
+        for credential in book.credentials():
+            gates = ",".join(sorted(credential.gates)) or "(route only)"
+            print(f"  {credential.kind:7} {credential.name}: {gates}"
+                  + (f", max {credential.max_uses} uses" if credential.max_uses else ""))
+    print(f"entries   {loaded.store_path}")
+    broker = f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else "off"
+    print(f"mqtt      {broker}")
+    return 0
+
+
+def _fields(struct: object) -> dict[str, object]:
+    return {k: getattr(struct, k) for k in struct.__struct_fields__}  # type: ignore[attr-defined]
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    url = args.url
+    token = args.token
+    if url is None or token is None:
+        loaded = _load(args.config)
+        server = loaded.config.server
+        url = url or f"http://{server.listen}{server.path}"
+        token = token or server.tokens[0]
+    query = urllib.parse.urlencode({
+        "token": token, "code": args.code or "", "did": args.to or "",
+        "callerid": getattr(args, "from") or "", "callername": args.callername or "",
+    })
+    target = f"{url}{'&' if '?' in url else '?'}{query}"
+    shown = re.sub(r"(token|code)=[^&]*", r"\1=***", target)
+    print(f"GET {shown}")
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(target, timeout=args.timeout) as response:  # noqa: S310 (the URL is the user's)
+            body = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        print(f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}")
+        return 2
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        print(f"no answer: {getattr(exc, 'reason', exc)}")
+        return 2
+    elapsed = (time.monotonic() - started) * 1000
+    print(f"HTTP {status} in {elapsed:.0f} ms: {body}")
+    fields = parse_body(body)
+    word = fields.get("status", "")
+    meaning = WHAT_THE_DIAL_PLAN_DOES.get("NAK" if word not in ("ACK", "ERR") else word)
+    print(f"-> {meaning}")
+    for key in ("callername", "destination"):
+        if fields.get(key):
+            print(f"   {key}: {fields[key]}")
+    return 0 if word == "ACK" else 1
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``10m``, ``2h``, ``3d``, ``today`` or an ISO date/time -> epoch seconds."""
+    now = time.time() if now is None else now
+    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return now - int(match[1]) * unit
+    if text == "today":
+        local = dt.datetime.fromtimestamp(now).astimezone()
+        return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since: expected 10m, 2h, 3d, today or an ISO time, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from gated.store import entries_to_json, read_entries
+
+    path = Path(args.db) if args.db else _load(args.config).store_path
+    since = parse_since(args.since) if args.since else None
+    entries = read_entries(path, since=since, gate=args.gate, limit=args.limit)
+    if args.json:
+        if entries:
+            print(entries_to_json(reversed(entries)))
+        return 0
+    if not entries:
+        print("no entries")
+        return 0
+    header = ("time", "gate", "caller", "status", "reason", "who", "actuator", "ms", "source")
+    rows = [header]
+    for e in reversed(entries):
+        when = dt.datetime.fromtimestamp(e.time).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((when, e.gate or "-", e.caller or "-", e.status, e.reason,
+                     e.credential or "-", e.actuator or "-", f"{e.latency_ms:.1f}", e.source))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+    return 0
+
+
+def cmd_pulse(args: argparse.Namespace) -> int:
+    from gated import actuators
+
+    loaded = _load(args.config)
+    gate = loaded.config.gates.get(args.gate)
+    if gate is None:
+        print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
+        return 2
+
+    async def pulse() -> str:
+        actuator = actuators.build(args.gate, gate.actuator)
+        try:
+            result = await actuator.open()
+            await asyncio.sleep(getattr(gate.actuator, "pulse", 0) + 0.1)
+            return result
+        finally:
+            await actuator.close()
+
+    result = asyncio.run(pulse())
+    print(f"gate {args.gate}: {result}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gated", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gated {__version__}")
+    parser.add_argument("-c", "--config", help="config file (default $GATED_CONFIG or "
+                        f"{config_mod.DEFAULT_PATH})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, helptext: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file")
+        return p
+
+    p = add("run", "run the daemon")
+    p.set_defaults(func=cmd_run)
+
+    p = add("check-config", "validate a config file and summarise it")
+    p.add_argument("file", nargs="?", help="config file to check")
+    p.add_argument("--codes", action="store_true", help="list every credential (never digits)")
+    p.set_defaults(func=cmd_check_config)
+
+    p = add("call", "call the webhook the way the PBX does, and explain the answer")
+    p.add_argument("--code", default="", help="digits the caller typed (empty: none)")
+    p.add_argument("--from", dest="from", default="", metavar="NUMBER", help="caller's number")
+    p.add_argument("--to", default="", metavar="NUMBER", help="the called number (selects gate)")
+    p.add_argument("--callername", default="")
+    p.add_argument("--url", help="webhook URL (default: from the config)")
+    p.add_argument("--token", help="token (default: the config's first)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_call)
+
+    p = add("log", "show recent entries")
+    p.add_argument("--since", help="10m, 2h, 3d, today, or an ISO time")
+    p.add_argument("--gate")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--db", help="entry store path (default: from the config)")
+    p.set_defaults(func=cmd_log)
+
+    p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
+    p.add_argument("gate")
+    p.set_defaults(func=cmd_pulse)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, ActuatorError, GatedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

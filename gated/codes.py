@@ -1,0 +1,264 @@
+"""The code book: gates, caller lists and credentials compiled for O(1) lookup.
+
+Static codes are looked up by a keyed hash of the digits (HMAC-SHA256), never
+by comparing digits: the lookup costs the same for 10 or 100,000 codes, and
+its timing tells a guesser nothing about how close a guess was. TOTP codes
+live in a table of the currently valid codes of every person, rebuilt once per
+time step, so a request costs one dict lookup, not one HMAC per person.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import pyotp
+
+from gated.errors import ConfigError, NumberError
+from gated.numbers import normalise
+from gated.schedule import Schedule, ScheduleError, parse_schedule
+
+if TYPE_CHECKING:
+    from gated.config import CodeConfig, Config, TotpConfig
+    from gated.tomlpos import Key
+
+Kind = Literal["code", "totp", "visitor"]
+CODE_RE = re.compile(r"[0-9]{4,16}")
+# What a caller may type: digits only; longer input is refused unread.
+TYPED_RE = re.compile(r"[0-9]{1,32}")
+# How many TOTP steps either side of now are accepted (clock drift, slow typing).
+TOTP_WINDOW = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    name: str
+    numbers: frozenset[str]
+    callers: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    id: str
+    name: str
+    kind: Kind
+    gates: frozenset[str]
+    valid_from: float | None = None  # epoch seconds
+    valid_until: float | None = None
+    schedule: Schedule | None = None
+    max_uses: int | None = None
+    callers: frozenset[str] = frozenset()
+    callername: str = ""
+    destination: str = ""
+
+    @property
+    def route_only(self) -> bool:
+        """Answers the PBX with a route but opens nothing."""
+        return not self.gates
+
+
+@dataclass(slots=True)
+class TotpUser:
+    credential: Credential
+    otp: pyotp.TOTP
+
+
+@dataclass(slots=True)
+class TotpTable:
+    """The codes every TOTP user may type right now, keyed by code digits."""
+
+    users: list[TotpUser]
+    period: int = 30
+    step: int = -1
+    codes: dict[str, list[tuple[TotpUser, int]]] = field(default_factory=dict)
+
+    def lookup(self, code: str, now: float) -> list[tuple[Credential, int]]:
+        step = int(now) // self.period
+        if step != self.step:
+            self._rebuild(step)
+        return [(user.credential, timecode) for user, timecode in self.codes.get(code, ())]
+
+    def _rebuild(self, step: int) -> None:
+        codes: dict[str, list[tuple[TotpUser, int]]] = {}
+        for user in self.users:
+            for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
+                code = user.otp.generate_otp(timecode)
+                codes.setdefault(code, []).append((user, timecode))
+        self.codes = codes
+        self.step = step
+
+
+@dataclass(slots=True)
+class CodeBook:
+    """Everything decide() needs to know about gates and credentials."""
+
+    gates: dict[str, Gate]
+    by_number: dict[str, str]
+    codes: dict[bytes, Credential]
+    totp: dict[int, TotpTable]  # by period
+    tz: zoneinfo.ZoneInfo
+    region: str
+    key: bytes = field(default_factory=lambda: os.urandom(32))
+
+    def gate_for(self, did: str | None) -> Gate | None:
+        """The gate a called number selects; a one-gate site may omit numbers."""
+        if did is not None and did in self.by_number:
+            return self.gates[self.by_number[did]]
+        if len(self.gates) == 1:
+            only = next(iter(self.gates.values()))
+            if not only.numbers or did is None:
+                return only
+        return None
+
+    def digest(self, code: str) -> bytes:
+        return hmac.new(self.key, code.encode(), hashlib.sha256).digest()
+
+    def match(self, code: str, now: float) -> list[tuple[Credential, int | None]]:
+        """Credentials that ``code`` is, static first (precedence over TOTP)."""
+        found: list[tuple[Credential, int | None]] = []
+        static = self.codes.get(self.digest(code))
+        if static is not None:
+            found.append((static, None))
+        for table in self.totp.values():
+            found.extend(table.lookup(code, now))
+        return found
+
+    @property
+    def credential_count(self) -> int:
+        return len(self.codes) + sum(len(t.users) for t in self.totp.values())
+
+    def credentials(self) -> Iterable[Credential]:
+        yield from self.codes.values()
+        for table in self.totp.values():
+            for user in table.users:
+                yield user.credential
+
+
+ErrorFactory = Callable[["Key", str], ConfigError]
+
+
+def _plain_error(key: Key, message: str) -> ConfigError:
+    from gated.tomlpos import format_path
+
+    return ConfigError(message, path=format_path(key))
+
+
+def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
+                 key: bytes | None = None) -> CodeBook:
+    """Build the code book, raising ``error(key_path, message)`` on the first problem."""
+    tz = zoneinfo.ZoneInfo(config.site.timezone)
+    region = config.site.region
+
+    def number(raw: str, where: Key) -> str:
+        try:
+            value = normalise(raw, region)
+        except NumberError as exc:
+            raise error(where, f"{exc}: {raw!r}") from None
+        if value is None:
+            raise error(where, f"not a phone number: {raw!r}")
+        return value
+
+    gates: dict[str, Gate] = {}
+    by_number: dict[str, str] = {}
+    for name, gate in config.gates.items():
+        numbers = []
+        for index, raw in enumerate(gate.numbers):
+            value = number(raw, ("gates", name, "numbers", index))
+            if value in by_number:
+                raise error(("gates", name, "numbers", index),
+                            f"{value} already selects gate {by_number[value]!r}")
+            by_number[value] = name
+            numbers.append(value)
+        callers = [number(raw, ("gates", name, "callers", i)) for i, raw in enumerate(gate.callers)]
+        gates[name] = Gate(name, frozenset(numbers), frozenset(callers))
+
+    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz, region=region)
+    if key is not None:
+        book.key = key
+    ids: dict[str, Key] = {}
+
+    def claim_id(cred_id: str, where: Key) -> None:
+        if cred_id in ids:
+            raise error(where, f"id {cred_id!r} is used twice; give one an explicit id")
+        ids[cred_id] = where
+
+    for index, code in enumerate(config.codes):
+        where: Key = ("codes", index)
+        credential = compile_code(code, where, config, tz, number, error)
+        claim_id(credential.id, (*where, "name"))
+        if not CODE_RE.fullmatch(code.code):
+            raise error((*where, "code"), "a code is 4 to 16 digits")
+        digest = book.digest(code.code)
+        if digest in book.codes:
+            raise error((*where, "code"),
+                        f"the same digits as code {book.codes[digest].name!r}")
+        book.codes[digest] = credential
+
+    for index, totp in enumerate(config.totp):
+        where = ("totp", index)
+        credential = compile_totp(totp, where, config, error)
+        claim_id(credential.id, (*where, "name"))
+        try:
+            otp = pyotp.TOTP(totp.secret, digits=totp.digits, interval=totp.period)
+            otp.generate_otp(0)
+        except (ValueError, TypeError) as exc:
+            raise error((*where, "secret"),
+                        f"not a usable base32 TOTP secret ({exc})") from None
+        table = book.totp.setdefault(totp.period, TotpTable(users=[], period=totp.period))
+        table.users.append(TotpUser(credential, otp))
+    return book
+
+
+def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:
+    for index, name in enumerate(names):
+        if name not in config.gates:
+            raise error((*where, "gates", index), f"no gate named {name!r}")
+    return frozenset(names)
+
+
+def _epoch(value: dt.datetime | None, tz: zoneinfo.ZoneInfo) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # times without an offset are site-local
+        value = value.replace(tzinfo=tz)
+    return value.timestamp()
+
+
+def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.ZoneInfo,
+                 number: Callable[[str, Key], str], error: ErrorFactory,
+                 kind: Kind = "code") -> Credential:
+    try:
+        schedule = parse_schedule(code.schedule) if code.schedule else None
+    except ScheduleError as exc:
+        raise error((*where, "schedule"), str(exc)) from None
+    valid_from = _epoch(code.valid_from, tz)
+    valid_until = _epoch(code.valid_until, tz)
+    if valid_from is not None and valid_until is not None and valid_until <= valid_from:
+        raise error((*where, "valid_until"), "must be after valid_from")
+    gates = _gates(code.gates, where, config, error)
+    if not gates and not (code.callername or code.destination):
+        raise error((*where, "gates"),
+                    "a code needs gates to open, or callername/destination to route")
+    callers = frozenset(number(raw, (*where, "callers", i)) for i, raw in enumerate(code.callers))
+    return Credential(
+        id=code.id or code.name, name=code.name, kind=kind, gates=gates,
+        valid_from=valid_from, valid_until=valid_until, schedule=schedule,
+        max_uses=code.max_uses, callers=callers,
+        callername=code.callername, destination=code.destination,
+    )
+
+
+def compile_totp(totp: TotpConfig, where: Key, config: Config,
+                 error: ErrorFactory) -> Credential:
+    gates = _gates(totp.gates, where, config, error)
+    if not gates:
+        raise error((*where, "gates"), "a TOTP user needs at least one gate")
+    return Credential(id=totp.id or totp.name, name=totp.name, kind="totp", gates=gates,
+                      callername=totp.callername, destination=totp.destination)

@@ -1,0 +1,158 @@
+"""The decision: (request, code book, ledger, time) -> Decision. No I/O here.
+
+``decide`` only reads; ``Ledger.apply`` then records what the decision used up
+(a use of a code, a TOTP step, a failure). The daemon calls both without an
+``await`` between them, so two concurrent calls can never both spend the
+last use of a single-use code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+
+from gated.codes import TYPED_RE, CodeBook, Credential
+from gated.lockout import LockEvent, Lockout, Policy
+
+
+class Status(enum.StrEnum):
+    ACK = "ACK"
+    NAK = "NAK"
+    ERR = "ERR"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One call, numbers already normalised; ``code`` is None when none was typed."""
+
+    did: str | None
+    caller: str | None
+    callername: str = ""
+    code: str | None = None
+    source: str = "pbx"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    status: Status
+    reason: str
+    gate: str | None = None
+    credential: Credential | None = None
+    timecode: int | None = None  # the TOTP step accepted
+    opens: bool = False
+    callername: str = ""
+    destination: str = ""
+
+    @property
+    def who(self) -> str:
+        return self.credential.name if self.credential else ""
+
+
+# Reasons a code-bearing call failed that count as a guess.
+GUESS_REASONS = frozenset({
+    "unknown_code", "malformed_code", "wrong_gate", "not_yet_valid", "expired",
+    "outside_schedule", "used_up", "wrong_caller", "replayed",
+})
+
+
+def nak(reason: str, gate: str | None = None) -> Decision:
+    return Decision(Status.NAK, reason, gate)
+
+
+def decide(request: Request, book: CodeBook, ledger: Ledger, now: float) -> Decision:
+    gate = book.gate_for(request.did)
+    if gate is None:
+        return nak("unknown_number")
+    lockout = ledger.lockout
+    if request.code is None:
+        if request.caller is not None and request.caller in gate.callers:
+            if lockout.caller_locked(request.caller, now):
+                return nak("locked_out", gate.name)
+            return Decision(Status.ACK, "granted_caller", gate.name, opens=True)
+        return nak("unknown_caller", gate.name)
+    if lockout.caller_locked(request.caller, now) or lockout.site_locked(now):
+        return nak("locked_out", gate.name)
+    if not TYPED_RE.fullmatch(request.code):
+        return nak("malformed_code", gate.name)
+    matches = book.match(request.code, now)
+    if not matches:
+        return nak("unknown_code", gate.name)
+    # Several credentials may share the digits (a static code and someone's
+    # TOTP code by chance): the first that admits this call wins, and if none
+    # does, the first refusal is the one reported.
+    refusal: Decision | None = None
+    for credential, timecode in matches:
+        reason = refuse(credential, timecode, gate.name, request, book, ledger, now)
+        if reason is None:
+            granted = "granted_route" if credential.route_only else f"granted_{credential.kind}"
+            return Decision(
+                Status.ACK, granted, gate.name, credential, timecode,
+                opens=not credential.route_only,
+                callername=credential.callername, destination=credential.destination,
+            )
+        if refusal is None:
+            refusal = Decision(Status.NAK, reason, gate.name, credential, timecode)
+    assert refusal is not None
+    return refusal
+
+
+def refuse(credential: Credential, timecode: int | None, gate: str, request: Request,
+           book: CodeBook, ledger: Ledger, now: float) -> str | None:
+    """Why ``credential`` does not admit this call, or None when it does."""
+    if not credential.route_only and gate not in credential.gates:
+        return "wrong_gate"
+    if credential.valid_from is not None and now < credential.valid_from:
+        return "not_yet_valid"
+    if credential.valid_until is not None and now >= credential.valid_until:
+        return "expired"
+    if credential.schedule is not None:
+        local = dt.datetime.fromtimestamp(now, book.tz)
+        if not credential.schedule.contains(local):
+            return "outside_schedule"
+    if credential.callers and request.caller not in credential.callers:
+        return "wrong_caller"
+    if credential.max_uses is not None and ledger.uses.get(credential.id, 0) >= credential.max_uses:
+        return "used_up"
+    if timecode is not None:
+        last = ledger.totp_last.get(credential.id)
+        if last is not None and timecode <= last:
+            return "replayed"
+    return None
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one decision changed in the ledger, for the store to persist."""
+
+    uses: dict[str, int] = field(default_factory=dict)
+    totp: dict[str, int] = field(default_factory=dict)
+    strikes: list[str] = field(default_factory=list)
+    locks: list[LockEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Mutable state the decision reads: uses, TOTP steps spent, lockout."""
+
+    lockout: Lockout
+    uses: dict[str, int] = field(default_factory=dict)
+    totp_last: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, policy: Policy) -> Ledger:
+        return cls(Lockout(policy))
+
+    def apply(self, request: Request, decision: Decision, now: float) -> Changes:
+        changes = Changes()
+        credential = decision.credential
+        if decision.status is Status.ACK and credential is not None:
+            if credential.max_uses is not None:
+                count = self.uses.get(credential.id, 0) + 1
+                self.uses[credential.id] = changes.uses[credential.id] = count
+            if decision.timecode is not None:
+                self.totp_last[credential.id] = changes.totp[credential.id] = decision.timecode
+            changes.strikes = self.lockout.success(request.caller)
+        elif decision.reason in GUESS_REASONS:
+            changes.strikes, changes.locks = self.lockout.failure(request.caller, now)
+        return changes

@@ -1,0 +1,43 @@
+"""gated's own exceptions. Adapters translate library errors into these."""
+
+from __future__ import annotations
+
+
+class GatedError(Exception):
+    """Base of every error gated raises on purpose."""
+
+
+class ConfigError(GatedError):
+    """The configuration is invalid; the message names the key path and line."""
+
+    def __init__(self, message: str, *, path: str = "", line: int | None = None,
+                 file: str = "") -> None:
+        self.path = path
+        self.line = line
+        self.file = file
+        self.detail = message
+        where = file
+        if line is not None:
+            where = f"{where}:{line}" if where else f"line {line}"
+        prefix = ": ".join(p for p in (where, path) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class NumberError(GatedError):
+    """A phone number could not be understood."""
+
+
+class ActuatorError(GatedError):
+    """An actuator could not carry out an open command."""
+
+    reason = "actuator_failed"
+
+
+class ActuatorTimeout(ActuatorError):
+    """An actuator did not confirm in time."""
+
+    reason = "actuator_timeout"
+
+
+class StoreError(GatedError):
+    """The entry store could not be written or read."""

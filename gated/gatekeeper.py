@@ -1,0 +1,151 @@
+"""One call, start to finish: parse, decide, open, record, answer.
+
+The webhook, remote opens over MQTT and the command line all come through
+``Gatekeeper.call``, so every path is decided, bounded and recorded the same
+way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from gated.actuators import Actuator
+from gated.clock import Clock
+from gated.codes import CodeBook
+from gated.decide import Changes, Decision, Ledger, Request, Status, decide, nak
+from gated.errors import ActuatorError, NumberError
+from gated.numbers import normalise
+from gated.pbx import Answer
+from gated.store import Entry, Store
+
+log = structlog.get_logger("gated")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_CALLERNAME = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RawCall:
+    """A call as it arrived, nothing parsed yet."""
+
+    code: str | None = None
+    did: str | None = None
+    callerid: str | None = None
+    callername: str | None = None
+    source: str = "pbx"
+    gate: str | None = None  # a remote open names its gate instead of a number
+
+
+EntryListener = Callable[[Entry], None]
+
+
+class Gatekeeper:
+    def __init__(self, book: CodeBook, ledger: Ledger, actuators: dict[str, Actuator],
+                 store: Store, clock: Clock, *, deadline: float) -> None:
+        self.book = book
+        self.ledger = ledger
+        self.actuators = actuators
+        self.store = store
+        self.clock = clock
+        self.deadline = deadline
+        self.listeners: list[EntryListener] = []
+
+    def swap(self, book: CodeBook) -> None:
+        """Replace the code book between two calls (a reload)."""
+        self.book = book
+
+    async def call(self, raw: RawCall) -> Answer:
+        """Decide and act on one call; never raises, always answers within the deadline."""
+        started = self.clock.monotonic()
+        now = self.clock.now()
+        request, decision = self._parse(raw)
+        changes: Changes | None = None
+        if decision is None:
+            # decide() and apply() run with no await between them: the ledger
+            # is never read by one call and written by another in between.
+            decision = decide(request, self.book, self.ledger, now)
+            changes = self.ledger.apply(request, decision, now)
+        status, result = decision.status, ""
+        if decision.opens and decision.gate is not None:
+            status, result = await self._open(decision.gate, started)
+            if status is Status.ERR and changes is not None:
+                self._refund(decision, changes)
+        entry = Entry(
+            time=now, gate=decision.gate, caller=request.caller, did=request.did,
+            status=status.value, reason=decision.reason, callername=request.callername,
+            credential=decision.who, credential_id=decision.credential.id
+            if decision.credential else "", kind=decision.credential.kind
+            if decision.credential else "", actuator=result,
+            latency_ms=round((self.clock.monotonic() - started) * 1000, 3), source=raw.source,
+        )
+        await self._record(entry, changes, started)
+        if changes is not None:
+            for lock in changes.locks:
+                log.warning(lock.kind, key=lock.key, seconds=lock.seconds, alarm=lock.kind)
+        return Answer(status, decision.reason, decision.callername, decision.destination)
+
+    def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
+        """Normalise the numbers; a refusal when the input itself is bad."""
+        callername = _CONTROL.sub("", raw.callername or "")[:MAX_CALLERNAME]
+        code = (raw.code or "").strip().removesuffix("#") or None
+        try:
+            did = normalise(raw.did, self.book.region)
+            caller = normalise(raw.callerid, self.book.region)
+        except NumberError:
+            return Request(None, None, callername, code, raw.source), nak("malformed_number")
+        request = Request(did, caller, callername, code, raw.source)
+        if raw.gate is not None:
+            # A remote open (button, Home Assistant) names the gate; the broker's
+            # ACLs authorised it, so there is no code to check.
+            if raw.gate not in self.book.gates:
+                return request, nak("unknown_gate")
+            return request, Decision(Status.ACK, "granted_remote", raw.gate, opens=True)
+        return request, None
+
+    async def _open(self, gate: str, started: float) -> tuple[Status, str]:
+        actuator = self.actuators[gate]
+        remaining = self.deadline - (self.clock.monotonic() - started)
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return Status.ACK, await actuator.open()
+        except ActuatorError as exc:
+            log.error("actuator failed", gate=gate, error=str(exc))
+            return Status.ERR, exc.reason
+        except TimeoutError:
+            log.error("actuator missed the answer deadline", gate=gate, deadline=self.deadline)
+            return Status.ERR, "deadline"
+
+    def _refund(self, decision: Decision, changes: Changes) -> None:
+        # The gate did not open: the use was not spent. (A TOTP step stays
+        # spent; replay protection matters more than one retry.)
+        credential = decision.credential
+        if credential is not None and credential.id in changes.uses:
+            self.ledger.uses[credential.id] -= 1
+            changes.uses[credential.id] = self.ledger.uses[credential.id]
+
+    async def _record(self, entry: Entry, changes: Changes | None, started: float) -> None:
+        durable = self.store.submit(entry, changes, self.ledger)
+        remaining = self.deadline - (self.clock.monotonic() - started)
+        stored = False
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                stored = await asyncio.shield(durable)
+        except TimeoutError:
+            pass
+        log.info("entry", **{k: v for k, v in entry.as_dict().items() if k != "time"},
+                 durable=stored)
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception:  # a broken listener must not cost the caller their answer
+                log.exception("entry listener failed", listener=repr(listener))
+
+    async def close(self) -> None:
+        for actuator in self.actuators.values():
+            await actuator.close()
+

@@ -1,0 +1,127 @@
+"""Bounded guessing: per-caller and site-wide failure limits, growing locks.
+
+Caller ids can be spoofed, so the per-caller limit only slows a careless
+guesser down; the site-wide limit is what bounds an attack. Each repeated
+lock doubles in length up to a cap, and a quiet period forgets the history.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+SITE = "*site*"
+# Bucket for callers that withhold their number: they share one lock.
+WITHHELD = "*withheld*"
+# Stop remembering callers beyond this many; the oldest quiet ones go first.
+MAX_TRACKED = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    caller_failures: int = 5
+    site_failures: int = 30
+    site_window: float = 3600.0
+    lock_seconds: float = 300.0
+    max_lock_seconds: float = 86400.0
+
+    def lock_length(self, locks: int) -> float:
+        return float(min(self.lock_seconds * 2 ** max(locks - 1, 0), self.max_lock_seconds))
+
+
+@dataclass(slots=True)
+class Strikes:
+    failures: int = 0
+    locks: int = 0
+    locked_until: float = 0.0
+    last: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LockEvent:
+    kind: str  # "caller_locked" or "site_locked"
+    key: str  # the caller number, or SITE
+    until: float
+    seconds: float
+
+
+@dataclass(slots=True)
+class Lockout:
+    policy: Policy
+    callers: dict[str, Strikes] = field(default_factory=dict)
+    site: Strikes = field(default_factory=Strikes)
+    # Times of the latest site-wide failures, at most site_failures of them.
+    recent: deque[float] = field(default_factory=deque)
+
+    def caller_locked(self, caller: str | None, now: float) -> bool:
+        strikes = self.callers.get(caller or WITHHELD)
+        return strikes is not None and strikes.locked_until > now
+
+    def site_locked(self, now: float) -> bool:
+        return self.site.locked_until > now
+
+    def failure(self, caller: str | None, now: float) -> tuple[list[str], list[LockEvent]]:
+        """Count one failure; return the keys that changed and any locks begun."""
+        key = caller or WITHHELD
+        events: list[LockEvent] = []
+        strikes = self.callers.get(key)
+        if strikes is None:
+            if len(self.callers) >= MAX_TRACKED:
+                self._forget(now)
+            strikes = self.callers[key] = Strikes()
+        self._decay(strikes, now)
+        strikes.failures += 1
+        strikes.last = now
+        if strikes.failures >= self.policy.caller_failures:
+            events.append(self._lock(strikes, "caller_locked", key, now))
+
+        self._decay(self.site, now)
+        self.site.last = now
+        self.recent.append(now)
+        while self.recent and now - self.recent[0] > self.policy.site_window:
+            self.recent.popleft()
+        self.site.failures = len(self.recent)
+        if len(self.recent) >= self.policy.site_failures:
+            self.recent.clear()
+            events.append(self._lock(self.site, "site_locked", SITE, now))
+        return [key, SITE], events
+
+    def success(self, caller: str | None) -> list[str]:
+        """A granted code clears the caller's failures (not the site's)."""
+        key = caller or WITHHELD
+        if key in self.callers and caller is not None:
+            del self.callers[key]
+            return [key]
+        return []
+
+    def _lock(self, strikes: Strikes, kind: str, key: str, now: float) -> LockEvent:
+        strikes.locks += 1
+        strikes.failures = 0
+        seconds = self.policy.lock_length(strikes.locks)
+        strikes.locked_until = now + seconds
+        return LockEvent(kind, key, strikes.locked_until, seconds)
+
+    def _decay(self, strikes: Strikes, now: float) -> None:
+        # A long quiet spell after the last lock ended forgets the repeats.
+        if strikes.locks and now - max(strikes.last, strikes.locked_until) > (
+            self.policy.max_lock_seconds
+        ):
+            strikes.locks = 0
+            strikes.failures = 0
+
+    def _forget(self, now: float) -> None:
+        quiet = sorted(
+            (s.last, k) for k, s in self.callers.items() if s.locked_until <= now
+        )
+        for _, key in quiet[: max(len(quiet) // 2, 1)]:
+            del self.callers[key]
+
+    def strikes(self, key: str) -> Strikes | None:
+        return self.site if key == SITE else self.callers.get(key)
+
+    def restore(self, key: str, strikes: Strikes, recent: list[float] | None = None) -> None:
+        if key == SITE:
+            self.site = strikes
+            self.recent = deque(recent or ())
+        else:
+            self.callers[key] = strikes

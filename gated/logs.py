@@ -1,0 +1,41 @@
+"""structlog set-up: JSON lines under systemd, readable console on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+
+def configure(fmt: str = "auto", level: str = "info") -> None:
+    """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
+    json_lines = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_lines
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json_lines:
+        shared.append(structlog.processors.dict_tracebacks)
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=shared,
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    # aiohttp's access log would print the query string: token and code.
+    logging.getLogger("aiohttp.access").disabled = True

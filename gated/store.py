@@ -1,0 +1,302 @@
+"""The durable entry log and ledger state: SQLite in WAL mode, group commit.
+
+Every answered call is written before (or as) its answer goes out. Entries
+that arrive while a batch is being written form the next batch: one
+transaction and one fsync serve many concurrent calls, and each caller waits
+only for its own batch. If the disk fails, entries are held in a bounded
+buffer, the gate keeps answering, and the buffer is flushed when writes work
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gated.decide import Changes, Ledger
+from gated.errors import StoreError
+from gated.lockout import SITE, Policy, Strikes
+
+log = structlog.get_logger("gated.store")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    gate TEXT,
+    caller TEXT,
+    did TEXT,
+    callername TEXT NOT NULL DEFAULT '',
+    credential TEXT NOT NULL DEFAULT '',
+    credential_id TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    actuator TEXT NOT NULL DEFAULT '',
+    latency_ms REAL NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT 'pbx'
+);
+CREATE INDEX IF NOT EXISTS entries_time ON entries(time);
+CREATE TABLE IF NOT EXISTS uses (
+    credential_id TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS totp_steps (
+    credential_id TEXT PRIMARY KEY,
+    timecode INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS strikes (
+    key TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL,
+    locks INTEGER NOT NULL,
+    locked_until REAL NOT NULL,
+    last REAL NOT NULL,
+    recent TEXT
+);
+"""
+# Entries held in memory while the disk refuses writes; beyond this the
+# oldest are dropped (and counted), since a gate that stops answering is worse.
+BUFFER_LIMIT = 10_000
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    time: float
+    gate: str | None
+    caller: str | None
+    did: str | None
+    status: str
+    reason: str
+    callername: str = ""
+    credential: str = ""
+    credential_id: str = ""
+    kind: str = ""
+    actuator: str = ""
+    latency_ms: float = 0.0
+    source: str = "pbx"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ENTRY_COLUMNS = tuple(f.name for f in fields(Entry))
+# The column names are constants; values are always bound.
+INSERT_ENTRY = (
+    f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' * len(ENTRY_COLUMNS))})"
+)
+
+
+@dataclass(slots=True)
+class _Pending:
+    entry: Entry | None
+    uses: dict[str, int]
+    totp: dict[str, int]
+    strikes: list[tuple[str, Strikes, str | None]]
+    done: asyncio.Future[bool] | None
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed entry survives a power cut, not just a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"store schema {version} is newer than this gated ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+
+
+class Store:
+    """Owns the SQLite connection; all writes run on one worker thread."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-store")
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._failing = False
+        self.dropped = 0
+        self.batches = 0
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        try:
+            conn = connect(path)
+            migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open entry store {path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open entry store {path}: {exc.strerror}") from exc
+        return cls(path, conn)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._failing
+
+    def load_ledger(self, policy: Policy) -> Ledger:
+        """The ledger as the last run left it: uses, TOTP steps, lockout strikes."""
+        ledger = Ledger.fresh(policy)
+        conn = self._conn
+        ledger.uses.update(conn.execute("SELECT credential_id, count FROM uses"))
+        ledger.totp_last.update(conn.execute("SELECT credential_id, timecode FROM totp_steps"))
+        rows = conn.execute("SELECT key, failures, locks, locked_until, last, recent FROM strikes")
+        for key, failures, locks, locked_until, last, recent in rows:
+            ledger.lockout.restore(key, Strikes(failures, locks, locked_until, last),
+                                   json.loads(recent) if recent else None)
+        return ledger
+
+    def submit(self, entry: Entry | None, changes: Changes | None,
+               ledger: Ledger | None) -> asyncio.Future[bool]:
+        """Queue an entry and the ledger changes behind it; the future says durable."""
+        strikes: list[tuple[str, Strikes, str | None]] = []
+        if changes is not None and ledger is not None:
+            for key in changes.strikes:
+                current = ledger.lockout.strikes(key)
+                if current is None:  # cleared by a success
+                    strikes.append((key, Strikes(), None))
+                    continue
+                recent = json.dumps(list(ledger.lockout.recent)) if key == SITE else None
+                # Copy: the writer thread must not read state the loop mutates.
+                strikes.append((key, Strikes(current.failures, current.locks,
+                                             current.locked_until, current.last), recent))
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if len(self._pending) >= BUFFER_LIMIT:
+            lost = self._pending.popleft()
+            self.dropped += 1
+            if lost.done is not None and not lost.done.done():
+                lost.done.set_result(False)
+        self._pending.append(_Pending(
+            entry, dict(changes.uses) if changes else {}, dict(changes.totp) if changes else {},
+            strikes, done,
+        ))
+        self._wake.set()
+        return done
+
+    async def record(self, entry: Entry, changes: Changes | None = None,
+                     ledger: Ledger | None = None) -> bool:
+        return await self.submit(entry, changes, ledger)
+
+    async def run(self) -> None:
+        """The writer: drain what is pending in one transaction, repeat."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(self._pending)
+                try:
+                    await loop.run_in_executor(self._executor, self._write, batch)
+                except (sqlite3.Error, OSError) as exc:
+                    if not self._failing:
+                        self._failing = True
+                        log.error("entry store failing; holding entries in memory",
+                                  path=str(self.path), error=str(exc), alarm="store_failing")
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                if self._failing:
+                    self._failing = False
+                    log.warning("entry store writable again", path=str(self.path),
+                                flushed=len(batch))
+                # Not popleft per item: the buffer limit may have dropped
+                # some of this batch's oldest items meanwhile.
+                written = {id(item) for item in batch}
+                self._pending = deque(i for i in self._pending if id(i) not in written)
+                self.batches += 1
+                for item in batch:
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(True)
+
+    def _write(self, batch: Sequence[_Pending]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            entries = [item.entry for item in batch if item.entry is not None]
+            conn.executemany(INSERT_ENTRY,
+                             [tuple(getattr(e, c) for c in ENTRY_COLUMNS) for e in entries])
+            for item in batch:
+                conn.executemany(
+                    "INSERT INTO uses (credential_id, count) VALUES (?, ?) "
+                    "ON CONFLICT(credential_id) DO UPDATE SET count = excluded.count",
+                    item.uses.items())
+                conn.executemany(
+                    "INSERT INTO totp_steps (credential_id, timecode) VALUES (?, ?) "
+                    "ON CONFLICT(credential_id) DO UPDATE SET timecode = excluded.timecode",
+                    item.totp.items())
+                conn.executemany(
+                    "INSERT OR REPLACE INTO strikes "
+                    "(key, failures, locks, locked_until, last, recent) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(k, s.failures, s.locks, s.locked_until, s.last, r)
+                     for k, s, r in item.strikes])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def flush(self, within: float = 5.0) -> bool:
+        """Wait until everything pending is written (or ``within`` seconds pass)."""
+        deadline = time.monotonic() + within
+        while self._pending and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        return not self._pending
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._conn.close()
+
+
+def read_entries(path: Path, *, since: float | None = None, gate: str | None = None,
+                 limit: int = 50) -> list[Entry]:
+    """Newest entries first, for ``gated log``; opens the store read-only."""
+    if not path.exists():
+        raise StoreError(f"no entry store at {path} (has the daemon run yet?)")
+    try:
+        conn = connect(path, readonly=True)
+        try:
+            query = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
+            args: list[Any] = []
+            if since is not None:
+                query += " AND time >= ?"
+                args.append(since)
+            if gate is not None:
+                query += " AND gate = ?"
+                args.append(gate)
+            query += " ORDER BY id DESC LIMIT ?"
+            args.append(limit)
+            return [Entry(*row) for row in conn.execute(query, args)]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read entry store {path}: {exc}") from exc
+
+
+def entries_to_json(entries: Iterable[Entry]) -> str:
+    return "\n".join(json.dumps(e.as_dict(), ensure_ascii=False) for e in entries)

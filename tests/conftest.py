@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory
+
+from gated import config as config_mod
+from gated.daemon import Daemon
+
+from .helpers import TOKEN, write_config
+
+
+@pytest.fixture
+def mock_factory() -> Iterator[MockFactory]:
+    """gpiozero's MockFactory, reset after the test (the gpiozero tests' pattern)."""
+    factory = MockFactory()
+    yield factory
+    factory.reset()
+    Device.pin_factory = None
+
+
+class Running:
+    """A daemon running in the test's event loop on a free port."""
+
+    def __init__(self, daemon: Daemon, session: aiohttp.ClientSession,
+                 factory: MockFactory) -> None:
+        self.daemon = daemon
+        self.session = session
+        self.factory = factory
+
+    @property
+    def url(self) -> str:
+        return self.daemon.url
+
+    def pin(self, number: int) -> Any:
+        return self.factory.pin(number)
+
+    async def get(self, token: str = TOKEN, **params: str) -> tuple[int, str]:
+        async with self.session.get(self.url, params={"token": token, **params}) as response:
+            return response.status, await response.text()
+
+    async def post(self, data: Any, **params: str) -> tuple[int, str]:
+        async with self.session.post(self.url, params=params, data=data) as response:
+            return response.status, await response.text()
+
+
+StartDaemon = Callable[..., "asyncio.Future[Running]"]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path, mock_factory: MockFactory
+                       ) -> AsyncIterator[Callable[..., Any]]:
+    """Start the real daemon (real aiohttp server, real SQLite, mock pins)."""
+    started: list[tuple[Daemon, asyncio.Task[None], aiohttp.ClientSession]] = []
+
+    async def start(extra: str = "", *, actuators: dict[str, Any] | None = None,
+                    clock: Any = None, **kwargs: Any) -> Running:
+        path = write_config(tmp_path, extra, **kwargs)
+        daemon = Daemon(config_mod.load(path), mock_factory=mock_factory,
+                        install_signals=False)
+        if clock is not None:
+            daemon.clock = clock
+        task = asyncio.create_task(daemon.run())
+        for _ in range(500):
+            if daemon.listening or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        assert daemon.gatekeeper is not None
+        if actuators:
+            daemon.gatekeeper.actuators.update(actuators)
+        session = aiohttp.ClientSession()
+        started.append((daemon, task, session))
+        return Running(daemon, session, mock_factory)
+
+    yield start
+    for daemon, task, session in started:
+        await session.close()
+        daemon.stop.set()
+        await asyncio.wait_for(task, 10)
