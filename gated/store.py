@@ -257,7 +257,8 @@ class Store:
                      for k, s, r in item.strikes])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     async def flush(self, within: float = 5.0) -> bool:

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gated.cli import main, parse_since
+
+from .helpers import BARRIER, TOKEN, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_check_config_summarises_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config exits 0 with gates, code counts and callers on one screen."""
+    assert main(["check-config", str(ROOT / "config" / "gated.example.toml"), "--codes"]) == 0
+    out = capsys.readouterr().out
+    assert "gate      barrier: +31501234567; mock" in out
+    assert "1 caller(s)" in out
+    assert "codes     3 static, 1 TOTP" in out
+    assert "Parcel service" in out
+    assert "471123" not in out  # names, never digits
+    assert len(out.splitlines()) < 25
+
+
+def test_check_config_fails_naming_the_key(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad file exits non-zero with the key path and line."""
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('nak_word', 'nak_wrod'))
+    path.write_text(path.read_text().replace('answer_deadline = 3.0',
+                                             'answer_deadline = 3.0\nnak_wrod = "NACK"'))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "server.nak_wrod: unknown key" in err
+    assert "gated.toml:" in err
+
+
+async def test_call_and_log_against_a_running_daemon(start_daemon: Any, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """gated call acts as the PBX and explains the answer; gated log shows the entry."""
+    running = await start_daemon()
+    config = str(tmp_path / "gated.toml")
+    code = await asyncio.to_thread(main, [
+        "call", "--code", "471123", "--from", "0612345678", "--to", BARRIER,
+        "--url", running.url, "--token", TOKEN])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "status=ACK&callername=Welcome&destination=201" in out
+    assert "success" in out
+    assert "code=***" in out and "471123" not in out and TOKEN not in out
+
+    code = await asyncio.to_thread(main, [
+        "call", "--code", "1234", "--from", "0612345678", "--to", BARRIER,
+        "--url", running.url, "--token", TOKEN])
+    assert code == 1
+    assert "wrong-input" in capsys.readouterr().out
+
+    assert await asyncio.to_thread(main, ["-c", config, "log"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["time", "gate", "caller", "status", "reason", "who", "actuator",
+                                "ms", "source"]
+    assert "granted_code" in table[1] and "Demo" in table[1] and "+31612345678" in table[1]
+    assert "unknown_code" in table[2]
+
+    assert await asyncio.to_thread(main, ["-c", config, "log", "--json", "--since", "1h"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["status"], e["reason"]) for e in lines] == [("ACK", "granted_code"),
+                                                           ("NAK", "unknown_code")]
+    assert await asyncio.to_thread(main, ["-c", config, "log", "--gate", "door"]) == 0
+    assert capsys.readouterr().out.strip() == "no entries"
+
+
+async def test_call_reports_a_refused_token(start_daemon: Any,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """gated call with a wrong token shows the 403 instead of a decision."""
+    running = await start_daemon()
+    code = await asyncio.to_thread(main, ["call", "--code", "1", "--url", running.url,
+                                          "--token", "nope-nope-nope"])
+    assert code == 2
+    assert "HTTP 403" in capsys.readouterr().out
+
+
+def test_parse_since_forms() -> None:
+    """--since takes durations, today, and ISO times."""
+    now = 1_790_000_000.0
+    assert parse_since("10m", now) == now - 600
+    assert parse_since("2h", now) == now - 7200
+    assert parse_since("2026-01-01T00:00:00+00:00", now) == 1767225600.0
+    assert parse_since("today", now) <= now

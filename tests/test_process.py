@@ -1,0 +1,58 @@
+"""The real daemon as a subprocess: signals, shutdown order, the relay."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .helpers import BARRIER, TOKEN, write_config
+from .process import DaemonProcess, free_port
+
+
+def call(port: int, code: str) -> str:
+    url = (f"http://127.0.0.1:{port}/voipgrid?token={TOKEN}&code={code}"
+           f"&did=%2B{BARRIER[1:]}&callerid=0612345678")
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback test URL)
+        return str(response.read().decode())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_pulse_leaves_the_relay_off(tmp_path: Path, signum: int) -> None:
+    """SIGTERM or SIGINT during a 5 s pulse: the pin goes off at once and gated exits 0."""
+    port = free_port()
+    config = write_config(tmp_path, pulse=5.0)
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    daemon = DaemonProcess(config)
+    try:
+        daemon.wait_for("listening")
+        assert call(port, "471123").startswith("status=ACK")
+        daemon.wait_for("relay on", gate="barrier")
+        daemon.signal(signum)
+        assert daemon.proc.wait(10) == 0
+        events = daemon.drain()
+    finally:
+        daemon.stop()
+    names = [e["event"] for e in events]
+    assert "relay off" not in names  # the pulse never ran its course...
+    history = next(e for e in events if e["event"] == "mock pin history" and e["gate"] == "barrier")
+    assert history["states"] == [False, True, False]  # ...yet the pin ended off
+    assert names.index("stopping") < names.index("mock pin history") < names.index("stopped")
+    entry = next(e for e in events if e["event"] == "entry")
+    assert entry["durable"] is True and entry["status"] == "ACK"
+    assert "471123" not in repr(events)
+
+
+def test_bad_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
+    """A daemon started on a bad file refuses to run and says which key is wrong."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("pulse = 0.2 }", "pulse = 0.2, colour = 1 }", 1))
+    daemon = DaemonProcess(config)
+    daemon.proc.wait(20)
+    code = daemon.stop()
+    events = daemon.events
+    assert code == 2
+    text = " ".join(e.get("line", "") for e in events)
+    assert "gates.barrier.actuator.colour: unknown key" in text
