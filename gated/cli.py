@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from gated import __version__
+from gated import __version__, manage
 from gated import config as config_mod
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
     from gated.daemon import Daemon
 
-    loaded = _load(args.config)
+    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
 
     async def main() -> None:
@@ -181,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="config file (default $GATED_CONFIG or "
                         f"{config_mod.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -c works before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file")
 
     def add(name: str, helptext: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file")
-        return p
+        return sub.add_parser(name, help=helptext, description=helptext, parents=[common])
 
     p = add("run", "run the daemon")
     p.set_defaults(func=cmd_run)
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
     p.add_argument("gate")
     p.set_defaults(func=cmd_pulse)
+
+    manage.add_parsers(sub, common)
     return parser
 
 

@@ -10,8 +10,6 @@ time step, so a request costs one dict lookup, not one HMAC per person.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import os
 import re
 import zoneinfo
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pyotp
 
+from gated import sitekey
 from gated.errors import ConfigError, NumberError
 from gated.numbers import normalise
 from gated.schedule import Schedule, ScheduleError, parse_schedule
@@ -72,27 +71,44 @@ class TotpUser:
 
 @dataclass(slots=True)
 class TotpTable:
-    """The codes every TOTP user may type right now, keyed by code digits."""
+    """The codes every TOTP user may type, one table per time step.
+
+    A table is built once per step (one HMAC per user) and looked up by the
+    digits, so a request costs a few dict lookups however many users there are.
+    """
 
     users: list[TotpUser]
     period: int = 30
-    step: int = -1
-    codes: dict[str, list[tuple[TotpUser, int]]] = field(default_factory=dict)
+    steps: dict[int, dict[str, list[TotpUser]]] = field(default_factory=dict)
 
     def lookup(self, code: str, now: float) -> list[tuple[Credential, int]]:
         step = int(now) // self.period
-        if step != self.step:
-            self._rebuild(step)
-        return [(user.credential, timecode) for user, timecode in self.codes.get(code, ())]
+        found: list[tuple[Credential, int]] = []
+        for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
+            table = self.steps.get(timecode)
+            if table is None:
+                table = self.install(timecode, self.build(timecode))
+            found.extend((user.credential, timecode) for user in table.get(code, ()))
+        return found
 
-    def _rebuild(self, step: int) -> None:
-        codes: dict[str, list[tuple[TotpUser, int]]] = {}
+    def build(self, timecode: int) -> dict[str, list[TotpUser]]:
+        """The table for one step; touches no shared state, so it may run in a thread."""
+        table: dict[str, list[TotpUser]] = {}
         for user in self.users:
-            for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
-                code = user.otp.generate_otp(timecode)
-                codes.setdefault(code, []).append((user, timecode))
-        self.codes = codes
-        self.step = step
+            table.setdefault(user.otp.generate_otp(timecode), []).append(user)
+        return table
+
+    def install(self, timecode: int, table: dict[str, list[TotpUser]]) -> dict[str, list[TotpUser]]:
+        for old in [s for s in self.steps if abs(s - timecode) > 2 * TOTP_WINDOW + 1]:
+            del self.steps[old]
+        self.steps[timecode] = table
+        return table
+
+    def missing(self, now: float) -> list[int]:
+        """Steps a lookup soon will need that are not built yet."""
+        step = int(now) // self.period
+        return [t for t in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 2)
+                if t not in self.steps]
 
 
 @dataclass(slots=True)
@@ -105,7 +121,12 @@ class CodeBook:
     totp: dict[int, TotpTable]  # by period
     tz: zoneinfo.ZoneInfo
     region: str
+    # Without a site key the book uses a throw-away one: lookups work the
+    # same, but no code_hash can be checked.
     key: bytes = field(default_factory=lambda: os.urandom(32))
+    site_key: bool = False
+    # Codes issued at run time (`gated codes issue`), by digest.
+    visitors: dict[bytes, Credential] = field(default_factory=dict)
 
     def gate_for(self, did: str | None) -> Gate | None:
         """The gate a called number selects; a one-gate site may omit numbers."""
@@ -118,14 +139,18 @@ class CodeBook:
         return None
 
     def digest(self, code: str) -> bytes:
-        return hmac.new(self.key, code.encode(), hashlib.sha256).digest()
+        return sitekey.digest(self.key, code)
 
     def match(self, code: str, now: float) -> list[tuple[Credential, int | None]]:
-        """Credentials that ``code`` is, static first (precedence over TOTP)."""
+        """Credentials that ``code`` is: static, then visitor, then TOTP."""
         found: list[tuple[Credential, int | None]] = []
-        static = self.codes.get(self.digest(code))
+        digest = self.digest(code)
+        static = self.codes.get(digest)
         if static is not None:
             found.append((static, None))
+        visitor = self.visitors.get(digest)
+        if visitor is not None:
+            found.append((visitor, None))
         for table in self.totp.values():
             found.extend(table.lookup(code, now))
         return found
@@ -182,6 +207,7 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
     book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz, region=region)
     if key is not None:
         book.key = key
+        book.site_key = True
     ids: dict[str, Key] = {}
 
     def claim_id(cred_id: str, where: Key) -> None:
@@ -193,11 +219,9 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
         where: Key = ("codes", index)
         credential = compile_code(code, where, config, tz, number, error)
         claim_id(credential.id, (*where, "name"))
-        if not CODE_RE.fullmatch(code.code):
-            raise error((*where, "code"), "a code is 4 to 16 digits")
-        digest = book.digest(code.code)
+        digest = code_digest(book, code.code, code.code_hash, where, error)
         if digest in book.codes:
-            raise error((*where, "code"),
+            raise error((*where, "code" if code.code is not None else "code_hash"),
                         f"the same digits as code {book.codes[digest].name!r}")
         book.codes[digest] = credential
 
@@ -214,6 +238,26 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
         table = book.totp.setdefault(totp.period, TotpTable(users=[], period=totp.period))
         table.users.append(TotpUser(credential, otp))
     return book
+
+
+def code_digest(book: CodeBook, code: str | None, hashed: str | None, where: Key,
+                error: ErrorFactory) -> bytes:
+    """The lookup digest of a credential given as digits or as a keyed hash."""
+    if (code is None) == (hashed is None):
+        raise error((*where, "code"), "give exactly one of code and code_hash")
+    if code is not None:
+        if not CODE_RE.fullmatch(code):
+            raise error((*where, "code"), "a code is 4 to 16 digits")
+        return book.digest(code)
+    assert hashed is not None
+    digest = sitekey.parse_hash(hashed)
+    if digest is None:
+        raise error((*where, "code_hash"), "expected hmac-sha256: and 64 hex digits "
+                    "(made by `gated codes hash`)")
+    if not book.site_key:
+        raise error((*where, "code_hash"), "code_hash needs the site key file "
+                    "(see [site] key_file; `gated codes hash` creates it)")
+    return digest
 
 
 def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:

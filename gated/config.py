@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -45,6 +46,8 @@ class SiteConfig(_Table, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
     timezone: str = "UTC"
     region: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")] = "NL"
+    # The HMAC key codes are looked up by; default: site.key beside the store.
+    key_file: str | None = None
 
 
 class ServerConfig(_Table, kw_only=True, frozen=True):
@@ -92,7 +95,8 @@ class GateConfig(_Table, kw_only=True, frozen=True):
 class CodeConfig(_Table, kw_only=True, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    code: str
+    code: str | None = None
+    code_hash: str | None = None  # "hmac-sha256:<hex>", made by `gated codes hash`
     gates: list[str] = []
     valid_from: dt.datetime | None = None
     valid_until: dt.datetime | None = None
@@ -120,6 +124,12 @@ class LockoutConfig(_Table, kw_only=True, frozen=True):
     site_window: Seconds = 3600.0
     lock_seconds: Seconds = 300.0
     max_lock_seconds: Seconds = 86400.0
+
+
+class VisitorsConfig(_Table, kw_only=True, frozen=True):
+    length: Annotated[int, msgspec.Meta(ge=6, le=12)] = 6
+    # Expired visitor codes are deleted this long after they expire.
+    keep_expired: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
 
 
 class MqttConfig(_Table, kw_only=True, frozen=True):
@@ -152,6 +162,7 @@ class Config(_Table, kw_only=True, frozen=True):
     codes: list[CodeConfig] = []
     totp: list[TotpConfig] = []
     lockout: LockoutConfig = LockoutConfig()
+    visitors: VisitorsConfig = VisitorsConfig()
     mqtt: MqttConfig | None = None
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None
@@ -178,6 +189,16 @@ class Loaded(msgspec.Struct, frozen=True):
     def store_path(self) -> Path:
         return resolve(self.path, self.config.log.path)
 
+    @property
+    def key_path(self) -> Path:
+        return key_path(self.path, self.config)
+
+
+def key_path(config_path: Path, config: Config) -> Path:
+    if config.site.key_file:
+        return resolve(config_path, config.site.key_file)
+    return resolve(config_path, config.log.path).parent / "site.key"
+
 
 def resolve(config_path: Path, value: str) -> Path:
     """Relative paths in the config are relative to the config file's folder."""
@@ -189,8 +210,12 @@ def default_path() -> str:
     return os.environ.get("GATED_CONFIG", DEFAULT_PATH)
 
 
-def load(path: str | os.PathLike[str]) -> Loaded:
-    """Read, parse and check a config file, or raise ConfigError naming key and line."""
+def load(path: str | os.PathLike[str], *, create_key: bool = False) -> Loaded:
+    """Read, parse and check a config file, or raise ConfigError naming key and line.
+
+    The code book is compiled with the site key; ``create_key`` makes one
+    when there is none yet (the daemon does, a read-only check does not).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -198,11 +223,18 @@ def load(path: str | os.PathLike[str]) -> Loaded:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("not UTF-8 text", file=str(file)) from exc
-    config, book = parse(text, source=str(file))
+    from gated import sitekey
+
+    def site_key(config: Config) -> bytes | None:
+        where = key_path(file.resolve(), config)
+        return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
+
+    config, book = parse(text, source=str(file), key=site_key)
     return Loaded(config=config, path=file.resolve(), book=book)
 
 
-def parse(text: str, *, source: str = "") -> tuple[Config, CodeBook]:
+def parse(text: str, *, source: str = "",
+          key: Callable[[Config], bytes | None] | None = None) -> tuple[Config, CodeBook]:
     """Parse TOML text into a checked Config and the code book compiled from it."""
     try:
         raw = tomllib.loads(text)
@@ -222,7 +254,7 @@ def parse(text: str, *, source: str = "") -> tuple[Config, CodeBook]:
     # reports its own key paths.
     from gated.codes import compile_book
 
-    return config, compile_book(config, error=fail)
+    return config, compile_book(config, error=fail, key=key(config) if key else None)
 
 
 def _convert(raw: dict[str, Any], fail: Any) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,18 +20,21 @@ from aiohttp import web
 
 from gated import actuators as actuator_port
 from gated import config as config_mod
+from gated import visitors
 from gated.app import make_app
 from gated.clock import Clock, SystemClock
 from gated.config import Loaded, split_listen
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper
-from gated.lockout import Policy
+from gated.lockout import SITE, Policy
 from gated.notify import notify, watchdog_interval
-from gated.store import Store
+from gated.store import Store, data_version, load_visitors, prune_visitors
 
 log = structlog.get_logger("gated.daemon")
 
 RELOAD_POLL_SECONDS = 2.0
+HOUSEKEEPING_SECONDS = 1.0
+PRUNE_SECONDS = 60.0
 
 
 class _Stop(Exception):
@@ -72,6 +76,7 @@ class Daemon:
                 asyncio.get_running_loop().create_task(actuator.close())
             raise
         ledger = store.load_ledger(policy(self.loaded))
+        visitors.install(self.loaded.book, load_visitors(store.connection))
         return Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                           deadline=config.server.answer_deadline)
 
@@ -91,6 +96,7 @@ class Daemon:
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
+                tasks.create_task(self._housekeeping(), name="housekeeping")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
                 site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -131,7 +137,8 @@ class Daemon:
             return False
         try:
             # Parsing 100,000 codes takes a while: off the loop, so calls go on.
-            loaded = await asyncio.to_thread(config_mod.load, self.loaded.path)
+            loaded = await asyncio.to_thread(
+                functools.partial(config_mod.load, self.loaded.path, create_key=True))
         except ConfigError as exc:
             log.error("config reload refused; the old config keeps serving",
                       error=str(exc), trigger=why)
@@ -157,6 +164,36 @@ class Daemon:
             if current != last:
                 last = current
                 self._reloads.put_nowait("file changed")
+
+    async def _housekeeping(self) -> None:
+        """Once a second: visitor codes from other processes, pruning, TOTP
+        tables for the next step, and the end of locks."""
+        gatekeeper = self.gatekeeper
+        assert gatekeeper is not None
+        store = gatekeeper.store
+        seen = await store.call(data_version)
+        pruned = 0.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            now = self.clock.now()
+            version = await store.call(data_version)
+            if version != seen:
+                seen = version
+                rows = await store.call(load_visitors)
+                visitors.install(gatekeeper.book, rows)
+                log.info("visitor codes loaded", count=len(rows))
+            if now - pruned > PRUNE_SECONDS:
+                pruned = now
+                keep = self.loaded.config.visitors.keep_expired
+                if removed := await store.call(prune_visitors, now - keep):
+                    log.info("expired visitor codes pruned", count=removed)
+            for table in gatekeeper.book.totp.values():
+                for step in table.missing(now):
+                    # 10,000 HMACs: built off the loop, installed on it.
+                    table.install(step, await asyncio.to_thread(table.build, step))
+            for key in gatekeeper.ledger.lockout.ended(now):
+                kind = "site_unlocked" if key == SITE else "caller_unlocked"
+                log.warning(kind, key=key, alarm=kind)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()

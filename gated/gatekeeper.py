@@ -56,7 +56,8 @@ class Gatekeeper:
         self.listeners: list[EntryListener] = []
 
     def swap(self, book: CodeBook) -> None:
-        """Replace the code book between two calls (a reload)."""
+        """Replace the code book between two calls (a reload); run-time codes stay."""
+        book.visitors = self.book.visitors
         self.book = book
 
     async def call(self, raw: RawCall) -> Answer:

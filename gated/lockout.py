@@ -52,6 +52,8 @@ class Lockout:
     site: Strikes = field(default_factory=Strikes)
     # Times of the latest site-wide failures, at most site_failures of them.
     recent: deque[float] = field(default_factory=deque)
+    # Keys whose lock was announced and whose end is still to be announced.
+    announced: set[str] = field(default_factory=set)
 
     def caller_locked(self, caller: str | None, now: float) -> bool:
         strikes = self.callers.get(caller or WITHHELD)
@@ -99,7 +101,18 @@ class Lockout:
         strikes.failures = 0
         seconds = self.policy.lock_length(strikes.locks)
         strikes.locked_until = now + seconds
+        self.announced.add(key)
         return LockEvent(kind, key, strikes.locked_until, seconds)
+
+    def ended(self, now: float) -> list[str]:
+        """Keys whose lock has run out since the last call (for unlock events)."""
+        done = []
+        for key in list(self.announced):
+            strikes = self.strikes(key)
+            if strikes is None or strikes.locked_until <= now:
+                self.announced.discard(key)
+                done.append(key)
+        return done
 
     def _decay(self, strikes: Strikes, now: float) -> None:
         # A long quiet spell after the last lock ended forgets the repeats.
@@ -120,6 +133,8 @@ class Lockout:
         return self.site if key == SITE else self.callers.get(key)
 
     def restore(self, key: str, strikes: Strikes, recent: list[float] | None = None) -> None:
+        if strikes.locked_until:
+            self.announced.add(key)
         if key == SITE:
             self.site = strikes
             self.recent = deque(recent or ())

@@ -29,8 +29,7 @@ from gated.lockout import SITE, Policy, Strikes
 
 log = structlog.get_logger("gated.store")
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -65,6 +64,24 @@ CREATE TABLE IF NOT EXISTS strikes (
     recent TEXT
 );
 """
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS visitors (
+    id TEXT PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    gates TEXT NOT NULL,
+    valid_from REAL,
+    valid_until REAL NOT NULL,
+    max_uses INTEGER,
+    callers TEXT NOT NULL DEFAULT '[]',
+    callername TEXT NOT NULL DEFAULT '',
+    destination TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+"""
+# Each step takes the store from version N to N + 1; never edit a shipped one.
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
+SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
 BUFFER_LIMIT = 10_000
@@ -125,8 +142,8 @@ def migrate(conn: sqlite3.Connection) -> None:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise StoreError(f"store schema {version} is newer than this gated ({SCHEMA_VERSION})")
-    if version < SCHEMA_VERSION:
-        conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
 
 
 class Store:
@@ -152,6 +169,11 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot open entry store {path}: {exc.strerror}") from exc
         return cls(path, conn)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For start-up reads only; after that, use ``call`` (the store's thread)."""
+        return self._conn
 
     @property
     def buffered(self) -> int:
@@ -269,9 +291,72 @@ class Store:
             await asyncio.sleep(0.01)
         return not self._pending
 
+    async def call(self, function: Any, *args: Any) -> Any:
+        """Run ``function(connection, *args)`` on the store's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, self._conn, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._conn.close()
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """Changes whenever another connection (a `gated codes` command) commits."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def prune_visitors(conn: sqlite3.Connection, before: float) -> int:
+    return conn.execute("DELETE FROM visitors WHERE valid_until < ?", (before,)).rowcount
+
+
+VISITOR_COLUMNS = ("id", "digest", "name", "gates", "valid_from", "valid_until", "max_uses",
+                   "callers", "callername", "destination", "created")
+
+
+@dataclass(frozen=True, slots=True)
+class VisitorRow:
+    """A visitor code as stored: the keyed digest, never the digits."""
+
+    id: str
+    digest: bytes
+    name: str
+    gates: tuple[str, ...]
+    valid_from: float | None
+    valid_until: float
+    max_uses: int | None
+    callers: tuple[str, ...] = ()
+    callername: str = ""
+    destination: str = ""
+    created: float = 0.0
+
+    def values(self) -> tuple[Any, ...]:
+        return (self.id, self.digest, self.name, json.dumps(list(self.gates)), self.valid_from,
+                self.valid_until, self.max_uses, json.dumps(list(self.callers)),
+                self.callername, self.destination, self.created)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> VisitorRow:
+        (id_, digest, name, gates, valid_from, valid_until, max_uses, callers, callername,
+         destination, created) = row
+        return cls(id_, bytes(digest), name, tuple(json.loads(gates)), valid_from, valid_until,
+                   max_uses, tuple(json.loads(callers)), callername, destination, created)
+
+
+def add_visitor(conn: sqlite3.Connection, row: VisitorRow) -> bool:
+    """Store a visitor code; False when its digits are already a visitor code."""
+    try:
+        conn.execute(
+            f"INSERT INTO visitors ({', '.join(VISITOR_COLUMNS)}) "  # noqa: S608 (constant columns)
+            f"VALUES ({', '.join('?' * len(VISITOR_COLUMNS))})", row.values())
+    except sqlite3.IntegrityError:
+        return False
+    return True
+
+
+def load_visitors(conn: sqlite3.Connection) -> list[VisitorRow]:
+    rows = conn.execute(f"SELECT {', '.join(VISITOR_COLUMNS)} FROM visitors")  # noqa: S608
+    return [VisitorRow.from_row(row) for row in rows]
 
 
 def read_entries(path: Path, *, since: float | None = None, gate: str | None = None,

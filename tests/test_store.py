@@ -49,7 +49,7 @@ async def test_ledger_survives_a_restart(tmp_path: Path) -> None:
     writer = asyncio.create_task(store.run())
     policy = Policy(caller_failures=2, site_failures=100)
     ledger = Ledger.fresh(policy)
-    keys, locks = ledger.lockout.failure("+31600000001", 100.0)
+    _, locks = ledger.lockout.failure("+31600000001", 100.0)
     keys2, locks2 = ledger.lockout.failure("+31600000001", 101.0)
     assert locks2 and not locks
     ledger.uses["Demo"] = 3

@@ -1,0 +1,215 @@
+"""Staff commands for credentials: visitor codes, code hashes, TOTP users, listings."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pyotp
+
+from gated import config as config_mod
+from gated import sitekey, visitors
+from gated.codes import CODE_RE, Credential
+from gated.errors import ConfigError
+from gated.store import add_visitor, connect, load_visitors, migrate
+
+_DURATION = re.compile(r"(\d+)\s*([mhdw])")
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90m``, ``4h``, ``2d``, ``1w`` or combinations like ``1d12h`` -> seconds."""
+    compact = text.replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise argparse.ArgumentTypeError(f"expected a duration like 4h or 2d, got {text!r}")
+    return float(sum(int(n) * _UNITS[u] for n, u in parts))
+
+
+def parse_time(text: str, tz: dt.tzinfo) -> float:
+    moment = dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:  # site-local, like the config file
+        moment = moment.replace(tzinfo=tz)
+    return moment.timestamp()
+
+
+def _gates(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
+    config, book = loaded.config, loaded.book
+    now = time.time()
+    start = parse_time(args.start, config.tz) if args.start else None
+    until = (start or now) + parse_duration(args.valid)
+    conn = connect(loaded.store_path)
+    try:
+        migrate(conn)
+        existing = load_visitors(conn)
+        visitors.install(book, existing)
+        while True:
+            issued = visitors.make(
+                book, name=args.name, gates=_gates(args.gates), valid_from=start,
+                valid_until=until, max_uses=args.uses, length=args.length or
+                config.visitors.length, now=now, callername=args.callername,
+                destination=args.destination)
+            if add_visitor(conn, issued.row):
+                break
+    finally:
+        conn.close()
+    when = dt.datetime.fromtimestamp(until, config.tz).strftime("%Y-%m-%d %H:%M %Z")
+    uses = f", {args.uses} use{'s' if args.uses != 1 else ''}" if args.uses else ""
+    print(f"{issued.code}")
+    print(f"visitor code for {args.name}: {', '.join(issued.row.gates) or 'route only'}, "
+          f"valid until {when}{uses} (id {issued.row.id}; the digits are not stored, "
+          "note them now)", file=sys.stderr)
+    return 0
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
+    key = sitekey.read_key(loaded.key_path)
+    assert key is not None
+    code = args.code
+    if code is None:
+        code = getpass.getpass("code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+    if not CODE_RE.fullmatch(code):
+        print("a code is 4 to 16 digits", file=sys.stderr)
+        return 2
+    print(f'code_hash = "{sitekey.code_hash(key, code)}"')
+    return 0
+
+
+def _validity(credential: Credential, tz: dt.tzinfo) -> str:
+    def fmt(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M")
+
+    parts = []
+    if credential.valid_from is not None:
+        parts.append(f"from {fmt(credential.valid_from)}")
+    if credential.valid_until is not None:
+        parts.append(f"until {fmt(credential.valid_until)}")
+    if credential.schedule is not None:
+        parts.append("scheduled")
+    return " ".join(parts) or "always"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    loaded = config_mod.load(args.config or config_mod.default_path())
+    config, book = loaded.config, loaded.book
+    uses: dict[str, int] = {}
+    if loaded.store_path.exists():
+        conn = connect(loaded.store_path, readonly=True)
+        try:
+            uses = dict(conn.execute("SELECT credential_id, count FROM uses"))
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= 2:
+                visitors.install(book, load_visitors(conn))
+        finally:
+            conn.close()
+    digits = {c.id or c.name: c.code for c in config.codes if c.code}
+    header = ("kind", "name", "gates", "valid", "uses left")
+    rows: list[tuple[str, ...]] = [(*header, "code") if args.show_codes else header]
+    everything = [*book.codes.values(), *book.visitors.values(),
+                  *(u.credential for t in book.totp.values() for u in t.users)]
+    for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
+        left = "-" if credential.max_uses is None else str(
+            max(credential.max_uses - uses.get(credential.id, 0), 0))
+        row: tuple[str, ...] = (credential.kind, credential.name, ",".join(sorted(credential.gates)) or "(route)",
+               _validity(credential, book.tz), left)
+        if args.show_codes:
+            shown = digits.get(credential.id)
+            row = (*row, shown if shown is not None else
+                   ("(hashed)" if credential.kind == "code" else "-"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def cmd_totp_add(args: argparse.Namespace) -> int:
+    import segno
+
+    path = Path(args.config or config_mod.default_path())
+    loaded = config_mod.load(path)
+    gates = _gates(args.gates)
+    unknown = [g for g in gates if g not in loaded.config.gates]
+    if unknown or not gates:
+        print(f"--gates: no gate named {unknown[0] if unknown else '(none)'!r}; "
+              f"gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
+        return 2
+    secret = pyotp.random_base32(32)
+    otp = pyotp.TOTP(secret, digits=args.digits, interval=args.period)
+    uri = otp.provisioning_uri(name=args.name, issuer_name=f"gated {loaded.config.site.id}")
+    block = (f"\n[[totp]]\nname = {_toml_string(args.name)}\nsecret = {_toml_string(secret)}\n"
+             f"gates = [{', '.join(_toml_string(g) for g in gates)}]\n")
+    if args.digits != 6:
+        block += f"digits = {args.digits}\n"
+    if args.period != 30:
+        block += f"period = {args.period}\n"
+    if not args.no_write:
+        original = path.read_text(encoding="utf-8")
+        path.write_text(original.rstrip("\n") + "\n" + block, encoding="utf-8")
+        try:
+            config_mod.load(path)
+        except ConfigError as exc:
+            path.write_text(original, encoding="utf-8")
+            print(f"not added: {exc}", file=sys.stderr)
+            return 2
+    segno.make(uri, error="m").terminal(out=sys.stdout, compact=True)
+    print(uri)
+    where = "not written (--no-write)" if args.no_write else f"added to {path}"
+    print(f"TOTP user {args.name!r} for {', '.join(gates)}: {where}; scan the code above "
+          "with any authenticator app.", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
+    codes = sub.add_parser("codes", help="manage codes", parents=[common])
+    codes_sub = codes.add_subparsers(dest="codes_command", required=True, metavar="ACTION")
+
+    p = codes_sub.add_parser("issue", parents=[common],
+                             help="issue a random visitor code for a limited time")
+    p.add_argument("--name", required=True, help="who it is for (shown in the log)")
+    p.add_argument("--gates", required=True, help="comma-separated gate names")
+    p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
+    p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
+    p.add_argument("--uses", type=int, default=None, help="how many entries (default unlimited)")
+    p.add_argument("--length", type=int, help="digits (default [visitors] length)")
+    p.add_argument("--callername", default="")
+    p.add_argument("--destination", default="")
+    p.set_defaults(func=cmd_issue)
+
+    p = codes_sub.add_parser("hash", parents=[common],
+                             help="print the keyed hash of a code, for code_hash in the config")
+    p.add_argument("--code", help="the digits (default: read from the terminal or stdin)")
+    p.set_defaults(func=cmd_hash)
+
+    p = codes_sub.add_parser("ls", parents=[common],
+                             help="list credentials: names, gates, validity, uses left")
+    p.add_argument("--show-codes", action="store_true", help="also print the digits in the file")
+    p.set_defaults(func=cmd_ls)
+
+    totp = sub.add_parser("totp", help="manage TOTP users", parents=[common])
+    totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")
+    p = totp_sub.add_parser("add", parents=[common],
+                            help="create a TOTP user: secret, otpauth URI and QR code")
+    p.add_argument("name")
+    p.add_argument("--gates", required=True, help="comma-separated gate names")
+    p.add_argument("--digits", type=int, default=6, choices=(6, 7, 8))
+    p.add_argument("--period", type=int, default=30)
+    p.add_argument("--no-write", action="store_true", help="print only; do not edit the config")
+    p.set_defaults(func=cmd_totp_add)
+

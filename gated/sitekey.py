@@ -1,0 +1,76 @@
+"""The site key: the HMAC key that codes are looked up (and may be stored) by.
+
+A plain or salted hash of a 6-digit code protects nothing: there are only a
+million codes, and hashing all of them takes a laptop a second. A keyed hash
+(HMAC-SHA256 with a secret 256-bit key kept in its own 0600 file) cannot be
+reversed without the key, so a config file, a backup or an MQTT message that
+carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+from gated.errors import ConfigError
+
+PREFIX = "hmac-sha256:"
+_HASH = re.compile(r"hmac-sha256:([0-9a-f]{64})")
+KEY_BYTES = 32
+
+
+def digest(key: bytes, code: str) -> bytes:
+    return hmac.new(key, code.encode(), hashlib.sha256).digest()
+
+
+def code_hash(key: bytes, code: str) -> str:
+    """The text form stored in config files and MQTT messages."""
+    return PREFIX + digest(key, code).hex()
+
+
+def parse_hash(text: str) -> bytes | None:
+    match = _HASH.fullmatch(text.strip().lower())
+    return bytes.fromhex(match.group(1)) if match else None
+
+
+def read_key(path: Path) -> bytes | None:
+    """The key in ``path``, None when there is no such file; refuses a readable-by-all file."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the site key {path}: {exc}") from exc
+    if mode & 0o077:
+        raise ConfigError(f"the site key {path} is readable by others; chmod 600 it")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"the site key {path} is not {KEY_BYTES * 2} hex digits")
+    return key
+
+
+def ensure_key(path: Path) -> bytes:
+    """Read the key, or create a new one (mode 0600) when there is none."""
+    key = read_key(path)
+    if key is not None:
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    # O_EXCL: two processes creating the key at once must not both win.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        existing = read_key(path)
+        assert existing is not None
+        return existing
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(key.hex() + "\n")
+    return key
