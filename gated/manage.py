@@ -121,8 +121,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
         left = "-" if credential.max_uses is None else str(
             max(credential.max_uses - uses.get(credential.id, 0), 0))
-        row: tuple[str, ...] = (credential.kind, credential.name, ",".join(sorted(credential.gates)) or "(route)",
-               _validity(credential, book.tz), left)
+        gates = ",".join(sorted(credential.gates)) or "(route)"
+        row: tuple[str, ...] = (credential.kind, credential.name, gates,
+                                _validity(credential, book.tz), left)
         if args.show_codes:
             shown = digits.get(credential.id)
             row = (*row, shown if shown is not None else

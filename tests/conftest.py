@@ -28,15 +28,21 @@ def mock_factory() -> Iterator[MockFactory]:
 class Running:
     """A daemon running in the test's event loop on a free port."""
 
-    def __init__(self, daemon: Daemon, session: aiohttp.ClientSession,
-                 factory: MockFactory) -> None:
+    def __init__(self, daemon: Daemon, task: asyncio.Task[None],
+                 session: aiohttp.ClientSession, factory: MockFactory) -> None:
         self.daemon = daemon
+        self.task = task
         self.session = session
         self.factory = factory
 
     @property
     def url(self) -> str:
         return self.daemon.url
+
+    async def stop(self) -> None:
+        """Stop the daemon as SIGTERM would, and wait until it has finished."""
+        self.daemon.stop.set()
+        await asyncio.wait_for(self.task, 10)
 
     def pin(self, number: int) -> Any:
         return self.factory.pin(number)
@@ -62,7 +68,7 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
     async def start(extra: str = "", *, actuators: dict[str, Any] | None = None,
                     clock: Any = None, **kwargs: Any) -> Running:
         path = write_config(tmp_path, extra, **kwargs)
-        daemon = Daemon(config_mod.load(path), mock_factory=mock_factory,
+        daemon = Daemon(config_mod.load(path, create_key=True), mock_factory=mock_factory,
                         install_signals=False)
         if clock is not None:
             daemon.clock = clock
@@ -78,7 +84,7 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
             daemon.gatekeeper.actuators.update(actuators)
         session = aiohttp.ClientSession()
         started.append((daemon, task, session))
-        return Running(daemon, session, mock_factory)
+        return Running(daemon, task, session, mock_factory)
 
     yield start
     for daemon, task, session in started:

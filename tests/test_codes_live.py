@@ -1,0 +1,151 @@
+"""Codes through the running daemon: races, restarts, visitor codes, reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from gated.cli import main
+from gated.store import read_entries
+
+from .helpers import BARRIER, TOKEN
+
+ONCE = """
+[[codes]]
+name = "Once"
+code = "111111"
+gates = ["barrier"]
+max_uses = 1
+
+[[totp]]
+name = "Flat 12"
+secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+gates = ["barrier"]
+"""
+
+# The wrong codes in a burst would otherwise lock the site, as they should.
+NO_LOCKOUT = """
+[lockout]
+caller_failures = 100000
+site_failures = 100000
+"""
+
+
+async def test_single_use_code_admits_exactly_one_of_50_concurrent_calls(
+        start_daemon: Any) -> None:
+    """50 simultaneous calls with a single-use code: exactly one ACK, one pulse."""
+    running = await start_daemon(ONCE, pulse=0.1)
+    answers = await asyncio.gather(*(
+        running.get(code="111111", did=BARRIER, callerid=f"+3161234{n:04d}") for n in range(50)))
+    bodies = [body for _, body in answers]
+    assert bodies.count("status=ACK") == 1
+    assert bodies.count("status=NAK") == 49
+    await asyncio.sleep(0.3)
+    assert [s.state for s in running.pin(17).states] == [False, True, False]
+
+
+async def test_use_counts_and_totp_steps_survive_a_restart(start_daemon: Any) -> None:
+    """After a restart a used-up code stays used up and a spent TOTP code stays spent."""
+    otp = pyotp.TOTP("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    running = await start_daemon(ONCE)
+    code = otp.now()
+    assert await running.get(code="111111", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code=code, did=BARRIER) == (200, "status=ACK")
+    await running.stop()
+    again = await start_daemon(ONCE)
+    assert await again.get(code="111111", did=BARRIER) == (200, "status=NAK")
+    assert await again.get(code=code, did=BARRIER) == (200, "status=NAK")
+    reasons = [e.reason for e in reversed(read_entries(again.daemon.gatekeeper.store.path))]
+    assert reasons[-2:] == ["used_up", "replayed"]
+
+
+async def test_visitor_code_issued_by_the_cli_opens_then_is_used_up(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gated codes issue` prints a code the running daemon accepts once, within seconds."""
+    running = await start_daemon()
+    config = str(tmp_path / "gated.toml")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["-c", config, "codes", "issue", "--name", "Loodgieter",
+                                          "--gates", "barrier", "--valid", "4h",
+                                          "--uses", "1"]) == 0
+    captured = capsys.readouterr()
+    code = captured.out.strip()
+    assert code.isdigit() and len(code) == 6
+    assert "Loodgieter" in captured.err
+    # Guessing until it works would trip the lockout: watch the book instead.
+    book = running.daemon.gatekeeper.book
+    deadline = time.monotonic() + 5
+    while not book.visitors and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    assert await running.get(code=code, did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code=code, did=BARRIER) == (200, "status=NAK")
+    store = (tmp_path / "state" / "entries.sqlite3").read_bytes()
+    assert code.encode() not in store  # only the keyed digest is stored
+
+
+async def test_reload_swaps_codes_and_a_bad_file_keeps_the_old(start_daemon: Any,
+                                                               tmp_path: Path) -> None:
+    """A valid edit takes effect on reload; an invalid one is refused, old codes keep working."""
+    running = await start_daemon()
+    path = tmp_path / "gated.toml"
+    good = path.read_text()
+    path.write_text(good.replace('code = "5555"', 'code = "6666"'))
+    assert await running.daemon.reload("test")
+    assert await running.get(code="6666", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=NAK")
+    path.write_text(good.replace('code = "5555"', 'code = "66x6"'))
+    assert not await running.daemon.reload("test")
+    assert await running.get(code="6666", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_file_change_is_picked_up_without_a_signal(start_daemon: Any,
+                                                         tmp_path: Path) -> None:
+    """Editing the file is enough: the daemon notices and reloads."""
+    running = await start_daemon()
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text().replace('code = "5555"', 'code = "7777"'))
+    deadline = time.monotonic() + 8
+    gatekeeper = running.daemon.gatekeeper
+    # Polling with calls would count as guesses: watch the book instead.
+    while (gatekeeper.book.digest("7777") not in gatekeeper.book.codes  # noqa: ASYNC110
+           and time.monotonic() < deadline):
+        await asyncio.sleep(0.1)
+    assert await running.get(code="7777", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_reload_during_a_burst_fails_no_answer(start_daemon: Any, tmp_path: Path) -> None:
+    """Reloading five times during 300 calls: every call gets its right answer."""
+    running = await start_daemon(NO_LOCKOUT, pulse=0.05)
+    path = tmp_path / "gated.toml"
+    text = path.read_text()
+
+    async def reloads() -> None:
+        for n in range(5):
+            path.write_text(text.replace('name = "Barrier only"', f'name = "Barrier only {n}"'))
+            assert await running.daemon.reload("test")
+            await asyncio.sleep(0.02)
+
+    calls = [running.get(code="471123" if n % 2 else "000000", did=BARRIER) for n in range(300)]
+    *answers, _ = await asyncio.gather(*calls, reloads())
+    assert [body for _, body in answers] == [
+        "status=ACK&callername=Welcome&destination=201" if n % 2 else "status=NAK"
+        for n in range(300)]
+    assert running.daemon.gatekeeper.book.codes[
+        running.daemon.gatekeeper.book.digest("5555")].name == "Barrier only 4"
+
+
+async def test_token_is_never_in_logs(start_daemon: Any) -> None:
+    """Neither the token nor the code shows up in what gated logs about a call."""
+    from structlog.testing import capture_logs
+
+    running = await start_daemon()
+    with capture_logs() as logs:
+        await running.get(code="471123", did=BARRIER)
+        await running.get(token="wrong-token-xyz", code="471123", did=BARRIER)
+    assert TOKEN not in repr(logs)
+    assert "wrong-token-xyz" not in repr(logs)
