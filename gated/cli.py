@@ -58,10 +58,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             gates = ",".join(sorted(credential.gates)) or "(route only)"
             print(f"  {credential.kind:7} {credential.name}: {gates}"
                   + (f", max {credential.max_uses} uses" if credential.max_uses else ""))
+    print(guessing_summary(loaded))
     print(f"entries   {loaded.store_path}")
     broker = f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else "off"
     print(f"mqtt      {broker}")
     return 0
+
+
+def guessing_summary(loaded: config_mod.Loaded) -> str:
+    """What the lockout bounds a guesser to, against these codes."""
+    from gated.daemon import policy
+    from gated.lockout import guesses_per_year, hit_chance
+
+    lengths = [len(c.code) for c in loaded.config.codes if c.code and c.gates]
+    lengths += [t.digits for t in loaded.config.totp]
+    guesses = guesses_per_year(policy(loaded))
+    if not lengths:
+        return f"guessing  at most {guesses:,} wrong codes a year (no codes that open)"
+    shortest = min(lengths)
+    valid = len(lengths) + 2 * len(loaded.config.totp)  # TOTP: 3 steps valid at once
+    chance = hit_chance(guesses, valid, shortest)
+    return (f"guessing  at most {guesses:,} wrong codes a year; against {valid} valid codes of "
+            f"{shortest}+ digits a guesser's chance of a hit in a year is {chance:.1%}")
 
 
 def _fields(struct: object) -> dict[str, object]:

@@ -56,6 +56,8 @@ class ServerConfig(_Table, kw_only=True, frozen=True):
     tokens: Annotated[list[Annotated[str, msgspec.Meta(min_length=12)]],
                       msgspec.Meta(min_length=1)]
     allow_from: list[str] = []
+    # Reverse proxies whose X-Forwarded-For is believed (TLS terminators).
+    trusted_proxies: list[str] = []
     answer_deadline: Annotated[float, msgspec.Meta(gt=0, le=30)] = 3.0
     nak_word: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2,8}$")] = "NAK"
     max_body: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 8192
@@ -295,11 +297,12 @@ def _check(config: Config, fail: Any) -> None:
     _check_listen(config.server.listen, ("server", "listen"), fail)
     if config.metrics is not None:
         _check_listen(config.metrics.listen, ("metrics", "listen"), fail)
-    for index, cidr in enumerate(config.server.allow_from):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise fail(("server", "allow_from", index), f"not a network: {cidr!r}") from None
+    for key in ("allow_from", "trusted_proxies"):
+        for index, cidr in enumerate(getattr(config.server, key)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise fail(("server", key, index), f"not a network: {cidr!r}") from None
     if not config.gates:
         raise fail(("gates",), "at least one gate is needed")
     if len(config.gates) > 1:

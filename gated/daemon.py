@@ -21,7 +21,7 @@ from aiohttp import web
 from gated import actuators as actuator_port
 from gated import config as config_mod
 from gated import visitors
-from gated.app import make_app
+from gated.app import REQUEST_LIMITS, make_app
 from gated.clock import Clock, SystemClock
 from gated.config import Loaded, split_listen
 from gated.errors import ConfigError
@@ -84,8 +84,9 @@ class Daemon:
         config = self.loaded.config
         gatekeeper = self.gatekeeper = self.assemble()
         runner = web.AppRunner(make_app(gatekeeper, config.server), handle_signals=False,
-                               access_log=None,
-                               shutdown_timeout=config.server.answer_deadline + 1.0)
+                               access_log=None, keepalive_timeout=75.0,
+                               shutdown_timeout=config.server.answer_deadline + 1.0,
+                               **REQUEST_LIMITS)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):

@@ -133,11 +133,14 @@ class Gatekeeper:
         durable = self.store.submit(entry, changes, self.ledger)
         remaining = self.deadline - (self.clock.monotonic() - started)
         stored = False
-        try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                stored = await asyncio.shield(durable)
-        except TimeoutError:
-            pass
+        # While the store is failing, entries wait in its buffer and the
+        # caller is answered at once rather than at the deadline.
+        if self.store.healthy:
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    stored = await asyncio.shield(durable)
+            except TimeoutError:
+                pass
         log.info("entry", **{k: v for k, v in entry.as_dict().items() if k != "time"},
                  durable=stored)
         for listener in self.listeners:

@@ -140,3 +140,31 @@ class Lockout:
             self.recent = deque(recent or ())
         else:
             self.callers[key] = strikes
+
+
+YEAR = 365 * 86400.0
+
+
+def guesses_per_year(policy: Policy) -> int:
+    """The most wrong codes a guesser gets in a year, however many numbers they spoof.
+
+    Worst case: every site-wide allowance is spent at once, each lock is
+    waited out, and the next allowance spent the moment it ends.
+    """
+    elapsed, guesses, locks = 0.0, 0, 0
+    while elapsed < YEAR:
+        guesses += policy.site_failures
+        locks += 1
+        elapsed += policy.lock_length(locks)
+    return guesses
+
+
+def hit_chance(guesses: int, valid_codes: int, digits: int) -> float:
+    """Chance that ``guesses`` distinct random guesses find one of ``valid_codes``."""
+    space = 10**digits
+    miss = 1.0
+    for n in range(min(guesses, space)):
+        miss *= max(space - valid_codes - n, 0) / (space - n)
+        if miss == 0.0:
+            break
+    return 1.0 - miss

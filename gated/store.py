@@ -86,6 +86,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # oldest are dropped (and counted), since a gate that stops answering is worse.
 BUFFER_LIMIT = 10_000
 RETRY_SECONDS = 1.0
+BUSY_TIMEOUT_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed entry survives a power cut, not just a crash.
         conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    # Short: while the disk refuses, calls must still be answered in time.
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 

@@ -28,19 +28,48 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SAFETY_MARGIN = 0.5
 
 
+def _networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _within(address: str | None, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").strip())
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookSettings:
     tokens: tuple[bytes, ...]
     allow_from: tuple[Network, ...]
     nak_word: str
     deadline: float
+    trusted_proxies: tuple[Network, ...] = ()
 
     @classmethod
     def build(cls, tokens: Sequence[str], allow_from: Sequence[str], nak_word: str,
-              deadline: float) -> WebhookSettings:
-        return cls(tuple(t.encode() for t in tokens),
-                   tuple(ipaddress.ip_network(c, strict=False) for c in allow_from),
-                   nak_word, deadline)
+              deadline: float, trusted_proxies: Sequence[str] = ()) -> WebhookSettings:
+        return cls(tuple(t.encode() for t in tokens), _networks(allow_from), nak_word, deadline,
+                   _networks(trusted_proxies))
+
+    def client(self, request: web.Request) -> str | None:
+        """The caller's address: X-Forwarded-For only when it came from a trusted proxy.
+
+        Walk the forwarded chain from the right, past our own proxies; the
+        first address that is not one of them is the client. Anything further
+        left was written by the client and proves nothing.
+        """
+        remote = request.remote
+        if not self.trusted_proxies or not _within(remote, self.trusted_proxies):
+            return remote
+        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
+                for hop in header.split(",")]
+        for hop in reversed(hops):
+            if not _within(hop, self.trusted_proxies):
+                return hop
+        return remote
 
     def token_ok(self, given: str) -> bool:
         """Constant time in the token's content; every token is compared every time."""
@@ -51,13 +80,7 @@ class WebhookSettings:
         return ok
 
     def client_ok(self, remote: str | None) -> bool:
-        if not self.allow_from:
-            return True
-        try:
-            address = ipaddress.ip_address(remote or "")
-        except ValueError:
-            return False
-        return any(address in network for network in self.allow_from)
+        return not self.allow_from or _within(remote, self.allow_from)
 
 
 def _text(response: str, status: int = 200) -> web.Response:
@@ -82,15 +105,16 @@ async def _params(request: web.Request) -> Mapping[str, str] | web.Response:
 
 async def voipgrid(request: web.Request) -> web.Response:
     settings = request.app[WEBHOOK]
+    client = settings.client(request)
+    if not settings.client_ok(client):
+        log.warning("refused", remote=client, why="not in allow_from")
+        return _text("forbidden\n", 403)
     params = await _params(request)
     if isinstance(params, web.Response):
-        log.warning("bad request", remote=request.remote, status=params.status)
+        log.warning("bad request", remote=client, status=params.status)
         return params
-    if not settings.client_ok(request.remote):
-        log.warning("refused", remote=request.remote, why="not in allow_from")
-        return _text("forbidden\n", 403)
     if not settings.token_ok(params.get("token", "")):
-        log.warning("refused", remote=request.remote, why="bad or missing token")
+        log.warning("refused", remote=client, why="bad or missing token")
         return _text("forbidden\n", 403)
     raw = RawCall(code=params.get("code"), did=params.get("did"),
                   callerid=params.get("callerid"), callername=params.get("callername"))
@@ -99,6 +123,6 @@ async def voipgrid(request: web.Request) -> web.Response:
         async with asyncio.timeout(settings.deadline + SAFETY_MARGIN):
             answer = await gatekeeper.call(raw)
     except Exception:  # any failure answers ERR, never a 5xx or a hung call
-        log.exception("call failed", remote=request.remote)
+        log.exception("call failed", remote=client)
         answer = Answer(Status.ERR, "internal_error")
     return _text(answer.body(settings.nak_word))

@@ -9,6 +9,7 @@ second edge as "stop") and no extension (the pulse length is a hard cap).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -19,6 +20,8 @@ from gated.config import GpioActuatorConfig, MockActuatorConfig
 from gated.errors import ActuatorError
 
 log = structlog.get_logger("gated.relay")
+
+OFF_ATTEMPTS = 5
 
 
 class RelayActuator:
@@ -81,10 +84,17 @@ class RelayActuator:
         log.info("relay off", gate=self.gate)
 
     def _safe_off(self) -> None:
-        try:
-            self._device.off()
-        except (GPIOZeroError, OSError) as exc:  # nothing more can be done from here
-            log.error("relay did not release", gate=self.gate, error=str(exc))
+        # A relay left on is the one failure that must not happen: retry, and
+        # if the pin still refuses, raise the alarm loudly.
+        for attempt in range(1, OFF_ATTEMPTS + 1):
+            try:
+                self._device.off()
+            except (GPIOZeroError, OSError) as exc:
+                log.error("relay did not release", gate=self.gate, attempt=attempt,
+                          error=str(exc), alarm="relay_stuck" if attempt == OFF_ATTEMPTS else None)
+                time.sleep(0.01 * attempt)
+            else:
+                return
 
     async def close(self) -> None:
         self.shutdown()
