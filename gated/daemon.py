@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,22 +173,26 @@ class Daemon:
         gatekeeper = self.gatekeeper
         assert gatekeeper is not None
         store = gatekeeper.store
-        seen = await store.call(data_version)
+        seen: int | None = None
         pruned = 0.0
         while True:
-            await asyncio.sleep(HOUSEKEEPING_SECONDS)
             now = self.clock.now()
-            version = await store.call(data_version)
-            if version != seen:
-                seen = version
-                rows = await store.call(load_visitors)
-                visitors.install(gatekeeper.book, rows)
-                log.info("visitor codes loaded", count=len(rows))
-            if now - pruned > PRUNE_SECONDS:
-                pruned = now
-                keep = self.loaded.config.visitors.keep_expired
-                if removed := await store.call(prune_visitors, now - keep):
-                    log.info("expired visitor codes pruned", count=removed)
+            try:
+                version = await store.call(data_version)
+                if version != seen:
+                    rows = await store.call(load_visitors)
+                    visitors.install(gatekeeper.book, rows)
+                    if seen is not None:
+                        log.info("visitor codes loaded", count=len(rows))
+                    seen = version
+                if now - pruned > PRUNE_SECONDS:
+                    pruned = now
+                    keep = self.loaded.config.visitors.keep_expired
+                    if removed := await store.call(prune_visitors, now - keep):
+                        log.info("expired visitor codes pruned", count=removed)
+            except sqlite3.Error as exc:
+                # The writer raises the store alarm; here it is enough to try again.
+                log.debug("housekeeping could not read the store", error=str(exc))
             for table in gatekeeper.book.totp.values():
                 for step in table.missing(now):
                     # 10,000 HMACs: built off the loop, installed on it.
@@ -195,6 +200,7 @@ class Daemon:
             for key in gatekeeper.ledger.lockout.ended(now):
                 kind = "site_unlocked" if key == SITE else "caller_unlocked"
                 log.warning(kind, key=key, alarm=kind)
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()
