@@ -87,7 +87,9 @@ class Daemon:
         runner = web.AppRunner(make_app(gatekeeper, config.server), handle_signals=False,
                                access_log=None, keepalive_timeout=75.0,
                                shutdown_timeout=config.server.answer_deadline + 1.0,
-                               **REQUEST_LIMITS)
+                               max_line_size=REQUEST_LIMITS["max_line_size"],
+                               max_field_size=REQUEST_LIMITS["max_field_size"],
+                               max_headers=REQUEST_LIMITS["max_headers"])
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
