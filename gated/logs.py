@@ -8,6 +8,8 @@ from typing import Any
 
 import structlog
 
+from gated import alarms
+
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
     """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
@@ -20,6 +22,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        alarms.forward,
     ]
     if json_lines:
         shared.append(structlog.processors.dict_tracebacks)

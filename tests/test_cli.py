@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from gated.cli import main, parse_since
 
@@ -91,3 +92,16 @@ def test_parse_since_forms() -> None:
     assert parse_since("2h", now) == now - 7200
     assert parse_since("2026-01-01T00:00:00+00:00", now) == 1767225600.0
     assert parse_since("today", now) <= now
+
+
+def test_pulse_drives_one_pulse_by_hand(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """gated pulse GATE energises the gate's relay once, for the bench test."""
+    path = write_config(tmp_path, pulse=0.05)
+    with capture_logs() as logs:
+        assert main(["-c", str(path), "pulse", "door"]) == 0
+    assert capsys.readouterr().out.strip().endswith("gate door: pulsed")
+    (history,) = [e for e in logs if e["event"] == "mock pin history"]
+    assert history["states"] == [False, True, False, True]  # active low: idle high, pulse low
+    assert main(["-c", str(path), "pulse", "gate9"]) == 2
+    assert "no gate 'gate9'" in capsys.readouterr().err
