@@ -147,7 +147,12 @@ def parse_since(text: str, now: float | None = None) -> float:
 def cmd_log(args: argparse.Namespace) -> int:
     from gated.store import entries_to_json, read_entries
 
-    path = Path(args.db) if args.db else _load(args.config).store_path
+    tz: dt.tzinfo | None = None  # the machine's zone when only a store is given
+    if args.db:
+        path = Path(args.db)
+    else:
+        loaded = _load(args.config)
+        path, tz = loaded.store_path, loaded.config.tz
     since = parse_since(args.since) if args.since else None
     entries = read_entries(path, since=since, gate=args.gate, limit=args.limit)
     if args.json:
@@ -160,7 +165,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     header = ("time", "gate", "caller", "status", "reason", "who", "actuator", "ms", "source")
     rows = [header]
     for e in reversed(entries):
-        when = dt.datetime.fromtimestamp(e.time).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        when = dt.datetime.fromtimestamp(e.time, tz).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
         rows.append((when, e.gate or "-", e.caller or "-", e.status, e.reason,
                      e.credential or "-", e.actuator or "-", f"{e.latency_ms:.1f}", e.source))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]

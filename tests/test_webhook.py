@@ -225,3 +225,16 @@ async def test_every_authenticated_request_is_one_durable_entry(start_daemon: An
     assert entry.caller == RESIDENT and entry.did == BARRIER
     assert entry.callername == "Jan" and entry.credential == "Demo"
     assert entry.status == "ACK" and entry.actuator == "pulsed" and entry.source == "pbx"
+
+
+async def test_shutdown_finishes_in_flight_answers(start_daemon: Any) -> None:
+    """A stop during a call lets it finish with its real answer and entry, then closes."""
+    slow = FakeActuator("barrier", delay=0.5)
+    running = await start_daemon(actuators={"barrier": slow})
+    call = asyncio.create_task(running.get(code="471123", did=BARRIER))
+    await asyncio.sleep(0.2)  # the call is now waiting on the actuator
+    await running.stop()
+    assert await call == (200, "status=ACK&callername=Welcome&destination=201")
+    assert slow.opened and slow.closed
+    (entry,) = entries(running)
+    assert entry.status == "ACK"
