@@ -64,7 +64,7 @@ class Daemon:
         host, port = self.listening[0]
         return f"http://{host}:{port}{self.loaded.config.server.path}"
 
-    def assemble(self) -> Gatekeeper:
+    async def assemble(self) -> Gatekeeper:
         config = self.loaded.config
         built: dict[str, actuator_port.Actuator] = {}
         try:
@@ -74,7 +74,7 @@ class Daemon:
             store = Store.open(self.loaded.store_path)
         except BaseException:
             for actuator in built.values():
-                asyncio.get_running_loop().create_task(actuator.close())
+                await actuator.close()
             raise
         ledger = store.load_ledger(policy(self.loaded))
         visitors.install(self.loaded.book, load_visitors(store.connection))
@@ -83,7 +83,7 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.loaded.config
-        gatekeeper = self.gatekeeper = self.assemble()
+        gatekeeper = self.gatekeeper = await self.assemble()
         runner = web.AppRunner(make_app(gatekeeper, config.server), handle_signals=False,
                                access_log=None, keepalive_timeout=75.0,
                                shutdown_timeout=config.server.answer_deadline + 1.0,

@@ -62,15 +62,18 @@ def ensure_key(path: Path) -> bytes:
     key = read_key(path)
     if key is not None:
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
     # O_EXCL: two processes creating the key at once must not both win.
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         existing = read_key(path)
         assert existing is not None
         return existing
+    except OSError as exc:
+        raise ConfigError(f"cannot create the site key {path}: {exc.strerror} "
+                          "(is the state directory writable?)") from exc
     with os.fdopen(fd, "w", encoding="ascii") as file:
         file.write(key.hex() + "\n")
     return key

@@ -193,6 +193,8 @@ class Store:
         ledger.totp_last.update(conn.execute("SELECT credential_id, timecode FROM totp_steps"))
         rows = conn.execute("SELECT key, failures, locks, locked_until, last, recent FROM strikes")
         for key, failures, locks, locked_until, last, recent in rows:
+            if not (failures or locks or recent):
+                continue  # cleared by a success
             ledger.lockout.restore(key, Strikes(failures, locks, locked_until, last),
                                    json.loads(recent) if recent else None)
         return ledger

@@ -56,3 +56,19 @@ def test_bad_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     assert code == 2
     text = " ".join(e.get("line", "") for e in events)
     assert "gates.barrier.actuator.colour: unknown key" in text
+
+
+def test_unusable_state_directory_is_a_clear_start_error(tmp_path: Path) -> None:
+    """A store that cannot be created stops the start with the path and the reason."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(
+        str(tmp_path / "state" / "entries.sqlite3"), str(blocker / "entries.sqlite3")))
+    daemon = DaemonProcess(config)
+    daemon.proc.wait(20)
+    assert daemon.stop() == 2
+    text = " ".join(e.get("line", "") for e in daemon.events)
+    assert "not-a-dir" in text and "Not a directory" in text
+    assert "Traceback" not in text
+    assert not [e for e in daemon.events if e.get("event") == "relay ready"]  # nothing touched
