@@ -175,6 +175,16 @@ def cmd_pulse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gated import doctor
+
+    path = args.config or config_mod.default_path()
+    print(f"gated doctor: {path}")
+    text, problems = doctor.report(doctor.diagnose(path, dev=Path(args.dev)))
+    print(text)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gated {__version__}")
@@ -216,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
     p.add_argument("gate")
     p.set_defaults(func=cmd_pulse)
+
+    p = add("doctor", "check the config, GPIO, state directory, broker and webhook; "
+            "say what to fix")
+    p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)  # tests point it elsewhere
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
