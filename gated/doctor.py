@@ -44,6 +44,9 @@ GPIOLINE_FLAG_KERNEL = 1 << 0
 # The chip behind the 40-pin header on each Raspberry Pi generation.
 HEADER_CHIPS = ("pinctrl-bcm2835", "pinctrl-bcm2711", "pinctrl-rp1")
 TIMEOUT = 5.0
+# Published in config/gated.example.toml, so known to everyone.
+DEMO_CODES = frozenset({"471123", "580214"})
+DEMO_TOTP = "JBSWY3DPEHPK3PXP"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +103,20 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
 
 
 def check_tokens(config: Config) -> list[Finding]:
+    """The example config's secrets are public: none of them may open a real gate."""
+    findings = []
     if any(t.startswith("change-me") for t in config.server.tokens):
-        return [Finding("problem", "token", "server.tokens still holds the example token",
-                        "put a long random token there (python3 -c 'import secrets; "
-                        "print(secrets.token_urlsafe(24))') and the same in the PBX's URL")]
-    return []
+        findings.append(Finding(
+            "problem", "token", "server.tokens still holds the example token",
+            "put a long random token there (python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))') and the same in the PBX's URL"))
+    demo = [c.name for c in config.codes if c.code in DEMO_CODES]
+    demo += [t.name for t in config.totp if t.secret.upper().startswith(DEMO_TOTP)]
+    if demo:
+        findings.append(Finding(
+            "problem", "codes", f"the example config's demo credentials are here: "
+            f"{', '.join(demo)}", "delete them; anyone who read the example knows them"))
+    return findings
 
 
 def pin_uses(config: Config) -> list[PinUse]:
