@@ -32,7 +32,8 @@ def site_config(tmp_path: Path, extra: str = "", *, port: int | None = None) -> 
     """The test site on a known port, its pins chosen the way hardware/README.md says."""
     text = config_text(tmp_path, extra).replace(
         'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port or free_port()}"', 1).replace(
-        "pin = 27, active_high = false", "pin = 6, active_high = false")
+        "pin = 27, active_high = false", "pin = 6, active_high = false").replace(
+        'code = "471123"', 'code = "739261"')  # the example's demo code is public
     path = tmp_path / "gated.toml"
     path.write_text(text)
     return path
@@ -90,10 +91,11 @@ async def test_a_healthy_mock_site_has_no_problems(running_site: Path, tmp_path:
 
 def test_a_broken_install_lists_each_problem_with_its_fix(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """gpio gates on a machine without GPIO, a relay on a boot-high pin, no daemon: exit 1."""
+    """gpio gates without GPIO, a boot-high relay pin, a public demo code, no daemon: exit 1."""
     path = site_config(tmp_path)
     path.write_text(path.read_text().replace('type = "mock", pin = 17, active_high = true',
-                                             'type = "gpio", pin = 4, active_high = true'))
+                                             'type = "gpio", pin = 4, active_high = true')
+                    .replace('code = "739261"', 'code = "471123"'))
     dev = tmp_path / "dev"
     dev.mkdir()
     assert main(["--config", str(path), "doctor", "--dev", str(dev)]) == 1
@@ -102,7 +104,8 @@ def test_a_broken_install_lists_each_problem_with_its_fix(
     assert "PROBLEM  pin      gate barrier relay on GPIO4 is pulled high from power-on" in out
     assert "PROBLEM  webhook  nothing answers on http://127.0.0.1:" in out
     assert "fix:     start gated (sudo systemctl start gated)" in out
-    assert out.rstrip().endswith("3 problem(s)")
+    assert "PROBLEM  codes    the example config's demo credentials are here: Demo" in out
+    assert out.rstrip().endswith("4 problem(s)")
 
 
 def test_a_config_error_names_the_key_and_the_fix(
