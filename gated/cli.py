@@ -163,6 +163,14 @@ def cmd_pulse(args: argparse.Namespace) -> int:
 
     async def pulse() -> str:
         actuator = actuators.build(args.gate, gate.actuator)
+        if gate.sensor is not None:
+            # On the bench the sensor matters as much as the relay: the result
+            # says confirmed, or the error says the gate did not move.
+            from gated.sensor import ConfirmingActuator, GateSensor
+
+            sensor = GateSensor.create(args.gate, gate.sensor, mock_factory=None,
+                                       on_alarm=lambda *_: None)
+            actuator = ConfirmingActuator(actuator, sensor)
         try:
             result = await actuator.open()
             await asyncio.sleep(getattr(gate.actuator, "pulse", 0) + 0.1)

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gpiozero.pins.mock import MockFactory
 
 from gated import config as config_mod
+from gated.cli import main
 from gated.errors import ConfigError
 from gated.store import Entry, read_entries
 
-from .helpers import BARRIER, RESIDENT, config_text
+from .helpers import BARRIER, RESIDENT, config_text, write_config
 
 # A limit switch that closes when the barrier is open: the mock pin idles
 # high (pulled up, contact open, gate shut) and the test drives it low to
@@ -183,3 +185,17 @@ def test_metrics_never_share_the_webhook_port(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="another port") as error:
         config_mod.parse(text)
     assert error.value.path == "metrics.listen"
+
+
+def test_bench_pulse_reports_what_the_sensor_saw(
+        tmp_path: Path, mock_factory: MockFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gated pulse` on a gate with a sensor says confirmed, or that the gate did not move."""
+    still = write_config(tmp_path, sensor(confirm=0.2), pulse=0.1)
+    assert main(["--config", str(still), "pulse", "barrier"]) == 2
+    assert "pulsed, but the sensor saw no movement within 0.2s" in capsys.readouterr().err
+    mock_factory.reset()
+    # Nothing drives the mock input: pulled up, the default wiring reads "open".
+    moved = write_config(tmp_path, sensor(confirm=0.2).replace(
+        'open_when = "contact_closed"\n', ""), pulse=0.1)
+    assert main(["--config", str(moved), "pulse", "barrier"]) == 0
+    assert capsys.readouterr().out.endswith("\ngate barrier: confirmed\n")
