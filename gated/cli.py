@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -24,12 +26,27 @@ def _load(path: str | None) -> config_mod.Loaded:
     return config_mod.load(path or config_mod.default_path())
 
 
+def _writable_cwd(loaded: config_mod.Loaded) -> None:
+    """Move to a writable folder: lgpio makes its notify pipe in the working directory.
+
+    It does so when imported, so ``sudo -u gated gated pulse`` from a home
+    directory the gated user cannot write would fail before touching a pin.
+    """
+    if os.access(".", os.W_OK):
+        return
+    for folder in (loaded.store_path.parent, Path(tempfile.gettempdir())):
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            os.chdir(folder)
+            return
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
     from gated.daemon import Daemon
 
     loaded = _load(args.config)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
+    _writable_cwd(loaded)
 
     async def main() -> None:
         await Daemon(loaded).run()
@@ -160,6 +177,7 @@ def cmd_pulse(args: argparse.Namespace) -> int:
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
         return 2
+    _writable_cwd(loaded)
 
     async def pulse() -> str:
         actuator = actuators.build(args.gate, gate.actuator)
