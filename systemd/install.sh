@@ -12,7 +12,9 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=""
-PYTHON=${PYTHON:-python3}
+# The system's Python: the gated user must be able to run it, which a pyenv or
+# conda Python under someone's home directory does not allow.
+PYTHON=${PYTHON:-/usr/bin/python3}
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
