@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -24,12 +26,27 @@ def _load(path: str | None) -> config_mod.Loaded:
     return config_mod.load(path or config_mod.default_path())
 
 
+def _writable_cwd(loaded: config_mod.Loaded) -> None:
+    """Move to a writable folder: lgpio makes its notify pipe in the working directory.
+
+    It does so when imported, so ``sudo -u gated gated pulse`` from a home
+    directory the gated user cannot write would fail before touching a pin.
+    """
+    if os.access(".", os.W_OK):
+        return
+    for folder in (loaded.store_path.parent, Path(tempfile.gettempdir())):
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            os.chdir(folder)
+            return
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
     from gated.daemon import Daemon
 
     loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
+    _writable_cwd(loaded)
 
     async def main() -> None:
         await Daemon(loaded).run()
@@ -183,9 +200,18 @@ def cmd_pulse(args: argparse.Namespace) -> int:
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
         return 2
+    _writable_cwd(loaded)
 
     async def pulse() -> str:
         actuator = actuators.build(args.gate, gate.actuator)
+        if gate.sensor is not None:
+            # On the bench the sensor matters as much as the relay: the result
+            # says confirmed, or the error says the gate did not move.
+            from gated.sensor import ConfirmingActuator, GateSensor
+
+            sensor = GateSensor.create(args.gate, gate.sensor, mock_factory=None,
+                                       on_alarm=lambda *_: None)
+            actuator = ConfirmingActuator(actuator, sensor)
         try:
             result = await actuator.open()
             await asyncio.sleep(getattr(gate.actuator, "pulse", 0) + 0.1)
@@ -196,6 +222,16 @@ def cmd_pulse(args: argparse.Namespace) -> int:
     result = asyncio.run(pulse())
     print(f"gate {args.gate}: {result}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gated import doctor
+
+    path = args.config or config_mod.default_path()
+    print(f"gated doctor: {path}")
+    text, problems = doctor.report(doctor.diagnose(path, dev=Path(args.dev)))
+    print(text)
+    return 1 if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
     p.add_argument("gate")
     p.set_defaults(func=cmd_pulse)
+
+    p = add("doctor", "check the config, GPIO, state directory, broker and webhook; "
+            "say what to fix")
+    p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)  # tests point it elsewhere
+    p.set_defaults(func=cmd_doctor)
 
     manage.add_parsers(sub, common)
     return parser

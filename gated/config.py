@@ -88,10 +88,38 @@ class MqttActuatorConfig(_Table, tag_field="type", tag="mqtt", kw_only=True, fro
 ActuatorConfig = GpioActuatorConfig | MockActuatorConfig | MqttActuatorConfig
 
 
+class _Sensor(_Table, tag_field="type", kw_only=True, frozen=True):
+    """A reed or limit switch on an input pin, between the pin and GND by default."""
+
+    pin: int | str
+    pull_up: bool = True
+    # Which contact state means "gate open". A door contact that is closed
+    # while the gate is shut reads "open" on a cut wire too, so a broken
+    # sensor raises an alarm instead of staying silent.
+    open_when: Literal["contact_open", "contact_closed"] = "contact_open"
+    confirm: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    window: Seconds = 10.0
+    held_open: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    forced_open: bool = True
+    bounce: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+
+
+class GpioSensorConfig(_Sensor, tag="gpio", kw_only=True, frozen=True):
+    """A switch on a real GPIO input pin."""
+
+
+class MockSensorConfig(_Sensor, tag="mock", kw_only=True, frozen=True):
+    """A switch on a gpiozero mock pin, for a gate whose actuator is mock."""
+
+
+SensorConfig = GpioSensorConfig | MockSensorConfig
+
+
 class GateConfig(_Table, kw_only=True, frozen=True):
     numbers: list[str] = []
     actuator: ActuatorConfig
     callers: list[str] = []
+    sensor: SensorConfig | None = None
 
 
 class CodeConfig(_Table, kw_only=True, frozen=True):
@@ -297,6 +325,10 @@ def _check(config: Config, fail: Any) -> None:
     _check_listen(config.server.listen, ("server", "listen"), fail)
     if config.metrics is not None:
         _check_listen(config.metrics.listen, ("metrics", "listen"), fail)
+        metrics, webhook = split_listen(config.metrics.listen), split_listen(config.server.listen)
+        if metrics[1] != 0 and metrics[1] == webhook[1]:
+            # The webhook may be exposed through a proxy; metrics never.
+            raise fail(("metrics", "listen"), "must be another port than server.listen")
     for key in ("allow_from", "trusted_proxies"):
         for index, cidr in enumerate(getattr(config.server, key)):
             try:
@@ -314,16 +346,43 @@ def _check(config: Config, fail: Any) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
             raise fail(("gates", name), "gate names are lower-case letters, digits, - and _")
     pins: dict[str, str] = {}
+
+    def claim(value: int | str, key: tomlpos.Key, owner: str) -> None:
+        pin = str(value).upper().removeprefix("GPIO").removeprefix("BCM")
+        if pin in pins:
+            raise fail(key, f"pin {value} is already {pins[pin]}")
+        pins[pin] = owner
+
     for name, gate in config.gates.items():
         if isinstance(gate.actuator, GpioActuatorConfig | MockActuatorConfig):
-            pin = str(gate.actuator.pin).upper().removeprefix("GPIO").removeprefix("BCM")
-            if pin in pins:
-                raise fail(("gates", name, "actuator", "pin"),
-                           f"pin {gate.actuator.pin} is already gate {pins[pin]!r}'s")
-            pins[pin] = name
+            claim(gate.actuator.pin, ("gates", name, "actuator", "pin"), f"gate {name!r}'s relay")
+    for name, gate in config.gates.items():
+        if gate.sensor is not None:
+            claim(gate.sensor.pin, ("gates", name, "sensor", "pin"), f"gate {name!r}'s sensor")
+            _check_sensor(name, gate, config.server.answer_deadline, fail)
     mqtt_gates = [n for n, g in config.gates.items() if isinstance(g.actuator, MqttActuatorConfig)]
     if mqtt_gates and config.mqtt is None:
         raise fail(("gates", mqtt_gates[0], "actuator"), "an mqtt actuator needs an [mqtt] table")
+
+
+def _check_sensor(name: str, gate: GateConfig, deadline: float, fail: Any) -> None:
+    sensor = gate.sensor
+    assert sensor is not None
+    mock_relay = isinstance(gate.actuator, MockActuatorConfig)
+    if isinstance(sensor, MockSensorConfig) != mock_relay:
+        # A real relay with a mock sensor would never confirm an open, and a
+        # mock relay with a real sensor would raise forced_open on every call.
+        want = "mock" if mock_relay else "gpio"
+        raise fail(("gates", name, "sensor", "type"),
+                   f"must be {want!r} on a gate whose actuator is "
+                   f"{gate.actuator.__struct_config__.tag!r}")
+    if sensor.confirm >= deadline:
+        raise fail(("gates", name, "sensor", "confirm"),
+                    f"must be shorter than server.answer_deadline ({deadline}s): the "
+                    "answer waits for the confirmation")
+    if sensor.confirm > sensor.window:
+        raise fail(("gates", name, "sensor", "window"),
+                   f"must be at least sensor.confirm ({sensor.confirm}s)")
 
 
 def _check_listen(value: str, key: tomlpos.Key, fail: Any) -> None:

@@ -28,8 +28,10 @@ from gated.config import Loaded, split_listen
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper
 from gated.lockout import SITE, Policy
+from gated.metrics import Metrics, make_metrics_app
 from gated.notify import notify, watchdog_interval
-from gated.store import Store, data_version, load_visitors, prune_visitors
+from gated.sensor import ConfirmingActuator, GateSensor
+from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
 
 log = structlog.get_logger("gated.daemon")
 
@@ -57,7 +59,13 @@ class Daemon:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     gatekeeper: Gatekeeper | None = None
     listening: list[tuple[str, int]] = field(default_factory=list)
+    metrics_listening: list[tuple[str, int]] = field(default_factory=list)
+    sensors: dict[str, GateSensor] = field(default_factory=dict)
+    # Set by [metrics]; others (the MQTT link) may set its gauges.
+    metrics: Metrics | None = None
     _reloads: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
+    _webhook: web.TCPSite | None = None
 
     @property
     def url(self) -> str:
@@ -71,10 +79,17 @@ class Daemon:
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
                                                   mock_factory=self.mock_factory)
+                if gate.sensor is not None:
+                    sensor = self.sensors[name] = GateSensor.create(
+                        name, gate.sensor, mock_factory=self.mock_factory,
+                        on_alarm=lambda *alarm: self._alarms.put_nowait(alarm))
+                    built[name] = ConfirmingActuator(built[name], sensor)
             store = Store.open(self.loaded.store_path)
         except BaseException:
             for actuator in built.values():
                 await actuator.close()
+            for sensor in self.sensors.values():
+                sensor.close()
             raise
         ledger = store.load_ledger(policy(self.loaded))
         visitors.install(self.loaded.book, load_visitors(store.connection))
@@ -90,6 +105,14 @@ class Daemon:
                                max_line_size=REQUEST_LIMITS["max_line_size"],
                                max_field_size=REQUEST_LIMITS["max_field_size"],
                                max_headers=REQUEST_LIMITS["max_headers"])
+        metrics_runner: web.AppRunner | None = None
+        if config.metrics is not None:
+            metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
+            gatekeeper.listeners.append(metrics.entry)
+            gatekeeper.lock_listeners.append(metrics.lock)
+            metrics.watch(gatekeeper, self.sensors)
+            metrics_runner = web.AppRunner(make_metrics_app(metrics, self.problem),
+                                           handle_signals=False, access_log=None)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -101,11 +124,22 @@ class Daemon:
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
                 tasks.create_task(self._housekeeping(), name="housekeeping")
+                tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
-                site = web.TCPSite(runner, host, port, reuse_address=True)
+                site = self._webhook = web.TCPSite(runner, host, port, reuse_address=True)
                 await site.start()
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
+                if metrics_runner is not None and config.metrics is not None:
+                    await metrics_runner.setup()
+                    host, port = split_listen(config.metrics.listen)
+                    metrics_site = web.TCPSite(metrics_runner, host, port, reuse_address=True)
+                    await metrics_site.start()
+                    self.metrics_listening = [
+                        s.getsockname()[:2]
+                        for s in metrics_site._server.sockets  # type: ignore[union-attr]
+                    ]
+                    log.info("metrics listening", address=config.metrics.listen)
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
@@ -116,6 +150,7 @@ class Daemon:
                 notify("STOPPING=1")
                 await runner.cleanup()  # stop accepting, finish in-flight answers
                 await gatekeeper.close()  # relays off
+                await self._drain_alarms()
                 await gatekeeper.store.flush()
                 raise _Stop
         except* _Stop:
@@ -125,9 +160,42 @@ class Daemon:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(signum)
             await runner.cleanup()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             await gatekeeper.close()
             gatekeeper.store.close()
             log.info("stopped")
+
+    def problem(self) -> str | None:
+        """For /healthz: None while calls can be answered and recorded, else why not."""
+        gatekeeper, site = self.gatekeeper, self._webhook
+        if self.stop.is_set():
+            return "stopping"
+        server = site._server if site is not None else None
+        if gatekeeper is None or server is None or not server.is_serving():
+            return "webhook not listening"
+        store = gatekeeper.store
+        if not store.healthy:
+            return f"entry store failing: {store.buffered} entries held in memory"
+        return None
+
+    async def _record_alarms(self) -> None:
+        while True:
+            alarm = await self._alarms.get()
+            await self._record_alarm(*alarm)
+
+    async def _drain_alarms(self) -> None:
+        while not self._alarms.empty():
+            await self._record_alarm(*self._alarms.get_nowait())
+
+    async def _record_alarm(self, gate: str, kind: str, seconds: float) -> None:
+        gatekeeper = self.gatekeeper
+        assert gatekeeper is not None
+        # An alarm is an entry with source "sensor" and status ALARM: `gated
+        # log`, the metrics and the event stream show it beside the calls.
+        await gatekeeper.note(Entry(
+            time=self.clock.now(), gate=gate, caller=None, did=None, status="ALARM",
+            reason=kind, latency_ms=round(seconds * 1000, 3), source="sensor"))
 
     async def _reloader(self) -> None:
         while True:
@@ -149,10 +217,11 @@ class Daemon:
             return False
         old, new = self.loaded.config, loaded.config
         if (new.gates.keys() != old.gates.keys()
-                or any(new.gates[g].actuator != old.gates[g].actuator for g in new.gates)
+                or any(new.gates[g].actuator != old.gates[g].actuator
+                       or new.gates[g].sensor != old.gates[g].sensor for g in new.gates)
                 or new.server != old.server or new.log != old.log):
-            log.error("config reload refused: gates, actuators, [server] or [log] changed; "
-                      "restart gated to apply them", trigger=why)
+            log.error("config reload refused: gates, actuators, sensors, [server] or [log] "
+                      "changed; restart gated to apply them", trigger=why)
             return False
         gatekeeper.swap(loaded.book)
         self.loaded = loaded

@@ -41,3 +41,9 @@ class ActuatorTimeout(ActuatorError):
 
 class StoreError(GatedError):
     """The entry store could not be written or read."""
+
+
+class NotMoved(ActuatorError):
+    """The open command went out but the gate's position sensor saw no movement."""
+
+    reason = "not_moved"

@@ -19,6 +19,7 @@ from gated.clock import Clock
 from gated.codes import CodeBook
 from gated.decide import Changes, Decision, Ledger, Request, Status, decide, nak
 from gated.errors import ActuatorError, NumberError
+from gated.lockout import LockEvent
 from gated.numbers import normalise
 from gated.pbx import Answer
 from gated.store import Entry, Store
@@ -42,6 +43,7 @@ class RawCall:
 
 
 EntryListener = Callable[[Entry], None]
+LockListener = Callable[[LockEvent], None]
 
 
 class Gatekeeper:
@@ -54,6 +56,7 @@ class Gatekeeper:
         self.clock = clock
         self.deadline = deadline
         self.listeners: list[EntryListener] = []
+        self.lock_listeners: list[LockListener] = []
 
     def swap(self, book: CodeBook) -> None:
         """Replace the code book between two calls (a reload); run-time codes stay."""
@@ -88,6 +91,11 @@ class Gatekeeper:
         if changes is not None:
             for lock in changes.locks:
                 log.warning(lock.kind, key=lock.key, seconds=lock.seconds, alarm=lock.kind)
+                for on_lock in self.lock_listeners:
+                    try:
+                        on_lock(lock)
+                    except Exception:  # as for entry listeners: the answer comes first
+                        log.exception("lock listener failed", listener=repr(on_lock))
         return Answer(status, decision.reason, decision.callername, decision.destination)
 
     def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
@@ -128,6 +136,10 @@ class Gatekeeper:
         if credential is not None and credential.id in changes.uses:
             self.ledger.uses[credential.id] -= 1
             changes.uses[credential.id] = self.ledger.uses[credential.id]
+
+    async def note(self, entry: Entry) -> None:
+        """Record an entry no call produced (a sensor alarm) the way calls are recorded."""
+        await self._record(entry, None, self.clock.monotonic())
 
     async def _record(self, entry: Entry, changes: Changes | None, started: float) -> None:
         durable = self.store.submit(entry, changes, self.ledger)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from gated.gatekeeper import Gatekeeper
+    from gated.metrics import Metrics
     from gated.webhook import WebhookSettings
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
 WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("webhook")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("health")

@@ -1,0 +1,381 @@
+"""``gated doctor``: check an installation and say what to fix.
+
+Each check gives findings: ``ok``, ``info`` (worth knowing, nothing wrong) or
+a problem with the fix spelled out. It reads and probes; it never claims a
+pin or changes a file, so it is safe to run next to the running daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import importlib.util
+import os
+import sqlite3
+import ssl
+import struct
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gated import config as config_mod
+from gated.config import (
+    Config,
+    GpioActuatorConfig,
+    GpioSensorConfig,
+    MockActuatorConfig,
+    MqttConfig,
+    split_listen,
+)
+from gated.errors import ConfigError
+
+Level = Literal["ok", "info", "problem"]
+
+# Linux GPIO character device, v1 ABI: struct gpiochip_info (name[32],
+# label[32], u32 lines) and struct gpioline_info (u32 offset, u32 flags,
+# name[32], consumer[32]).
+GPIO_GET_CHIPINFO_IOCTL = 0x8044B401
+GPIO_GET_LINEINFO_IOCTL = 0xC048B402
+GPIOLINE_FLAG_KERNEL = 1 << 0
+# The chip behind the 40-pin header on each Raspberry Pi generation.
+HEADER_CHIPS = ("pinctrl-bcm2835", "pinctrl-bcm2711", "pinctrl-rp1")
+TIMEOUT = 5.0
+# Published in config/gated.example.toml, so known to everyone.
+DEMO_CODES = frozenset({"471123", "580214"})
+DEMO_TOTP = "JBSWY3DPEHPK3PXP"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: Level
+    topic: str
+    message: str
+    fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PinUse:
+    gate: str
+    role: str  # "relay" or "sensor"
+    pin: int | str
+    real: bool  # a gpio type, as opposed to mock
+    active_high: bool = True
+
+    @property
+    def bcm(self) -> int | None:
+        text = str(self.pin).upper().removeprefix("GPIO").removeprefix("BCM")
+        return int(text) if text.isdigit() else None
+
+    @property
+    def label(self) -> str:
+        return f"gate {self.gate} {self.role} on GPIO{self.bcm}"
+
+
+def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
+    try:
+        loaded = config_mod.load(config_path)
+    except ConfigError as exc:
+        where = f" (line {exc.line})" if exc.line else ""
+        return [Finding("problem", "config", str(exc),
+                        f"edit {exc.file or config_path}{where}, then run "
+                        f"`gated check-config {config_path}`")]
+    config = loaded.config
+    findings = [Finding("ok", "config", f"{loaded.path}: site {config.site.id}, "
+                        f"{len(config.gates)} gate(s), "
+                        f"{loaded.book.credential_count} credential(s)")]
+    findings += check_tokens(config)
+    pins = pin_uses(config)
+    findings += check_pin_choice(pins)
+    findings += check_gpio(pins, dev)
+    findings += check_state(loaded.store_path)
+    if config.mqtt is not None:
+        findings.append(check_broker(config.mqtt, loaded.path))
+    findings += check_webhook(config)
+    if os.geteuid() == 0:
+        findings.append(Finding(
+            "info", "user", "running as root: the permission checks speak for root",
+            "run it as the service user: sudo -u gated /opt/gated/venv/bin/gated doctor"))
+    return findings
+
+
+def check_tokens(config: Config) -> list[Finding]:
+    """The example config's secrets are public: none of them may open a real gate."""
+    findings = []
+    if any(t.startswith("change-me") for t in config.server.tokens):
+        findings.append(Finding(
+            "problem", "token", "server.tokens still holds the example token",
+            "put a long random token there (python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))') and the same in the PBX's URL"))
+    demo = [c.name for c in config.codes if c.code in DEMO_CODES]
+    demo += [t.name for t in config.totp if t.secret.upper().startswith(DEMO_TOTP)]
+    if demo:
+        findings.append(Finding(
+            "problem", "codes", f"the example config's demo credentials are here: "
+            f"{', '.join(demo)}", "delete them; anyone who read the example knows them"))
+    return findings
+
+
+def pin_uses(config: Config) -> list[PinUse]:
+    uses = []
+    for name, gate in config.gates.items():
+        actuator = gate.actuator
+        if isinstance(actuator, GpioActuatorConfig | MockActuatorConfig):
+            uses.append(PinUse(name, "relay", actuator.pin,
+                               isinstance(actuator, GpioActuatorConfig), actuator.active_high))
+        if gate.sensor is not None:
+            uses.append(PinUse(name, "sensor", gate.sensor.pin,
+                               isinstance(gate.sensor, GpioSensorConfig)))
+    return uses
+
+
+def check_pin_choice(pins: Iterable[PinUse]) -> list[Finding]:
+    """Pins whose level at power-on or whose other use would move a relay."""
+    findings = []
+    for use in pins:
+        bcm = use.bcm
+        if bcm is None:
+            continue
+        problem = ""
+        fix = ("relays: an active-high board on GPIO17, 27, 22, 23, 24 or 25 "
+               "(pulled low at boot), or an active-low board on GPIO5 or 6 (pulled high at "
+               "boot); see hardware/README.md")
+        if bcm > 27:
+            problem = "is not on the 40-pin header"
+        elif bcm in (0, 1):
+            problem = "is the HAT ID EEPROM bus"
+        elif bcm in (14, 15):
+            problem = "is the serial console's UART and toggles during boot"
+        elif use.role == "relay" and use.active_high and bcm <= 8:
+            problem = ("is pulled high from power-on until gated starts: an active-high "
+                       "relay there is energised through every boot")
+        elif use.role == "relay" and not use.active_high and bcm >= 9:
+            problem = ("is pulled low from power-on until gated starts: an active-low "
+                       "relay there is energised through every boot")
+        if problem:
+            findings.append(Finding("problem", "pin", f"{use.label} {problem}", fix))
+        else:
+            findings.append(Finding("ok", "pin", f"{use.label}"
+                                    + (f" ({'active-high' if use.active_high else 'active-low'})"
+                                       if use.role == "relay" else "")))
+    return findings
+
+
+def check_gpio(pins: list[PinUse], dev: Path) -> list[Finding]:
+    real = [use for use in pins if use.real]
+    chips = sorted(glob.glob(str(dev / "gpiochip*")))
+    if not chips:
+        if real:
+            gates = ", ".join(sorted({use.gate for use in real}))
+            return [Finding("problem", "gpio", f"no GPIO chip, but gate(s) {gates} use type gpio",
+                            "run on the Raspberry Pi, or use type = \"mock\" to test elsewhere")]
+        return [Finding("info", "gpio", "no GPIO chip; mock pins only")]
+    if not real:
+        return [Finding("info", "gpio", f"{len(chips)} GPIO chip(s); every gate uses mock pins")]
+    findings = []
+    if importlib.util.find_spec("lgpio") is None:
+        findings.append(Finding("problem", "gpio", "the lgpio module is missing",
+                                "install gated with its pi extra: "
+                                "/opt/gated/venv/bin/pip install '/path/to/gated[pi]' "
+                                "(install.sh does this)"))
+    header: tuple[str, int] | None = None
+    for chip in chips:
+        try:
+            label, lines = chip_info(chip)
+        except OSError as exc:
+            if not os.access(chip, os.R_OK | os.W_OK):
+                findings.append(Finding(
+                    "problem", "gpio", f"cannot open {chip}: {exc.strerror}",
+                    "add the user to group gpio (sudo usermod -aG gpio gated) and restart"))
+                return findings
+            findings.append(Finding("info", "gpio", f"{chip}: {exc.strerror}"))
+            continue
+        if label in HEADER_CHIPS:
+            header = (chip, lines)
+            break
+    if header is None:
+        findings.append(Finding("problem", "gpio", "no Raspberry Pi GPIO header chip among "
+                                f"{', '.join(chips)}",
+                                "gated's gpio type drives a Raspberry Pi's header pins"))
+        return findings
+    chip, lines = header
+    findings.append(Finding("ok", "gpio", f"{chip} ({lines} lines)"))
+    for use in real:
+        if use.bcm is None:
+            continue
+        try:
+            consumer, kernel = line_info(chip, use.bcm)
+        except OSError as exc:
+            findings.append(Finding("problem", "gpio", f"{use.label}: {exc.strerror}"))
+            continue
+        if not kernel:
+            findings.append(Finding("ok", "gpio", f"{use.label}: free"))
+        elif consumer in ("lg", "lgpio", "gated"):
+            findings.append(Finding("info", "gpio", f"{use.label}: held by {consumer!r} "
+                                    "(gated, when it runs)"))
+        else:
+            findings.append(Finding("problem", "gpio", f"{use.label}: in use by {consumer!r}",
+                                    "free the pin (a dtoverlay in /boot/firmware/config.txt?) "
+                                    "or choose another"))
+    return findings
+
+
+def chip_info(chip: str) -> tuple[str, int]:
+    """(label, number of lines) of a GPIO chip device."""
+    fd = os.open(chip, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buffer = fcntl.ioctl(fd, GPIO_GET_CHIPINFO_IOCTL, bytes(68))
+    finally:
+        os.close(fd)
+    return parse_chip_info(buffer)
+
+
+def parse_chip_info(buffer: bytes) -> tuple[str, int]:
+    _name, label, lines = struct.unpack("32s32sI", buffer)
+    return _cstr(label), int(lines)
+
+
+def line_info(chip: str, offset: int) -> tuple[str, bool]:
+    """(consumer, in use) of one line; reads, never claims."""
+    fd = os.open(chip, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buffer = fcntl.ioctl(fd, GPIO_GET_LINEINFO_IOCTL, struct.pack("II32s32s", offset, 0,
+                                                                        b"", b""))
+    finally:
+        os.close(fd)
+    return parse_line_info(buffer)
+
+
+def parse_line_info(buffer: bytes) -> tuple[str, bool]:
+    _offset, flags, _name, consumer = struct.unpack("II32s32s", buffer)
+    return _cstr(consumer), bool(flags & GPIOLINE_FLAG_KERNEL)
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def check_state(store: Path) -> list[Finding]:
+    directory = store.parent
+    if not directory.is_dir():
+        existing = next((p for p in directory.parents if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+            return [Finding("problem", "state", f"{directory} does not exist and cannot be made",
+                            "under systemd StateDirectory=gated makes /var/lib/gated; "
+                            "elsewhere create it for the user that runs gated")]
+        return [Finding("info", "state", f"{directory} does not exist yet; gated will make it")]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [Finding("problem", "state", f"{directory} is not writable",
+                        f"chown gated:gated {directory} (systemd's StateDirectory=gated does "
+                        "this for /var/lib/gated)")]
+    if not store.exists():
+        return [Finding("ok", "state", f"{directory} writable; no entries yet")]
+    try:
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+        try:
+            (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
+            (count,) = conn.execute("SELECT count(*) FROM entries").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return [Finding("problem", "state", f"{store}: {exc}",
+                        "move the file aside; gated starts a new one")]
+    if verdict != "ok":
+        return [Finding("problem", "state", f"{store}: quick_check says {verdict}",
+                        "stop gated, move the file aside (keep it), start gated")]
+    return [Finding("ok", "state", f"{directory} writable; {count} entries, store intact")]
+
+
+def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:
+    """A real MQTT CONNECT, so credentials and TLS are checked, not just the port."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    where = f"{mqtt.host}:{mqtt.port}"
+    fix = "check [mqtt] host, port, username, password and tls_ca, and that the broker runs"
+    answers: list[Any] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"gated-doctor-{os.getpid()}")
+    client.on_connect = lambda _c, _u, _flags, code, _props: answers.append(code)
+    if mqtt.username:
+        client.username_pw_set(mqtt.username, mqtt.password)
+    try:
+        if mqtt.tls_ca:
+            client.tls_set(ca_certs=str(config_mod.resolve(config_path, mqtt.tls_ca)))
+        client.connect(mqtt.host, mqtt.port, keepalive=10)
+        deadline = time.monotonic() + TIMEOUT
+        while not answers and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return Finding("problem", "broker", f"cannot reach {where}: {exc}", fix)
+    finally:
+        client.disconnect()
+    if not answers:
+        return Finding("problem", "broker", f"{where} accepted TCP but sent no CONNACK", fix)
+    if answers[0].is_failure:
+        return Finding("problem", "broker", f"{where} refused the connection: {answers[0]}", fix)
+    return Finding("ok", "broker", f"{where} accepts gated's connection")
+
+
+def _local(listen: str) -> tuple[str, int]:
+    host, port = split_listen(listen)
+    # A wildcard address is reached through loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return (f"[{host}]" if ":" in host else host), port
+
+
+def check_webhook(config: Config) -> list[Finding]:
+    host, port = _local(config.server.listen)
+    url = f"http://{host}:{port}{config.server.path}"
+    status, body = _get(url)
+    findings = []
+    if status is None:
+        findings.append(Finding("problem", "webhook", f"nothing answers on {url}: {body}",
+                                "start gated (sudo systemctl start gated) and read why it "
+                                "stopped: journalctl -u gated -n 50"))
+    elif status == 403:
+        findings.append(Finding("ok", "webhook", f"{url} answers (403 without a token, as it "
+                                "should)"))
+    else:
+        findings.append(Finding("problem", "webhook", f"{url} answered HTTP {status} without "
+                                "a token; expected 403",
+                                "something else listens there: check server.listen and path"))
+    if config.metrics is not None:
+        host, port = _local(config.metrics.listen)
+        url = f"http://{host}:{port}/healthz"
+        status, body = _get(url)
+        if status == 200:
+            findings.append(Finding("ok", "health", f"{url}: ok"))
+        elif status is None:
+            findings.append(Finding("problem", "health", f"nothing answers on {url}: {body}",
+                                    "start gated; check [metrics] listen"))
+        else:
+            findings.append(Finding("problem", "health", f"{url}: {status} {body.strip()}",
+                                    "see journalctl -u gated for the alarm"))
+    return findings
+
+
+def _get(url: str) -> tuple[int | None, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:  # noqa: S310 (our own URL)
+            return int(response.status), response.read(512).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(512).decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return None, str(getattr(exc, "reason", exc))
+
+
+def report(findings: list[Finding]) -> tuple[str, int]:
+    """The text to print and how many problems it lists."""
+    lines = []
+    for finding in findings:
+        mark = {"ok": "ok     ", "info": "info   ", "problem": "PROBLEM"}[finding.level]
+        lines.append(f"{mark}  {finding.topic:8} {finding.message}")
+        if finding.fix and finding.level != "ok":
+            lines.append(f"{'':9}{'fix:':8} {finding.fix}")
+    problems = sum(1 for f in findings if f.level == "problem")
+    lines.append(f"{problems} problem(s)" if problems else "no problems found")
+    return "\n".join(lines), problems
