@@ -106,6 +106,9 @@ class CodeBook:
     tz: zoneinfo.ZoneInfo
     region: str
     key: bytes = field(default_factory=lambda: os.urandom(32))
+    # Static codes by credential id, so one can be replaced or removed at run
+    # time (codes managed over MQTT) without rebuilding the book.
+    code_ids: dict[str, bytes] = field(default_factory=dict)
 
     def gate_for(self, did: str | None) -> Gate | None:
         """The gate a called number selects; a one-gate site may omit numbers."""
@@ -130,6 +133,31 @@ class CodeBook:
             found.extend(table.lookup(code, now))
         return found
 
+    def has_id(self, credential_id: str) -> bool:
+        if credential_id in self.code_ids:
+            return True
+        return any(user.credential.id == credential_id
+                   for table in self.totp.values() for user in table.users)
+
+    def add_code(self, credential: Credential, code: str) -> None:
+        """Add one static code; CodeClash if its id or its digits are taken.
+
+        The clash message never names the other credential: whoever may add
+        codes must not learn whose digits they guessed.
+        """
+        if self.has_id(credential.id):
+            raise CodeClash(f"id {credential.id!r} is already used by another credential")
+        digest = self.digest(code)
+        if digest in self.codes:
+            raise CodeClash("these digits are already another credential's code")
+        self.codes[digest] = credential
+        self.code_ids[credential.id] = digest
+
+    def remove_code(self, credential_id: str) -> Credential | None:
+        """Remove a static code by credential id; the credential, or None if absent."""
+        digest = self.code_ids.pop(credential_id, None)
+        return None if digest is None else self.codes.pop(digest, None)
+
     @property
     def credential_count(self) -> int:
         return len(self.codes) + sum(len(t.users) for t in self.totp.values())
@@ -141,7 +169,12 @@ class CodeBook:
                 yield user.credential
 
 
+class CodeClash(ValueError):
+    """A code's id or digits are already another credential's."""
+
+
 ErrorFactory = Callable[["Key", str], ConfigError]
+NumberParser = Callable[[str, "Key"], str]
 
 
 def _plain_error(key: Key, message: str) -> ConfigError:
@@ -154,16 +187,7 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
                  key: bytes | None = None) -> CodeBook:
     """Build the code book, raising ``error(key_path, message)`` on the first problem."""
     tz = zoneinfo.ZoneInfo(config.site.timezone)
-    region = config.site.region
-
-    def number(raw: str, where: Key) -> str:
-        try:
-            value = normalise(raw, region)
-        except NumberError as exc:
-            raise error(where, f"{exc}: {raw!r}") from None
-        if value is None:
-            raise error(where, f"not a phone number: {raw!r}")
-        return value
+    number = number_parser(config.site.region, error)
 
     gates: dict[str, Gate] = {}
     by_number: dict[str, str] = {}
@@ -179,7 +203,8 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
         callers = [number(raw, ("gates", name, "callers", i)) for i, raw in enumerate(gate.callers)]
         gates[name] = Gate(name, frozenset(numbers), frozenset(callers))
 
-    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz, region=region)
+    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz,
+                    region=config.site.region)
     if key is not None:
         book.key = key
     ids: dict[str, Key] = {}
@@ -200,6 +225,7 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
             raise error((*where, "code"),
                         f"the same digits as code {book.codes[digest].name!r}")
         book.codes[digest] = credential
+        book.code_ids[credential.id] = digest
 
     for index, totp in enumerate(config.totp):
         where = ("totp", index)
@@ -214,6 +240,21 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
         table = book.totp.setdefault(totp.period, TotpTable(users=[], period=totp.period))
         table.users.append(TotpUser(credential, otp))
     return book
+
+
+def number_parser(region: str, error: ErrorFactory) -> NumberParser:
+    """Normalise a configured phone number to E.164, or raise ``error`` at its key."""
+
+    def number(raw: str, where: Key) -> str:
+        try:
+            value = normalise(raw, region)
+        except NumberError as exc:
+            raise error(where, f"{exc}: {raw!r}") from None
+        if value is None:
+            raise error(where, f"not a phone number: {raw!r}")
+        return value
+
+    return number
 
 
 def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:
