@@ -29,7 +29,8 @@ from gated.lockout import SITE, Policy, Strikes
 
 log = structlog.get_logger("gated.store")
 
-SCHEMA_VERSION = 1
+# 2: managed_codes, the local copy of codes managed over MQTT.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY,
@@ -63,6 +64,13 @@ CREATE TABLE IF NOT EXISTS strikes (
     locked_until REAL NOT NULL,
     last REAL NOT NULL,
     recent TEXT
+);
+CREATE TABLE IF NOT EXISTS managed_codes (
+    scope TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (scope, id)
 );
 """
 # Entries held in memory while the disk refuses writes; beyond this the
@@ -106,6 +114,8 @@ class _Pending:
     totp: dict[str, int]
     strikes: list[tuple[str, Strikes, str | None]]
     done: asyncio.Future[bool] | None
+    # A managed code to keep (scope, id, body) or forget (body None).
+    code: tuple[str, str, bytes | None] | None = None
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -200,6 +210,18 @@ class Store:
         self._wake.set()
         return done
 
+    def save_code(self, scope: str, code_id: str, body: bytes | None) -> asyncio.Future[bool]:
+        """Keep (or, with ``body`` None, forget) the local copy of one managed code."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(None, {}, {}, [], done, (scope, code_id, body)))
+        self._wake.set()
+        return done
+
+    def load_codes(self) -> list[tuple[str, str, bytes]]:
+        """The local copy of managed codes: (scope, id, body), oldest first."""
+        rows = self._conn.execute("SELECT scope, id, body FROM managed_codes ORDER BY updated")
+        return [(scope, code_id, bytes(body)) for scope, code_id, body in rows]
+
     async def record(self, entry: Entry, changes: Changes | None = None,
                      ledger: Ledger | None = None) -> bool:
         return await self.submit(entry, changes, ledger)
@@ -255,6 +277,15 @@ class Store:
                     "(key, failures, locks, locked_until, last, recent) VALUES (?, ?, ?, ?, ?, ?)",
                     [(k, s.failures, s.locks, s.locked_until, s.last, r)
                      for k, s, r in item.strikes])
+                if item.code is not None:
+                    scope, code_id, body = item.code
+                    if body is None:
+                        conn.execute("DELETE FROM managed_codes WHERE scope = ? AND id = ?",
+                                     (scope, code_id))
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO managed_codes (scope, id, body, updated) "
+                            "VALUES (?, ?, ?, ?)", (scope, code_id, body, time.time()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
