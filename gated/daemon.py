@@ -1,9 +1,12 @@
 """The one place that assembles the daemon from config and owns its lifecycle.
 
-Start: relays off, store opened, ledger restored, webhook listening, READY.
-Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers, relays off,
-entries flushed, store closed. SIGHUP or a change of the file reloads the
-code book; a bad file keeps the old one serving.
+Start: relays off, store opened, ledger restored, managed codes loaded from
+their local copy, MQTT link connecting (in the background: a site opens its
+GPIO gates with the broker down), webhook listening, READY.
+Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers and remote
+opens, relays off, entries flushed, ``offline`` published, store closed.
+SIGHUP or a change of the file reloads the code book (managed codes carried
+over); a bad file keeps the old one serving.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from aiohttp import web
 from gated import actuators as actuator_port
 from gated import config as config_mod
 from gated.app import make_app
+from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
 from gated.config import Loaded, split_listen
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper
 from gated.lockout import Policy
+from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.store import Store
 
@@ -51,6 +56,8 @@ class Daemon:
     install_signals: bool = True
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     gatekeeper: Gatekeeper | None = None
+    link: MqttLink | None = None
+    bridge: Bridge | None = None
     listening: list[tuple[str, int]] = field(default_factory=list)
     _reloads: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
 
@@ -62,18 +69,24 @@ class Daemon:
     def assemble(self) -> Gatekeeper:
         config = self.loaded.config
         built: dict[str, actuator_port.Actuator] = {}
+        link = self.link = make_link(self.loaded)
         try:
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
-                                                  mock_factory=self.mock_factory)
+                                                  mock_factory=self.mock_factory, mqtt=link)
             store = Store.open(self.loaded.store_path)
         except BaseException:
             for actuator in built.values():
                 asyncio.get_running_loop().create_task(actuator.close())
             raise
         ledger = store.load_ledger(policy(self.loaded))
-        return Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
-                          deadline=config.server.answer_deadline)
+        gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
+                                deadline=config.server.answer_deadline)
+        if link is not None:
+            bridge = self.bridge = Bridge(link, gatekeeper, config)
+            bridge.attach()
+            bridge.load_local()
+        return gatekeeper
 
     async def run(self) -> None:
         config = self.loaded.config
@@ -89,6 +102,8 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
+                if self.link is not None:
+                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
                 await runner.setup()
@@ -105,8 +120,12 @@ class Daemon:
                 log.info("stopping")
                 notify("STOPPING=1")
                 await runner.cleanup()  # stop accepting, finish in-flight answers
+                if self.bridge is not None:  # remote opens and events in flight
+                    await self.bridge.close(config.server.answer_deadline)
                 await gatekeeper.close()  # relays off
                 await gatekeeper.store.flush()
+                if self.link is not None:
+                    await self.link.close()  # "offline", then disconnect
                 raise _Stop
         except* _Stop:
             pass
@@ -116,6 +135,8 @@ class Daemon:
                     loop.remove_signal_handler(signum)
             await runner.cleanup()
             await gatekeeper.close()
+            if self.link is not None:
+                await self.link.close(within=0.5)
             gatekeeper.store.close()
             log.info("stopped")
 
@@ -139,10 +160,13 @@ class Daemon:
         old, new = self.loaded.config, loaded.config
         if (new.gates.keys() != old.gates.keys()
                 or any(new.gates[g].actuator != old.gates[g].actuator for g in new.gates)
-                or new.server != old.server or new.log != old.log):
-            log.error("config reload refused: gates, actuators, [server] or [log] changed; "
-                      "restart gated to apply them", trigger=why)
+                or new.server != old.server or new.log != old.log or new.mqtt != old.mqtt
+                or new.site.id != old.site.id):
+            log.error("config reload refused: gates, actuators, [server], [log], [mqtt] or "
+                      "the site id changed; restart gated to apply them", trigger=why)
             return False
+        if self.bridge is not None:
+            self.bridge.rebase(loaded.book, new)
         gatekeeper.swap(loaded.book)
         self.loaded = loaded
         log.info("config reloaded", credentials=gatekeeper.book.credential_count, trigger=why)
@@ -165,6 +189,17 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def make_link(loaded: Loaded) -> MqttLink | None:
+    """The MQTT link ``[mqtt]`` asks for, or None without one."""
+    config = loaded.config
+    mqtt = config.mqtt
+    if mqtt is None:
+        return None
+    ca_file = config_mod.resolve(loaded.path, mqtt.tls_ca) if mqtt.tls_ca else None
+    return MqttLink(mqtt, prefix=config.mqtt_prefix, client_id=mqtt.client_id or
+                    f"gated-{config.site.id}", ca_file=ca_file)
 
 
 def _stamp(path: Any) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ from gpiozero.pins.mock import MockFactory
 from gated import config as config_mod
 from gated.daemon import Daemon
 
+from .broker import Mosquitto, Probe
 from .helpers import TOKEN, write_config
 
 
@@ -25,6 +26,23 @@ def mock_factory() -> Iterator[MockFactory]:
     Device.pin_factory = None
 
 
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto on a free port (list it before start_daemon: it stops last)."""
+    server = Mosquitto(tmp_path / "broker")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def probe(broker: Mosquitto) -> AsyncIterator[Probe]:
+    """The test's own MQTT client on ``broker``."""
+    client = await Probe(broker.port).connect()
+    yield client
+    await client.disconnect()
+
+
 class Running:
     """A daemon running in the test's event loop on a free port."""
 
@@ -33,6 +51,13 @@ class Running:
         self.daemon = daemon
         self.session = session
         self.factory = factory
+        self.task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Stop the daemon the way SIGTERM does, and wait until it has."""
+        self.daemon.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 10)
 
     @property
     def url(self) -> str:
@@ -78,7 +103,9 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
             daemon.gatekeeper.actuators.update(actuators)
         session = aiohttp.ClientSession()
         started.append((daemon, task, session))
-        return Running(daemon, session, mock_factory)
+        running = Running(daemon, session, mock_factory)
+        running.task = task
+        return running
 
     yield start
     for daemon, task, session in started:
