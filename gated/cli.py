@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
     p.add_argument("gate")
     p.set_defaults(func=cmd_pulse)
+
+    from gated import staff
+
+    staff.add_parsers(sub, add)
     return parser
 
 
