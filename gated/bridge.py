@@ -65,6 +65,7 @@ class Bridge:
         self._sync_nonce = ""
         self._synced = asyncio.Event()
         self.synced_connections = 0  # connections whose retained codes are all in
+        self._closed = False
 
     # -- topics -------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class Bridge:
 
     async def close(self, within: float) -> None:
         """Stop taking entries; give remote opens and events ``within`` seconds to finish."""
+        self._closed = True  # from here on, opens and codes from the broker are ignored
         if self._on_entry in self.gatekeeper.listeners:
             self.gatekeeper.listeners.remove(self._on_entry)
         await self.link.drain(within)
@@ -155,7 +157,15 @@ class Bridge:
         if nonce != self._sync_nonce:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
-            for code_id in sorted(self.codes.ids(scope) - self._seen[scope]):
+            gone = self.codes.ids(scope) - self._seen[scope]
+            if gone and not self._seen[scope]:
+                # The broker holds none of them: deleted by staff, or a broker
+                # that lost its retained messages. Withdrawing is the safe way;
+                # say loudly which it might be.
+                log.warning("the broker holds none of this site's managed codes; withdrawing "
+                            "them all (is the broker's persistence on?)", scope=scope,
+                            count=len(gone))
+            for code_id in sorted(gone):
                 log.info("managed code withdrawn while gated was away", id=code_id, scope=scope)
                 self._withdraw(scope, code_id)
         self.synced_connections += 1
@@ -168,6 +178,8 @@ class Bridge:
 
     def _on_open(self, message: Incoming) -> None:
         gate = message.topic.split("/")[-2]
+        if self._closed:
+            return
         if message.retain:
             log.warning("retained open command ignored; clear it with an empty retained "
                         "message", gate=gate, topic=message.topic)
@@ -183,6 +195,8 @@ class Bridge:
     # -- managed codes --------------------------------------------------------------------
 
     def _on_code(self, scope: Scope, message: Incoming) -> None:
+        if self._closed:
+            return
         code_id = message.topic.rsplit("/", 1)[1]
         self._seen[scope].add(code_id)
         live = not message.retain
@@ -236,7 +250,8 @@ class Bridge:
         self._errors.add((scope, code_id))
         payload = msgspec.json.encode({
             "id": code_id, "scope": scope, "site": self.site, "error": reason,
-            "time": dt.datetime.now(self.config.tz).isoformat(timespec="seconds"),
+            "time": dt.datetime.fromtimestamp(self.gatekeeper.clock.now(), self.config.tz)
+            .isoformat(timespec="seconds"),
         })
         self._send(self.error_topic(scope, code_id), payload)
 

@@ -16,10 +16,6 @@ from gated import __version__
 from gated.events import EVENT_TYPES
 
 
-def topics(prefix: str) -> dict[str, str]:
-    return {"status": f"{prefix}/status", "events": f"{prefix}/events"}
-
-
 def gate_event_topic(prefix: str, gate: str) -> str:
     return f"{prefix}/gates/{gate}/event"
 

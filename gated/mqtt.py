@@ -63,6 +63,9 @@ _LIBRARY_LOG = logging.getLogger("gated.mqtt.client")
 # SO_LINGER on with zero seconds: close() resets the connection and discards
 # whatever is still unsent, rather than delivering it after the fact.
 _RESET_ON_CLOSE = (socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+# Commands and acknowledgements are a few bytes each and a caller is waiting:
+# without this, Nagle's algorithm meets delayed ACKs and adds ~40 ms a hop.
+_NO_DELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # Connect and the clean-shutdown handshake; a broker slower than this is down.
 CONNECT_TIMEOUT = 10.0
 OFFLINE_TIMEOUT = 2.0
@@ -136,7 +139,7 @@ def make_client(settings: MqttConfig, client_id: str, *, tls: ssl.SSLContext | N
         keepalive=settings.keepalive,
         timeout=CONNECT_TIMEOUT,
         tls_context=tls,
-        socket_options=[_RESET_ON_CLOSE],
+        socket_options=[_RESET_ON_CLOSE, _NO_DELAY],
         logger=_LIBRARY_LOG,
     )
 
@@ -292,8 +295,11 @@ class MqttLink:
                 except aiomqtt.MqttError as exc:
                     error = str(exc) or type(exc).__name__
                 except Exception as exc:  # a broker hiccup must never end the daemon
-                    log.exception("mqtt connection failed unexpectedly", broker=self.broker)
+                    # No traceback: rendered with frame locals it would show the
+                    # password and message payloads.
                     error = repr(exc)
+                    log.error("mqtt connection failed unexpectedly", broker=self.broker,
+                              error=error)
                 if self._closing.is_set():
                     break
                 if self.connections != before:
@@ -332,8 +338,8 @@ class MqttLink:
                 for hook in self._connect_hooks:
                     try:
                         hook()
-                    except Exception:
-                        log.exception("mqtt connect hook failed", hook=repr(hook))
+                    except Exception as exc:
+                        log.error("mqtt connect hook failed", hook=repr(hook), error=repr(exc))
                 reader = asyncio.create_task(self._read(client), name="mqtt-read")
                 closing = asyncio.create_task(self._closing.wait(), name="mqtt-closing")
                 waiting: set[asyncio.Future[Any]] = {reader, session.lost, closing}
@@ -391,8 +397,9 @@ class MqttLink:
                 if message.topic.matches(sub.topic_filter):
                     try:
                         sub.handler(incoming)
-                    except Exception:
-                        log.exception("mqtt message handler failed", topic=incoming.topic)
+                    except Exception as exc:  # payloads hold codes: no traceback locals
+                        log.error("mqtt message handler failed", topic=incoming.topic,
+                                  error=repr(exc))
 
     async def close(self, within: float = 3.0) -> None:
         """Publish ``offline``, disconnect and stop reconnecting."""

@@ -136,8 +136,11 @@ class Probe:
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def connect(self) -> Probe:
-        self._client = aiomqtt.Client("127.0.0.1", self.port, identifier=self.client_id,
-                                      clean_session=not self.persistent, timeout=5)
+        self._client = aiomqtt.Client(
+            "127.0.0.1", self.port, identifier=self.client_id,
+            clean_session=not self.persistent, timeout=5,
+            # Answer like a device with no Nagle delay, so timings are gated's own.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         await self._client.__aenter__()
         self._reader = asyncio.create_task(self._read(self._client))
         if self._filters:
