@@ -133,8 +133,9 @@ def make_client(settings: MqttConfig, client_id: str, *, tls: ssl.SSLContext | N
         username=settings.username, password=settings.password,
         identifier=client_id,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        # A clean session every time: 3.1.1 says so with clean_session, 5 with clean_start.
         clean_session=None if v5 else True,
-        clean_start=True,
+        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         will=will,
         keepalive=settings.keepalive,
         timeout=CONNECT_TIMEOUT,
@@ -291,7 +292,7 @@ class MqttLink:
                 before = self.connections
                 error = ""
                 try:
-                    await self._serve(self._new_client())
+                    error = await self._serve(self._new_client())
                 except aiomqtt.MqttError as exc:
                     error = str(exc) or type(exc).__name__
                 except Exception as exc:  # a broker hiccup must never end the daemon
@@ -323,7 +324,8 @@ class MqttLink:
         will = aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True)
         return make_client(self.settings, self.client_id, tls=self._tls, will=will)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: aiomqtt.Client) -> str:
+        """One connection, start to end; why it ended, unless an exception says so."""
         reader: asyncio.Task[None] | None = None
         async with client:
             session = _Session(client)
@@ -365,6 +367,7 @@ class MqttLink:
             error = reader.exception()
             if error is not None:
                 raise error
+        return "reset after a command was not acknowledged" if session.reset else "closed"
 
     async def _discard(self, session: _Session) -> None:
         """Make sure nothing of this connection is ever sent on another one."""

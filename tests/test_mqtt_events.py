@@ -143,3 +143,16 @@ async def test_home_assistant_discovery(broker: Mosquitto, probe: Probe,
     assert entries(running)[0].reason == "granted_remote"
     assert await running.get(code="471123", did=DOOR) == (
         200, "status=ACK&callername=Welcome&destination=201")
+
+
+async def test_events_and_discovery_can_be_switched_off(broker: Mosquitto, probe: Probe,
+                                                        start_daemon: Any) -> None:
+    """events = false and discovery = false publish neither; status still works."""
+    await probe.subscribe(f"{PREFIX}/#", "homeassistant/#")
+    running = await start_daemon(mqtt_table(broker, "events = false\ndiscovery = false"))
+    await mqtt_ready(running)
+    assert await running.get(code="471123", did=BARRIER) == (
+        200, "status=ACK&callername=Welcome&destination=201")
+    await probe.publish(f"{PREFIX}/sync", b"probe-marker")  # after gated's own messages
+    await probe.wait_for(f"{PREFIX}/sync", 2)
+    assert sorted({m.topic for m in probe.received}) == [f"{PREFIX}/status", f"{PREFIX}/sync"]
