@@ -86,6 +86,31 @@ async def test_wrong_password_is_refused_and_said(tmp_path: Path) -> None:
     assert "authori" in refused["error"].lower() or "password" in refused["error"].lower()
 
 
+async def test_a_cancelled_command_resets_its_connection(broker: Mosquitto,
+                                                        tmp_path: Path) -> None:
+    """A command whose wait is cancelled (the answer deadline) before its PUBACK ends the
+    connection at once, rather than leave it to arrive late; a new one follows."""
+    config, _ = parse(config_text(tmp_path, mqtt_table(broker)))
+    assert config.mqtt is not None
+    link = MqttLink(config.mqtt, prefix=PREFIX, client_id="gated-test")
+    task = asyncio.create_task(link.run())
+    try:
+        assert await link.wait_connected(5)
+        broker.freeze()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await link.publish("cmnd/lift/POWER", b"ON", within=5.0, command=True)
+        assert not link.connected
+        with pytest.raises(BrokerUnavailable):
+            await link.publish("cmnd/lift/POWER", b"ON", command=True)
+        broker.thaw()
+        await eventually(lambda: link.connections == 2)
+    finally:
+        broker.thaw()
+        await link.close()
+        await asyncio.wait_for(task, 5)
+
+
 def test_backoff_doubles_and_is_capped() -> None:
     """Reconnect delays double from the minimum and never exceed the maximum."""
     delays = [backoff(n, 0.5, 30.0) for n in range(12)]
