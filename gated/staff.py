@@ -49,8 +49,9 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("id", help="the code's id: letters, digits, _ . -")
     p.add_argument("--code", help="the digits (default: make up --digits random ones)")
     p.add_argument("--digits", type=int, default=6, help="length of a made-up code")
-    p.add_argument("--gates", nargs="+", required=True,
-                   help="gates it opens (space or comma separated; * for all)")
+    p.add_argument("--gates", nargs="+", default=[],
+                   help="gates it opens (space or comma separated; * for all); none "
+                        "for a route-only code with --callername/--destination")
     p.add_argument("--name", help="who or what it is for (default: the id)")
     p.add_argument("--valid-from", help="ISO time, e.g. 2026-12-01T07:00 (site time)")
     p.add_argument("--valid-until", help="ISO time, e.g. 2026-12-24T18:00 (site time)")

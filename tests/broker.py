@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+
+from gated.store import read_entries
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -115,8 +118,6 @@ class Received:
     at: float
 
     def json(self) -> Any:
-        import json
-
         return json.loads(self.payload)
 
 
@@ -260,8 +261,6 @@ async def mqtt_ready(running: Any, connections: int = 1) -> None:
 
 
 def entries(running: Any) -> list[Any]:
-    from gated.store import read_entries
-
     return list(reversed(read_entries(running.daemon.gatekeeper.store.path, limit=1000)))
 
 

@@ -140,13 +140,8 @@ def test_backoff_doubles_and_is_capped() -> None:
 def test_mqtt_config_errors_name_the_key(tmp_path: Path, extra: str, path: str,
                                          message: str) -> None:
     """A wrong [mqtt] table or mqtt actuator stops start-up and names the key."""
-    broker_table = "[mqtt]\nhost = \"127.0.0.1\"\n"
-    if extra.startswith("\n[gates"):
-        text = config_text(tmp_path, broker_table + extra)
-    else:
-        text = config_text(tmp_path, broker_table + extra + "\n")
     with pytest.raises(ConfigError) as caught:
-        parse(text)
+        parse(config_text(tmp_path, '[mqtt]\nhost = "127.0.0.1"\n' + extra + "\n"))
     assert caught.value.path == path
     assert message in caught.value.detail
 
