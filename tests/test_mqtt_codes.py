@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from gated.config import parse
 from gated.managed import ManagedCodes, NotHere, Rejected
@@ -37,7 +39,15 @@ async def put(probe: Probe, code_id: str, payload: bytes, *, topic: str = PREFIX
 async def test_code_put_changed_deleted_and_invalid(broker: Mosquitto, probe: Probe,
                                                    start_daemon: Any) -> None:
     """A code published over MQTT opens; a new version replaces it; a bad version is
-    refused with a reason and the previous one stays; an empty message deletes it."""
+    refused with a reason and the previous one stays; an empty message deletes it; the
+    digits appear in no log line."""
+    with capture_logs() as logs:
+        await _put_change_delete(broker, probe, start_daemon)
+    assert any(e["event"] == "managed code applied" for e in logs)
+    assert not {"246810", "135790", "999999"} & set(re.findall(r"\d{6}", repr(logs)))
+
+
+async def _put_change_delete(broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
     await probe.subscribe(ERRORS)
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)
