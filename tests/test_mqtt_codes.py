@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from gated.config import parse
 from gated.managed import ManagedCodes, NotHere, Rejected
 from gated.managed import parse as parse_code
+from gated.store import Store
 
 from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, config_text
@@ -260,3 +261,22 @@ def test_a_refused_replacement_keeps_the_previous_version(tmp_path: Any) -> None
         codes.put(book, clash)
     assert book.codes[book.digest("246810")].id == "v"
     assert codes.get("site", "v") is first
+
+
+def test_a_schema_1_store_gains_the_local_copy_table(tmp_path: Any) -> None:
+    """An entry store written by the previous schema opens, keeps its rows, and can hold
+    managed codes."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE entries (id INTEGER PRIMARY KEY, time REAL NOT NULL);"
+                      "INSERT INTO entries (time) VALUES (1.0); PRAGMA user_version = 1;")
+    old.close()
+    store = Store.open(path)
+    try:
+        assert store.load_codes() == []
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM entries").fetchone() == (1,)
+        conn.close()
+    finally:
+        store.close()
