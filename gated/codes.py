@@ -127,6 +127,9 @@ class CodeBook:
     site_key: bool = False
     # Codes issued at run time (`gated codes issue`), by digest.
     visitors: dict[bytes, Credential] = field(default_factory=dict)
+    # Static codes by credential id, so one can be replaced or removed at run
+    # time (codes managed over MQTT) without rebuilding the book.
+    code_ids: dict[str, bytes] = field(default_factory=dict)
 
     def gate_for(self, did: str | None) -> Gate | None:
         """The gate a called number selects; a one-gate site may omit numbers."""
@@ -155,6 +158,30 @@ class CodeBook:
             found.extend(table.lookup(code, now))
         return found
 
+    def has_id(self, credential_id: str) -> bool:
+        if credential_id in self.code_ids:
+            return True
+        return any(user.credential.id == credential_id
+                   for table in self.totp.values() for user in table.users)
+
+    def add_code(self, credential: Credential, digest: bytes) -> None:
+        """Add one static code; CodeClash if its id or its digits are taken.
+
+        The clash message never names the other credential: whoever may add
+        codes must not learn whose digits they guessed.
+        """
+        if self.has_id(credential.id):
+            raise CodeClash(f"id {credential.id!r} is already used by another credential")
+        if digest in self.codes or digest in self.visitors:
+            raise CodeClash("these digits are already another credential's code")
+        self.codes[digest] = credential
+        self.code_ids[credential.id] = digest
+
+    def remove_code(self, credential_id: str) -> Credential | None:
+        """Remove a static code by credential id; the credential, or None if absent."""
+        digest = self.code_ids.pop(credential_id, None)
+        return None if digest is None else self.codes.pop(digest, None)
+
     @property
     def credential_count(self) -> int:
         return len(self.codes) + sum(len(t.users) for t in self.totp.values())
@@ -166,7 +193,12 @@ class CodeBook:
                 yield user.credential
 
 
+class CodeClash(ValueError):
+    """A code's id or digits are already another credential's."""
+
+
 ErrorFactory = Callable[["Key", str], ConfigError]
+NumberParser = Callable[[str, "Key"], str]
 
 
 def _plain_error(key: Key, message: str) -> ConfigError:
@@ -179,16 +211,7 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
                  key: bytes | None = None) -> CodeBook:
     """Build the code book, raising ``error(key_path, message)`` on the first problem."""
     tz = zoneinfo.ZoneInfo(config.site.timezone)
-    region = config.site.region
-
-    def number(raw: str, where: Key) -> str:
-        try:
-            value = normalise(raw, region)
-        except NumberError as exc:
-            raise error(where, f"{exc}: {raw!r}") from None
-        if value is None:
-            raise error(where, f"not a phone number: {raw!r}")
-        return value
+    number = number_parser(config.site.region, error)
 
     gates: dict[str, Gate] = {}
     by_number: dict[str, str] = {}
@@ -204,7 +227,8 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
         callers = [number(raw, ("gates", name, "callers", i)) for i, raw in enumerate(gate.callers)]
         gates[name] = Gate(name, frozenset(numbers), frozenset(callers))
 
-    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz, region=region)
+    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz,
+                    region=config.site.region)
     if key is not None:
         book.key = key
         book.site_key = True
@@ -224,6 +248,7 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
             raise error((*where, "code" if code.code is not None else "code_hash"),
                         f"the same digits as code {book.codes[digest].name!r}")
         book.codes[digest] = credential
+        book.code_ids[credential.id] = digest
 
     for index, totp in enumerate(config.totp):
         where = ("totp", index)
@@ -258,6 +283,19 @@ def code_digest(book: CodeBook, code: str | None, hashed: str | None, where: Key
         raise error((*where, "code_hash"), "code_hash needs the site key file "
                     "(see [site] key_file; `gated codes hash` creates it)")
     return digest
+def number_parser(region: str, error: ErrorFactory) -> NumberParser:
+    """Normalise a configured phone number to E.164, or raise ``error`` at its key."""
+
+    def number(raw: str, where: Key) -> str:
+        try:
+            value = normalise(raw, region)
+        except NumberError as exc:
+            raise error(where, f"{exc}: {raw!r}") from None
+        if value is None:
+            raise error(where, f"not a phone number: {raw!r}")
+        return value
+
+    return number
 
 
 def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:

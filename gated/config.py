@@ -78,10 +78,15 @@ class MockActuatorConfig(_Relay, tag="mock", kw_only=True, frozen=True):
 
 
 class MqttActuatorConfig(_Table, tag_field="type", tag="mqtt", kw_only=True, frozen=True):
+    """A relay on the broker (Tasmota, Shelly, ESPHome): see docs/mqtt.md."""
+
     command_topic: str
     payload: str = "ON"
     state_topic: str | None = None
     state_payload: str = "ON"
+    # For devices that report JSON (Shelly Gen2 ``{"output": true}``): compare
+    # the value at this key, rendered as JSON text, with state_payload.
+    state_key: str | None = None
     confirm: Seconds = 2.0
 
 
@@ -167,11 +172,19 @@ class MqttConfig(_Table, kw_only=True, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
     username: str | None = None
     password: str | None = None
-    tls_ca: str | None = None
+    tls: bool = False                   # TLS with the system's CAs; tls_ca implies TLS
+    tls_ca: str | None = None           # CA file for a private broker (relative to this file)
+    # "5" lets commands carry a message expiry, so a broker never hands an
+    # open to a device that reconnects later; "3.1.1" for brokers without v5.
+    protocol: Literal["5", "3.1.1"] = "5"
     prefix: str | None = None
     fleet_prefix: str | None = None
     client_id: str | None = None
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    reconnect_min: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
+    reconnect_max: Annotated[float, msgspec.Meta(ge=0.05, le=600)] = 30.0
+    events: bool = True                 # every entry on <prefix>/events
+    discovery: bool = True              # Home Assistant MQTT discovery
     discovery_prefix: str = "homeassistant"
 
 
@@ -297,6 +310,11 @@ def _convert(raw: dict[str, Any], fail: Any) -> Config:
     return _convert_one(raw, Config, (), fail)
 
 
+def convert(raw: Any, kind: type[_T], base: tomlpos.Key, fail: Any) -> _T:
+    """Check plain data against a config type; errors name the key path via ``fail``."""
+    return _convert_one(raw, kind, base, fail)
+
+
 def _convert_one(raw: Any, kind: type[_T], base: tomlpos.Key, fail: Any) -> _T:
     try:
         return msgspec.convert(raw, kind, strict=True)
@@ -363,6 +381,62 @@ def _check(config: Config, fail: Any) -> None:
     mqtt_gates = [n for n, g in config.gates.items() if isinstance(g.actuator, MqttActuatorConfig)]
     if mqtt_gates and config.mqtt is None:
         raise fail(("gates", mqtt_gates[0], "actuator"), "an mqtt actuator needs an [mqtt] table")
+    for name in mqtt_gates:
+        _check_mqtt_actuator(config, name, fail)
+    if config.mqtt is not None:
+        _check_mqtt(config, config.mqtt, fail)
+
+
+def topic_problem(topic: str, *, prefix: bool = False) -> str | None:
+    """Why ``topic`` cannot be published to (or used as a topic prefix), or None."""
+    if not topic:
+        return "a topic cannot be empty"
+    if "+" in topic or "#" in topic or "\0" in topic:
+        return "a topic to publish to cannot hold the wildcards + or #"
+    if topic.startswith("$"):
+        return "topics starting with $ belong to the broker"
+    if prefix and (topic.endswith("/") or topic.startswith("/")):
+        return "a prefix has no leading or trailing /"
+    if len(topic.encode()) > 32767:
+        return "topic too long"
+    return None
+
+
+def _check_mqtt_actuator(config: Config, name: str, fail: Any) -> None:
+    actuator = config.gates[name].actuator
+    assert isinstance(actuator, MqttActuatorConfig)
+    where = ("gates", name, "actuator")
+    for key in ("command_topic", "state_topic"):
+        topic = getattr(actuator, key)
+        problem = topic_problem(topic) if topic is not None else None
+        if problem:
+            raise fail((*where, key), problem)
+    if actuator.state_topic == actuator.command_topic:
+        raise fail((*where, "state_topic"),
+                   "the state topic must differ from the command topic, or the command "
+                   "would confirm itself")
+    if actuator.state_key is not None and actuator.state_topic is None:
+        raise fail((*where, "state_key"), "state_key needs a state_topic")
+    if actuator.confirm >= config.server.answer_deadline:
+        raise fail((*where, "confirm"),
+                   f"must be shorter than server.answer_deadline "
+                   f"({config.server.answer_deadline}s), or the PBX is answered first")
+
+
+def _check_mqtt(config: Config, mqtt: MqttConfig, fail: Any) -> None:
+    for key in ("prefix", "fleet_prefix", "discovery_prefix"):
+        value = getattr(mqtt, key)
+        problem = topic_problem(value, prefix=True) if value is not None else None
+        if problem:
+            raise fail(("mqtt", key), problem)
+    if mqtt.fleet_prefix is not None and mqtt.fleet_prefix == config.mqtt_prefix:
+        raise fail(("mqtt", "fleet_prefix"), "must differ from the site's own prefix")
+    if mqtt.password is not None and mqtt.username is None:
+        raise fail(("mqtt", "password"), "a password needs a username")
+    if mqtt.reconnect_min > mqtt.reconnect_max:
+        raise fail(("mqtt", "reconnect_min"), "must not be longer than reconnect_max")
+    if mqtt.client_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", mqtt.client_id):
+        raise fail(("mqtt", "client_id"), "letters, digits, _ . and -, at most 64")
 
 
 def _check_sensor(name: str, gate: GateConfig, deadline: float, fail: Any) -> None:

@@ -1,9 +1,12 @@
 """The one place that assembles the daemon from config and owns its lifecycle.
 
-Start: relays off, store opened, ledger restored, webhook listening, READY.
-Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers, relays off,
-entries flushed, store closed. SIGHUP or a change of the file reloads the
-code book; a bad file keeps the old one serving.
+Start: relays off, store opened, ledger restored, managed codes loaded from
+their local copy, MQTT link connecting (in the background: a site opens its
+GPIO gates with the broker down), webhook listening, READY.
+Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers and remote
+opens, relays off, entries flushed, ``offline`` published, store closed.
+SIGHUP or a change of the file reloads the code book (managed codes carried
+over); a bad file keeps the old one serving.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from gated import actuators as actuator_port
 from gated import config as config_mod
 from gated import visitors
 from gated.app import REQUEST_LIMITS, make_app
+from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
 from gated.config import Loaded, split_listen
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper
 from gated.lockout import SITE, Policy
 from gated.metrics import Metrics, make_metrics_app
+from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
@@ -58,6 +63,8 @@ class Daemon:
     install_signals: bool = True
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     gatekeeper: Gatekeeper | None = None
+    link: MqttLink | None = None
+    bridge: Bridge | None = None
     listening: list[tuple[str, int]] = field(default_factory=list)
     metrics_listening: list[tuple[str, int]] = field(default_factory=list)
     sensors: dict[str, GateSensor] = field(default_factory=dict)
@@ -75,10 +82,11 @@ class Daemon:
     async def assemble(self) -> Gatekeeper:
         config = self.loaded.config
         built: dict[str, actuator_port.Actuator] = {}
+        link = self.link = make_link(self.loaded)
         try:
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
-                                                  mock_factory=self.mock_factory)
+                                                  mock_factory=self.mock_factory, mqtt=link)
                 if gate.sensor is not None:
                     sensor = self.sensors[name] = GateSensor.create(
                         name, gate.sensor, mock_factory=self.mock_factory,
@@ -93,8 +101,13 @@ class Daemon:
             raise
         ledger = store.load_ledger(policy(self.loaded))
         visitors.install(self.loaded.book, load_visitors(store.connection))
-        return Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
-                          deadline=config.server.answer_deadline)
+        gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
+                                deadline=config.server.answer_deadline)
+        if link is not None:
+            bridge = self.bridge = Bridge(link, gatekeeper, config)
+            bridge.attach()
+            bridge.load_local()
+        return gatekeeper
 
     async def run(self) -> None:
         config = self.loaded.config
@@ -121,6 +134,8 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
+                if self.link is not None:
+                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
                 tasks.create_task(self._housekeeping(), name="housekeeping")
@@ -149,9 +164,13 @@ class Daemon:
                 log.info("stopping")
                 notify("STOPPING=1")
                 await runner.cleanup()  # stop accepting, finish in-flight answers
+                if self.bridge is not None:  # remote opens and events in flight
+                    await self.bridge.close(config.server.answer_deadline)
                 await gatekeeper.close()  # relays off
                 await self._drain_alarms()
                 await gatekeeper.store.flush()
+                if self.link is not None:
+                    await self.link.close()  # "offline", then disconnect
                 raise _Stop
         except* _Stop:
             pass
@@ -163,6 +182,8 @@ class Daemon:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             await gatekeeper.close()
+            if self.link is not None:
+                await self.link.close(within=0.5)
             gatekeeper.store.close()
             log.info("stopped")
 
@@ -219,10 +240,13 @@ class Daemon:
         if (new.gates.keys() != old.gates.keys()
                 or any(new.gates[g].actuator != old.gates[g].actuator
                        or new.gates[g].sensor != old.gates[g].sensor for g in new.gates)
-                or new.server != old.server or new.log != old.log):
-            log.error("config reload refused: gates, actuators, sensors, [server] or [log] "
-                      "changed; restart gated to apply them", trigger=why)
+                or new.server != old.server or new.log != old.log or new.mqtt != old.mqtt
+                or new.site.id != old.site.id):
+            log.error("config reload refused: gates, actuators, sensors, [server], [log], "
+                      "[mqtt] or the site id changed; restart gated to apply them", trigger=why)
             return False
+        if self.bridge is not None:
+            self.bridge.rebase(loaded.book, new)
         gatekeeper.swap(loaded.book)
         self.loaded = loaded
         log.info("config reloaded", credentials=gatekeeper.book.credential_count, trigger=why)
@@ -280,6 +304,17 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def make_link(loaded: Loaded) -> MqttLink | None:
+    """The MQTT link ``[mqtt]`` asks for, or None without one."""
+    config = loaded.config
+    mqtt = config.mqtt
+    if mqtt is None:
+        return None
+    ca_file = config_mod.resolve(loaded.path, mqtt.tls_ca) if mqtt.tls_ca else None
+    return MqttLink(mqtt, prefix=config.mqtt_prefix, client_id=mqtt.client_id or
+                    f"gated-{config.site.id}", ca_file=ca_file)
 
 
 def _stamp(path: Any) -> tuple[int, int] | None:

@@ -39,6 +39,24 @@ class ActuatorTimeout(ActuatorError):
     reason = "actuator_timeout"
 
 
+class ActuatorUnreachable(ActuatorError):
+    """The actuator cannot be reached at all right now (its MQTT broker is down)."""
+
+    reason = "actuator_unreachable"
+
+
+class BrokerError(GatedError):
+    """The MQTT broker could not be reached, or did not do what was asked."""
+
+
+class BrokerUnavailable(BrokerError):
+    """There is no working connection to the broker at this moment."""
+
+
+class BrokerTimeout(BrokerError):
+    """The broker did not acknowledge in time."""
+
+
 class StoreError(GatedError):
     """The entry store could not be written or read."""
 

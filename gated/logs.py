@@ -16,7 +16,8 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty(),
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -25,7 +26,9 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         alarms.forward,
     ]
     if json_lines:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Never show_locals: a handler's locals hold the token and the code.
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, renderer],

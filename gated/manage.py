@@ -102,6 +102,10 @@ def _validity(credential: Credential, tz: dt.tzinfo) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.broker or args.fleet:
+        from gated import staff
+
+        return staff.cmd_ls(args)
     loaded = config_mod.load(args.config or config_mod.default_path())
     config, book = loaded.config, loaded.book
     uses: dict[str, int] = {}
@@ -201,7 +205,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p = codes_sub.add_parser("ls", parents=[common],
                              help="list credentials: names, gates, validity, uses left")
     p.add_argument("--show-codes", action="store_true", help="also print the digits in the file")
+    p.add_argument("--broker", action="store_true",
+                   help="list the codes on the MQTT broker instead, with gated's verdicts")
+    p.add_argument("--fleet", action="store_true", help="with --broker: only the fleet's")
+    p.add_argument("--json", action="store_true", help="with --broker: one JSON object a line")
     p.set_defaults(func=cmd_ls)
+
+    from gated import staff
+
+    staff.add_actions(codes_sub, common)
 
     totp = sub.add_parser("totp", help="manage TOTP users", parents=[common])
     totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")

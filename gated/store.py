@@ -79,8 +79,18 @@ CREATE TABLE IF NOT EXISTS visitors (
     created REAL NOT NULL
 );
 """
+# The local copy of codes managed over MQTT.
+SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS managed_codes (
+    scope TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -124,6 +134,8 @@ class _Pending:
     totp: dict[str, int]
     strikes: list[tuple[str, Strikes, str | None]]
     done: asyncio.Future[bool] | None
+    # A managed code to keep (scope, id, body) or forget (body None).
+    code: tuple[str, str, bytes | None] | None = None
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -226,6 +238,18 @@ class Store:
         self._wake.set()
         return done
 
+    def save_code(self, scope: str, code_id: str, body: bytes | None) -> asyncio.Future[bool]:
+        """Keep (or, with ``body`` None, forget) the local copy of one managed code."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(None, {}, {}, [], done, (scope, code_id, body)))
+        self._wake.set()
+        return done
+
+    def load_codes(self) -> list[tuple[str, str, bytes]]:
+        """The local copy of managed codes: (scope, id, body), oldest first."""
+        rows = self._conn.execute("SELECT scope, id, body FROM managed_codes ORDER BY updated")
+        return [(scope, code_id, bytes(body)) for scope, code_id, body in rows]
+
     async def record(self, entry: Entry, changes: Changes | None = None,
                      ledger: Ledger | None = None) -> bool:
         return await self.submit(entry, changes, ledger)
@@ -281,6 +305,15 @@ class Store:
                     "(key, failures, locks, locked_until, last, recent) VALUES (?, ?, ?, ?, ?, ?)",
                     [(k, s.failures, s.locks, s.locked_until, s.last, r)
                      for k, s, r in item.strikes])
+                if item.code is not None:
+                    scope, code_id, body = item.code
+                    if body is None:
+                        conn.execute("DELETE FROM managed_codes WHERE scope = ? AND id = ?",
+                                     (scope, code_id))
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO managed_codes (scope, id, body, updated) "
+                            "VALUES (?, ?, ?, ?)", (scope, code_id, body, time.time()))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

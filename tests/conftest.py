@@ -13,6 +13,7 @@ from gpiozero.pins.mock import MockFactory
 from gated import config as config_mod
 from gated.daemon import Daemon
 
+from .broker import Mosquitto, Probe
 from .helpers import TOKEN, write_config
 
 
@@ -23,6 +24,23 @@ def mock_factory() -> Iterator[MockFactory]:
     yield factory
     factory.reset()
     Device.pin_factory = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto on a free port (list it before start_daemon: it stops last)."""
+    server = Mosquitto(tmp_path / "broker")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def probe(broker: Mosquitto) -> AsyncIterator[Probe]:
+    """The test's own MQTT client on ``broker``."""
+    client = await Probe(broker.port).connect()
+    yield client
+    await client.disconnect()
 
 
 class Running:

@@ -72,3 +72,30 @@ def test_unusable_state_directory_is_a_clear_start_error(tmp_path: Path) -> None
     assert "not-a-dir" in text and "Not a directory" in text
     assert "Traceback" not in text
     assert not [e for e in daemon.events if e.get("event") == "relay ready"]  # nothing touched
+
+
+SHOW_EXCEPTION = """
+import structlog
+from gated import logs
+logs.configure("{fmt}", "info")
+
+def handler(code="471123", token="test-token-0123456789"):
+    raise RuntimeError("boom")
+
+try:
+    handler()
+except RuntimeError:
+    structlog.get_logger().exception("call failed")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_never_show_locals(fmt: str) -> None:
+    """A logged exception shows the traceback but no frame locals (the code, the token)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHOW_EXCEPTION.format(fmt=fmt)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "RuntimeError" in out and "boom" in out
+    assert "471123" not in out and "test-token" not in out

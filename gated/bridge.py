@@ -1,0 +1,320 @@
+"""The site on the broker: entries out as events; opens, codes and Home Assistant in.
+
+Topics, under the site prefix (default ``gated/<site-id>``), documented in
+docs/mqtt.md:
+
+- ``events`` and ``gates/<gate>/event``: one JSON object per entry, not retained.
+- ``gates/<gate>/open``: a live, non-empty message opens the gate through the
+  gatekeeper, like a call (source ``mqtt``). A retained one, found there at
+  connect, is ignored: a stale command never opens anything.
+- ``codes/<id>``: managed codes (retained JSON; empty deletes); refusals go to
+  ``codes/<id>/error`` (retained, cleared once a good version is applied).
+  Under ``[mqtt] fleet_prefix`` the same, for codes valid at every site, with
+  refusals on ``<fleet>/codes/<id>/error/<site-id>``.
+- ``sync``: a marker gated sends itself after subscribing; when it comes
+  back, every retained code has arrived, and codes deleted while gated was
+  away (an empty retained message leaves nothing to receive) are withdrawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import secrets
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from gated import events, hass
+from gated.config import Config
+from gated.decide import Changes
+from gated.errors import BrokerError
+from gated.gatekeeper import Gatekeeper, RawCall
+from gated.managed import ManagedCode, ManagedCodes, NotHere, Rejected, Scope, parse
+from gated.mqtt import Incoming, MqttLink
+
+if TYPE_CHECKING:
+    from gated.codes import CodeBook
+    from gated.store import Entry
+
+log = structlog.get_logger("gated.bridge")
+
+SYNC_TIMEOUT = 10.0
+EVENT_TIMEOUT = 5.0
+# Events waiting for the broker beyond this are dropped (the entry store has
+# them all); a stalled broker must not grow the daemon without bound.
+MAX_PENDING_EVENTS = 1000
+
+
+class Bridge:
+    def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config) -> None:
+        assert config.mqtt is not None
+        self.link = link
+        self.gatekeeper = gatekeeper
+        self.config = config
+        self.site = config.site.id
+        self.prefix = config.mqtt_prefix
+        self.fleet = config.mqtt.fleet_prefix
+        self.codes = ManagedCodes()
+        self.events_dropped = 0
+        self._pending_events = 0
+        self._errors: set[tuple[Scope, str]] = set()  # retained refusals on the broker
+        self._seen: dict[Scope, set[str]] = {"site": set(), "fleet": set()}
+        self._sync_nonce = ""
+        self._synced = asyncio.Event()
+        self.synced_connections = 0  # connections whose retained codes are all in
+        self._closed = False
+
+    # -- topics -------------------------------------------------------------------
+
+    def code_topic(self, scope: Scope, code_id: str) -> str:
+        base = self.prefix if scope == "site" else self.fleet
+        return f"{base}/codes/{code_id}"
+
+    def error_topic(self, scope: Scope, code_id: str) -> str:
+        if scope == "site":
+            return f"{self.prefix}/codes/{code_id}/error"
+        return f"{self.fleet}/codes/{code_id}/error/{self.site}"
+
+    # -- wiring ---------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register subscriptions, the connect hook and the entry listener."""
+        mqtt = self.config.mqtt
+        assert mqtt is not None
+        link = self.link
+        link.subscribe(f"{self.prefix}/gates/+/open", self._on_open)
+        # Error topics first: the broker sends retained messages in subscription
+        # order, so a known refusal is on record before its code arrives.
+        link.subscribe(f"{self.prefix}/codes/+/error", functools.partial(self._on_error, "site"))
+        link.subscribe(f"{self.prefix}/codes/+", functools.partial(self._on_code, "site"))
+        if self.fleet is not None:
+            link.subscribe(f"{self.fleet}/codes/+/error/{self.site}",
+                           functools.partial(self._on_error, "fleet"))
+            link.subscribe(f"{self.fleet}/codes/+", functools.partial(self._on_code, "fleet"))
+        link.subscribe(f"{self.prefix}/sync", self._on_sync)
+        if mqtt.discovery:
+            link.subscribe(f"{mqtt.discovery_prefix}/status", self._on_hass_status, qos=0)
+        link.on_connect(self._connected)
+        if mqtt.events:
+            self.gatekeeper.listeners.append(self._on_entry)
+
+    def load_local(self) -> None:
+        """Apply the local copy of managed codes: the site works with the broker down."""
+        store = self.gatekeeper.store
+        for scope_name, code_id, body in store.load_codes():
+            scope: Scope = "fleet" if scope_name == "fleet" else "site"
+            try:
+                if scope == "fleet" and self.fleet is None:
+                    raise NotHere("no [mqtt] fleet_prefix any more")
+                self.codes.put(self.gatekeeper.book, parse(scope, code_id, body, self.config))
+            except (Rejected, NotHere) as exc:
+                log.warning("local copy of a managed code dropped", id=code_id, scope=scope,
+                            error=str(exc))
+                store.save_code(scope, code_id, None)
+        if self.codes.applied:
+            log.info("managed codes loaded from the local copy", count=len(self.codes.applied))
+
+    def rebase(self, book: CodeBook, config: Config) -> None:
+        """Carry the managed codes over to a reloaded book, before it is swapped in."""
+        self.config = config
+        for code, reason in self.codes.rebase(book, config):
+            log.warning("managed code dropped on reload", id=code.id, scope=code.scope,
+                        error=reason)
+            self.gatekeeper.store.save_code(code.scope, code.id, None)
+            self._refuse(code.scope, code.id, reason)
+
+    async def close(self, within: float) -> None:
+        """Stop taking entries; give remote opens and events ``within`` seconds to finish."""
+        self._closed = True  # from here on, opens and codes from the broker are ignored
+        if self._on_entry in self.gatekeeper.listeners:
+            self.gatekeeper.listeners.remove(self._on_entry)
+        await self.link.drain(within)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connected(self) -> None:
+        # Runs before the first message of this connection is read.
+        self._seen = {"site": set(), "fleet": set()}
+        self._sync_nonce = secrets.token_hex(8)
+        self._synced = asyncio.Event()
+        self.link.spawn(self._sync(self._sync_nonce), "mqtt-code-sync")
+        mqtt = self.config.mqtt
+        if mqtt is not None and mqtt.discovery:
+            self.link.spawn(self.announce(), "mqtt-discovery")
+
+    async def _sync(self, nonce: str) -> None:
+        try:
+            await self.link.publish(f"{self.prefix}/sync", nonce, qos=1, within=SYNC_TIMEOUT)
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await self._synced.wait()
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("could not confirm the broker's codes; keeping the local copy",
+                        error=str(exc) or "no answer")
+            return
+        if nonce != self._sync_nonce:
+            return  # a newer connection took over
+        for scope in ("site", "fleet"):
+            gone = self.codes.ids(scope) - self._seen[scope]
+            if gone and not self._seen[scope]:
+                # The broker holds none of them: deleted by staff, or a broker
+                # that lost its retained messages. Withdrawing is the safe way;
+                # say loudly which it might be.
+                log.warning("the broker holds none of this site's managed codes; withdrawing "
+                            "them all (is the broker's persistence on?)", scope=scope,
+                            count=len(gone))
+            for code_id in sorted(gone):
+                log.info("managed code withdrawn while gated was away", id=code_id, scope=scope)
+                self._withdraw(scope, code_id)
+        self.synced_connections += 1
+
+    def _on_sync(self, message: Incoming) -> None:
+        if message.payload.decode(errors="replace") == self._sync_nonce:
+            self._synced.set()
+
+    # -- remote open ------------------------------------------------------------------------
+
+    def _on_open(self, message: Incoming) -> None:
+        gate = message.topic.split("/")[-2]
+        if self._closed:
+            return
+        if message.retain:
+            log.warning("retained open command ignored; clear it with an empty retained "
+                        "message", gate=gate, topic=message.topic)
+            return
+        if not message.payload:
+            return  # someone clearing a retained message: not a command
+        self.link.spawn(self._open(gate), f"mqtt-open-{gate}")
+
+    async def _open(self, gate: str) -> None:
+        answer = await self.gatekeeper.call(RawCall(gate=gate, source="mqtt"))
+        log.info("remote open", gate=gate, status=answer.status.value, reason=answer.reason)
+
+    # -- managed codes --------------------------------------------------------------------
+
+    def _on_code(self, scope: Scope, message: Incoming) -> None:
+        if self._closed:
+            return
+        code_id = message.topic.rsplit("/", 1)[1]
+        self._seen[scope].add(code_id)
+        live = not message.retain
+        if not message.payload:
+            self._withdraw(scope, code_id)
+            return
+        current = self.codes.get(scope, code_id)
+        if current is not None and current.body == message.payload:
+            if live:
+                self._clear(scope, code_id, force=True)  # the sender waits for a word
+            return
+        try:
+            code = parse(scope, code_id, message.payload, self.config)
+        except NotHere as exc:
+            log.info("fleet code not for this site", id=code_id, reason=str(exc))
+            self._withdraw(scope, code_id)
+            return
+        except Rejected as exc:
+            log.warning("managed code refused", id=code_id, scope=scope, error=str(exc))
+            self._refuse(scope, code_id, str(exc))
+            return
+        try:
+            previous = self.codes.put(self.gatekeeper.book, code)
+        except Rejected as exc:
+            log.warning("managed code refused", id=code_id, scope=scope, error=str(exc))
+            self._refuse(scope, code_id, str(exc))
+            return
+        self.gatekeeper.store.save_code(scope, code_id, code.body)
+        log.info("managed code applied", id=code_id, scope=scope, name=code.credential.name,
+                 gates=sorted(code.credential.gates), replaced=previous is not None)
+        self._clear(scope, code_id, force=live)
+
+    def _withdraw(self, scope: Scope, code_id: str) -> None:
+        removed: ManagedCode | None = self.codes.delete(self.gatekeeper.book, scope, code_id)
+        if removed is not None:
+            self.gatekeeper.store.save_code(scope, code_id, None)
+            # A code issued again under the same id starts with no uses spent.
+            if self.gatekeeper.ledger.uses.pop(code_id, None) is not None:
+                self.gatekeeper.store.submit(None, Changes(uses={code_id: 0}), None)
+            log.info("managed code removed", id=code_id, scope=scope)
+        self._clear(scope, code_id, force=False)
+
+    def _on_error(self, scope: Scope, message: Incoming) -> None:
+        code_id = message.topic.split("/")[-2 if scope == "site" else -3]
+        if message.payload:
+            self._errors.add((scope, code_id))
+        else:
+            self._errors.discard((scope, code_id))
+
+    def _refuse(self, scope: Scope, code_id: str, reason: str) -> None:
+        self._errors.add((scope, code_id))
+        payload = msgspec.json.encode({
+            "id": code_id, "scope": scope, "site": self.site, "error": reason,
+            "time": dt.datetime.fromtimestamp(self.gatekeeper.clock.now(), self.config.tz)
+            .isoformat(timespec="seconds"),
+        })
+        self._send(self.error_topic(scope, code_id), payload)
+
+    def _clear(self, scope: Scope, code_id: str, *, force: bool) -> None:
+        # An empty retained message removes the refusal; subscribers waiting
+        # for a verdict (``gated codes put``) see it as "applied".
+        if force or (scope, code_id) in self._errors:
+            self._errors.discard((scope, code_id))
+            self._send(self.error_topic(scope, code_id), b"")
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        if not self.link.connected:
+            return
+        self.link.spawn(self._publish_quietly(topic, payload, retain=True), "mqtt-code-verdict")
+
+    async def _publish_quietly(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        try:
+            await self.link.publish(topic, payload, qos=1, retain=retain, within=EVENT_TIMEOUT)
+        except BrokerError as exc:
+            log.info("mqtt publish failed", topic=topic, error=str(exc))
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _on_entry(self, entry: Entry) -> None:
+        if not self.link.connected or self._pending_events >= MAX_PENDING_EVENTS:
+            self.events_dropped += 1
+            return
+        payload = events.encode(entry, site=self.site, tz=self.config.tz)
+        self._pending_events += 1
+        self.link.spawn(self._publish_event(entry.gate, payload), "mqtt-event")
+
+    async def _publish_event(self, gate: str | None, payload: bytes) -> None:
+        try:
+            await self.link.publish(f"{self.prefix}/events", payload, qos=1,
+                                    within=EVENT_TIMEOUT)
+            if gate is not None:
+                await self.link.publish(hass.gate_event_topic(self.prefix, gate), payload,
+                                        qos=1, within=EVENT_TIMEOUT)
+        except BrokerError as exc:
+            self.events_dropped += 1
+            log.info("event not published", error=str(exc))
+        finally:
+            self._pending_events -= 1
+
+    # -- Home Assistant --------------------------------------------------------------------
+
+    def _on_hass_status(self, message: Incoming) -> None:
+        # Home Assistant says "online" when it (re)starts: announce again. A
+        # retained "online" seen at connect needs nothing; connecting announced.
+        if message.payload == b"online" and not message.retain:
+            self.link.spawn(self.announce(), "mqtt-discovery")
+
+    async def announce(self) -> None:
+        mqtt = self.config.mqtt
+        assert mqtt is not None
+        configs = hass.configs(site=self.site, prefix=self.prefix,
+                               discovery_prefix=mqtt.discovery_prefix,
+                               gates=list(self.config.gates))
+        try:
+            for topic, payload in configs:
+                await self.link.publish(topic, hass.encode(payload), qos=1, retain=True,
+                                        within=EVENT_TIMEOUT)
+        except BrokerError as exc:
+            log.info("discovery not published", error=str(exc))
+            return
+        log.info("home assistant discovery published", entities=len(configs))

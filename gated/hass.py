@@ -1,0 +1,78 @@
+"""Home Assistant MQTT discovery: the site as one device, nothing to write in YAML.
+
+Per gate an ``event`` entity (granted / denied / failed, fed by the gate's
+event topic) and a ``button`` that publishes to the gate's open topic; per site
+a sensor showing the last entry. All share the site's availability topic, so
+Home Assistant greys them out when the last will says ``offline``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gated import __version__
+from gated.events import EVENT_TYPES
+
+
+def gate_event_topic(prefix: str, gate: str) -> str:
+    return f"{prefix}/gates/{gate}/event"
+
+
+def gate_open_topic(prefix: str, gate: str) -> str:
+    return f"{prefix}/gates/{gate}/open"
+
+
+def configs(*, site: str, prefix: str, discovery_prefix: str,
+            gates: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(config topic, payload) for every entity of the site."""
+    node = f"gated_{site}".replace("-", "_")
+    device = {
+        "identifiers": [node],
+        "name": f"gated {site}",
+        "manufacturer": "gated",
+        "model": "gate controller",
+        "sw_version": __version__,
+    }
+    common = {
+        "availability_topic": f"{prefix}/status",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": device,
+        "origin": {"name": "gated", "sw_version": __version__},
+    }
+    out: list[tuple[str, dict[str, Any]]] = []
+    for gate in gates:
+        out.append((f"{discovery_prefix}/event/{node}/{gate}/config", {
+            "name": f"{gate} entries",
+            "unique_id": f"{node}_{gate}_entries",
+            "state_topic": gate_event_topic(prefix, gate),
+            "event_types": list(EVENT_TYPES),
+            "icon": "mdi:gate",
+            **common,
+        }))
+        out.append((f"{discovery_prefix}/button/{node}/{gate}_open/config", {
+            "name": f"Open {gate}",
+            "unique_id": f"{node}_{gate}_open",
+            "command_topic": gate_open_topic(prefix, gate),
+            "payload_press": "open",
+            "qos": 1,
+            "retain": False,
+            "icon": "mdi:gate-open",
+            **common,
+        }))
+    out.append((f"{discovery_prefix}/sensor/{node}/last_entry/config", {
+        "name": "Last entry",
+        "unique_id": f"{node}_last_entry",
+        "state_topic": f"{prefix}/events",
+        "value_template": "{{ value_json.result }} {{ value_json.gate or '' }}",
+        "json_attributes_topic": f"{prefix}/events",
+        "icon": "mdi:account-key",
+        **common,
+    }))
+    return out
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return msgspec.json.encode(payload)

@@ -1,0 +1,165 @@
+"""Codes managed over MQTT, checked and applied to the code book one at a time.
+
+Staff publish one retained JSON message per code (the fields of a ``[[codes]]``
+entry) under ``<prefix>/codes/<id>``, or under the fleet prefix for a code
+valid at every site. Each message is checked on its own: a bad one is refused
+with a reason and the previous version of that code stays in force. Managed
+codes sit in the same book as the file's codes; a clash of ids or digits is
+refused, never merged. No I/O here: the MQTT bridge feeds messages in and
+publishes, persists and logs what comes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from gated import config as config_mod
+from gated import sitekey
+from gated.codes import CODE_RE, CodeBook, CodeClash, Credential, compile_code, number_parser
+from gated.config import CodeConfig, Config
+from gated.errors import ConfigError
+from gated.tomlpos import Key, format_path
+
+Scope = Literal["site", "fleet"]
+SCOPES: tuple[Scope, ...] = ("site", "fleet")
+ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# In a managed code's gates: every gate of the site (fleet codes mostly want this).
+ALL_GATES = "*"
+
+
+class Rejected(Exception):
+    """A managed code that cannot be applied; the message is safe to publish."""
+
+
+class NotHere(Exception):
+    """A fleet code that names none of this site's gates: nothing to apply here."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedCode:
+    scope: Scope
+    id: str
+    body: bytes = field(repr=False)  # the message as received: the local copy
+    credential: Credential
+    code: str | None = field(repr=False)  # the digits, needed to rebuild a book's digest
+    code_hash: bytes | None = field(default=None, repr=False)  # or the keyed hash
+
+    def digest(self, book: CodeBook) -> bytes:
+        if self.code is not None:
+            return book.digest(self.code)
+        assert self.code_hash is not None
+        return self.code_hash
+
+
+def _fail(key: Key, message: str) -> ConfigError:
+    return ConfigError(message, path=format_path(key))
+
+
+def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCode:
+    """Check one code message against the site's config.
+
+    Raises Rejected (with a publishable reason that never holds the digits),
+    or NotHere for a fleet code meant for other sites' gates.
+    """
+    if not ID_RE.fullmatch(code_id):
+        raise Rejected("a code id is 1 to 64 letters, digits, '_', '.' or '-'")
+    try:
+        raw: Any = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise Rejected("not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise Rejected("expected a JSON object with the fields of a [[codes]] entry")
+    raw = dict(raw)
+    if raw.get("id", code_id) != code_id:
+        raise Rejected("id: must be the id in the topic, or left out")
+    raw["id"] = code_id
+    raw.setdefault("name", code_id)
+    gates = raw.get("gates")
+    if isinstance(gates, list) and all(isinstance(g, str) for g in gates):
+        if ALL_GATES in gates:
+            raw["gates"] = list(config.gates)
+        elif scope == "fleet":
+            # A fleet code opens the gates of that name wherever they exist.
+            here = [g for g in gates if g in config.gates]
+            if gates and not here and not (raw.get("callername") or raw.get("destination")):
+                raise NotHere(f"names none of this site's gates ({', '.join(config.gates)})")
+            raw["gates"] = here
+    try:
+        code = config_mod.convert(raw, CodeConfig, (), _fail)
+        if (code.code is None) == (code.code_hash is None):
+            raise _fail(("code",), "give exactly one of code and code_hash")
+        hashed = None if code.code_hash is None else sitekey.parse_hash(code.code_hash)
+        if code.code is not None and not CODE_RE.fullmatch(code.code):
+            raise _fail(("code",), "a code is 4 to 16 digits")
+        if code.code_hash is not None and hashed is None:
+            raise _fail(("code_hash",), "expected hmac-sha256: and 64 hex digits")
+        credential = compile_code(code, (), config, config.tz,
+                                  number_parser(config.site.region, _fail), _fail,
+                                  kind="visitor")
+    except ConfigError as exc:
+        raise Rejected(str(exc)) from None
+    return ManagedCode(scope, code_id, body, credential, code.code, hashed)
+
+
+@dataclass
+class ManagedCodes:
+    """The managed codes now in force, by credential id (one namespace with the file's)."""
+
+    applied: dict[str, ManagedCode] = field(default_factory=dict)
+
+    def get(self, scope: Scope, code_id: str) -> ManagedCode | None:
+        code = self.applied.get(code_id)
+        return code if code is not None and code.scope == scope else None
+
+    def ids(self, scope: Scope) -> set[str]:
+        return {code.id for code in self.applied.values() if code.scope == scope}
+
+    def put(self, book: CodeBook, code: ManagedCode) -> ManagedCode | None:
+        """Apply ``code`` in place of its previous version; that version, or None.
+
+        Raises Rejected when it clashes with another credential; the previous
+        version then stays in force.
+        """
+        previous = self.applied.get(code.id)
+        if previous is not None and previous.scope != code.scope:
+            raise Rejected(f"id {code.id!r} is already used by a {previous.scope} code")
+        if previous is not None:
+            book.remove_code(previous.id)
+        try:
+            book.add_code(code.credential, code.digest(book))
+        except CodeClash as exc:
+            if previous is not None:
+                book.add_code(previous.credential, previous.digest(book))
+            raise Rejected(str(exc)) from None
+        self.applied[code.id] = code
+        return previous
+
+    def delete(self, book: CodeBook, scope: Scope, code_id: str) -> ManagedCode | None:
+        """Withdraw a code; the one withdrawn, or None if it was not in force."""
+        code = self.get(scope, code_id)
+        if code is None:
+            return None
+        book.remove_code(code_id)
+        del self.applied[code_id]
+        return code
+
+    def rebase(self, book: CodeBook, config: Config) -> list[tuple[ManagedCode, str]]:
+        """Apply every managed code to a freshly loaded book (a config reload).
+
+        Codes that no longer fit (a new file code took their digits or id, or
+        their gate is gone) are dropped and returned with the reason.
+        """
+        dropped: list[tuple[ManagedCode, str]] = []
+        current, self.applied = self.applied, {}
+        for old in current.values():
+            try:
+                # Compiled again: the site's time zone or region may have changed.
+                code = parse(old.scope, old.id, old.body, config)
+                self.put(book, code)
+            except (Rejected, NotHere) as exc:
+                dropped.append((old, str(exc)))
+        return dropped

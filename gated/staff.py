@@ -1,0 +1,284 @@
+"""``gated codes put|rm|ls --broker``: staff manage codes on the broker with the daemon's config.
+
+A code is one retained JSON message under ``<prefix>/codes/<id>`` (``--fleet``:
+the fleet prefix). ``put`` checks it here first, with the same rules gated
+applies, then waits briefly for gated's verdict on the code's error topic.
+Digits are printed only when gated made them up (``put`` without ``--code``)
+or when asked (``ls --show-codes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from gated import config as config_mod
+from gated.config import Config
+from gated.errors import GatedError
+from gated.managed import NotHere, Rejected, Scope, parse
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+DEFAULT_WAIT = 5.0
+
+
+class StaffError(GatedError):
+    """A staff command could not do what was asked; the message says why."""
+
+
+def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
+    """Register ``codes put|rm`` (the broker's codes) beside the local actions."""
+
+    def action(name: str, helptext: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = actions.add_parser(name, help=helptext,
+                                                        description=helptext, parents=[common])
+        p.add_argument("--fleet", action="store_true",
+                       help="under [mqtt] fleet_prefix: a code for every site")
+        return p
+
+    p = action("put", "publish a code to the broker (new or changed) and wait for gated's "
+                      "verdict")
+    p.add_argument("id", help="the code's id: letters, digits, _ . -")
+    p.add_argument("--code", help="the digits (default: make up --digits random ones)")
+    p.add_argument("--digits", type=int, default=6, help="length of a made-up code")
+    p.add_argument("--gates", nargs="+", default=[],
+                   help="gates it opens (space or comma separated; * for all); none "
+                        "for a route-only code with --callername/--destination")
+    p.add_argument("--name", help="who or what it is for (default: the id)")
+    p.add_argument("--valid-from", help="ISO time, e.g. 2026-12-01T07:00 (site time)")
+    p.add_argument("--valid-until", help="ISO time, e.g. 2026-12-24T18:00 (site time)")
+    p.add_argument("--schedule", action="append", default=[],
+                   help='weekly window, e.g. "mon-fri 07:00-18:00" (repeatable)')
+    p.add_argument("--max-uses", type=int)
+    p.add_argument("--callers", nargs="+", default=[], help="only from these numbers")
+    p.add_argument("--callername", default="", help="shown to the PBX on success")
+    p.add_argument("--destination", default="", help="where the PBX routes the call")
+    p.add_argument("--wait", type=float, default=DEFAULT_WAIT,
+                   help="seconds to wait for gated's verdict (0: do not wait)")
+    p.set_defaults(func=cmd_put)
+
+    p = action("rm", "delete a code from the broker (an empty retained message)")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_rm)
+
+
+def _site(args: argparse.Namespace) -> tuple[config_mod.Loaded, Config]:
+    loaded = config_mod.load(args.config or config_mod.default_path())
+    if loaded.config.mqtt is None:
+        raise StaffError(f"{loaded.path} has no [mqtt] table: codes live on the broker")
+    return loaded, loaded.config
+
+
+def _base(config: Config, fleet: bool) -> tuple[Scope, str]:
+    if not fleet:
+        return "site", config.mqtt_prefix
+    assert config.mqtt is not None
+    if config.mqtt.fleet_prefix is None:
+        raise StaffError("--fleet needs [mqtt] fleet_prefix in the config")
+    return "fleet", config.mqtt.fleet_prefix
+
+
+def _client_id(config: Config) -> str:
+    return f"gated-cli-{config.site.id}-{secrets.token_hex(4)}"
+
+
+def _ca_file(loaded: config_mod.Loaded) -> Any:
+    mqtt = loaded.config.mqtt
+    assert mqtt is not None
+    return config_mod.resolve(loaded.path, mqtt.tls_ca) if mqtt.tls_ca else None
+
+
+def _time(text: str | None, option: str) -> str | None:
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise StaffError(f"{option}: not an ISO time: {text!r}") from None
+    if "T" not in text and " " not in text:
+        raise StaffError(f"{option}: give a time too, e.g. {text}T18:00")
+    return moment.isoformat()
+
+
+def build_body(args: argparse.Namespace, code: str) -> dict[str, Any]:
+    gates = [g for item in args.gates for g in item.split(",") if g]
+    body: dict[str, Any] = {"name": args.name or args.id, "code": code, "gates": gates}
+    optional = {
+        "valid_from": _time(args.valid_from, "--valid-from"),
+        "valid_until": _time(args.valid_until, "--valid-until"),
+        "schedule": args.schedule, "max_uses": args.max_uses, "callers": args.callers,
+        "callername": args.callername, "destination": args.destination,
+    }
+    body.update({k: v for k, v in optional.items() if v not in (None, "", [])})
+    return body
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    loaded, config = _site(args)
+    scope, base = _base(config, args.fleet)
+    made_up = args.code is None
+    if made_up and not 4 <= args.digits <= 16:
+        raise StaffError("--digits: a code is 4 to 16 digits")
+    code = args.code or "".join(secrets.choice("0123456789") for _ in range(args.digits))
+    body = json.dumps(build_body(args, code), ensure_ascii=False).encode()
+    try:
+        parse(scope, args.id, body, config)
+    except Rejected as exc:
+        print(f"not published: {exc}")
+        return 2
+    except NotHere:
+        print(f"note: no gate of that name at site {config.site.id}; other sites may have one")
+    topic = f"{base}/codes/{args.id}"
+    error_topic = (f"{topic}/error" if scope == "site"
+                   else f"{topic}/error/{config.site.id}")
+
+    async def run() -> int:
+        from gated.mqtt import connect
+
+        assert config.mqtt is not None
+        async with connect(config.mqtt, _client_id(config), ca_file=_ca_file(loaded)) as client:
+            await client.subscribe(error_topic, qos=1)
+            await client.publish(topic, body, qos=1, retain=True)
+            print(f"published {topic}")
+            if made_up:
+                print(f"code: {code}")
+            if args.wait <= 0:
+                return 0
+            return await _verdict(client, error_topic, args.wait, config.site.id)
+
+    return asyncio.run(run())
+
+
+async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: str) -> int:
+    try:
+        async with asyncio.timeout(wait):
+            async for message in client.messages:
+                if message.retain:
+                    continue  # a refusal of some earlier version
+                payload = bytes(message.payload)
+                if not payload:
+                    print(f"applied by gated at site {site}")
+                    return 0
+                reason = json.loads(payload).get("error", payload.decode(errors="replace"))
+                print(f"refused by gated at site {site}: {reason}")
+                return 1
+    except TimeoutError:
+        pass
+    print(f"no word from gated at site {site} within {wait:g}s; the code is retained "
+          "on the broker and applied when gated connects")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    loaded, config = _site(args)
+    _scope, base = _base(config, args.fleet)
+    topic = f"{base}/codes/{args.id}"
+
+    async def run() -> int:
+        from gated.mqtt import connect, read_retained
+
+        assert config.mqtt is not None
+        client_id = _client_id(config)
+        async with connect(config.mqtt, client_id, ca_file=_ca_file(loaded)) as client:
+            found, complete = await read_retained(
+                client, [topic], marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
+            await client.publish(topic, b"", qos=1, retain=True)
+        if complete and not found:
+            print(f"{topic} was not on the broker; nothing to delete")
+            return 1
+        print(f"deleted {topic}")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    loaded, config = _site(args)
+    assert config.mqtt is not None
+    bases: list[tuple[Scope, str]] = [("site", config.mqtt_prefix)]
+    if config.mqtt.fleet_prefix is not None:
+        bases.append(("fleet", config.mqtt.fleet_prefix))
+    if args.fleet:
+        bases = [_base(config, True)]
+
+    async def run() -> tuple[list[Any], bool]:
+        from gated.mqtt import connect, read_retained
+
+        assert config.mqtt is not None
+        client_id = _client_id(config)
+        filters = [f"{base}/codes/{suffix}" for _, base in bases
+                   for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
+        async with connect(config.mqtt, client_id, ca_file=_ca_file(loaded)) as client:
+            return await read_retained(client, filters,
+                                       marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
+
+    found, complete = asyncio.run(run())
+    rows = _rows(found, bases, show_codes=args.show_codes)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    elif not rows:
+        print("no codes on the broker")
+    else:
+        _print_table(rows)
+    if not complete:
+        print("(the broker did not confirm the end of the list; it may be incomplete)")
+    return 0
+
+
+def _rows(found: list[Any], bases: list[tuple[Scope, str]], *,
+          show_codes: bool) -> list[dict[str, Any]]:
+    codes: dict[tuple[str, str], dict[str, Any]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for message in found:
+        for scope, base in bases:
+            rest = message.topic.removeprefix(f"{base}/codes/")
+            if rest == message.topic:
+                continue
+            code_id, _, tail = rest.partition("/")
+            if not tail:
+                try:
+                    fields = json.loads(message.payload)
+                except ValueError:
+                    fields = {"unreadable": True}
+                if not isinstance(fields, dict):
+                    fields = {"unreadable": True}
+                if not show_codes:
+                    fields.pop("code", None)
+                codes[(scope, code_id)] = {"scope": scope, "id": code_id, **fields}
+            elif message.payload:
+                try:
+                    errors[(scope, code_id)] = json.loads(message.payload).get("error", "")
+                except (ValueError, AttributeError):
+                    errors[(scope, code_id)] = message.payload.decode(errors="replace")
+    for key, error in errors.items():
+        if key in codes:
+            codes[key]["refused"] = error
+    return [codes[key] for key in sorted(codes)]
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    header = ["scope", "id", "name", "gates", "valid_until", "max_uses", "schedule"]
+    if any("code" in row for row in rows):
+        header.insert(2, "code")
+    lines = [header]
+    for row in rows:
+        cells = []
+        for key in header:
+            value = row.get(key, "")
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            cells.append("-" if value in ("", None) else str(value))
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    for row in rows:
+        if "refused" in row:
+            print(f"! {row['scope']} {row['id']}: gated refused the latest version: "
+                  f"{row['refused']}")

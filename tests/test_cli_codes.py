@@ -1,0 +1,122 @@
+"""``gated codes put|rm|ls`` against a real broker and a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gated.cli import main
+
+from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
+from .helpers import BARRIER, DOOR, write_config
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+async def gated(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run the command line in a thread (it runs its own event loop); (exit code, stdout)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))
+    # The daemon in the same process logs to stdout too; keep the tool's lines.
+    out = capsys.readouterr().out
+    return code, "".join(line for line in out.splitlines(keepends=True)
+                         if not LOG_LINE.match(line))
+
+
+async def test_put_ls_rm_round_trip(broker: Mosquitto, start_daemon: Any, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """put publishes and reports gated's verdict; ls lists without digits unless asked;
+    rm deletes; the webhook answers follow each step."""
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    config = str(tmp_path / "gated.toml")
+    code, out = await gated(capsys, "-c", config, "codes", "put", "visitor-1", "--code",
+                            "246810", "--gates", "barrier,door", "--name", "Jan's visitor",
+                            "--valid-until", "2099-12-24T18:00", "--max-uses", "3")
+    assert code == 0, out
+    assert out.splitlines() == ["published gated/test/codes/visitor-1",
+                                "applied by gated at site test"]
+    assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
+
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker")
+    assert code == 0
+    assert "visitor-1" in out and "Jan's visitor" in out and "2099-12-24T18:00:00" in out
+    assert "246810" not in out
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--show-codes")
+    assert "246810" in out
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--json")
+    (listed,) = [json.loads(line) for line in out.splitlines()]
+    assert listed == {"scope": "site", "id": "visitor-1", "name": "Jan's visitor",
+                      "gates": ["barrier", "door"], "valid_until": "2099-12-24T18:00:00",
+                      "max_uses": 3}
+
+    code, out = await gated(capsys, "-c", config, "codes", "rm", "visitor-1")
+    assert (code, out.strip()) == (0, "deleted gated/test/codes/visitor-1")
+    bridge = running.daemon.bridge
+    await eventually(lambda: bridge.codes.get("site", "visitor-1") is None)
+    assert await running.get(code="246810", did=DOOR) == (200, "status=NAK")
+    code, out = await gated(capsys, "-c", config, "codes", "rm", "visitor-1")
+    assert code == 1 and "was not on the broker" in out
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker")
+    assert out.strip() == "no codes on the broker"
+
+
+async def test_made_up_code_is_printed_once_and_works(broker: Mosquitto, start_daemon: Any,
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """put without --code makes up random digits and prints them; they open the gate."""
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    code, out = await gated(capsys, "-c", str(tmp_path / "gated.toml"), "codes", "put",
+                            "courier", "--gates", "barrier", "--digits", "8")
+    assert code == 0, out
+    (digits,) = re.findall(r"^code: (\d{8})$", out, re.MULTILINE)
+    assert await running.get(code=digits, did=BARRIER) == (200, "status=ACK")
+
+
+async def test_put_reports_refusals_from_here_and_from_gated(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A code this config already shows is wrong is not published; one only gated can
+    refuse (digits taken) is published and the refusal reported, exit 1."""
+    await probe.subscribe("gated/test/codes/#")
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    config = str(tmp_path / "gated.toml")
+    code, out = await gated(capsys, "-c", config, "codes", "put", "v", "--code", "246810",
+                            "--gates", "nowhere")
+    assert (code, out.strip()) == (2, "not published: gates[0]: no gate named 'nowhere'")
+    code, out = await gated(capsys, "-c", config, "codes", "put", "v", "--code", "5555",
+                            "--gates", "barrier")
+    assert code == 1
+    assert out.splitlines()[-1] == ("refused by gated at site test: these digits are "
+                                    "already another credential's code")
+    assert [m.topic for m in probe.on("gated/test/codes/+")] == ["gated/test/codes/v"]
+
+
+async def test_put_with_no_daemon_says_so(broker: Mosquitto, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """With gated away the code is still published (retained) and the tool says so."""
+    path = write_config(tmp_path, mqtt_table(broker))
+    code, out = await gated(capsys, "-c", str(path), "codes", "put", "v", "--code", "246810",
+                            "--gates", "barrier", "--wait", "0.3")
+    assert code == 0
+    assert "no word from gated at site test within 0.3s" in out
+
+
+async def test_broker_down_is_a_clear_error(broker: Mosquitto, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """No broker: one line naming it, exit 2, no traceback."""
+    path = write_config(tmp_path, mqtt_table(broker))
+    broker.stop()
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["-c", str(path), "codes", "ls", "--broker"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: MQTT broker 127.0.0.1:{broker.port}:")

@@ -1,0 +1,282 @@
+"""Codes managed over MQTT, observed the way a caller sees them: webhook answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gated.config import parse
+from gated.managed import ManagedCodes, NotHere, Rejected
+from gated.managed import parse as parse_code
+from gated.store import MIGRATIONS, SCHEMA_VERSION, Store
+
+from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
+from .helpers import BARRIER, DOOR, config_text
+
+PREFIX = "gated/test"
+ERRORS = f"{PREFIX}/codes/+/error"
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+async def put(probe: Probe, code_id: str, payload: bytes, *, topic: str = PREFIX) -> Any:
+    """Publish a code as staff do (retained) and wait for gated's verdict: None or the error."""
+    error_topic = f"{topic}/codes/{code_id}/error" + ("/test" if topic != PREFIX else "")
+    before = len(probe.on(error_topic))
+    await probe.publish(f"{topic}/codes/{code_id}", payload, retain=True)
+    verdicts = await probe.wait_for(error_topic, before + 1)
+    verdict = verdicts[-1]
+    assert verdict.retain is False  # a live verdict, not an old one the broker kept
+    return verdict.json() if verdict.payload else None
+
+
+async def test_code_put_changed_deleted_and_invalid(broker: Mosquitto, probe: Probe,
+                                                   start_daemon: Any) -> None:
+    """A code published over MQTT opens; a new version replaces it; a bad version is
+    refused with a reason and the previous one stays; an empty message deletes it; the
+    digits appear in no log line."""
+    with capture_logs() as logs:
+        await _put_change_delete(broker, probe, start_daemon)
+    assert any(e["event"] == "managed code applied" for e in logs)
+    assert not {"246810", "135790", "999999"} & set(re.findall(r"\d{6}", repr(logs)))
+
+
+async def _put_change_delete(broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
+
+    assert await put(probe, "visitor-1", body(name="Visitor", code="246810",
+                                              gates=["barrier"], callername="Hello")) is None
+    assert await running.get(code="246810", did=BARRIER) == (
+        200, "status=ACK&callername=Hello")
+    assert await running.get(code="246810", did=DOOR) == (200, "status=NAK")
+
+    assert await put(probe, "visitor-1", body(name="Visitor", code="135790",
+                                              gates=["barrier", "door"])) is None
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="135790", did=DOOR) == (200, "status=ACK")
+
+    for bad, reason in [
+        (body(code="12", gates=["barrier"]), "code: a code is 4 to 16 digits"),
+        (body(code="999999", gates=["nowhere"]), "gates[0]: no gate named 'nowhere'"),
+        (body(code="999999", gates=["barrier"], colour="red"), "colour: unknown key"),
+        (body(code=999999, gates=["barrier"]), "code: Expected `str | null`, got `int`"),
+        (b"{not json", "not valid JSON"),
+        (body(code="999999", gates=["barrier"], valid_from="2026-02-01T00:00:00",
+              valid_until="2026-01-01T00:00:00"), "valid_until: must be after valid_from"),
+    ]:
+        error = await put(probe, "visitor-1", bad)
+        assert error["error"] == reason
+        assert (error["id"], error["scope"], error["site"]) == ("visitor-1", "site", "test")
+        assert "999999" not in json.dumps(error)
+        assert await running.get(code="135790", did=DOOR) == (200, "status=ACK")
+
+    # Deleting clears the standing refusal too.
+    assert await put(probe, "visitor-1", b"") is None
+    assert await running.get(code="135790", did=DOOR) == (200, "status=NAK")
+    granted = [e for e in entries(running) if e.status == "ACK"]
+    assert {(e.credential, e.credential_id, e.kind, e.reason) for e in granted} == {
+        ("Visitor", "visitor-1", "visitor", "granted_visitor")}
+
+
+async def test_clash_with_a_file_code_is_refused_not_merged(broker: Mosquitto, probe: Probe,
+                                                           start_daemon: Any) -> None:
+    """Digits or an id already used in the file are reported, and the file's code stays."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    error = await put(probe, "sneaky", body(code="5555", gates=["barrier", "door"]))
+    assert error["error"] == "these digits are already another credential's code"
+    error = await put(probe, "Demo", body(code="424242", gates=["barrier"]))
+    assert error["error"] == "id 'Demo' is already used by another credential"
+    assert await running.get(code="5555", did=DOOR) == (200, "status=NAK")  # wrong_gate
+    assert await running.get(code="424242", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
+    assert entries(running)[-1].credential == "Barrier only"
+
+
+async def test_restart_with_the_broker_down_keeps_managed_codes(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """Managed codes live on in the local copy: a restart without a broker still opens."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "visitor-1", body(code="246810", gates=["barrier"])) is None
+    await running.stop()
+    await probe.disconnect()
+    broker.stop()
+
+    again = await start_daemon(mqtt_table(broker))
+    assert not again.daemon.link.connected
+    assert await again.get(code="246810", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_code_deleted_while_away_is_withdrawn_on_reconnect(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """A delete leaves nothing retained to receive; gated notices the absence once in sync."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "gone", body(code="246810", gates=["barrier"])) is None
+    assert await put(probe, "kept", body(code="135790", gates=["barrier"])) is None
+    await running.stop()
+    await probe.publish(f"{PREFIX}/codes/gone", b"", retain=True)
+
+    again = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(again)
+    assert await again.get(code="246810", did=BARRIER) == (200, "status=NAK")
+    assert await again.get(code="135790", did=BARRIER) == (200, "status=ACK")
+    await again.daemon.gatekeeper.store.flush()
+    store = again.daemon.gatekeeper.store.path
+    assert [r[0] for r in sqlite3.connect(store).execute("SELECT id FROM managed_codes")] == [
+        "kept"]
+
+
+async def test_fleet_codes_open_at_every_site(broker: Mosquitto, probe: Probe,
+                                              start_daemon: Any) -> None:
+    """A code under the fleet prefix applies here too; one for other sites' gates does not;
+    a site code may not take a fleet code's id."""
+    fleet = "gated/fleet"
+    await probe.subscribe(ERRORS, f"{fleet}/codes/+/error/test")
+    running = await start_daemon(mqtt_table(broker, f'fleet_prefix = "{fleet}"'))
+    await mqtt_ready(running)
+    assert await put(probe, "courier", body(code="808080", gates=["*"]), topic=fleet) is None
+    assert await running.get(code="808080", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="808080", did=DOOR) == (200, "status=ACK")
+
+    await probe.publish(f"{fleet}/codes/elsewhere", body(code="717171", gates=["zuid-gate"]),
+                        retain=True)
+    # Handled in order: by the time this verdict arrives, "elsewhere" was seen.
+    error = await put(probe, "courier", body(code="909090", gates=["barrier"]))
+    assert error["error"] == "id 'courier' is already used by a fleet code"
+    assert await running.get(code="717171", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="909090", did=BARRIER) == (200, "status=NAK")
+    assert running.daemon.bridge.codes.get("fleet", "elsewhere") is None
+    assert probe.on(f"{fleet}/codes/elsewhere/error/test") == []
+
+
+async def test_reload_keeps_managed_codes_and_reports_new_clashes(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Any) -> None:
+    """A file reload carries managed codes over; one whose digits the file now takes is
+    dropped and reported."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "visitor-1", body(code="246810", gates=["barrier"])) is None
+    extra = mqtt_table(broker) + '[[codes]]\nname = "New"\ncode = "112233"\ngates = ["door"]\n'
+    (tmp_path / "gated.toml").write_text(config_text(tmp_path, extra))
+    assert await running.daemon.reload("test")
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="112233", did=DOOR) == (200, "status=ACK")
+
+    extra += '[[codes]]\nname = "Taker"\ncode = "246810"\ngates = ["door"]\n'
+    (tmp_path / "gated.toml").write_text(config_text(tmp_path, extra))
+    before = len(probe.on(f"{PREFIX}/codes/visitor-1/error"))
+    assert await running.daemon.reload("test")
+    (*_, error) = await probe.wait_for(f"{PREFIX}/codes/visitor-1/error", before + 1)
+    assert error.json()["error"] == "these digits are already another credential's code"
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
+
+
+async def test_deleting_a_code_resets_its_uses(broker: Mosquitto, probe: Probe,
+                                               start_daemon: Any) -> None:
+    """A single-use code issued again under the same id after a delete works once more."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    once = body(code="246810", gates=["barrier"], max_uses=1)
+    assert await put(probe, "visitor-1", once) is None
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
+    await probe.publish(f"{PREFIX}/codes/visitor-1", b"", retain=True)
+    bridge = running.daemon.bridge
+    await eventually(lambda: bridge.codes.get("site", "visitor-1") is None)
+    assert await put(probe, "visitor-1", once) is None
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=ACK")
+
+
+# -- the pure part ------------------------------------------------------------------
+
+
+def site_config(tmp_path: Any) -> Any:
+    config, _book = parse(config_text(tmp_path))
+    return config
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"[1, 2]", "expected a JSON object with the fields of a [[codes]] entry"),
+        (body(code="123456", gates=["barrier"], id="other"),
+         "id: must be the id in the topic, or left out"),
+        (body(code="123456"), "gates: a code needs gates to open, or callername/destination "
+                              "to route"),
+        (body(code="123456", gates=["barrier"], schedule=["someday"]), "schedule:"),
+        (body(code="123456", gates=["barrier"], callers=["not a number"]), "callers[0]:"),
+        (body(code="123456", gates=["barrier"], max_uses=0), "max_uses: Expected `int` >= 1"),
+    ],
+)
+def test_refusals_name_the_field_and_never_the_digits(tmp_path: Any, payload: bytes,
+                                                      error: str) -> None:
+    """Each refusal says which field is wrong, in words safe to publish."""
+    with pytest.raises(Rejected) as caught:
+        parse_code("site", "visitor-1", payload, site_config(tmp_path))
+    assert str(caught.value).startswith(error)
+    assert "123456" not in str(caught.value)
+
+
+def test_bad_ids_and_foreign_fleet_codes(tmp_path: Any) -> None:
+    """Ids outside the allowed characters are refused; a fleet code for other gates is
+    NotHere; '*' means every gate of this site."""
+    config = site_config(tmp_path)
+    with pytest.raises(Rejected, match="code id"):
+        parse_code("site", "a b", body(code="123456", gates=["barrier"]), config)
+    with pytest.raises(NotHere):
+        parse_code("fleet", "x", body(code="123456", gates=["zuid"]), config)
+    everywhere = parse_code("fleet", "x", body(code="123456", gates=["*"]), config)
+    assert everywhere.credential.gates == {"barrier", "door"}
+    mixed = parse_code("fleet", "x", body(code="123456", gates=["zuid", "door"]), config)
+    assert mixed.credential.gates == {"door"}
+    assert "123456" not in repr(everywhere)
+
+
+def test_a_refused_replacement_keeps_the_previous_version(tmp_path: Any) -> None:
+    """put() that clashes restores the code it was replacing."""
+    config, book = parse(config_text(tmp_path))
+    codes = ManagedCodes()
+    first = parse_code("site", "v", body(code="246810", gates=["barrier"]), config)
+    codes.put(book, first)
+    clash = parse_code("site", "v", body(code="5555", gates=["barrier"]), config)
+    with pytest.raises(Rejected):
+        codes.put(book, clash)
+    assert book.codes[book.digest("246810")].id == "v"
+    assert codes.get("site", "v") is first
+
+
+def test_a_schema_1_store_gains_the_local_copy_table(tmp_path: Any) -> None:
+    """An entry store written by the previous schema opens, keeps its rows, and can hold
+    managed codes."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[0] + "INSERT INTO entries (time, status, reason) "
+                      "VALUES (1.0, 'ACK', 'granted_code'); PRAGMA user_version = 1;")
+    old.close()
+    store = Store.open(path)
+    try:
+        assert store.load_codes() == []
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT count(*) FROM entries").fetchone() == (1,)
+        conn.close()
+    finally:
+        store.close()
