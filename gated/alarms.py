@@ -1,15 +1,16 @@
-"""Alarms are log events that carry ``alarm=<kind>``; this forwards them onwards.
+"""Alarms: things a person should know about now, logged and passed on.
 
-Every alarm (a lock, an unlock, a failing store, a stuck relay, a held-open
-gate) is logged where it happens, with an ``alarm`` field. One structlog
-processor hands those events to subscribers — the MQTT link publishes them —
-so no alarm needs a second code path to reach the broker.
+An alarm (a lock begun or ended, a failing store, a relay that would not
+release, a gate held or forced open) is logged where it happens, with an
+``alarm`` field, and handed to every subscriber — the MQTT bridge publishes
+it on ``<prefix>/alarms``. Subscribers may be called from any thread.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, MutableMapping
+import time
+from collections.abc import Callable
 from typing import Any
 
 Subscriber = Callable[[dict[str, Any]], None]
@@ -19,7 +20,7 @@ _subscribers: list[Subscriber] = []
 
 
 def subscribe(subscriber: Subscriber) -> Callable[[], None]:
-    """Receive every alarm event (from any thread); returns the unsubscribe call."""
+    """Receive every alarm; returns the call that unsubscribes."""
     with _lock:
         _subscribers.append(subscriber)
 
@@ -31,12 +32,15 @@ def subscribe(subscriber: Subscriber) -> Callable[[], None]:
     return unsubscribe
 
 
-def forward(_logger: Any, _method: str, event: MutableMapping[str, Any]
-            ) -> MutableMapping[str, Any]:
-    """structlog processor: pass alarm events to the subscribers, unchanged."""
-    if event.get("alarm"):
-        with _lock:
-            subscribers = list(_subscribers)
-        for subscriber in subscribers:
+def alarm(logger: Any, kind: str, message: str | None = None, *, level: str = "warning",
+          **fields: Any) -> None:
+    """Log ``kind`` (with ``alarm=kind``) and pass it to the subscribers."""
+    getattr(logger, level)(message or kind, alarm=kind, **fields)
+    event = {"alarm": kind, "time": time.time(), **fields}
+    with _lock:
+        subscribers = list(_subscribers)
+    for subscriber in subscribers:
+        try:
             subscriber(dict(event))
-    return event
+        except Exception:  # an alarm must never break the code that raised it
+            logger.exception("alarm subscriber failed", alarm=kind)

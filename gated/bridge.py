@@ -11,6 +11,9 @@ docs/mqtt.md:
   ``codes/<id>/error`` (retained, cleared once a good version is applied).
   Under ``[mqtt] fleet_prefix`` the same, for codes valid at every site, with
   refusals on ``<fleet>/codes/<id>/error/<site-id>``.
+- ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
+  their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
+  ``relay_stuck``, ``held_open``, ``forced_open``), not retained.
 - ``sync``: a marker gated sends itself after subscribing; when it comes
   back, every retained code has arrived, and codes deleted while gated was
   away (an empty retained message leaves nothing to receive) are withdrawn.
@@ -19,15 +22,18 @@ docs/mqtt.md:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
+import json
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from gated import events, hass
+from gated import alarms, events, hass
 from gated.config import Config
 from gated.decide import Changes
 from gated.errors import BrokerError
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gated.bridge")
 
+# Managed codes issued by `gated codes issue` (see gated.manage).
+VISITOR_PREFIX = "v-"
 SYNC_TIMEOUT = 10.0
 EVENT_TIMEOUT = 5.0
 # Events waiting for the broker beyond this are dropped (the entry store has
@@ -66,6 +74,7 @@ class Bridge:
         self._synced = asyncio.Event()
         self.synced_connections = 0  # connections whose retained codes are all in
         self._closed = False
+        self._unsubscribe_alarms: Callable[[], None] = lambda: None
 
     # -- topics -------------------------------------------------------------------
 
@@ -100,6 +109,14 @@ class Bridge:
         link.on_connect(self._connected)
         if mqtt.events:
             self.gatekeeper.listeners.append(self._on_entry)
+        loop = asyncio.get_running_loop()
+
+        def from_any_thread(event: dict[str, Any]) -> None:
+            # Alarms come from relay timer threads too: hop onto the loop.
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to do
+                loop.call_soon_threadsafe(self._on_alarm, event)
+
+        self._unsubscribe_alarms = alarms.subscribe(from_any_thread)
 
     def load_local(self) -> None:
         """Apply the local copy of managed codes: the site works with the broker down."""
@@ -129,6 +146,7 @@ class Bridge:
     async def close(self, within: float) -> None:
         """Stop taking entries; give remote opens and events ``within`` seconds to finish."""
         self._closed = True  # from here on, opens and codes from the broker are ignored
+        self._unsubscribe_alarms()
         if self._on_entry in self.gatekeeper.listeners:
             self.gatekeeper.listeners.remove(self._on_entry)
         await self.link.drain(within)
@@ -295,6 +313,33 @@ class Bridge:
             log.info("event not published", error=str(exc))
         finally:
             self._pending_events -= 1
+
+    def prune_visitors(self, before: float) -> int:
+        """Delete from the broker the visitor codes (ids ``v-…``) that expired before
+        ``before``; the deletion comes back and withdraws them here too."""
+        if not self.link.connected:
+            return 0
+        expired = [code for code in self.codes.applied.values()
+                   if code.scope == "site" and code.id.startswith(VISITOR_PREFIX)
+                   and code.credential.valid_until is not None
+                   and code.credential.valid_until < before]
+        for code in expired:
+            self.link.spawn(self._publish_quietly(self.code_topic("site", code.id), b"",
+                                                  retain=True), "mqtt-prune")
+        return len(expired)
+
+    # -- alarms -----------------------------------------------------------------------------
+
+    def _on_alarm(self, event: dict[str, Any]) -> None:
+        """Publish an alarm on <prefix>/alarms (not retained: it is news, not state)."""
+        if not self.link.connected:
+            self.events_dropped += 1
+            return
+        moment = dt.datetime.fromtimestamp(event.pop("time"), self.config.tz)
+        payload = json.dumps({"time": moment.isoformat(timespec="milliseconds"),
+                              "site": self.site, **event}, default=str).encode()
+        self.link.spawn(self._publish_quietly(f"{self.prefix}/alarms", payload, retain=False),
+                        "mqtt-alarm")
 
     # -- Home Assistant --------------------------------------------------------------------
 

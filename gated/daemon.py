@@ -23,8 +23,8 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
+from gated import alarms, visitors
 from gated import config as config_mod
-from gated import visitors
 from gated.app import REQUEST_LIMITS, make_app
 from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
@@ -124,6 +124,9 @@ class Daemon:
             gatekeeper.listeners.append(metrics.entry)
             gatekeeper.lock_listeners.append(metrics.lock)
             metrics.watch(gatekeeper, self.sensors)
+            link = self.link
+            if link is not None:
+                metrics.mqtt_connected.set_function(lambda: float(link.connected))
             metrics_runner = web.AppRunner(make_metrics_app(metrics, self.problem),
                                            handle_signals=False, access_log=None)
         loop = asyncio.get_running_loop()
@@ -285,6 +288,9 @@ class Daemon:
                     keep = self.loaded.config.visitors.keep_expired
                     if removed := await store.call(prune_visitors, now - keep):
                         log.info("expired visitor codes pruned", count=removed)
+                    if self.bridge is not None and (removed := self.bridge.prune_visitors(
+                            now - keep)):
+                        log.info("expired visitor codes deleted from the broker", count=removed)
             except sqlite3.Error as exc:
                 # The writer raises the store alarm; here it is enough to try again.
                 log.debug("housekeeping could not read the store", error=str(exc))
@@ -294,7 +300,7 @@ class Daemon:
                     table.install(step, await asyncio.to_thread(table.build, step))
             for key in gatekeeper.ledger.lockout.ended(now):
                 kind = "site_unlocked" if key == SITE else "caller_unlocked"
-                log.warning(kind, key=key, alarm=kind)
+                alarms.alarm(log, kind, key=key)
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def _watchdog(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gated import alarms
 from gated.actuators import Actuator
 from gated.clock import Clock
 from gated.codes import CodeBook
@@ -90,7 +91,7 @@ class Gatekeeper:
         await self._record(entry, changes, started)
         if changes is not None:
             for lock in changes.locks:
-                log.warning(lock.kind, key=lock.key, seconds=lock.seconds, alarm=lock.kind)
+                alarms.alarm(log, lock.kind, key=lock.key, seconds=lock.seconds)
                 for on_lock in self.lock_listeners:
                     try:
                         on_lock(lock)

@@ -8,8 +8,6 @@ from typing import Any
 
 import structlog
 
-from gated import alarms
-
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
     """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
@@ -23,7 +21,6 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        alarms.forward,
     ]
     if json_lines:
         # Never show_locals: a handler's locals hold the token and the code.

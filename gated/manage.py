@@ -7,6 +7,7 @@ import datetime as dt
 import getpass
 import json
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
     now = time.time()
     start = parse_time(args.start, config.tz) if args.start else None
     until = (start or now) + parse_duration(args.valid)
+    if config.mqtt is not None and not args.local:
+        return _issue_on_broker(args, loaded, start, until)
     conn = connect(loaded.store_path)
     try:
         migrate(conn)
@@ -71,6 +74,31 @@ def cmd_issue(args: argparse.Namespace) -> int:
           f"valid until {when}{uses} (id {issued.row.id}; the digits are not stored, "
           "note them now)", file=sys.stderr)
     return 0
+
+
+def _issue_on_broker(args: argparse.Namespace, loaded: config_mod.Loaded,
+                     start: float | None, until: float) -> int:
+    """With [mqtt], a visitor code is a managed code like any other (id ``v-…``),
+    published as a keyed hash, so every tool that lists the broker's codes sees it."""
+    from gated import staff
+    from gated.bridge import VISITOR_PREFIX
+
+    tz = loaded.config.tz
+    length = args.length or loaded.config.visitors.length
+    code = f"{secrets.randbelow(10 ** length):0{length}d}"
+    fields: dict[str, object] = {
+        "name": args.name, "code": code, "gates": _gates(args.gates),
+        "valid_until": dt.datetime.fromtimestamp(until, tz).isoformat(),
+    }
+    if start is not None:
+        fields["valid_from"] = dt.datetime.fromtimestamp(start, tz).isoformat()
+    if args.uses:
+        fields["max_uses"] = args.uses
+    for key in ("callername", "destination"):
+        if getattr(args, key):
+            fields[key] = getattr(args, key)
+    return staff.publish(loaded, "site", f"{VISITOR_PREFIX}{secrets.token_hex(4)}", fields,
+                         code, show_code=True, wait=5.0)
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
@@ -195,6 +223,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--length", type=int, help="digits (default [visitors] length)")
     p.add_argument("--callername", default="")
     p.add_argument("--destination", default="")
+    p.add_argument("--local", action="store_true",
+                   help="keep it in this machine's store even when [mqtt] is configured")
     p.set_defaults(func=cmd_issue)
 
     p = codes_sub.add_parser("hash", parents=[common],

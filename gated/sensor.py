@@ -22,6 +22,7 @@ import structlog
 from gpiozero import DigitalInputDevice, GPIOZeroError
 from gpiozero.pins.mock import MockFactory
 
+from gated import alarms
 from gated.actuators import Actuator
 from gated.config import GpioSensorConfig, MockSensorConfig, SensorConfig
 from gated.errors import ActuatorError, NotMoved
@@ -140,7 +141,7 @@ class GateSensor:
             self._alarm(HELD_OPEN, self._loop.time() - self._opened_at)
 
     def _alarm(self, kind: str, seconds: float) -> None:
-        log.warning(kind, gate=self.gate, alarm=kind, open_seconds=round(seconds, 1))
+        alarms.alarm(log, kind, gate=self.gate, open_seconds=round(seconds, 1))
         try:
             self._on_alarm(self.gate, kind, seconds)
         except Exception:  # recording is best effort; the log line above stands

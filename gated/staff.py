@@ -17,6 +17,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from gated import config as config_mod
+from gated import sitekey
 from gated.config import Config
 from gated.errors import GatedError
 from gated.managed import NotHere, Rejected, Scope, parse
@@ -120,20 +121,39 @@ def build_body(args: argparse.Namespace, code: str) -> dict[str, Any]:
 
 def cmd_put(args: argparse.Namespace) -> int:
     loaded, config = _site(args)
-    scope, base = _base(config, args.fleet)
+    scope, _base_topic = _base(config, args.fleet)
     made_up = args.code is None
     if made_up and not 4 <= args.digits <= 16:
         raise StaffError("--digits: a code is 4 to 16 digits")
     code = args.code or "".join(secrets.choice("0123456789") for _ in range(args.digits))
-    body = json.dumps(build_body(args, code), ensure_ascii=False).encode()
+    return publish(loaded, scope, args.id, build_body(args, code), code,
+                   show_code=made_up, wait=args.wait)
+
+
+def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[str, Any],
+            code: str, *, show_code: bool, wait: float) -> int:
+    """Check a code here, publish it retained, and wait for gated's verdict.
+
+    A site code goes out as a keyed hash when this machine holds the site key:
+    the broker, its backups and everyone subscribed never see the digits.
+    (A fleet code must carry the digits: every site has its own key.)
+    """
+    config = loaded.config
+    _scope, base = _base(config, scope == "fleet")
+    body = json.dumps(fields, ensure_ascii=False).encode()
     try:
-        parse(scope, args.id, body, config)
+        parse(scope, code_id, body, config)
     except Rejected as exc:
         print(f"not published: {exc}")
         return 2
     except NotHere:
         print(f"note: no gate of that name at site {config.site.id}; other sites may have one")
-    topic = f"{base}/codes/{args.id}"
+    key = sitekey.read_key(loaded.key_path) if scope == "site" else None
+    if key is not None:
+        hashed = {k: v for k, v in fields.items() if k != "code"}
+        hashed["code_hash"] = sitekey.code_hash(key, code)
+        body = json.dumps(hashed, ensure_ascii=False).encode()
+    topic = f"{base}/codes/{code_id}"
     error_topic = (f"{topic}/error" if scope == "site"
                    else f"{topic}/error/{config.site.id}")
 
@@ -144,12 +164,12 @@ def cmd_put(args: argparse.Namespace) -> int:
         async with connect(config.mqtt, _client_id(config), ca_file=_ca_file(loaded)) as client:
             await client.subscribe(error_topic, qos=1)
             await client.publish(topic, body, qos=1, retain=True)
-            print(f"published {topic}")
-            if made_up:
+            print(f"published {topic}" + (" (as a keyed hash)" if key is not None else ""))
+            if show_code:
                 print(f"code: {code}")
-            if args.wait <= 0:
+            if wait <= 0:
                 return 0
-            return await _verdict(client, error_topic, args.wait, config.site.id)
+            return await _verdict(client, error_topic, wait, config.site.id)
 
     return asyncio.run(run())
 
@@ -248,6 +268,7 @@ def _rows(found: list[Any], bases: list[tuple[Scope, str]], *,
                     fields = {"unreadable": True}
                 if not isinstance(fields, dict):
                     fields = {"unreadable": True}
+                fields.pop("code_hash", None)  # long, and no use to a reader
                 if not show_codes:
                     fields.pop("code", None)
                 codes[(scope, code_id)] = {"scope": scope, "id": code_id, **fields}

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from gated import alarms
 from gated.decide import Changes, Ledger
 from gated.errors import StoreError
 from gated.lockout import SITE, Policy, Strikes
@@ -267,14 +268,15 @@ class Store:
                 except (sqlite3.Error, OSError) as exc:
                     if not self._failing:
                         self._failing = True
-                        log.error("entry store failing; holding entries in memory",
-                                  path=str(self.path), error=str(exc), alarm="store_failing")
+                        alarms.alarm(log, "store_failing",
+                                     "entry store failing; holding entries in memory",
+                                     level="error", path=str(self.path), error=str(exc))
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
                 if self._failing:
                     self._failing = False
-                    log.warning("entry store writable again", path=str(self.path),
-                                flushed=len(batch))
+                    alarms.alarm(log, "store_recovered", "entry store writable again",
+                                 path=str(self.path), flushed=len(batch))
                 # Not popleft per item: the buffer limit may have dropped
                 # some of this batch's oldest items meanwhile.
                 written = {id(item) for item in batch}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from gated.cli import main
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
-from .helpers import BARRIER, DOOR, write_config
+from .helpers import BARRIER, DOOR, FakeClock, write_config
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
 
@@ -39,7 +40,7 @@ async def test_put_ls_rm_round_trip(broker: Mosquitto, start_daemon: Any, tmp_pa
                             "246810", "--gates", "barrier,door", "--name", "Jan's visitor",
                             "--valid-until", "2099-12-24T18:00", "--max-uses", "3")
     assert code == 0, out
-    assert out.splitlines() == ["published gated/test/codes/visitor-1",
+    assert out.splitlines() == ["published gated/test/codes/visitor-1 (as a keyed hash)",
                                 "applied by gated at site test"]
     assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
 
@@ -47,8 +48,9 @@ async def test_put_ls_rm_round_trip(broker: Mosquitto, start_daemon: Any, tmp_pa
     assert code == 0
     assert "visitor-1" in out and "Jan's visitor" in out and "2099-12-24T18:00:00" in out
     assert "246810" not in out
+    # The broker holds only the keyed hash, so not even --show-codes can show digits.
     code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--show-codes")
-    assert "246810" in out
+    assert "246810" not in out and "visitor-1" in out
     code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--json")
     (listed,) = [json.loads(line) for line in out.splitlines()]
     assert listed == {"scope": "site", "id": "visitor-1", "name": "Jan's visitor",
@@ -120,3 +122,35 @@ async def test_broker_down_is_a_clear_error(broker: Mosquitto, tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"error: MQTT broker 127.0.0.1:{broker.port}:")
+
+
+async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_pruned(
+        broker: Mosquitto, probe: Any, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`codes issue` with [mqtt] publishes a hashed managed code that opens once; once
+    expired (plus keep_expired) the daemon deletes it from the broker."""
+    clock = FakeClock(wall=time.time())
+    running = await start_daemon(mqtt_table(broker) + "\n[visitors]\nkeep_expired = 0\n",
+                                 clock=clock)
+    await mqtt_ready(running)
+    config = str(tmp_path / "gated.toml")
+    code, out = await gated(capsys, "-c", config, "codes", "issue", "--name", "Loodgieter",
+                            "--gates", "barrier", "--valid", "1h", "--uses", "1")
+    assert code == 0, out
+    published, digits_line, verdict = out.splitlines()
+    assert published.startswith("published gated/test/codes/v-") and "keyed hash" in published
+    digits = digits_line.removeprefix("code: ")
+    assert digits.isdigit() and len(digits) == 6
+    assert verdict == "applied by gated at site test"
+    topic = published.split()[1]
+    await probe.subscribe(topic)
+    (retained,) = await probe.wait_for(topic, 1)
+    assert digits.encode() not in retained.payload and b"hmac-sha256:" in retained.payload
+    assert await running.get(code=digits, did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code=digits, did=BARRIER) == (200, "status=NAK")
+
+    clock.advance(3600 + 61)  # expired, and the daemon's minute-long prune interval passed
+    bridge = running.daemon.bridge
+    await eventually(lambda: not bridge.codes.applied, within=10)
+    messages = await probe.wait_for(topic, 2)
+    assert messages[-1].payload == b""

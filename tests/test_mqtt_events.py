@@ -156,3 +156,20 @@ async def test_events_and_discovery_can_be_switched_off(broker: Mosquitto, probe
     await probe.publish(f"{PREFIX}/sync", b"probe-marker")  # after gated's own messages
     await probe.wait_for(f"{PREFIX}/sync", 2)
     assert sorted({m.topic for m in probe.received}) == [f"{PREFIX}/status", f"{PREFIX}/sync"]
+
+
+async def test_a_site_lock_is_published_as_an_alarm(broker: Mosquitto, probe: Probe,
+                                                    start_daemon: Any) -> None:
+    """The site-wide lock goes out on <prefix>/alarms, not retained, without digits."""
+    await probe.subscribe(f"{PREFIX}/alarms")
+    running = await start_daemon(mqtt_table(broker) + "\n[lockout]\nsite_failures = 3\n")
+    await mqtt_ready(running)
+    for n in range(3):
+        await running.get(code=f"90909{n}", did=BARRIER, callerid=f"+3161111000{n}")
+    (message,) = await probe.wait_for(f"{PREFIX}/alarms", 1)
+    alarm = message.json()
+    assert not message.retain
+    assert (alarm["alarm"], alarm["key"], alarm["site"], alarm["seconds"]) == (
+        "site_locked", "*site*", "test", 300.0)
+    assert dt.datetime.fromisoformat(alarm["time"]).utcoffset() is not None
+    assert b"90909" not in message.payload

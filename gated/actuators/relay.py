@@ -16,6 +16,7 @@ import structlog
 from gpiozero import GPIOZeroError, OutputDevice
 from gpiozero.pins.mock import MockFactory
 
+from gated import alarms
 from gated.config import GpioActuatorConfig, MockActuatorConfig
 from gated.errors import ActuatorError
 
@@ -91,10 +92,12 @@ class RelayActuator:
                 self._device.off()
             except (GPIOZeroError, OSError) as exc:
                 log.error("relay did not release", gate=self.gate, attempt=attempt,
-                          error=str(exc), alarm="relay_stuck" if attempt == OFF_ATTEMPTS else None)
+                          error=str(exc))
                 time.sleep(0.01 * attempt)
             else:
                 return
+        alarms.alarm(log, "relay_stuck", "relay did not release after retries",
+                     level="critical", gate=self.gate)
 
     async def close(self) -> None:
         self.shutdown()
