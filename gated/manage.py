@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import getpass
 import json
 import re
 import secrets
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -129,6 +131,20 @@ def _validity(credential: Credential, tz: dt.tzinfo) -> str:
     return " ".join(parts) or "always"
 
 
+def _managed(conn: sqlite3.Connection, config: config_mod.Config) -> list[Credential]:
+    """Codes managed over MQTT, from the daemon's local copy (no broker needed)."""
+    from gated.managed import NotHere, Rejected, parse
+
+    found = []
+    for scope, code_id, body in conn.execute("SELECT scope, id, body FROM managed_codes"):
+        try:
+            credential = parse(scope, code_id, bytes(body), config).credential
+        except (Rejected, NotHere):
+            continue
+        found.append(dataclasses.replace(credential, kind=f"mqtt-{scope}"))  # type: ignore[arg-type]
+    return found
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     if args.broker or args.fleet:
         from gated import staff
@@ -137,18 +153,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
     loaded = config_mod.load(args.config or config_mod.default_path())
     config, book = loaded.config, loaded.book
     uses: dict[str, int] = {}
+    managed: list[Credential] = []
     if loaded.store_path.exists():
         conn = connect(loaded.store_path, readonly=True)
         try:
             uses = dict(conn.execute("SELECT credential_id, count FROM uses"))
-            if conn.execute("PRAGMA user_version").fetchone()[0] >= 2:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= 2:
                 visitors.install(book, load_visitors(conn))
+            if version >= 3:
+                managed = _managed(conn, config)
         finally:
             conn.close()
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
     header = ("kind", "name", "gates", "valid", "uses left")
     rows: list[tuple[str, ...]] = [(*header, "code") if args.show_codes else header]
-    everything = [*book.codes.values(), *book.visitors.values(),
+    everything = [*book.codes.values(), *book.visitors.values(), *managed,
                   *(u.credential for t in book.totp.values() for u in t.users)]
     for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
         left = "-" if credential.max_uses is None else str(
