@@ -154,8 +154,9 @@ class Gatekeeper:
                     stored = await asyncio.shield(durable)
             except TimeoutError:
                 pass
-        log.info("entry", **{k: v for k, v in entry.as_dict().items() if k != "time"},
-                 durable=stored)
+        # Empty fields say nothing; leaving them out keeps a console line short.
+        log.info("entry", **{k: v for k, v in entry.as_dict().items()
+                             if k != "time" and v not in ("", None)}, durable=stored)
         for listener in self.listeners:
             try:
                 listener(entry)
