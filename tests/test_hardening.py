@@ -272,6 +272,7 @@ def test_kill_9_during_a_burst_loses_no_answered_entry(tmp_path: Path) -> None:
     conn.close()
     missing = set(answered) - stored
     assert not missing, f"{len(missing)} answered entries lost"
+    print(f"answered before kill -9: {len(answered)}; stored: {len(stored)}; lost: 0")
 
     again = DaemonProcess(config)
     try:
