@@ -210,9 +210,13 @@ def parse(text: str, *, source: str = "") -> tuple[Config, CodeBook]:
         match = re.search(r"line (\d+)", str(exc))
         raise ConfigError(f"not valid TOML: {exc}", file=source,
                           line=int(match.group(1)) if match else None) from exc
-    lines = tomlpos.key_lines(text)
+    lines: dict[tomlpos.Key, int] = {}
 
     def fail(key: tomlpos.Key, message: str) -> ConfigError:
+        # Line numbers are only needed for an error: mapping every key of a
+        # 100,000-code file costs more time and memory than parsing it.
+        if not lines:
+            lines.update(tomlpos.key_lines(text))
         return ConfigError(message, path=tomlpos.format_path(key), file=source,
                            line=tomlpos.line_of(lines, key))
 
