@@ -7,12 +7,15 @@ not silently drop a setting.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import ipaddress
 import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -202,6 +205,24 @@ def load(path: str | os.PathLike[str]) -> Loaded:
     return Loaded(config=config, path=file.resolve(), book=book)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a config is built.
+
+    Parsing makes millions of containers that all live on, and each full
+    collection while they pile up scans every one made so far: with 100,000
+    codes that was a third of the load time, for nothing collected.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def parse(text: str, *, source: str = "") -> tuple[Config, CodeBook]:
     """Parse TOML text into a checked Config and the code book compiled from it."""
     try:
