@@ -242,6 +242,9 @@ def parse(text: str, *, source: str = "") -> tuple[Config, CodeBook]:
                            line=tomlpos.line_of(lines, key))
 
     config = _convert(raw, fail)
+    # The plain dicts of a large file weigh more than the checked config they
+    # became: free them before the code book is built, not after.
+    del raw
     _check(config, fail)
     # Credentials, numbers and schedules are compiled by the code book, which
     # reports its own key paths.
