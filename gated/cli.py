@@ -26,9 +26,10 @@ def _load(path: str | None) -> config_mod.Loaded:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
-    from gated.daemon import Daemon
+    from gated.daemon import Daemon, long_lived
 
-    loaded = _load(args.config)
+    with long_lived():
+        loaded = _load(args.config)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
 
     async def main() -> None:
