@@ -68,6 +68,26 @@ class Credential:
 class TotpUser:
     credential: Credential
     otp: pyotp.TOTP
+    # The decoded secret and the digest's name, so a table rebuild costs one
+    # one-shot HMAC per user and time step, not pyotp's base32 decode and
+    # HMAC object each time.
+    key: bytes = field(init=False, repr=False)
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = self.otp.byte_secret()
+        self.digest = self.otp.digest().name
+
+    def code(self, timecode: int) -> str:
+        """The same digits as ``otp.generate_otp(timecode)`` (RFC 4226 truncation)."""
+        return _hotp(self.key, timecode.to_bytes(8, "big"), self.digest, self.otp.digits)
+
+
+def _hotp(key: bytes, counter: bytes, digest: str, digits: int) -> str:
+    mac = hmac.digest(key, counter, digest)
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF
+    return str(value % 10**digits).zfill(digits)
 
 
 @dataclass(slots=True)
@@ -78,6 +98,8 @@ class TotpTable:
     period: int = 30
     step: int = -1
     codes: dict[str, list[tuple[TotpUser, int]]] = field(default_factory=dict)
+    # Every user's code at each time step of the current window, in user order.
+    columns: dict[int, list[str]] = field(default_factory=dict, repr=False)
 
     def lookup(self, code: str, now: float) -> list[tuple[Credential, int]]:
         step = int(now) // self.period
@@ -86,13 +108,30 @@ class TotpTable:
         return [(user.credential, timecode) for user, timecode in self.codes.get(code, ())]
 
     def _rebuild(self, step: int) -> None:
+        # The rebuild runs inside the call that first sees a new step. The
+        # window moves by one step at a time, so only its newest step's codes
+        # are computed; the others are kept from the last rebuild.
+        # (A table's users are fixed once its book is built; the length check
+        # only guards against a user added after that.)
+        window = range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1)
+        kept = {t: c for t, c in self.columns.items() if len(c) == len(self.users)}
+        columns = {t: kept[t] if t in kept else self._column(t) for t in window}
         codes: dict[str, list[tuple[TotpUser, int]]] = {}
-        for user in self.users:
-            for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
-                code = user.otp.generate_otp(timecode)
-                codes.setdefault(code, []).append((user, timecode))
+        for index, user in enumerate(self.users):
+            for timecode in window:
+                code = columns[timecode][index]
+                found = codes.get(code)
+                if found is None:
+                    codes[code] = [(user, timecode)]
+                else:
+                    found.append((user, timecode))
         self.codes = codes
+        self.columns = columns
         self.step = step
+
+    def _column(self, timecode: int) -> list[str]:
+        counter = timecode.to_bytes(8, "big")
+        return [_hotp(user.key, counter, user.digest, user.otp.digits) for user in self.users]
 
 
 @dataclass(slots=True)
