@@ -10,6 +10,7 @@ time step, so a request costs one dict lookup, not one HMAC per person.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import os
@@ -255,11 +256,25 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
     return book
 
 
+# Credentials by the thousand share a few gate sets, caller sets and
+# schedules: one shared immutable object each, not a copy per code (a
+# frozenset is 216 bytes even when empty, a two-window schedule ~700).
+# Bounded; a miss only costs the copy it would have made anyway.
+@functools.lru_cache(maxsize=4096)
+def _shared_set(items: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(items)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_schedule(specs: tuple[str, ...]) -> Schedule:
+    return parse_schedule(specs)
+
+
 def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:
     for index, name in enumerate(names):
         if name not in config.gates:
             raise error((*where, "gates", index), f"no gate named {name!r}")
-    return frozenset(names)
+    return _shared_set(tuple(names))
 
 
 def _epoch(value: dt.datetime | None, tz: zoneinfo.ZoneInfo) -> float | None:
@@ -274,7 +289,7 @@ def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.Zone
                  number: Callable[[str, Key], str], error: ErrorFactory,
                  kind: Kind = "code") -> Credential:
     try:
-        schedule = parse_schedule(code.schedule) if code.schedule else None
+        schedule = _shared_schedule(tuple(code.schedule)) if code.schedule else None
     except ScheduleError as exc:
         raise error((*where, "schedule"), str(exc)) from None
     valid_from = _epoch(code.valid_from, tz)
@@ -285,7 +300,8 @@ def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.Zone
     if not gates and not (code.callername or code.destination):
         raise error((*where, "gates"),
                     "a code needs gates to open, or callername/destination to route")
-    callers = frozenset(number(raw, (*where, "callers", i)) for i, raw in enumerate(code.callers))
+    callers = _shared_set(tuple(number(raw, (*where, "callers", i))
+                                for i, raw in enumerate(code.callers)))
     return Credential(
         id=code.id or code.name, name=code.name, kind=kind, gates=gates,
         valid_from=valid_from, valid_until=valid_until, schedule=schedule,
