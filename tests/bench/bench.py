@@ -316,10 +316,13 @@ def not_durable(log: Path) -> tuple[int, int]:
     entries = late = 0
     with log.open(encoding="utf-8", errors="replace") as lines:
         for line in lines:
-            if '"event": "entry"' in line:
-                entries += 1
-                if '"durable": false' in line:
-                    late += 1
+            if "entry" not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "entry":
+                    entries += 1
+                    late += event.get("durable") is not True
     return entries, late
 
 
