@@ -134,7 +134,9 @@ class Gatekeeper:
         stored = False
         try:
             async with asyncio.timeout(max(remaining, 0.0)):
-                stored = await asyncio.shield(durable)
+                # No shield: if the wait times out and cancels this future, the
+                # writer still commits the entry; it only skips the answer.
+                stored = await durable
         except TimeoutError:
             pass
         log.info("entry", **{k: v for k, v in entry.as_dict().items() if k != "time"},
