@@ -21,18 +21,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/voipgrid")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     args = parser.parse_args()
     app = web.Application()
     app.router.add_route("GET", args.path, answer)
     app.router.add_route("POST", args.path, answer)
-    loop = None
-    if args.uvloop:
-        import uvloop  # only when asked: it is an optional extra
-
-        loop = uvloop.new_event_loop()
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                handle_signals=True, loop=loop)
+                handle_signals=True)
 
 
 if __name__ == "__main__":
