@@ -487,12 +487,16 @@ def environment(work: Path) -> dict[str, Any]:
                 break
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True,
                                  check=False).stdout.split("[")[0].strip()
+    parser = subprocess.run(
+        [PYTHON, "-c", "from gated import config as c; import importlib.metadata as m; "
+         "n = c.toml.__name__; print(n if n == 'tomllib' else f'{n} {m.version(n)}')"],
+        capture_output=True, text=True, check=False, cwd=ROOT).stdout.strip()
     return {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit + ("+changes" if dirty else ""),
         "python": platform.python_version(), "aiohttp": aiohttp.__version__,
         "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
-        "load_generator": wrk_version, "fsync_ms": fsync_ms(work),
+        "load_generator": wrk_version, "toml_parser": parser, "fsync_ms": fsync_ms(work),
     }
 
 
@@ -609,7 +613,8 @@ def report(r: dict[str, Any], command: str) -> str:
         f"Command: `{command}` ({mode} run, {env['when']}, commit {env['commit']})",
         "",
         f"Machine: {env['cpus']} x {env['cpu']}, Linux {env['kernel']}, Python {env['python']}, "
-        f"aiohttp {env['aiohttp']}, {env['load_generator']}; median fsync here "
+        f"aiohttp {env['aiohttp']}, TOML parser {env['toml_parser']}, "
+        f"{env['load_generator']}; median fsync here "
         f"{env['fsync_ms']:.3f} ms.",
         f"Load: wrk, 1 thread, {plan['connections']} keep-alive connections, "
         f"{plan['rounds']} alternating rounds of {plan['seconds']:.0f} s per server "
