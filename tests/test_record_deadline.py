@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,4 +47,6 @@ async def test_a_slow_disk_costs_durability_at_answer_time_not_the_entry(
         assert (entry.status, entry.credential) == ("ACK", "Demo")
     finally:
         writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
         store.close()
