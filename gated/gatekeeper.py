@@ -135,7 +135,7 @@ class Gatekeeper:
         try:
             async with asyncio.timeout(max(remaining, 0.0)):
                 # No shield: if the wait times out and cancels this future, the
-                # writer still commits the entry; it only skips the answer.
+                # writer still commits the entry and just skips reporting it.
                 stored = await durable
         except TimeoutError:
             pass
