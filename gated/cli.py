@@ -42,9 +42,10 @@ def _writable_cwd(loaded: config_mod.Loaded) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
-    from gated.daemon import Daemon
+    from gated.daemon import Daemon, long_lived
 
-    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
+    with long_lived():
+        loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
     _writable_cwd(loaded)
 

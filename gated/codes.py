@@ -10,6 +10,8 @@ time step, so a request costs one dict lookup, not one HMAC per person.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hmac
 import os
 import re
 import zoneinfo
@@ -67,6 +69,26 @@ class Credential:
 class TotpUser:
     credential: Credential
     otp: pyotp.TOTP
+    # The decoded secret and the digest's name, so a table rebuild costs one
+    # one-shot HMAC per user and time step, not pyotp's base32 decode and
+    # HMAC object each time.
+    key: bytes = field(init=False, repr=False)
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = self.otp.byte_secret()
+        self.digest = self.otp.digest().name
+
+    def code(self, timecode: int) -> str:
+        """The same digits as ``otp.generate_otp(timecode)`` (RFC 4226 truncation)."""
+        return _hotp(self.key, timecode.to_bytes(8, "big"), self.digest, self.otp.digits)
+
+
+def _hotp(key: bytes, counter: bytes, digest: str, digits: int) -> str:
+    mac = hmac.digest(key, counter, digest)
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF
+    return str(value % 10**digits).zfill(digits)
 
 
 @dataclass(slots=True)
@@ -94,8 +116,14 @@ class TotpTable:
     def build(self, timecode: int) -> dict[str, list[TotpUser]]:
         """The table for one step; touches no shared state, so it may run in a thread."""
         table: dict[str, list[TotpUser]] = {}
+        counter = timecode.to_bytes(8, "big")
         for user in self.users:
-            table.setdefault(user.otp.generate_otp(timecode), []).append(user)
+            code = _hotp(user.key, counter, user.digest, user.otp.digits)
+            found = table.get(code)
+            if found is None:
+                table[code] = [user]
+            else:
+                found.append(user)
         return table
 
     def install(self, timecode: int, table: dict[str, list[TotpUser]]) -> dict[str, list[TotpUser]]:
@@ -283,6 +311,8 @@ def code_digest(book: CodeBook, code: str | None, hashed: str | None, where: Key
         raise error((*where, "code_hash"), "code_hash needs the site key file "
                     "(see [site] key_file; `gated codes hash` creates it)")
     return digest
+
+
 def number_parser(region: str, error: ErrorFactory) -> NumberParser:
     """Normalise a configured phone number to E.164, or raise ``error`` at its key."""
 
@@ -298,11 +328,25 @@ def number_parser(region: str, error: ErrorFactory) -> NumberParser:
     return number
 
 
+# Credentials by the thousand share a few gate sets, caller sets and
+# schedules: one shared immutable object each, not a copy per code (a
+# frozenset is 216 bytes even when empty, a two-window schedule ~700).
+# Bounded; a miss only costs the copy it would have made anyway.
+@functools.lru_cache(maxsize=4096)
+def _shared_set(items: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(items)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_schedule(specs: tuple[str, ...]) -> Schedule:
+    return parse_schedule(specs)
+
+
 def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:
     for index, name in enumerate(names):
         if name not in config.gates:
             raise error((*where, "gates", index), f"no gate named {name!r}")
-    return frozenset(names)
+    return _shared_set(tuple(names))
 
 
 def _epoch(value: dt.datetime | None, tz: zoneinfo.ZoneInfo) -> float | None:
@@ -317,7 +361,7 @@ def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.Zone
                  number: Callable[[str, Key], str], error: ErrorFactory,
                  kind: Kind = "code") -> Credential:
     try:
-        schedule = parse_schedule(code.schedule) if code.schedule else None
+        schedule = _shared_schedule(tuple(code.schedule)) if code.schedule else None
     except ScheduleError as exc:
         raise error((*where, "schedule"), str(exc)) from None
     valid_from = _epoch(code.valid_from, tz)
@@ -328,7 +372,8 @@ def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.Zone
     if not gates and not (code.callername or code.destination):
         raise error((*where, "gates"),
                     "a code needs gates to open, or callername/destination to route")
-    callers = frozenset(number(raw, (*where, "callers", i)) for i, raw in enumerate(code.callers))
+    callers = _shared_set(tuple(number(raw, (*where, "callers", i))
+                                for i, raw in enumerate(code.callers)))
     return Credential(
         id=code.id or code.name, name=code.name, kind=kind, gates=gates,
         valid_from=valid_from, valid_until=valid_until, schedule=schedule,

@@ -151,7 +151,9 @@ class Gatekeeper:
         if self.store.healthy:
             try:
                 async with asyncio.timeout(max(remaining, 0.0)):
-                    stored = await asyncio.shield(durable)
+                    # No shield: if the wait times out and cancels this future, the
+                    # writer still commits the entry and just skips reporting it.
+                    stored = await durable
             except TimeoutError:
                 pass
         # Empty fields say nothing; leaving them out keeps a console line short.

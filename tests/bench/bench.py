@@ -1,0 +1,679 @@
+"""gated against the aiohttp floor, side by side on one machine.
+
+    ./dev bench            # the full run, a few minutes; updates docs/benchmark.md
+    ./dev bench --quick    # under a minute, a smoke test of the numbers
+
+What runs, all on 127.0.0.1 and each in its own process:
+
+- the floor: a bare aiohttp app answering a constant ``status=ACK``;
+- gated on a synthetic site of 100,000 static codes, 10,000 TOTP users and
+  1,000 caller numbers (lockout on, durable entry log, mock relays);
+- gated on a site with 10 codes, to show the code count does not matter.
+
+One load generator (wrk, with calls.lua varying the codes and callers) drives
+each in turn, with the same concurrency, in alternating rounds; medians are
+reported. Then two floods against the large site: junk without the token while
+a legitimate caller calls once a second, and guesses with the token, which lock
+the site, while a resident calls once a second. Results go to bench-results/
+as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import sitegen
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+LUA = HERE / "calls.lua"
+PYTHON = sys.executable
+DEADLINE = 3.0  # the sites' answer_deadline
+READY_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often; ``--quick`` shrinks every part of it."""
+
+    rounds: int
+    seconds: float
+    warmup: float
+    starts: int
+    fixed_rate: int  # requests/s of the latency-at-a-fixed-rate runs (0: skip)
+    flood_seconds: float
+    connections: int
+    tracemalloc: bool
+
+
+FULL = Plan(rounds=3, seconds=10, warmup=2, starts=2, fixed_rate=1000, flood_seconds=20,
+            connections=32, tracemalloc=True)
+QUICK = Plan(rounds=2, seconds=3, warmup=1, starts=1, fixed_rate=0, flood_seconds=6,
+             connections=32, tracemalloc=False)
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in bytes (VmHWM, VmRSS)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def answers(port: int, path: str = "/voipgrid") -> bool:
+    """True once anything answers HTTP on ``port`` (a 403 counts: it is up)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", path)
+        conn.getresponse().read()
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    cwd: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    ready_s: float = 0.0
+
+    def start(self) -> float:
+        """Start and wait until the port answers; the start-to-ready seconds."""
+        with self.log.open("ab") as out:
+            started = time.perf_counter()
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        limit = started + READY_TIMEOUT
+        while not answers(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
+            if time.perf_counter() > limit:
+                raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT:.0f} s")
+            time.sleep(0.005)
+        self.ready_s = time.perf_counter() - started
+        return self.ready_s
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def peak_rss(self) -> int:
+        return proc_status(self.pid, "VmHWM")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+# --- load -------------------------------------------------------------------
+
+
+def wrk(port: int, mode: str, seconds: float, *, connections: int, calls: Path | None = None,
+        rate: int = 0) -> dict[str, Any]:
+    """One wrk run; its summary from calls.lua's done()."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(round(seconds), 1)}s", "--timeout", "5s",
+            "-s", str(LUA), f"http://127.0.0.1:{port}", "--", mode,
+            str(calls or "-"), sitegen.TOKEN, str(rate), str(connections)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
+                          check=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH "))
+            result["rps"] = result["requests"] / result["seconds"]
+            return result
+    raise RuntimeError(f"wrk printed no summary:\n{done.stdout}\n{done.stderr}")
+
+
+@dataclass
+class Caller:
+    """Calls once a second in a thread of its own, each time on a new connection
+    (as the PBX does), and records latency and whether the answer was right."""
+
+    port: int
+    queries: Iterator[str]
+    expect: str  # the status word a right answer carries
+    latencies_ms: list[float] = field(default_factory=list)
+    right: int = 0
+    wrong: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self, count: int) -> None:
+        self._thread = threading.Thread(target=self._run, args=(count,), daemon=True)
+        self._thread.start()
+
+    def _run(self, count: int) -> None:
+        begin = time.perf_counter() + 0.5
+        for n in range(count):
+            delay = begin + n - time.perf_counter()
+            if self._stop.wait(max(delay, 0)):
+                return
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE + 2)
+            started = time.perf_counter()
+            try:
+                conn.request("GET", "/voipgrid?" + next(self.queries))
+                response = conn.getresponse()
+                body = response.read().decode()
+                self.latencies_ms.append((time.perf_counter() - started) * 1000)
+                if response.status == 200 and parse_qs(body).get("status") == [self.expect]:
+                    self.right += 1
+                else:
+                    self.wrong.append(f"{response.status} {body}")
+            except OSError as exc:
+                self.wrong.append(f"no answer: {exc}")
+            finally:
+                conn.close()
+
+    def join(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(DEADLINE + 5)
+
+    def summary(self) -> dict[str, Any]:
+        calls = self.right + len(self.wrong)
+        lat = sorted(self.latencies_ms)
+        return {
+            "calls": calls, "right": self.right, "wrong": self.wrong[:5],
+            "success": self.right / calls if calls else 0.0,
+            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+            "max_ms": lat[-1] if lat else 0.0,
+        }
+
+
+def percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not ordered:
+        return 0.0
+    rank = max(round(pct / 100 * len(ordered) + 0.5) - 1, 0)
+    return ordered[min(rank, len(ordered) - 1)]
+
+
+def valid_queries(site: sitegen.Site) -> Iterator[str]:
+    lines = site.calls.read_text().splitlines()
+    for n in range(len(lines)):
+        code, did, caller = lines[(n * 7919) % len(lines)].split()
+        yield urlencode({"token": sitegen.TOKEN, "code": code, "did": did, "callerid": caller,
+                         "callername": ""})
+
+
+def resident_queries(site: sitegen.Site) -> Iterator[str]:
+    for n in range(10_000):
+        yield urlencode({"token": sitegen.TOKEN, "code": "", "did": sitegen.BARRIER,
+                         "callerid": site.callers[n % len(site.callers)]})
+
+
+# --- measurements without load ----------------------------------------------
+
+LOAD_PROBE = """
+import gc, json, sys, time
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key + ':'):
+            return int(line.split()[1]) * 1024
+t0 = time.perf_counter()
+from gated import config
+t1 = time.perf_counter()
+gc.collect()
+before = status('VmRSS')
+if sys.argv[2] == 'trace':
+    import tracemalloc
+    tracemalloc.start()
+t2 = time.perf_counter()
+loaded = config.load(sys.argv[1])
+t3 = time.perf_counter()
+gc.collect()
+traced = book_only = 0
+if sys.argv[2] == 'trace':
+    traced = tracemalloc.get_traced_memory()[0]
+    book = loaded.book
+    del loaded  # what the code book holds without the parsed config kept beside it
+    gc.collect()
+    book_only = tracemalloc.get_traced_memory()[0]
+    credentials = book.credential_count
+else:
+    credentials = loaded.book.credential_count
+print(json.dumps({'import_s': t1 - t0, 'load_s': t3 - t2, 'rss_before': before,
+                  'rss_after': status('VmRSS'), 'hwm': status('VmHWM'), 'traced': traced,
+                  'book_traced': book_only, 'credentials': credentials}))
+"""
+
+
+def probe_load(config: Path, *, trace: bool = False) -> dict[str, Any]:
+    """Import and config load time, and memory, in a fresh interpreter."""
+    done = subprocess.run([PYTHON, "-c", LOAD_PROBE, str(config), "trace" if trace else "-"],
+                          capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def fsync_ms(folder: Path, count: int = 200) -> float:
+    """Median fsync of a 4 KiB append here: what one durable commit costs at least."""
+    path = folder / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(times)
+
+
+def count_entries(store: Path) -> int:
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        (count,) = conn.execute("SELECT count(*) FROM entries").fetchone()
+        return int(count)
+    finally:
+        conn.close()
+
+
+def not_durable(log: Path) -> tuple[int, int]:
+    """Entry log lines, and how many of them were answered before being durable."""
+    entries = late = 0
+    with log.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if "entry" not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "entry":
+                    entries += 1
+                    late += event.get("durable") is not True
+    return entries, late
+
+
+# --- the run ----------------------------------------------------------------
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(plan: Plan, work: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"plan": plan.__dict__, "environment": environment(work)}
+    say(f"fsync here: {results['environment']['fsync_ms']:.3f} ms (median)")
+
+    say("generating sites")
+    big_port, small_port, floor_port = free_port(), free_port(), free_port()
+    big = sitegen.generate(work / "big", codes=100_000, totp=10_000, callers=1_000,
+                           port=big_port)
+    small = sitegen.generate(work / "small", codes=10, totp=0, callers=1_000, port=small_port)
+    codes_only = sitegen.generate(work / "codes-only", codes=100_000, totp=0, callers=1_000,
+                                  port=free_port())
+
+    say("config load time and memory")
+    load = results["load"] = {
+        "big": probe_load(big.config), "small": probe_load(small.config),
+        "codes_only": probe_load(codes_only.config),
+    }
+    if plan.tracemalloc:
+        small_t, codes_t = probe_load(small.config, trace=True), probe_load(
+            codes_only.config, trace=True)
+        load["traced"] = {"small": small_t, "codes_only": codes_t}
+        load["bytes_per_code_traced"] = (codes_t["traced"] - small_t["traced"]) / 99_990
+        load["bytes_per_code_book"] = (codes_t["book_traced"] - small_t["book_traced"]) / 99_990
+    load["bytes_per_code_rss"] = (
+        (load["codes_only"]["rss_after"] - load["codes_only"]["rss_before"])
+        - (load["small"]["rss_after"] - load["small"]["rss_before"])) / 99_990
+
+    def gated(site: sitegen.Site, name: str, port: int) -> Server:
+        folder = site.config.parent
+        return Server(name, [PYTHON, "-m", "gated", "-c", str(site.config), "run"], port,
+                      folder, folder / "gated.log")
+
+    floor = Server("floor", [PYTHON, str(HERE / "floor.py"), "--port", str(floor_port)],
+                   floor_port, work, work / "floor.log")
+    servers = {"floor": floor, "gated_100k": gated(big, "gated_100k", big_port),
+               "gated_10": gated(small, "gated_10", small_port)}
+    calls = {"floor": big.calls, "gated_100k": big.calls, "gated_10": small.calls}
+
+    say("start-to-ready")
+    ready: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(plan.starts):
+        for name, server in servers.items():
+            ready[name].append(server.start())
+            server.stop()
+    results["ready_s"] = {name: statistics.median(times) for name, times in ready.items()}
+
+    try:
+        for server in servers.values():
+            server.start()
+        say("warm-up")
+        for name, server in servers.items():
+            wrk(server.port, "calls", plan.warmup, connections=plan.connections,
+                calls=calls[name])
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        order = list(servers)
+        for round_ in range(plan.rounds):
+            for name in order:
+                result = wrk(servers[name].port, "calls", plan.seconds,
+                             connections=plan.connections, calls=calls[name])
+                runs[name].append(result)
+                say(f"round {round_ + 1} {name}: {result['rps']:.0f} req/s, "
+                    f"p99 {result['p99_ms']:.2f} ms")
+                time.sleep(0.5)
+            order = order[1:] + order[:1]  # rotate: nobody always goes first
+        results["throughput"] = {name: {"runs": r, **{key: median_of(r, key) for key in (
+            "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms")}} for name, r in runs.items()}
+        for name in servers:
+            t = results["throughput"][name]
+            t["answered_wrong"] = sum(r["NAK"] + r["ERR"] + r["forbidden"] + r["other"]
+                                      for r in runs[name])
+            t["socket_errors"] = sum(r["errors"] for r in runs[name])
+
+        if plan.fixed_rate:
+            results["fixed_rate"] = {}
+            for name in order:
+                result = wrk(servers[name].port, "calls", plan.seconds, connections=16,
+                             calls=calls[name], rate=plan.fixed_rate)
+                results["fixed_rate"][name] = result
+                say(f"{plan.fixed_rate} req/s {name}: {result['rps']:.0f} req/s, "
+                    f"p99 {result['p99_ms']:.2f} ms")
+
+        results["floods"] = floods(plan, servers["gated_100k"], big)
+
+        for name, server in servers.items():
+            results.setdefault("peak_rss", {})[name] = server.peak_rss()
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    durability: dict[str, Any] = {}
+    for name in ("gated_100k", "gated_10"):
+        server = servers[name]
+        logged, late = not_durable(server.log)
+        answered = sum(r["requests"] for r in results["throughput"][name]["runs"])
+        durability[name] = {
+            "stored": count_entries(server.cwd / "state" / "entries.sqlite3"),
+            "logged": logged, "answered_before_durable": late,
+            "measured_answers": answered,
+        }
+    results["durability"] = durability
+    return results
+
+
+def floods(plan: Plan, server: Server, site: sitegen.Site) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    seconds = plan.flood_seconds
+    count = int(seconds) - 1
+
+    say("junk flood: 1,000 req/s without the token, a legitimate call every second")
+    caller = Caller(server.port, valid_queries(site), "ACK")
+    caller.start(count)
+    junk = wrk(server.port, "junk", seconds, connections=20, rate=1000)
+    caller.join()
+    out["junk"] = {"flood": junk, "legit": caller.summary()}
+
+    say("guess flood: 1,000 req/s of wrong codes with the token, a resident every second")
+    resident = Caller(server.port, resident_queries(site), "ACK")
+    resident.start(count)
+    guess = wrk(server.port, "guess", seconds, connections=20, rate=1000)
+    resident.join()
+    out["guess"] = {"flood": guess, "legit": resident.summary()}
+
+    say("guess flood as fast as it goes (the site is locked by now)")
+    out["guess_max"] = wrk(server.port, "guess", max(seconds / 3, 2),
+                           connections=plan.connections)
+    return out
+
+
+def environment(work: Path) -> dict[str, Any]:
+    import aiohttp
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True,
+                                 check=False).stdout.split("[")[0].strip()
+    parser = subprocess.run(
+        [PYTHON, "-c", "from gated import config as c; import importlib.metadata as m; "
+         "n = c.toml.__name__; print(n if n == 'tomllib' else f'{n} {m.version(n)}')"],
+        capture_output=True, text=True, check=False, cwd=ROOT).stdout.strip()
+    return {
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit + ("+changes" if dirty else ""),
+        "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+        "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+        "load_generator": wrk_version, "toml_parser": parser, "fsync_ms": fsync_ms(work),
+    }
+
+
+# --- the report -------------------------------------------------------------
+
+TARGETS = "docs/benchmark.md"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def report(r: dict[str, Any], command: str) -> str:
+    env, t, plan = r["environment"], r["throughput"], r["plan"]
+    floor, big, small = t["floor"], t["gated_100k"], t["gated_10"]
+    rss, ready, load = r["peak_rss"], r["ready_s"], r["load"]
+    mib = 1024 * 1024
+
+    def row(name: str, label: str) -> str:
+        x = t[name]
+        cfg = "-" if name == "floor" else (
+            f"{load['big' if name == 'gated_100k' else 'small']['load_s']:.2f} s")
+        return (f"| {label} | {x['rps']:,.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                f"{x['p999_ms']:.2f} | {rss[name] / mib:.1f} MiB | {ready[name]:.2f} s | {cfg} |")
+
+    lines = [
+        "| | requests/s | p50 ms | p99 ms | p99.9 ms | peak RSS | start-to-ready | config load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        row("floor", "aiohttp floor (constant `status=ACK`)"),
+        row("gated_100k", "gated, 100,000 codes + 10,000 TOTP"),
+        row("gated_10", "gated, 10 codes"),
+        f"| gated 100k / floor | {big['rps'] / floor['rps']:.2f}x | "
+        f"{big['p50_ms'] / floor['p50_ms']:.2f}x | {big['p99_ms'] / floor['p99_ms']:.2f}x | "
+        f"{big['p999_ms'] / floor['p999_ms']:.2f}x | {rss['gated_100k'] / rss['floor']:.2f}x "
+        f"| | |",
+        f"| gated 100k / gated 10 | {big['rps'] / small['rps']:.2f}x | | | | | | |",
+    ]
+    table = "\n".join(lines)
+
+    fl = r["floods"]
+    junk, guess, gmax = fl["junk"], fl["guess"], fl["guess_max"]
+    flood_lines = [
+        "| flood | rate | flood p50 / p99 ms | legitimate calls | right | "
+        "legit p50 / p99 / max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| junk (no token or a wrong one) | {junk['flood']['rps']:,.0f} req/s "
+        f"({junk['flood']['forbidden']:,} x 403) | {junk['flood']['p50_ms']:.2f} / "
+        f"{junk['flood']['p99_ms']:.2f} | {junk['legit']['calls']} codes | "
+        f"{junk['legit']['success']:.0%} | {junk['legit']['p50_ms']:.1f} / "
+        f"{junk['legit']['p99_ms']:.1f} / {junk['legit']['max_ms']:.1f} |",
+        f"| guesses with the token (site locks) | {guess['flood']['rps']:,.0f} req/s "
+        f"({guess['flood']['NAK']:,} x NAK) | {guess['flood']['p50_ms']:.2f} / "
+        f"{guess['flood']['p99_ms']:.2f} | {guess['legit']['calls']} residents | "
+        f"{guess['legit']['success']:.0%} | {guess['legit']['p50_ms']:.1f} / "
+        f"{guess['legit']['p99_ms']:.1f} / {guess['legit']['max_ms']:.1f} |",
+        f"| guesses, as fast as they are answered | {gmax['rps']:,.0f} req/s "
+        f"({gmax['NAK']:,} x NAK) | {gmax['p50_ms']:.2f} / {gmax['p99_ms']:.2f} | | | |",
+    ]
+
+    legit_p99 = junk["legit"]["p99_ms"]
+    targets = [
+        "| target | measured | |",
+        "|---|---:|---|",
+        f"| requests/s ≥ 0.75x floor, every entry durable | {big['rps'] / floor['rps']:.2f}x | "
+        f"{verdict(big['rps'] >= 0.75 * floor['rps'])} |",
+        f"| p99 ≤ 2x floor | {big['p99_ms'] / floor['p99_ms']:.2f}x | "
+        f"{verdict(big['p99_ms'] <= 2 * floor['p99_ms'])} |",
+        f"| 100k codes ≥ 0.95x of 10 codes | {big['rps'] / small['rps']:.2f}x | "
+        f"{verdict(big['rps'] >= 0.95 * small['rps'])} |",
+        f"| peak RSS, 100k codes ≤ 1.6x floor | {rss['gated_100k'] / rss['floor']:.2f}x | "
+        f"{verdict(rss['gated_100k'] <= 1.6 * rss['floor'])} |",
+        f"| legitimate calls during the junk flood: all right | "
+        f"{junk['legit']['right']}/{junk['legit']['calls']} | "
+        f"{verdict(junk['legit']['success'] == 1.0)} |",
+        f"| ... and their p99 < 10% of the {DEADLINE:.0f} s deadline | {legit_p99:.1f} ms | "
+        f"{verdict(legit_p99 < DEADLINE * 100)} |",
+    ]
+    if "fixed_rate" in r:
+        fr = r["fixed_rate"]
+        ratio = fr["gated_100k"]["p99_ms"] / fr["floor"]["p99_ms"]
+        targets.append(f"| (p99 ≤ 2x floor again, at a fixed {plan['fixed_rate']:,} req/s "
+                       f"instead of flat out) | {ratio:.2f}x | {verdict(ratio <= 2)} |")
+    targets.append(f"| (refusals stay cheap: locked-out guesses vs valid calls, req/s) | "
+                   f"{gmax['rps'] / big['rps']:.2f}x | |")
+
+    dur = r["durability"]
+    memory = [
+        f"- Config load, 100,000 codes + 10,000 TOTP: {load['big']['load_s']:.2f} s, "
+        f"peak RSS while loading {load['big']['hwm'] / mib:.0f} MiB; "
+        f"10 codes: {load['small']['load_s'] * 1000:.0f} ms. "
+        f"Importing gated: {load['small']['import_s'] * 1000:.0f} ms.",
+        f"- Memory per static code (100,000 codes, RSS after load minus the 10-code site's): "
+        f"{load['bytes_per_code_rss']:.0f} bytes"
+        + (f"; held by Python objects (tracemalloc): {load['bytes_per_code_traced']:.0f} "
+           f"bytes, of which the code book {load['bytes_per_code_book']:.0f} and the parsed "
+           f"config kept beside it the rest." if "bytes_per_code_traced" in load else "."),
+    ]
+    for name in ("gated_100k", "gated_10"):
+        d = dur[name]
+        memory.append(
+            f"- Durability, {name.replace('_', ' ')}: {d['stored']:,} entries in SQLite, "
+            f"{d['logged']:,} logged, {d['answered_before_durable']} answered before their "
+            f"entry was durable (WAL, synchronous=FULL, group commit).")
+    if "fixed_rate" in r:
+        fr = r["fixed_rate"]
+        memory.append(
+            f"- At a fixed {plan['fixed_rate']:,} req/s (16 connections), p50 / p99 / p99.9 ms: "
+            + "; ".join(f"{label} {fr[n]['p50_ms']:.2f} / {fr[n]['p99_ms']:.2f} / "
+                        f"{fr[n]['p999_ms']:.2f}" for n, label in (
+                            ("floor", "floor"), ("gated_100k", "gated 100k"),
+                            ("gated_10", "gated 10"))) + ".")
+    mode = "quick" if plan["rounds"] < FULL.rounds else "full"
+    return "\n".join([
+        f"Command: `{command}` ({mode} run, {env['when']}, commit {env['commit']})",
+        "",
+        f"Machine: {env['cpus']} x {env['cpu']}, Linux {env['kernel']}, Python {env['python']}, "
+        f"aiohttp {env['aiohttp']}, TOML parser {env['toml_parser']}, "
+        f"{env['load_generator']}; median fsync here "
+        f"{env['fsync_ms']:.3f} ms.",
+        f"Load: wrk, 1 thread, {plan['connections']} keep-alive connections, "
+        f"{plan['rounds']} alternating rounds of {plan['seconds']:.0f} s per server "
+        f"(medians shown); every gated request is a valid code from one of 1,000 callers.",
+        "",
+        table, "", *flood_lines, "", *targets, "", *memory,
+        f"- The whole run took {r['bench_seconds']:.0f} s.", "",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results",
+                        help="where the JSON and Markdown go (default: bench-results/)")
+    parser.add_argument("--no-docs", action="store_true",
+                        help=f"do not update {TARGETS} after a full run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary site folder")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench: wrk is needed (apt-get install wrk; ./dev bench installs it)",
+              file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    command = "./dev bench" + (" --quick" if args.quick else "")
+    work = Path(tempfile.mkdtemp(prefix="gated-bench-"))
+    started = time.perf_counter()
+    gc.disable()  # the driver's own pauses must not show up as server latency
+    try:
+        results = run(plan, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            say(f"kept {work}")
+    results["bench_seconds"] = time.perf_counter() - started
+    markdown = report(results, command)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"bench-{stamp}.md").write_text(markdown)
+    (args.out / "latest.md").write_text(markdown)
+    if not args.quick and not args.no_docs:
+        publish(markdown)
+    print(markdown)
+    say(f"done in {results['bench_seconds']:.0f} s; results in {args.out}")
+    return 0
+
+
+def publish(markdown: str) -> None:
+    """Replace the generated part of docs/benchmark.md, keep the prose around it."""
+    path = ROOT / TARGETS
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    text = path.read_text() if path.exists() else f"# Benchmark\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{markdown}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The TOTP table computes codes itself; these pin it to pyotp's answers."""
+
+from __future__ import annotations
+
+import base64
+
+import pyotp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gated.codes import TOTP_WINDOW, Credential, TotpTable, TotpUser
+
+secrets = st.binary(min_size=20, max_size=40).map(lambda b: base64.b32encode(b).decode())
+
+
+def user(secret: str, digits: int = 6, period: int = 30, name: str = "u") -> TotpUser:
+    credential = Credential(id=name, name=name, kind="totp", gates=frozenset({"barrier"}))
+    return TotpUser(credential, pyotp.TOTP(secret, digits=digits, interval=period))
+
+
+@given(secret=secrets, digits=st.integers(6, 8), timecode=st.integers(0, 2**40))
+def test_a_users_code_is_pyotps(secret: str, digits: int, timecode: int) -> None:
+    """TotpUser.code gives the digits pyotp generates, for any secret, length and step."""
+    one = user(secret, digits)
+    assert one.code(timecode) == one.otp.generate_otp(timecode)
+
+
+@settings(max_examples=25)
+@given(found=st.lists(secrets, min_size=1, max_size=8),
+       start=st.integers(1, 2**31), moves=st.lists(st.integers(0, 3), max_size=6))
+def test_the_table_holds_every_code_of_the_window_as_the_steps_move(
+        found: list[str], start: int, moves: list[int]) -> None:
+    """After any sequence of step changes, lookups match pyotp across the whole window."""
+    users = [user(secret, name=f"u{i}") for i, secret in enumerate(found)]
+    table = TotpTable(users=users, period=30)
+    now = start * 30.0
+    for move in [0, *moves]:
+        now += move * 30
+        step = int(now) // 30
+        for one in users:
+            for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
+                matches = table.lookup(one.otp.generate_otp(timecode), now)
+                assert (one.credential, timecode) in matches
+        expected = {
+            (one.otp.generate_otp(t), one.credential.id, t)
+            for one in users for t in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1)
+        }
+        window = range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1)
+        assert {(code, u.credential.id, t) for t in window
+                for code, found_ in table.steps[t].items() for u in found_} == expected
