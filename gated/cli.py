@@ -48,11 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
     _writable_cwd(loaded)
-
-    async def main() -> None:
-        await Daemon(loaded).run()
-
-    asyncio.run(main())
+    # The daemon keeps only what it needs: no reference here to the full config.
+    daemon = Daemon(config_mod.without_credentials(loaded))
+    del loaded
+    asyncio.run(daemon.run())
     return 0
 
 

@@ -273,7 +273,7 @@ class Daemon:
         if self.bridge is not None:
             self.bridge.rebase(loaded.book, new)
         gatekeeper.swap(loaded.book)
-        self.loaded = loaded
+        self.loaded = config_mod.without_credentials(loaded)
         log.info("config reloaded", credentials=gatekeeper.book.credential_count, trigger=why)
         return True
 
