@@ -71,7 +71,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "   created $VENV"
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-pip install "$SRC[pi]"
+pip install "$SRC[pi,fast]"
 # The same version number from a newer checkout must still replace the code.
 pip install --force-reinstall --no-deps "$SRC"
 echo "   installed $("$VENV/bin/gated" --version)"
