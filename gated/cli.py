@@ -42,7 +42,7 @@ def _writable_cwd(loaded: config_mod.Loaded) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
-    from gated.daemon import Daemon, long_lived
+    from gated.daemon import Daemon, long_lived, release_memory
 
     with long_lived():
         loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The daemon keeps only what it needs: no reference here to the full config.
     daemon = Daemon(config_mod.without_credentials(loaded))
     del loaded
+    release_memory()
     asyncio.run(daemon.run())
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import signal
@@ -64,6 +65,17 @@ def long_lived() -> Iterator[None]:
     finally:
         gc.freeze()
         gc.enable()
+
+
+def release_memory() -> None:
+    """Hand the heap freed after a large load back to the system (glibc only).
+
+    Loading or reloading 100,000 codes frees tens of megabytes that glibc
+    would otherwise keep mapped for the life of the daemon; on a 512 MB Pi
+    that matters.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _Stop(Exception):
@@ -270,10 +282,14 @@ class Daemon:
             log.error("config reload refused: gates, actuators, sensors, [server], [log], "
                       "[mqtt] or the site id changed; restart gated to apply them", trigger=why)
             return False
+        slim = config_mod.without_credentials(loaded)
         if self.bridge is not None:
-            self.bridge.rebase(loaded.book, new)
+            self.bridge.rebase(loaded.book, slim.config)
         gatekeeper.swap(loaded.book)
-        self.loaded = config_mod.without_credentials(loaded)
+        self.loaded = slim
+        # Nothing may keep the parsed tables (or the old book) alive past here.
+        del loaded, old, new
+        release_memory()
         log.info("config reloaded", credentials=gatekeeper.book.credential_count, trigger=why)
         return True
 
