@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gated import __version__, manage
 from gated import config as config_mod
+from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
 
@@ -142,26 +143,6 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0 if word == "ACK" else 1
 
 
-def parse_since(text: str, now: float | None = None) -> float:
-    """``10m``, ``2h``, ``3d``, ``today`` or an ISO date/time -> epoch seconds."""
-    now = time.time() if now is None else now
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if match:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-        return now - int(match[1]) * unit
-    if text == "today":
-        local = dt.datetime.fromtimestamp(now).astimezone()
-        return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--since: expected 10m, 2h, 3d, today or an ISO time, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.timestamp()
-
-
 def cmd_log(args: argparse.Namespace) -> int:
     from gated.store import entries_to_json, read_entries
 
@@ -171,7 +152,9 @@ def cmd_log(args: argparse.Namespace) -> int:
     else:
         loaded = _load(args.config)
         path, tz = loaded.store_path, loaded.config.tz
-    since = parse_since(args.since) if args.since else None
+    local = tz or dt.datetime.now().astimezone().tzinfo
+    assert local is not None
+    since = parse_since(args.since, time.time(), local) if args.since else None
     entries = read_entries(path, since=since, gate=args.gate, limit=args.limit)
     if args.json:
         if entries:
@@ -180,16 +163,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     if not entries:
         print("no entries")
         return 0
-    header = ("time", "gate", "caller", "status", "reason", "who", "actuator", "ms", "source")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [
+        ("time", "gate", "caller", "status", "reason", "who", "actuator", "ms", "source")]
     for e in reversed(entries):
-        when = dt.datetime.fromtimestamp(e.time, tz).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+        when = dt.datetime.fromtimestamp(e.time, local).strftime("%Y-%m-%d %H:%M:%S")
         rows.append((when, e.gate or "-", e.caller or "-", e.status, e.reason,
                      e.credential or "-", e.actuator or "-", f"{e.latency_ms:.1f}", e.source))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
+    print_table(rows)
     return 0
 
 

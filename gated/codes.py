@@ -79,12 +79,9 @@ class TotpUser:
         self.key = self.otp.byte_secret()
         self.digest = self.otp.digest().name
 
-    def code(self, timecode: int) -> str:
-        """The same digits as ``otp.generate_otp(timecode)`` (RFC 4226 truncation)."""
-        return _hotp(self.key, timecode.to_bytes(8, "big"), self.digest, self.otp.digits)
-
 
 def _hotp(key: bytes, counter: bytes, digest: str, digits: int) -> str:
+    """The same digits as pyotp's ``generate_otp`` (RFC 4226 truncation)."""
     mac = hmac.digest(key, counter, digest)
     offset = mac[-1] & 0x0F
     value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF

@@ -104,6 +104,7 @@ class Daemon:
     # Set by [metrics]; others (the MQTT link) may set its gauges.
     metrics: Metrics | None = None
     _reloads: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    _visitors_version: int = 0
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
 
@@ -133,6 +134,9 @@ class Daemon:
                 sensor.close()
             raise
         ledger = store.load_ledger(policy(self.loaded))
+        # Read the version first: a visitor code issued right after this load
+        # then still shows up as a change for housekeeping to pick up.
+        self._visitors_version = data_version(store.connection)
         visitors.install(self.loaded.book, load_visitors(store.connection))
         gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                 deadline=config.server.answer_deadline)
@@ -309,7 +313,7 @@ class Daemon:
         gatekeeper = self.gatekeeper
         assert gatekeeper is not None
         store = gatekeeper.store
-        seen: int | None = None
+        seen = self._visitors_version
         pruned = 0.0
         while True:
             now = self.clock.now()
@@ -318,8 +322,7 @@ class Daemon:
                 if version != seen:
                     rows = await store.call(load_visitors)
                     visitors.install(gatekeeper.book, rows)
-                    if seen is not None:
-                        log.info("visitor codes loaded", count=len(rows))
+                    log.info("visitor codes loaded", count=len(rows))
                     seen = version
                 if now - pruned > PRUNE_SECONDS:
                     pruned = now

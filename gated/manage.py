@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
-import re
 import secrets
 import sqlite3
 import sys
@@ -19,39 +18,18 @@ import pyotp
 from gated import config as config_mod
 from gated import sitekey, visitors
 from gated.codes import CODE_RE, Credential
+from gated.console import parse_duration, parse_time, print_table, split_names
 from gated.errors import ConfigError
 from gated.store import add_visitor, connect, load_visitors, migrate
-
-_DURATION = re.compile(r"(\d+)\s*([mhdw])")
-_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """``90m``, ``4h``, ``2d``, ``1w`` or combinations like ``1d12h`` -> seconds."""
-    compact = text.replace(" ", "")
-    parts = _DURATION.findall(compact)
-    if not parts or "".join(n + u for n, u in parts) != compact:
-        raise argparse.ArgumentTypeError(f"expected a duration like 4h or 2d, got {text!r}")
-    return float(sum(int(n) * _UNITS[u] for n, u in parts))
-
-
-def parse_time(text: str, tz: dt.tzinfo) -> float:
-    moment = dt.datetime.fromisoformat(text)
-    if moment.tzinfo is None:  # site-local, like the config file
-        moment = moment.replace(tzinfo=tz)
-    return moment.timestamp()
-
-
-def _gates(text: str) -> list[str]:
-    return [g.strip() for g in text.split(",") if g.strip()]
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
     loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
     config, book = loaded.config, loaded.book
     now = time.time()
-    start = parse_time(args.start, config.tz) if args.start else None
-    until = (start or now) + parse_duration(args.valid)
+    start = (parse_time(args.start, config.tz, "--start").timestamp()
+             if args.start else None)
+    until = (start or now) + parse_duration(args.valid, "--valid")
     if config.mqtt is not None and not args.local:
         return _issue_on_broker(args, loaded, start, until)
     conn = connect(loaded.store_path)
@@ -61,7 +39,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
         visitors.install(book, existing)
         while True:
             issued = visitors.make(
-                book, name=args.name, gates=_gates(args.gates), valid_from=start,
+                book, name=args.name, gates=split_names([args.gates]), valid_from=start,
                 valid_until=until, max_uses=args.uses, length=args.length or
                 config.visitors.length, now=now, callername=args.callername,
                 destination=args.destination)
@@ -89,7 +67,7 @@ def _issue_on_broker(args: argparse.Namespace, loaded: config_mod.Loaded,
     length = args.length or loaded.config.visitors.length
     code = f"{secrets.randbelow(10 ** length):0{length}d}"
     fields: dict[str, object] = {
-        "name": args.name, "code": code, "gates": _gates(args.gates),
+        "name": args.name, "code": code, "gates": split_names([args.gates]),
         "valid_until": dt.datetime.fromtimestamp(until, tz).isoformat(),
     }
     if start is not None:
@@ -181,9 +159,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             row = (*row, shown if shown is not None else
                    ("(hashed)" if credential.kind == "code" else "-"))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0
 
 
@@ -196,7 +172,7 @@ def cmd_totp_add(args: argparse.Namespace) -> int:
 
     path = Path(args.config or config_mod.default_path())
     loaded = config_mod.load(path)
-    gates = _gates(args.gates)
+    gates = split_names([args.gates])
     unknown = [g for g in gates if g not in loaded.config.gates]
     if unknown or not gates:
         print(f"--gates: no gate named {unknown[0] if unknown else '(none)'!r}; "

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from gated import config as config_mod
 from gated import sitekey
 from gated.config import Config
+from gated.console import parse_time, print_table, split_names
 from gated.errors import GatedError
 from gated.managed import NotHere, Rejected, Scope, parse
 
@@ -95,19 +96,15 @@ def _ca_file(loaded: config_mod.Loaded) -> Any:
 
 
 def _time(text: str | None, option: str) -> str | None:
+    """Checked, and kept as typed: site-local unless it has an offset, as in the config."""
     if text is None:
         return None
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise StaffError(f"{option}: not an ISO time: {text!r}") from None
-    if "T" not in text and " " not in text:
-        raise StaffError(f"{option}: give a time too, e.g. {text}T18:00")
-    return moment.isoformat()
+    parse_time(text, dt.UTC, option)  # only checks: the zone is the daemon's to apply
+    return dt.datetime.fromisoformat(text).isoformat()
 
 
 def build_body(args: argparse.Namespace, code: str) -> dict[str, Any]:
-    gates = [g for item in args.gates for g in item.split(",") if g]
+    gates = split_names(args.gates)
     body: dict[str, Any] = {"name": args.name or args.id, "code": code, "gates": gates}
     optional = {
         "valid_from": _time(args.valid_from, "--valid-from"),
@@ -296,9 +293,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                 value = ",".join(str(v) for v in value)
             cells.append("-" if value in ("", None) else str(value))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    print_table(lines)
     for row in rows:
         if "refused" in row:
             print(f"! {row['scope']} {row['id']}: gated refused the latest version: "

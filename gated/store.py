@@ -255,10 +255,6 @@ class Store:
         rows = self._conn.execute("SELECT scope, id, body FROM managed_codes ORDER BY updated")
         return [(scope, code_id, bytes(body)) for scope, code_id, body in rows]
 
-    async def record(self, entry: Entry, changes: Changes | None = None,
-                     ledger: Ledger | None = None) -> bool:
-        return await self.submit(entry, changes, ledger)
-
     async def run(self) -> None:
         """The writer: drain what is pending in one transaction, repeat."""
         loop = asyncio.get_running_loop()

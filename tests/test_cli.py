@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -8,9 +10,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gated.cli import main, parse_since
+from gated.cli import main
+from gated.console import parse_since
 
-from .helpers import BARRIER, TOKEN, write_config
+from .helpers import AMS, BARRIER, TOKEN, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,10 +91,16 @@ async def test_call_reports_a_refused_token(start_daemon: Any,
 def test_parse_since_forms() -> None:
     """--since takes durations, today, and ISO times."""
     now = 1_790_000_000.0
-    assert parse_since("10m", now) == now - 600
-    assert parse_since("2h", now) == now - 7200
-    assert parse_since("2026-01-01T00:00:00+00:00", now) == 1767225600.0
-    assert parse_since("today", now) <= now
+    assert parse_since("10m", now, AMS) == now - 600
+    assert parse_since("2h", now, AMS) == now - 7200
+    assert parse_since("1d12h", now, AMS) == now - 129600
+    assert parse_since("2026-01-01T00:00:00+00:00", now, AMS) == 1767225600.0
+    assert parse_since("2026-01-01", now, AMS) == 1767222000.0  # midnight in Amsterdam
+    today = parse_since("today", now, AMS)
+    assert now - 86400 < today <= now
+    assert dt.datetime.fromtimestamp(today, AMS).hour == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="--since"):
+        parse_since("yesterday", now, AMS)
 
 
 def test_pulse_drives_one_pulse_by_hand(tmp_path: Path,
@@ -105,3 +114,20 @@ def test_pulse_drives_one_pulse_by_hand(tmp_path: Path,
     assert history["states"] == [False, True, False, True]  # active low: idle high, pulse low
     assert main(["-c", str(path), "pulse", "gate9"]) == 2
     assert "no gate 'gate9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--start", "tomorrow"], "--start: not an ISO time: 'tomorrow'"),
+    (["--start", "2026-12-01"], "--start: give a time too"),
+    (["--valid", "4x"], "--valid: expected e.g. 90m, 4h or 2d"),
+    (["--gates", "nowhere"], "no gate named 'nowhere'"),
+])
+def test_issue_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped option of `codes issue` is one line naming it, not a traceback."""
+    path = write_config(tmp_path)
+    argv = ["-c", str(path), "codes", "issue", "--name", "Loodgieter", "--gates", "barrier",
+            "--local", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -34,7 +34,7 @@ async def test_store_is_wal_full_sync_and_versioned(store: Store) -> None:
 async def test_concurrent_entries_share_batches(store: Store) -> None:
     """Entries submitted together are committed in fewer transactions than entries."""
     writer = asyncio.create_task(store.run())
-    done = await asyncio.gather(*(store.record(entry(n)) for n in range(200)))
+    done = await asyncio.gather(*(store.submit(entry(n), None, None) for n in range(200)))
     assert all(done)
     assert 1 <= store.batches < 200
     assert len(read_entries(store.path, limit=1000)) == 200
@@ -55,7 +55,7 @@ async def test_ledger_survives_a_restart(tmp_path: Path) -> None:
     ledger.uses["Demo"] = 3
     ledger.totp_last["Flat 12"] = 59_000_000
     changes = Changes(uses={"Demo": 3}, totp={"Flat 12": 59_000_000}, strikes=keys2)
-    assert await store.record(entry(1), changes, ledger)
+    assert await store.submit(entry(1), changes, ledger)
     writer.cancel()
     store.close()
 

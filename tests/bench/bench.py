@@ -455,21 +455,19 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
 def floods(plan: Plan, server: Server, site: sitegen.Site) -> dict[str, Any]:
     out: dict[str, Any] = {}
     seconds = plan.flood_seconds
-    count = int(seconds) - 1
+
+    def flood_beside(script: str, legit: Iterator[str]) -> dict[str, Any]:
+        """1,000 req/s of ``script`` while a legitimate caller calls once a second."""
+        caller = Caller(server.port, legit, "ACK")
+        caller.start(int(seconds) - 1)
+        flood = wrk(server.port, script, seconds, connections=20, rate=1000)
+        caller.join()
+        return {"flood": flood, "legit": caller.summary()}
 
     say("junk flood: 1,000 req/s without the token, a legitimate call every second")
-    caller = Caller(server.port, valid_queries(site), "ACK")
-    caller.start(count)
-    junk = wrk(server.port, "junk", seconds, connections=20, rate=1000)
-    caller.join()
-    out["junk"] = {"flood": junk, "legit": caller.summary()}
-
+    out["junk"] = flood_beside("junk", valid_queries(site))
     say("guess flood: 1,000 req/s of wrong codes with the token, a resident every second")
-    resident = Caller(server.port, resident_queries(site), "ACK")
-    resident.start(count)
-    guess = wrk(server.port, "guess", seconds, connections=20, rate=1000)
-    resident.join()
-    out["guess"] = {"flood": guess, "legit": resident.summary()}
+    out["guess"] = flood_beside("guess", resident_queries(site))
 
     say("guess flood as fast as it goes (the site is locked by now)")
     out["guess_max"] = wrk(server.port, "guess", max(seconds / 3, 2),
