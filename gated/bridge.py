@@ -54,6 +54,8 @@ EVENT_TIMEOUT = 5.0
 # Events waiting for the broker beyond this are dropped (the entry store has
 # them all); a stalled broker must not grow the daemon without bound.
 MAX_PENDING_EVENTS = 1000
+# Remote opens being decided at once; more is a flood, not a reception button.
+MAX_PENDING_OPENS = 16
 
 
 class Bridge:
@@ -68,6 +70,7 @@ class Bridge:
         self.codes = ManagedCodes()
         self.events_dropped = 0
         self._pending_events = 0
+        self._pending_opens = 0
         self._errors: set[tuple[Scope, str]] = set()  # retained refusals on the broker
         self._seen: dict[Scope, set[str]] = {"site": set(), "fleet": set()}
         self._sync_nonce = ""
@@ -140,7 +143,7 @@ class Bridge:
         for code, reason in self.codes.rebase(book, config):
             log.warning("managed code dropped on reload", id=code.id, scope=code.scope,
                         error=reason)
-            self.gatekeeper.store.save_code(code.scope, code.id, None)
+            self._forget(code.scope, code.id)
             self._refuse(code.scope, code.id, reason)
 
     async def close(self, within: float) -> None:
@@ -204,10 +207,17 @@ class Bridge:
             return
         if not message.payload:
             return  # someone clearing a retained message: not a command
+        if self._pending_opens >= MAX_PENDING_OPENS:
+            log.warning("remote open ignored: too many in progress", gate=gate)
+            return
+        self._pending_opens += 1
         self.link.spawn(self._open(gate), f"mqtt-open-{gate}")
 
     async def _open(self, gate: str) -> None:
-        answer = await self.gatekeeper.call(RawCall(gate=gate, source="mqtt"))
+        try:
+            answer = await self.gatekeeper.call(RawCall(gate=gate, source="mqtt"))
+        finally:
+            self._pending_opens -= 1
         log.info("remote open", gate=gate, status=answer.status.value, reason=answer.reason)
 
     # -- managed codes --------------------------------------------------------------------
@@ -223,8 +233,9 @@ class Bridge:
             return
         current = self.codes.get(scope, code_id)
         if current is not None and current.body == message.payload:
-            if live:
-                self._clear(scope, code_id, force=True)  # the sender waits for a word
+            # In force already: a live sender waits for a word, and a refusal
+            # left over from an earlier version must not stay on the broker.
+            self._clear(scope, code_id, force=live)
             return
         try:
             code = parse(scope, code_id, message.payload, self.config)
@@ -250,12 +261,16 @@ class Bridge:
     def _withdraw(self, scope: Scope, code_id: str) -> None:
         removed: ManagedCode | None = self.codes.delete(self.gatekeeper.book, scope, code_id)
         if removed is not None:
-            self.gatekeeper.store.save_code(scope, code_id, None)
-            # A code issued again under the same id starts with no uses spent.
-            if self.gatekeeper.ledger.uses.pop(code_id, None) is not None:
-                self.gatekeeper.store.submit(None, Changes(uses={code_id: 0}), None)
+            self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
         self._clear(scope, code_id, force=False)
+
+    def _forget(self, scope: Scope, code_id: str) -> None:
+        """Drop a withdrawn code's local copy and its use count."""
+        self.gatekeeper.store.save_code(scope, code_id, None)
+        # A code issued again under the same id starts with no uses spent.
+        if self.gatekeeper.ledger.uses.pop(code_id, None) is not None:
+            self.gatekeeper.store.submit(None, Changes(uses={code_id: 0}), None)
 
     def _on_error(self, scope: Scope, message: Incoming) -> None:
         code_id = message.topic.split("/")[-2 if scope == "site" else -3]
@@ -285,23 +300,28 @@ class Bridge:
             return
         self.link.spawn(self._publish_quietly(topic, payload, retain=True), "mqtt-code-verdict")
 
-    async def _publish_quietly(self, topic: str, payload: bytes, *, retain: bool) -> None:
+    async def _publish_quietly(self, topic: str, payload: bytes, *, retain: bool,
+                               qos: int = 1) -> None:
         try:
-            await self.link.publish(topic, payload, qos=1, retain=retain, within=EVENT_TIMEOUT)
+            await self.link.publish(topic, payload, qos=qos, retain=retain, within=EVENT_TIMEOUT)
         except BrokerError as exc:
             log.info("mqtt publish failed", topic=topic, error=str(exc))
 
     # -- events -----------------------------------------------------------------------------
 
     def _on_entry(self, entry: Entry) -> None:
+        # Runs before the caller's answer goes out: only cheap checks here.
+        if entry.status == "ALARM":
+            return  # sensor alarms go out on <prefix>/alarms
         if not self.link.connected or self._pending_events >= MAX_PENDING_EVENTS:
             self.events_dropped += 1
             return
-        payload = events.encode(entry, site=self.site, tz=self.config.tz)
         self._pending_events += 1
-        self.link.spawn(self._publish_event(entry.gate, payload), "mqtt-event")
+        self.link.spawn(self._publish_event(entry), "mqtt-event")
 
-    async def _publish_event(self, gate: str | None, payload: bytes) -> None:
+    async def _publish_event(self, entry: Entry) -> None:
+        gate = entry.gate
+        payload = events.encode(entry, site=self.site, tz=self.config.tz)
         try:
             await self.link.publish(f"{self.prefix}/events", payload, qos=1,
                                     within=EVENT_TIMEOUT)

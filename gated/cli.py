@@ -23,10 +23,6 @@ from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
 
 
-def _load(path: str | None) -> config_mod.Loaded:
-    return config_mod.load(path or config_mod.default_path())
-
-
 def _writable_cwd(loaded: config_mod.Loaded) -> None:
     """Move to a writable folder: lgpio makes its notify pipe in the working directory.
 
@@ -46,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gated.daemon import Daemon, long_lived, release_memory
 
     with long_lived():
-        loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
+        loaded = config_mod.load(args.config, create_key=True)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
     _writable_cwd(loaded)
     # The daemon keeps only what it needs: no reference here to the full config.
@@ -58,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    loaded = _load(args.file or args.config)
+    loaded = config_mod.load(args.file or args.config)
     config, book = loaded.config, loaded.book
     print(f"{loaded.path}: OK")
     print(f"site      {config.site.id} ({config.site.timezone}, region {config.site.region})")
@@ -109,7 +105,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     url = args.url
     token = args.token
     if url is None or token is None:
-        loaded = _load(args.config)
+        loaded = config_mod.load(args.config)
         server = loaded.config.server
         url = url or f"http://{server.listen}{server.path}"
         token = token or server.tokens[0]
@@ -150,7 +146,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.db:
         path = Path(args.db)
     else:
-        loaded = _load(args.config)
+        loaded = config_mod.load(args.config)
         path, tz = loaded.store_path, loaded.config.tz
     local = tz or dt.datetime.now().astimezone().tzinfo
     assert local is not None
@@ -176,7 +172,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_pulse(args: argparse.Namespace) -> int:
     from gated import actuators
 
-    loaded = _load(args.config)
+    loaded = config_mod.load(args.config)
     gate = loaded.config.gates.get(args.gate)
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)

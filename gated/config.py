@@ -274,13 +274,14 @@ def default_path() -> str:
     return os.environ.get("GATED_CONFIG", DEFAULT_PATH)
 
 
-def load(path: str | os.PathLike[str], *, create_key: bool = False) -> Loaded:
+def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Loaded:
     """Read, parse and check a config file, or raise ConfigError naming key and line.
 
     The code book is compiled with the site key; ``create_key`` makes one
     when there is none yet (the daemon does, a read-only check does not).
+    None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
-    file = Path(path)
+    file = Path(path if path is not None else default_path())
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -427,6 +428,11 @@ def _check(config: Config, fail: Any) -> None:
     mqtt_gates = [n for n, g in config.gates.items() if isinstance(g.actuator, MqttActuatorConfig)]
     if mqtt_gates and config.mqtt is None:
         raise fail(("gates", mqtt_gates[0], "actuator"), "an mqtt actuator needs an [mqtt] table")
+    if mqtt_gates and config.mqtt is not None and config.mqtt.protocol != "5":
+        # Without MQTT 5's message expiry a device with a persistent session
+        # could receive a queued open long after the caller was answered.
+        raise fail(("mqtt", "protocol"),
+                   'mqtt actuators need protocol = "5" (commands must expire)')
     for name in mqtt_gates:
         _check_mqtt_actuator(config, name, fail)
     if config.mqtt is not None:

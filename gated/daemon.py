@@ -287,6 +287,8 @@ class Daemon:
                       "[mqtt] or the site id changed; restart gated to apply them", trigger=why)
             return False
         slim = config_mod.without_credentials(loaded)
+        # Visitor codes first, so the managed codes' clash check sees them.
+        loaded.book.visitors = gatekeeper.book.visitors
         if self.bridge is not None:
             self.bridge.rebase(loaded.book, slim.config)
         gatekeeper.swap(loaded.book)

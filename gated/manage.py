@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
@@ -11,6 +12,7 @@ import secrets
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyotp
@@ -20,11 +22,25 @@ from gated import sitekey, visitors
 from gated.codes import CODE_RE, Credential
 from gated.console import parse_duration, parse_time, print_table, split_names
 from gated.errors import ConfigError
+from gated.managed import ManagedCode, NotHere, Rejected, parse
 from gated.store import add_visitor, connect, load_visitors, migrate
 
 
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}")
+        return int(text)
+
+    return number
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    return _between(low, 1_000_000)
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
-    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
+    loaded = config_mod.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
     now = time.time()
     start = (parse_time(args.start, config.tz, "--start").timestamp()
@@ -35,20 +51,21 @@ def cmd_issue(args: argparse.Namespace) -> int:
     conn = connect(loaded.store_path)
     try:
         migrate(conn)
-        existing = load_visitors(conn)
-        visitors.install(book, existing)
+        visitors.install(book, load_visitors(conn))
+        # Codes managed over MQTT sit in the daemon's book too: never their digits.
+        taken = frozenset(code.digest(book) for code in _managed(conn, config))
         while True:
             issued = visitors.make(
                 book, name=args.name, gates=split_names([args.gates]), valid_from=start,
                 valid_until=until, max_uses=args.uses, length=args.length or
                 config.visitors.length, now=now, callername=args.callername,
-                destination=args.destination)
+                destination=args.destination, taken=taken)
             if add_visitor(conn, issued.row):
                 break
     finally:
         conn.close()
     when = dt.datetime.fromtimestamp(until, config.tz).strftime("%Y-%m-%d %H:%M %Z")
-    uses = f", {args.uses} use{'s' if args.uses != 1 else ''}" if args.uses else ""
+    uses = "" if args.uses is None else f", {args.uses} use{'s' if args.uses != 1 else ''}"
     print(f"{issued.code}")
     print(f"visitor code for {args.name}: {', '.join(issued.row.gates) or 'route only'}, "
           f"valid until {when}{uses} (id {issued.row.id}; the digits are not stored, "
@@ -65,33 +82,31 @@ def _issue_on_broker(args: argparse.Namespace, loaded: config_mod.Loaded,
 
     tz = loaded.config.tz
     length = args.length or loaded.config.visitors.length
-    code = f"{secrets.randbelow(10 ** length):0{length}d}"
+    code = visitors.random_digits(length)
     fields: dict[str, object] = {
         "name": args.name, "code": code, "gates": split_names([args.gates]),
         "valid_until": dt.datetime.fromtimestamp(until, tz).isoformat(),
     }
     if start is not None:
         fields["valid_from"] = dt.datetime.fromtimestamp(start, tz).isoformat()
-    if args.uses:
+    if args.uses is not None:
         fields["max_uses"] = args.uses
     for key in ("callername", "destination"):
         if getattr(args, key):
             fields[key] = getattr(args, key)
     return staff.publish(loaded, "site", f"{VISITOR_PREFIX}{secrets.token_hex(4)}", fields,
-                         code, show_code=True, wait=5.0)
+                         code, show_code=True, wait=staff.DEFAULT_WAIT)
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    loaded = config_mod.load(args.config or config_mod.default_path(), create_key=True)
-    key = sitekey.read_key(loaded.key_path)
-    assert key is not None
+    loaded = config_mod.load(args.config, create_key=True)  # the book's key is the site key
     code = args.code
     if code is None:
         code = getpass.getpass("code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
     if not CODE_RE.fullmatch(code):
         print("a code is 4 to 16 digits", file=sys.stderr)
         return 2
-    print(f'code_hash = "{sitekey.code_hash(key, code)}"')
+    print(f'code_hash = "{sitekey.code_hash(loaded.book.key, code)}"')
     return 0
 
 
@@ -109,17 +124,12 @@ def _validity(credential: Credential, tz: dt.tzinfo) -> str:
     return " ".join(parts) or "always"
 
 
-def _managed(conn: sqlite3.Connection, config: config_mod.Config) -> list[Credential]:
+def _managed(conn: sqlite3.Connection, config: config_mod.Config) -> list[ManagedCode]:
     """Codes managed over MQTT, from the daemon's local copy (no broker needed)."""
-    from gated.managed import NotHere, Rejected, parse
-
     found = []
     for scope, code_id, body in conn.execute("SELECT scope, id, body FROM managed_codes"):
-        try:
-            credential = parse(scope, code_id, bytes(body), config).credential
-        except (Rejected, NotHere):
-            continue
-        found.append(dataclasses.replace(credential, kind=f"mqtt-{scope}"))  # type: ignore[arg-type]
+        with contextlib.suppress(Rejected, NotHere):  # the daemon drops these too
+            found.append(parse(scope, code_id, bytes(body), config))
     return found
 
 
@@ -128,7 +138,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from gated import staff
 
         return staff.cmd_ls(args)
-    loaded = config_mod.load(args.config or config_mod.default_path())
+    loaded = config_mod.load(args.config)
     config, book = loaded.config, loaded.book
     uses: dict[str, int] = {}
     managed: list[Credential] = []
@@ -140,7 +150,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if version >= 2:
                 visitors.install(book, load_visitors(conn))
             if version >= 3:
-                managed = _managed(conn, config)
+                managed = [dataclasses.replace(code.credential, kind=f"mqtt-{code.scope}")  # type: ignore[arg-type]
+                           for code in _managed(conn, config)]
         finally:
             conn.close()
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
@@ -215,8 +226,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--gates", required=True, help="comma-separated gate names")
     p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
     p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
-    p.add_argument("--uses", type=int, default=None, help="how many entries (default unlimited)")
-    p.add_argument("--length", type=int, help="digits (default [visitors] length)")
+    p.add_argument("--uses", type=_at_least(1), default=None,
+                   help="how many entries (default unlimited)")
+    p.add_argument("--length", type=_between(6, 12), help="digits (default [visitors] length)")
     p.add_argument("--callername", default="")
     p.add_argument("--destination", default="")
     p.add_argument("--local", action="store_true",

@@ -25,7 +25,6 @@ from gated.errors import ConfigError
 from gated.tomlpos import Key, format_path
 
 Scope = Literal["site", "fleet"]
-SCOPES: tuple[Scope, ...] = ("site", "fleet")
 ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # In a managed code's gates: every gate of the site (fleet codes mostly want this).
 ALL_GATES = "*"

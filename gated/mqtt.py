@@ -56,6 +56,9 @@ from gated.config import MqttConfig
 from gated.errors import BrokerError, BrokerTimeout, BrokerUnavailable, ConfigError
 
 log = structlog.get_logger("gated.mqtt")
+
+# QoS 1 publishes other than commands that may be in flight at once.
+BACKGROUND_INFLIGHT = 10
 # aiomqtt and paho log through the standard library; gated's logging set-up
 # routes it with everything else.
 _LIBRARY_LOG = logging.getLogger("gated.mqtt.client")
@@ -178,6 +181,10 @@ class MqttLink:
         self._stopped = asyncio.Event()
         self._running = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        # paho holds at most 20 QoS 1 messages in flight and queues the rest,
+        # to send whenever a slot frees: an open must never wait there. Other
+        # publishes take at most half the slots.
+        self._background = asyncio.Semaphore(BACKGROUND_INFLIGHT)
         self.connections = 0  # connections made so far
 
     # -- set-up, before run() -------------------------------------------------
@@ -224,6 +231,14 @@ class MqttLink:
         not acknowledged in time ends its connection with a reset, so it cannot
         arrive late (see the module docstring).
         """
+        if qos and not command:
+            async with self._background:
+                await self._publish(topic, payload, qos, retain, within, expiry, command)
+        else:
+            await self._publish(topic, payload, qos, retain, within, expiry, command)
+
+    async def _publish(self, topic: str, payload: bytes | str, qos: int, retain: bool,
+                       within: float, expiry: int | None, command: bool) -> None:
         session = self._session
         if session is None or session.lost.done():
             raise BrokerUnavailable(f"not connected to the MQTT broker {self.broker}")

@@ -51,13 +51,15 @@ class GateSensor:
         self._held_alarmed = False
         self._waiters: list[asyncio.Future[bool]] = []
         self._closed = False
+        # Listen before the first read: an edge in between then still reaches
+        # _sample (on the loop, after this), which reads the level again.
+        button.when_activated = button.when_deactivated = self._edge
         self.is_open = self._read()
         if self.is_open:
             # Nobody knows why it is open: no forced_open, but the clock for
             # held_open starts now.
             log.warning("gate open at start", gate=gate)
             self._start_held_timer()
-        button.when_activated = button.when_deactivated = self._edge
 
     @classmethod
     def create(cls, gate: str, config: SensorConfig, *, mock_factory: Any,

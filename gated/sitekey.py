@@ -9,6 +9,7 @@ carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -63,17 +64,27 @@ def ensure_key(path: Path) -> bytes:
     if key is not None:
         return key
     key = secrets.token_bytes(KEY_BYTES)
-    # O_EXCL: two processes creating the key at once must not both win.
+    # Written whole to a private temporary file, then linked into place: the
+    # key file is never seen half-written, and if two processes create it at
+    # once the first link wins and the other reads that key.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        existing = read_key(path)
-        assert existing is not None
-        return existing
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(key.hex() + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            existing = read_key(path)
+            assert existing is not None
+            return existing
     except OSError as exc:
         raise ConfigError(f"cannot create the site key {path}: {exc.strerror} "
                           "(is the state directory writable?)") from exc
-    with os.fdopen(fd, "w", encoding="ascii") as file:
-        file.write(key.hex() + "\n")
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
     return key

@@ -60,6 +60,8 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--callers", nargs="+", default=[], help="only from these numbers")
     p.add_argument("--callername", default="", help="shown to the PBX on success")
     p.add_argument("--destination", default="", help="where the PBX routes the call")
+    p.add_argument("--plain", action="store_true",
+                   help="publish the digits when this machine has no site key")
     p.add_argument("--wait", type=float, default=DEFAULT_WAIT,
                    help="seconds to wait for gated's verdict (0: do not wait)")
     p.set_defaults(func=cmd_put)
@@ -70,7 +72,7 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _site(args: argparse.Namespace) -> tuple[config_mod.Loaded, Config]:
-    loaded = config_mod.load(args.config or config_mod.default_path())
+    loaded = config_mod.load(args.config)
     if loaded.config.mqtt is None:
         raise StaffError(f"{loaded.path} has no [mqtt] table: codes live on the broker")
     return loaded, loaded.config
@@ -124,11 +126,11 @@ def cmd_put(args: argparse.Namespace) -> int:
         raise StaffError("--digits: a code is 4 to 16 digits")
     code = args.code or "".join(secrets.choice("0123456789") for _ in range(args.digits))
     return publish(loaded, scope, args.id, build_body(args, code), code,
-                   show_code=made_up, wait=args.wait)
+                   show_code=made_up, wait=args.wait, plain=args.plain)
 
 
 def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[str, Any],
-            code: str, *, show_code: bool, wait: float) -> int:
+            code: str, *, show_code: bool, wait: float, plain: bool = False) -> int:
     """Check a code here, publish it retained, and wait for gated's verdict.
 
     A site code goes out as a keyed hash when this machine holds the site key:
@@ -145,10 +147,14 @@ def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[
         return 2
     except NotHere:
         print(f"note: no gate of that name at site {config.site.id}; other sites may have one")
-    key = sitekey.read_key(loaded.key_path) if scope == "site" else None
-    if key is not None:
+    book = loaded.book
+    hashed_here = scope == "site" and book.site_key  # the book's key is the site key
+    if scope == "site" and not hashed_here and not plain:
+        raise StaffError(f"no site key at {loaded.key_path}, so the digits would go to the "
+                         "broker in clear; run this where gated runs, or add --plain")
+    if hashed_here:
         hashed = {k: v for k, v in fields.items() if k != "code"}
-        hashed["code_hash"] = sitekey.code_hash(key, code)
+        hashed["code_hash"] = sitekey.code_hash(book.key, code)
         body = json.dumps(hashed, ensure_ascii=False).encode()
     topic = f"{base}/codes/{code_id}"
     error_topic = (f"{topic}/error" if scope == "site"
@@ -161,7 +167,7 @@ def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[
         async with connect(config.mqtt, _client_id(config), ca_file=_ca_file(loaded)) as client:
             await client.subscribe(error_topic, qos=1)
             await client.publish(topic, body, qos=1, retain=True)
-            print(f"published {topic}" + (" (as a keyed hash)" if key is not None else ""))
+            print(f"published {topic}" + (" (as a keyed hash)" if hashed_here else ""))
             if show_code:
                 print(f"code: {code}")
             if wait <= 0:
@@ -181,7 +187,10 @@ async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: 
                 if not payload:
                     print(f"applied by gated at site {site}")
                     return 0
-                reason = json.loads(payload).get("error", payload.decode(errors="replace"))
+                try:
+                    reason = json.loads(payload)["error"]
+                except (ValueError, TypeError, KeyError):
+                    reason = payload.decode(errors="replace")
                 print(f"refused by gated at site {site}: {reason}")
                 return 1
     except TimeoutError:

@@ -232,10 +232,14 @@ class Store:
                                              current.locked_until, current.last), recent))
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(self._pending) >= BUFFER_LIMIT:
-            lost = self._pending.popleft()
-            self.dropped += 1
-            if lost.done is not None and not lost.done.done():
-                lost.done.set_result(False)
+            # The oldest entry goes; a managed code's change never does (losing
+            # a withdrawal would bring a revoked code back at the next start).
+            lost = next((item for item in self._pending if item.code is None), None)
+            if lost is not None:
+                self._pending.remove(lost)
+                self.dropped += 1
+                if lost.done is not None and not lost.done.done():
+                    lost.done.set_result(False)
         self._pending.append(_Pending(
             entry, dict(changes.uses) if changes else {}, dict(changes.totp) if changes else {},
             strikes, done,

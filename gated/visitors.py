@@ -40,10 +40,14 @@ def install(book: CodeBook, rows: list[VisitorRow]) -> None:
     book.visitors = {row.digest: credential(row) for row in rows}
 
 
+def random_digits(length: int) -> str:
+    return f"{secrets.randbelow(10 ** length):0{length}d}"
+
+
 def make(book: CodeBook, *, name: str, gates: list[str], valid_from: float | None,
          valid_until: float, max_uses: int | None, length: int, now: float,
-         callers: tuple[str, ...] = (), callername: str = "", destination: str = "",
-         taken: set[bytes] | None = None) -> Issued:
+         callername: str = "", destination: str = "",
+         taken: frozenset[bytes] = frozenset()) -> Issued:
     """Draw random digits that are no other code, and the row to store for them."""
     unknown = [g for g in gates if g not in book.gates]
     if unknown:
@@ -52,9 +56,8 @@ def make(book: CodeBook, *, name: str, gates: list[str], valid_from: float | Non
         raise VisitorError("a visitor code needs --gates (or a route)")
     if valid_until <= now:
         raise VisitorError("the code would already have expired")
-    taken = taken or set()
     for _ in range(MAX_TRIES):
-        code = f"{secrets.randbelow(10 ** length):0{length}d}"
+        code = random_digits(length)
         digest = book.digest(code)
         if digest in book.codes or digest in book.visitors or digest in taken:
             continue
@@ -62,7 +65,7 @@ def make(book: CodeBook, *, name: str, gates: list[str], valid_from: float | Non
             continue
         row = VisitorRow(id=secrets.token_hex(4), digest=digest, name=name,
                          gates=tuple(gates), valid_from=valid_from, valid_until=valid_until,
-                         max_uses=max_uses, callers=callers, callername=callername,
+                         max_uses=max_uses, callername=callername,
                          destination=destination, created=now)
         return Issued(code, row)
     raise VisitorError("could not find free digits; use a longer [visitors] length")

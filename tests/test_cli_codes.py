@@ -107,7 +107,7 @@ async def test_put_with_no_daemon_says_so(broker: Mosquitto, tmp_path: Path,
     """With gated away the code is still published (retained) and the tool says so."""
     path = write_config(tmp_path, mqtt_table(broker))
     code, out = await gated(capsys, "-c", str(path), "codes", "put", "v", "--code", "246810",
-                            "--gates", "barrier", "--wait", "0.3")
+                            "--gates", "barrier", "--wait", "0.3", "--plain")
     assert code == 0
     assert "no word from gated at site test within 0.3s" in out
 
@@ -158,3 +158,22 @@ async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_prune
     await eventually(lambda: not bridge.codes.applied, within=10)
     messages = await probe.wait_for(topic, 2)
     assert messages[-1].payload == b""
+
+
+async def test_put_without_the_site_key_refuses_to_send_digits(
+        broker: Mosquitto, probe: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """On a machine without the site key, put refuses (digits would travel in clear)
+    unless --plain says that is meant."""
+    config = write_config(tmp_path, mqtt_table(broker))
+    await probe.subscribe("gated/test/codes/+")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["-c", str(config), "codes", "put", "v1", "--code",
+                                          "246810", "--gates", "barrier", "--wait", "0"]) == 2
+    assert "no site key" in capsys.readouterr().err
+    assert probe.on("gated/test/codes/+") == []
+    code, out = await gated(capsys, "-c", str(config), "codes", "put", "v1", "--code",
+                            "246810", "--gates", "barrier", "--wait", "0", "--plain")
+    assert code == 0 and "keyed hash" not in out
+    (sent,) = await probe.wait_for("gated/test/codes/+", 1)
+    assert b"246810" in sent.payload

@@ -135,6 +135,7 @@ def test_backoff_doubles_and_is_capped() -> None:
         ('password = "x"', "mqtt.password", "needs a username"),
         ('reconnect_min = 5.0\nreconnect_max = 1.0', "mqtt.reconnect_min", "reconnect_max"),
         ('protocol = "4"', "mqtt.protocol", ""),
+        ('protocol = "3.1.1"\n' + lift_gate(), "mqtt.protocol", "commands must expire"),
     ],
 )
 def test_mqtt_config_errors_name_the_key(tmp_path: Path, extra: str, path: str,
@@ -152,3 +153,18 @@ def test_unusable_ca_file_fails_at_start(tmp_path: Path) -> None:
     assert config.mqtt is not None
     with pytest.raises(ConfigError, match=r"mqtt\.tls_ca"):
         MqttLink(config.mqtt, prefix=PREFIX, client_id="x", ca_file=tmp_path / "missing.pem")
+
+
+async def test_mqtt_3_1_1_brokers_still_get_status_and_events(broker: Mosquitto, probe: Probe,
+                                                              start_daemon: Any) -> None:
+    """protocol = "3.1.1" (no MQTT actuators) connects, goes online and publishes events."""
+    from .broker import mqtt_ready
+    from .helpers import BARRIER
+
+    await probe.subscribe("gated/test/status", "gated/test/events")
+    running = await start_daemon(mqtt_table(broker, 'protocol = "3.1.1"'))
+    await mqtt_ready(running)
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
+    (event,) = await probe.wait_for("gated/test/events", 1)
+    assert event.json()["reason"] == "granted_code"
+    assert [m.payload for m in probe.on("gated/test/status")][-1] == b"online"

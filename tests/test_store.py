@@ -100,3 +100,24 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="newer"):
         Store.open(path)
+
+
+async def test_a_full_buffer_drops_entries_never_code_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the disk refuses, overflow drops the oldest entries; a managed code's
+    withdrawal is kept, or a revoked code would return at the next start."""
+    import gated.store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUFFER_LIMIT", 3)
+    store = Store.open(tmp_path / "s.sqlite3")
+    withdrawal = store.save_code("site", "v1", None)
+    entries = [store.submit(entry(n), None, None) for n in range(5)]
+    assert store.buffered == 3
+    assert not withdrawal.done()
+    assert [f.done() and f.result() for f in entries[:3]] == [False, False, False]
+    assert store.dropped == 3
+    writer = asyncio.create_task(store.run())
+    assert await asyncio.wait_for(withdrawal, 5)
+    assert all([await asyncio.wait_for(f, 5) for f in entries[3:]])
+    writer.cancel()
+    store.close()
