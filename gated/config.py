@@ -506,6 +506,10 @@ def _check_sensor(name: str, gate: GateConfig, deadline: float, fail: Any) -> No
         raise fail(("gates", name, "sensor", "confirm"),
                     f"must be shorter than server.answer_deadline ({deadline}s): the "
                     "answer waits for the confirmation")
+    if sensor.bounce >= sensor.confirm:
+        raise fail(("gates", name, "sensor", "bounce"),
+                   f"must be shorter than sensor.confirm ({sensor.confirm}s), or no open "
+                   "could ever be confirmed")
     if sensor.confirm > sensor.window:
         raise fail(("gates", name, "sensor", "window"),
                    f"must be at least sensor.confirm ({sensor.confirm}s)")

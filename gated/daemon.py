@@ -117,6 +117,7 @@ class Daemon:
         config = self.loaded.config
         built: dict[str, actuator_port.Actuator] = {}
         link = self.link = make_link(self.loaded)
+        store: Store | None = None
         try:
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
@@ -127,23 +128,26 @@ class Daemon:
                         on_alarm=lambda *alarm: self._alarms.put_nowait(alarm))
                     built[name] = ConfirmingActuator(built[name], sensor)
             store = Store.open(self.loaded.store_path)
+            ledger = store.load_ledger(policy(self.loaded))
+            # Read the version first: a visitor code issued right after this
+            # load then still shows up as a change for housekeeping.
+            self._visitors_version = data_version(store.connection)
+            visitors.install(self.loaded.book, load_visitors(store.connection))
+            gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
+                                    deadline=config.server.answer_deadline)
+            if link is not None:
+                bridge = self.bridge = Bridge(link, gatekeeper, config)
+                bridge.attach()
+                bridge.load_local()
         except BaseException:
+            # Whatever failed, nothing stays claimed: relays off, pins freed.
             for actuator in built.values():
                 await actuator.close()
             for sensor in self.sensors.values():
                 sensor.close()
+            if store is not None:
+                store.close()
             raise
-        ledger = store.load_ledger(policy(self.loaded))
-        # Read the version first: a visitor code issued right after this load
-        # then still shows up as a change for housekeeping to pick up.
-        self._visitors_version = data_version(store.connection)
-        visitors.install(self.loaded.book, load_visitors(store.connection))
-        gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
-                                deadline=config.server.answer_deadline)
-        if link is not None:
-            bridge = self.bridge = Bridge(link, gatekeeper, config)
-            bridge.attach()
-            bridge.load_local()
         return gatekeeper
 
     async def run(self) -> None:

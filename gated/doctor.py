@@ -7,6 +7,7 @@ pin or changes a file, so it is safe to run next to the running daemon.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import glob
 import importlib.util
@@ -14,13 +15,12 @@ import os
 import sqlite3
 import ssl
 import struct
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from gated import config as config_mod
 from gated.config import (
@@ -290,33 +290,27 @@ def check_state(store: Path) -> list[Finding]:
 
 
 def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:
-    """A real MQTT CONNECT, so credentials and TLS are checked, not just the port."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    """A real MQTT CONNECT with the daemon's own settings (TLS, protocol, login)."""
+    from gated.errors import BrokerError, ConfigError
+    from gated.mqtt import connect
 
     where = f"{mqtt.host}:{mqtt.port}"
     fix = "check [mqtt] host, port, username, password and tls_ca, and that the broker runs"
-    answers: list[Any] = []
-    client = paho.Client(CallbackAPIVersion.VERSION2,
-                         client_id=f"gated-doctor-{os.getpid()}")
-    client.on_connect = lambda _c, _u, _flags, code, _props: answers.append(code)
-    if mqtt.username:
-        client.username_pw_set(mqtt.username, mqtt.password)
+    ca_file = config_mod.resolve(config_path, mqtt.tls_ca) if mqtt.tls_ca else None
+
+    async def attempt() -> None:
+        async with asyncio.timeout(TIMEOUT), connect(mqtt, f"gated-doctor-{os.getpid()}",
+                                                      ca_file=ca_file):
+            pass
+
     try:
-        if mqtt.tls_ca:
-            client.tls_set(ca_certs=str(config_mod.resolve(config_path, mqtt.tls_ca)))
-        client.connect(mqtt.host, mqtt.port, keepalive=10)
-        deadline = time.monotonic() + TIMEOUT
-        while not answers and time.monotonic() < deadline:
-            client.loop(timeout=0.1)
-    except (OSError, ssl.SSLError, ValueError) as exc:
+        asyncio.run(attempt())
+    except TimeoutError:
+        return Finding("problem", "broker", f"{where} did not answer within {TIMEOUT:g}s", fix)
+    except BrokerError as exc:  # its message names the broker
+        return Finding("problem", "broker", f"cannot reach the {exc}", fix)
+    except (ConfigError, OSError, ssl.SSLError) as exc:
         return Finding("problem", "broker", f"cannot reach {where}: {exc}", fix)
-    finally:
-        client.disconnect()
-    if not answers:
-        return Finding("problem", "broker", f"{where} accepted TCP but sent no CONNACK", fix)
-    if answers[0].is_failure:
-        return Finding("problem", "broker", f"{where} refused the connection: {answers[0]}", fix)
     return Finding("ok", "broker", f"{where} accepts gated's connection")
 
 

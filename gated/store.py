@@ -204,6 +204,12 @@ class Store:
 
     def load_ledger(self, policy: Policy) -> Ledger:
         """The ledger as the last run left it: uses, TOTP steps, lockout strikes."""
+        try:
+            return self._load_ledger(policy)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the entry store {self.path}: {exc}") from exc
+
+    def _load_ledger(self, policy: Policy) -> Ledger:
         ledger = Ledger.fresh(policy)
         conn = self._conn
         ledger.uses.update(conn.execute("SELECT credential_id, count FROM uses"))

@@ -49,7 +49,9 @@ case "$(dpkg --print-architecture 2>/dev/null || true)" in
     # Raspberry Pi OS ships lgpio, the GPIO library gpiozero uses on every Pi model.
     arm64|armhf) packages+=(python3-lgpio) ;;
 esac
-system apt-get install -y "${packages[@]}"
+# A fresh image's package lists may be stale: update once if the install fails.
+system apt-get install -y "${packages[@]}" ||
+    { system apt-get update && system apt-get install -y "${packages[@]}"; }
 
 step "2. User gated in group gpio"
 if [ -n "$ROOT" ] || getent group gpio >/dev/null; then :; else
@@ -151,4 +153,5 @@ else
 fi
 echo
 echo "Done. Next: wire the relay (hardware/README.md), set the gate's type = \"gpio\""
-echo "in /etc/gated/gated.toml, then: sudo systemctl restart gated && sudo gated doctor"
+echo "in /etc/gated/gated.toml, then: sudo systemctl restart gated &&"
+echo "sudo -u gated gated --config /etc/gated/gated.toml doctor"

@@ -164,6 +164,8 @@ async def test_contact_bounce_is_one_opening(start_daemon: Any) -> None:
         (sensor().replace("pin = 22", "pin = 17"), "gates.barrier.sensor.pin",
          "already gate 'barrier''s relay"),
         (sensor() + "window = 0.5\n", "gates.barrier.sensor.window", "at least sensor.confirm"),
+        (sensor(confirm=0.5, bounce=0.5), "gates.barrier.sensor.bounce",
+         "shorter than sensor.confirm"),
         (sensor() + "colour = 'red'\n", "gates.barrier.sensor.colour", "unknown key"),
         (sensor().replace('"contact_closed"', '"sometimes"'), "gates.barrier.sensor.open_when",
          "Invalid enum value"),
