@@ -68,7 +68,6 @@ class Bridge:
         self.prefix = config.mqtt_prefix
         self.fleet = config.mqtt.fleet_prefix
         self.codes = ManagedCodes()
-        self.events_dropped = 0
         self._pending_events = 0
         self._pending_opens = 0
         self._errors: set[tuple[Scope, str]] = set()  # retained refusals on the broker
@@ -314,7 +313,6 @@ class Bridge:
         if entry.status == "ALARM":
             return  # sensor alarms go out on <prefix>/alarms
         if not self.link.connected or self._pending_events >= MAX_PENDING_EVENTS:
-            self.events_dropped += 1
             return
         self._pending_events += 1
         self.link.spawn(self._publish_event(entry), "mqtt-event")
@@ -329,7 +327,6 @@ class Bridge:
                 await self.link.publish(hass.gate_event_topic(self.prefix, gate), payload,
                                         qos=1, within=EVENT_TIMEOUT)
         except BrokerError as exc:
-            self.events_dropped += 1
             log.info("event not published", error=str(exc))
         finally:
             self._pending_events -= 1
@@ -353,7 +350,6 @@ class Bridge:
     def _on_alarm(self, event: dict[str, Any]) -> None:
         """Publish an alarm on <prefix>/alarms (not retained: it is news, not state)."""
         if not self.link.connected:
-            self.events_dropped += 1
             return
         moment = dt.datetime.fromtimestamp(event.pop("time"), self.config.tz)
         payload = json.dumps({"time": moment.isoformat(timespec="milliseconds"),

@@ -244,6 +244,12 @@ class Loaded(msgspec.Struct, frozen=True):
         return resolve(self.path, self.config.log.path)
 
     @property
+    def mqtt_ca_file(self) -> Path | None:
+        """``[mqtt] tls_ca``, resolved against the config file's folder."""
+        mqtt = self.config.mqtt
+        return resolve(self.path, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
+
+    @property
     def key_path(self) -> Path:
         return key_path(self.path, self.config)
 

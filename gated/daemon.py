@@ -365,9 +365,8 @@ def make_link(loaded: Loaded) -> MqttLink | None:
     mqtt = config.mqtt
     if mqtt is None:
         return None
-    ca_file = config_mod.resolve(loaded.path, mqtt.tls_ca) if mqtt.tls_ca else None
     return MqttLink(mqtt, prefix=config.mqtt_prefix, client_id=mqtt.client_id or
-                    f"gated-{config.site.id}", ca_file=ca_file)
+                    f"gated-{config.site.id}", ca_file=loaded.mqtt_ca_file)
 
 
 def _stamp(path: Any) -> tuple[int, int] | None:

@@ -91,11 +91,6 @@ def _client_id(config: Config) -> str:
     return f"gated-cli-{config.site.id}-{secrets.token_hex(4)}"
 
 
-def _ca_file(loaded: config_mod.Loaded) -> Any:
-    mqtt = loaded.config.mqtt
-    assert mqtt is not None
-    return config_mod.resolve(loaded.path, mqtt.tls_ca) if mqtt.tls_ca else None
-
 
 def _time(text: str | None, option: str) -> str | None:
     """Checked, and kept as typed: site-local unless it has an offset, as in the config."""
@@ -164,7 +159,7 @@ def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[
         from gated.mqtt import connect
 
         assert config.mqtt is not None
-        async with connect(config.mqtt, _client_id(config), ca_file=_ca_file(loaded)) as client:
+        async with connect(config.mqtt, _client_id(config), ca_file=loaded.mqtt_ca_file) as client:
             await client.subscribe(error_topic, qos=1)
             await client.publish(topic, body, qos=1, retain=True)
             print(f"published {topic}" + (" (as a keyed hash)" if hashed_here else ""))
@@ -210,7 +205,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
         assert config.mqtt is not None
         client_id = _client_id(config)
-        async with connect(config.mqtt, client_id, ca_file=_ca_file(loaded)) as client:
+        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             found, complete = await read_retained(
                 client, [topic], marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
             await client.publish(topic, b"", qos=1, retain=True)
@@ -239,7 +234,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         client_id = _client_id(config)
         filters = [f"{base}/codes/{suffix}" for _, base in bases
                    for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
-        async with connect(config.mqtt, client_id, ca_file=_ca_file(loaded)) as client:
+        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             return await read_retained(client, filters,
                                        marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
 
