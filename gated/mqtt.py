@@ -261,8 +261,11 @@ class MqttLink:
                 self._abandon(session, sending, command)
                 raise BrokerUnavailable(f"publish to {self.broker} failed: {exc}") from None
             return
+        lost_before = session.lost.done()
         self._abandon(session, sending, command)
-        if session.lost.done() and not session.reset:
+        # Lost before this call gave up (a drop, or another command's reset):
+        # unreachable. Otherwise this call timed out (and may have reset it).
+        if lost_before:
             raise BrokerUnavailable(f"connection to the MQTT broker {self.broker} lost")
         raise BrokerTimeout(f"the MQTT broker {self.broker} did not acknowledge "
                             f"within {within:g}s")
