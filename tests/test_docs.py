@@ -2,9 +2,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
+import yarl
 
 from gated import errors
 from gated.decide import GUESS_REASONS
+
+from .helpers import BARRIER, TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = "\n".join(p.read_text() for p in (ROOT / "gated").rglob("*.py"))
@@ -28,3 +34,32 @@ def test_docs_link_to_files_that_exist() -> None:
     for page in [*(ROOT / "docs").glob("*.md"), ROOT / "hardware" / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def _documented_templates() -> list[tuple[str, str]]:
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    return [(page.name, url) for page in pages
+            for url in re.findall(r"https?://\S*\{code\}\S*", page.read_text())]
+
+
+def test_the_docs_show_the_webhook_url_template() -> None:
+    """The URL template the installer copies is in the README and the dial-plan guide."""
+    assert {name for name, _ in _documented_templates()} >= {"README.md", "dialplan.md"}
+
+
+@pytest.mark.parametrize(("page", "template"), _documented_templates())
+async def test_a_trailing_hash_in_the_code_loses_no_parameter(start_daemon: Any, page: str,
+                                                              template: str) -> None:
+    """A PBX that fills in the typed `471123#` unencoded still sends did and callerid.
+
+    Any HTTP client ends the URL at a raw `#` (what follows is a fragment and
+    never leaves the client), so every parameter after `{code}` would be lost.
+    """
+    running = await start_daemon()
+    filled = (template.rstrip("`.,)").replace("SECRET", TOKEN)
+              .replace("{code}", "471123#").replace("{did}", BARRIER)
+              .replace("{callerid}", "0612345678").replace("{callername}", "Jan"))
+    sent = yarl.URL(filled)  # as the PBX's client parses it: the fragment stays behind
+    url = yarl.URL(running.url).with_query(sent.query)
+    async with running.session.get(url) as response:
+        assert (response.status, (await response.text()).split("&")[0]) == (200, "status=ACK"), page
