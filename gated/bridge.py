@@ -108,6 +108,11 @@ class Bridge:
         link.subscribe(f"{self.prefix}/sync", self._on_sync)
         if mqtt.discovery:
             link.subscribe(f"{mqtt.discovery_prefix}/status", self._on_hass_status, qos=0)
+            # The retained configs of this site's node, to clear those of gates
+            # no longer configured; gated's own announcements need not come back.
+            link.subscribe(hass.config_filter(site=self.site,
+                                              discovery_prefix=mqtt.discovery_prefix),
+                           self._on_hass_config, no_local=True)
         link.on_connect(self._connected)
         if mqtt.events:
             self.gatekeeper.listeners.append(self._on_entry)
@@ -365,12 +370,29 @@ class Bridge:
         if message.payload == b"online" and not message.retain:
             self.link.spawn(self.announce(), "mqtt-discovery")
 
-    async def announce(self) -> None:
+    def _hass_configs(self) -> list[tuple[str, dict[str, Any]]]:
         mqtt = self.config.mqtt
         assert mqtt is not None
-        configs = hass.configs(site=self.site, prefix=self.prefix,
-                               discovery_prefix=mqtt.discovery_prefix,
-                               gates=list(self.config.gates))
+        return hass.configs(site=self.site, prefix=self.prefix,
+                            discovery_prefix=mqtt.discovery_prefix,
+                            gates=list(self.config.gates))
+
+    def _on_hass_config(self, message: Incoming) -> None:
+        # Only what the broker kept, found at connect: a live message is an
+        # announcement (with MQTT 3.1.1, gated's own), and empty is a removal.
+        if self._closed or not message.retain or not message.payload:
+            return
+        if message.topic in {topic for topic, _ in self._hass_configs()}:
+            return
+        if hass.owner(message.payload) != f"{self.prefix}/status":
+            return  # another site whose id makes the same node id ("a-b", "a_b")
+        log.info("home assistant discovery cleared for an entity no longer configured",
+                 topic=message.topic)
+        self.link.spawn(self._publish_quietly(message.topic, b"", retain=True),
+                        "mqtt-discovery-clear")
+
+    async def announce(self) -> None:
+        configs = self._hass_configs()
         try:
             for topic, payload in configs:
                 await self.link.publish(topic, hass.encode(payload), qos=1, retain=True,
