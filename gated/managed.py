@@ -28,6 +28,9 @@ Scope = Literal["site", "fleet"]
 ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # In a managed code's gates: every gate of the site (fleet codes mostly want this).
 ALL_GATES = "*"
+# A code's fields fit in a few hundred bytes; anything near this is not a code,
+# and is refused before it is parsed or kept.
+MAX_BODY = 64 * 1024
 
 
 class Rejected(Exception):
@@ -66,10 +69,15 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
     """
     if not ID_RE.fullmatch(code_id):
         raise Rejected("a code id is 1 to 64 letters, digits, '_', '.' or '-'")
+    if len(body) > MAX_BODY:
+        raise Rejected(f"message too large (at most {MAX_BODY} bytes)")
     try:
         raw: Any = msgspec.json.decode(body)
     except msgspec.DecodeError:
         raise Rejected("not valid JSON") from None
+    except RecursionError:
+        # A code is an object of strings and lists of strings: depth 2.
+        raise Rejected("not valid JSON: too deeply nested") from None
     if not isinstance(raw, dict):
         raise Rejected("expected a JSON object with the fields of a [[codes]] entry")
     raw = dict(raw)
