@@ -12,12 +12,12 @@ from structlog.testing import capture_logs
 
 from gated.config import parse
 from gated.errors import ConfigError
-from gated.managed import MAX_BODY, ManagedCodes, NotHere, Rejected
+from gated.managed import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
 from gated.managed import parse as parse_code
 from gated.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
-from .helpers import BARRIER, DOOR, config_text
+from .helpers import BARRIER, DOOR, FakeClock, config_text
 
 PREFIX = "gated/test"
 ERRORS = f"{PREFIX}/codes/+/error"
@@ -91,16 +91,43 @@ async def _put_change_delete(broker: Mosquitto, probe: Probe, start_daemon: Any)
 
 async def test_clash_with_a_file_code_is_refused_not_merged(broker: Mosquitto, probe: Probe,
                                                            start_daemon: Any) -> None:
-    """Digits or an id already used in the file are reported, and the file's code stays."""
+    """Digits or an id already used in the file are refused, and the file's code stays."""
     await probe.subscribe(ERRORS)
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)
     error = await put(probe, "sneaky", body(code="5555", gates=["barrier", "door"]))
-    assert error["error"] == "these digits are already another credential's code"
+    assert error["error"] == NOT_ACCEPTED
     error = await put(probe, "Demo", body(code="424242", gates=["barrier"]))
     assert error["error"] == "id 'Demo' is already used by another credential"
     assert await running.get(code="5555", did=DOOR) == (200, "status=NAK")  # wrong_gate
     assert await running.get(code="424242", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
+    assert entries(running)[-1].credential == "Barrier only"
+
+
+async def test_a_digit_clash_tells_the_publisher_nothing_and_probing_raises_an_alarm(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """A code taking another credential's digits gets the same refusal whatever it hit,
+    is kept nowhere, and a burst of them is one code_clashes alarm naming no digits."""
+    await probe.subscribe(ERRORS, f"{PREFIX}/alarms")
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "mine", body(code="246810", gates=["barrier"])) is None
+    taken = ["5555", "471123", "9000", "246810", "5555", "471123", "9000"]
+    with capture_logs() as logs:
+        for n, digits in enumerate(taken):
+            error = await put(probe, f"probe-{n}", body(code=digits, gates=["barrier"]))
+            assert error["error"] == NOT_ACCEPTED, digits
+        (alarm,) = await probe.wait_for(f"{PREFIX}/alarms", 1)
+    assert [e["alarm"] for e in logs if "alarm" in e] == ["code_clashes"]
+    assert (alarm.json()["alarm"], alarm.json()["clashes"]) == ("code_clashes", 5)
+    assert not set(taken) & set(re.findall(r"\d{4,}", alarm.payload.decode()))
+    assert not set(taken) & set(re.findall(r"\d{4,}", repr(logs)))
+    store = running.daemon.gatekeeper.store
+    await store.flush()
+    assert [r[0] for r in sqlite3.connect(store.path).execute(
+        "SELECT id FROM managed_codes")] == ["mine"]
+    assert running.daemon.bridge.codes.ids("site") == {"mine"}
     assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
     assert entries(running)[-1].credential == "Barrier only"
 
@@ -221,7 +248,7 @@ async def test_reload_keeps_managed_codes_and_reports_new_clashes(
     before = len(probe.on(f"{PREFIX}/codes/visitor-1/error"))
     assert await running.daemon.reload("test")
     (*_, error) = await probe.wait_for(f"{PREFIX}/codes/visitor-1/error", before + 1)
-    assert error.json()["error"] == "these digits are already another credential's code"
+    assert error.json()["error"] == NOT_ACCEPTED
     assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
     assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
 
@@ -294,6 +321,25 @@ def test_the_file_bounds_codes_as_mqtt_does(tmp_path: Any) -> None:
     assert "length <= 64" in str(caught.value)
     assert caught.value.line == config_text(tmp_path, long_name).splitlines().index(
         f'callername = "{"L" * 65}"') + 1
+
+
+def test_clash_alarm_once_per_burst() -> None:
+    """Five clashes within ten minutes raise the alarm once per ten minutes; slower ones
+    never do."""
+    clock = FakeClock()
+    watch = ClashWatch()
+    slow = []
+    for _ in range(10):
+        slow.append(watch.clashed(clock.monotonic()))
+        clock.advance(151)
+    assert not any(slow)
+    clock.advance(600)
+    assert [watch.clashed(clock.monotonic()) for _ in range(20)] == [False] * 4 + [True] + [
+        False] * 15
+    clock.advance(599)
+    assert not watch.clashed(clock.monotonic())
+    clock.advance(2)  # the next window: the one at 599 s and four more make five
+    assert [watch.clashed(clock.monotonic()) for _ in range(5)] == [False] * 3 + [True, False]
 
 
 def test_bad_ids_and_foreign_fleet_codes(tmp_path: Any) -> None:
