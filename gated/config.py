@@ -138,19 +138,34 @@ class GateConfig(_Table, kw_only=True, frozen=True):
     sensor: SensorConfig | None = None
 
 
+# Bounds on what a credential carries, the same for [[codes]] in the file and
+# for codes published over MQTT (one struct checks both): the PBX shows at most
+# 64 characters of a callername, and no field needs to be bigger than what a
+# person would type into it.
+def _most(count: int) -> msgspec.Meta:
+    return msgspec.Meta(max_length=count)
+
+
+_GateName = Annotated[str, _most(32)]
+_Number = Annotated[str, _most(32)]
+Callername = Annotated[str, _most(64)]
+Destination = Annotated[str, _most(64)]
+
+
 class CodeConfig(_Table, kw_only=True, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    code: str | None = None
-    code_hash: str | None = None  # "hmac-sha256:<hex>", made by `gated codes hash`
-    gates: list[str] = []
+    code: Annotated[str, _most(16)] | None = None
+    # "hmac-sha256:<hex>", made by `gated codes hash`
+    code_hash: Annotated[str, _most(76)] | None = None
+    gates: Annotated[list[_GateName], _most(256)] = []
     valid_from: dt.datetime | None = None
     valid_until: dt.datetime | None = None
-    schedule: list[str] = []
+    schedule: Annotated[list[Annotated[str, _most(64)]], _most(64)] = []
     max_uses: PositiveInt | None = None
-    callers: list[str] = []
-    callername: str = ""
-    destination: str = ""
+    callers: Annotated[list[_Number], _most(1000)] = []
+    callername: Callername = ""
+    destination: Destination = ""
 
 
 class TotpConfig(_Table, kw_only=True, frozen=True):
@@ -160,8 +175,8 @@ class TotpConfig(_Table, kw_only=True, frozen=True):
     gates: list[str] = []
     digits: Annotated[int, msgspec.Meta(ge=6, le=8)] = 6
     period: Annotated[int, msgspec.Meta(ge=15, le=120)] = 30
-    callername: str = ""
-    destination: str = ""
+    callername: Callername = ""
+    destination: Destination = ""
 
 
 class LockoutConfig(_Table, kw_only=True, frozen=True):
