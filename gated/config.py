@@ -236,22 +236,27 @@ class Loaded(msgspec.Struct, frozen=True):
     """A validated config, where it came from, and its compiled code book."""
 
     config: Config
+    # The file as it was named (absolute, a symlink left a symlink): a reload
+    # reads what this names then, so `ln -sfn` to another file takes effect.
     path: Path
     book: CodeBook
+    # The file ``path`` named when this was read. Relative paths in the config
+    # are relative to its folder (the link's target's, not the link's).
+    source: Path
 
     @property
     def store_path(self) -> Path:
-        return resolve(self.path, self.config.log.path)
+        return resolve(self.source, self.config.log.path)
 
     @property
     def mqtt_ca_file(self) -> Path | None:
         """``[mqtt] tls_ca``, resolved against the config file's folder."""
         mqtt = self.config.mqtt
-        return resolve(self.path, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
+        return resolve(self.source, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
 
     @property
     def key_path(self) -> Path:
-        return key_path(self.path, self.config)
+        return key_path(self.source, self.config)
 
 
 def without_credentials(loaded: Loaded) -> Loaded:
@@ -271,9 +276,13 @@ def key_path(config_path: Path, config: Config) -> Path:
 
 
 def resolve(config_path: Path, value: str) -> Path:
-    """Relative paths in the config are relative to the config file's folder."""
+    """Relative paths in the config are relative to the config file's folder.
+
+    For a config reached through a symlink, that is the folder of the file it
+    points to.
+    """
     path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else (config_path.parent / path).resolve()
+    return path if path.is_absolute() else (config_path.resolve().parent / path).resolve()
 
 
 def default_path() -> str:
@@ -287,7 +296,9 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     when there is none yet (the daemon does, a read-only check does not).
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
-    file = Path(path if path is not None else default_path())
+    # Absolute, so a reload still finds it after the daemon changed directory.
+    file = Path(path if path is not None else default_path()).absolute()
+    source = file.resolve()
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -297,11 +308,11 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     from gated import sitekey
 
     def site_key(config: Config) -> bytes | None:
-        where = key_path(file.resolve(), config)
+        where = key_path(source, config)
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
     config, book = parse(text, source=str(file), key=site_key)
-    return Loaded(config=config, path=file.resolve(), book=book)
+    return Loaded(config=config, path=file, book=book, source=source)
 
 
 @contextlib.contextmanager

@@ -369,8 +369,10 @@ def make_link(loaded: Loaded) -> MqttLink | None:
                     f"gated-{config.site.id}", ca_file=loaded.mqtt_ca_file)
 
 
-def _stamp(path: Any) -> tuple[int, int] | None:
+def _stamp(path: Any) -> tuple[int, ...] | None:
+    # stat follows a symlink: pointed at another file, the inode says so even
+    # when size and mtime happen to match.
     with contextlib.suppress(OSError):
         info = path.stat()
-        return (info.st_mtime_ns, info.st_size)
+        return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_dev)
     return None
