@@ -6,7 +6,8 @@ GPIO gates with the broker down), webhook listening, READY.
 Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers and remote
 opens, relays off, entries flushed, ``offline`` published, store closed.
 SIGHUP or a change of the file reloads the code book (managed codes carried
-over); a bad file keeps the old one serving.
+over) and the webhook's tokens and address lists; a bad file, or one that
+changes what only a restart applies, keeps the old one serving.
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ from aiohttp import web
 from gated import actuators as actuator_port
 from gated import alarms, visitors
 from gated import config as config_mod
-from gated.app import REQUEST_LIMITS, make_app
+from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
-from gated.config import Loaded, split_listen
+from gated.config import Loaded, ServerConfig, split_listen
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper
+from gated.keys import WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.metrics import Metrics, make_metrics_app
 from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
+from gated.webhook import LiveSettings
 
 log = structlog.get_logger("gated.daemon")
 
@@ -107,6 +110,7 @@ class Daemon:
     _visitors_version: int = 0
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
+    _webhook_settings: LiveSettings | None = None
 
     @property
     def url(self) -> str:
@@ -159,6 +163,7 @@ class Daemon:
                                max_line_size=REQUEST_LIMITS["max_line_size"],
                                max_field_size=REQUEST_LIMITS["max_field_size"],
                                max_headers=REQUEST_LIMITS["max_headers"])
+        self._webhook_settings = runner.app[WEBHOOK]
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
@@ -282,13 +287,9 @@ class Daemon:
                       error=str(exc), trigger=why)
             return False
         old, new = self.loaded.config, loaded.config
-        if (new.gates.keys() != old.gates.keys()
-                or any(new.gates[g].actuator != old.gates[g].actuator
-                       or new.gates[g].sensor != old.gates[g].sensor for g in new.gates)
-                or new.server != old.server or new.log != old.log or new.mqtt != old.mqtt
-                or new.site.id != old.site.id):
-            log.error("config reload refused: gates, actuators, sensors, [server], [log], "
-                      "[mqtt] or the site id changed; restart gated to apply them", trigger=why)
+        if changed := restart_needed(self.loaded, loaded):
+            log.error("config reload refused: restart gated to apply these changes; "
+                      "the old config keeps serving", changed=changed, trigger=why)
             return False
         slim = config_mod.without_credentials(loaded)
         # Visitor codes first, so the managed codes' clash check sees them.
@@ -296,6 +297,9 @@ class Daemon:
         if self.bridge is not None:
             self.bridge.rebase(loaded.book, slim.config)
         gatekeeper.swap(loaded.book)
+        if new.server != old.server and self._webhook_settings is not None:
+            # In the same step as the book: no call sees one without the other.
+            self._webhook_settings.current = webhook_settings(new.server)
         self.loaded = slim
         # Nothing may keep the parsed tables (or the old book) alive past here.
         del loaded, old, new
@@ -357,6 +361,37 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+# [server] keys the webhook reads on every call, so a reload applies them (a
+# token rotation must not wait for a restart). The others shape the listening
+# socket, the app or the gatekeeper and need one.
+RELOADABLE_SERVER_KEYS = frozenset({"tokens", "allow_from", "trusted_proxies", "nak_word"})
+
+
+def restart_needed(old: Loaded, new: Loaded) -> list[str]:
+    """What differs between two configs that only a restart applies (by key, never value)."""
+    a, b = old.config, new.config
+    changed = [f"server.{key}" for key in ServerConfig.__struct_fields__
+               if key not in RELOADABLE_SERVER_KEYS
+               and getattr(a.server, key) != getattr(b.server, key)]
+    if a.site.id != b.site.id:
+        changed.append("site.id")
+    if a.gates.keys() != b.gates.keys():
+        changed.append("gates")
+    else:
+        changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
+                    if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
+    changed += [table for table in ("log", "mqtt") if getattr(a, table) != getattr(b, table)]
+    # The same words can name other files when the config's symlink now points
+    # into another folder (relative paths follow the file, not the link).
+    if old.store_path != new.store_path and "log" not in changed:
+        changed.append("log.path (now names another file)")
+    if old.key_path != new.key_path:
+        changed.append("site.key_file (now names another file)")
+    if old.mqtt_ca_file != new.mqtt_ca_file and "mqtt" not in changed:
+        changed.append("mqtt.tls_ca (now names another file)")
+    return changed
 
 
 def make_link(loaded: Loaded) -> MqttLink | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyotp
 import pytest
+from structlog.testing import capture_logs
 
 from gated.cli import main
 from gated.store import read_entries
@@ -163,6 +164,28 @@ async def test_file_watch_notices_a_retargeted_symlink(start_daemon: Any,
            and time.monotonic() < deadline):
         await asyncio.sleep(0.1)
     assert await running.get(code="5555", did=BARRIER) == (200, "status=NAK")
+
+
+async def test_symlink_into_another_folder_needs_a_restart_for_relative_paths(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """Relative paths follow the file a link names: a reload that would move the store and
+    site key elsewhere is refused, naming them, and the old codes keep serving."""
+    text = config_text(tmp_path).replace(str(tmp_path / "state" / "entries.sqlite3"),
+                                         "state/entries.sqlite3")
+    for release in ("a", "b"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "gated.toml").write_text(text)
+    link = tmp_path / "gated.toml"
+    link.symlink_to(tmp_path / "a" / "gated.toml")
+    running = await start_daemon(config=link)
+    assert running.daemon.gatekeeper.store.path == tmp_path / "a" / "state" / "entries.sqlite3"
+    _retarget(link, tmp_path / "b" / "gated.toml")
+    with capture_logs() as logs:
+        assert not await running.daemon.reload("SIGHUP")
+    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")]
+    assert refusal["changed"] == ["log.path (now names another file)",
+                                  "site.key_file (now names another file)"]
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
 
 
 async def test_reload_during_a_burst_fails_no_answer(start_daemon: Any, tmp_path: Path) -> None:
