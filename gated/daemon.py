@@ -1,8 +1,9 @@
 """The one place that assembles the daemon from config and owns its lifecycle.
 
-Start: relays off, store opened, ledger restored, managed codes loaded from
-their local copy, MQTT link connecting (in the background: a site opens its
-GPIO gates with the broker down), webhook listening, READY.
+Start: the state lock (one daemon per store), relays off, store opened,
+ledger restored, managed codes loaded from their local copy, webhook
+listening, MQTT link connecting (in the background: a site opens its GPIO
+gates with the broker down), READY.
 Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers and remote
 opens, relays off, entries flushed, ``offline`` published, store closed.
 SIGHUP or a change of the file reloads the code book (managed codes carried
@@ -17,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import os
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -27,13 +29,13 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
-from gated import alarms, visitors
+from gated import alarms, statelock, visitors
 from gated import config as config_mod
 from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
 from gated.config import Loaded, ServerConfig, split_listen
-from gated.errors import ConfigError
+from gated.errors import ConfigError, GatedError
 from gated.gatekeeper import Gatekeeper
 from gated.keys import WEBHOOK
 from gated.lockout import SITE, Policy
@@ -111,6 +113,7 @@ class Daemon:
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
     _webhook_settings: LiveSettings | None = None
+    _state_lock: statelock.StateLock | None = None
 
     @property
     def url(self) -> str:
@@ -119,10 +122,13 @@ class Daemon:
 
     async def assemble(self) -> Gatekeeper:
         config = self.loaded.config
+        # First of all: a second daemon on this state stops here, before it
+        # touches a pin, the store or the broker.
+        self._state_lock = statelock.hold(self.loaded.store_path)
         built: dict[str, actuator_port.Actuator] = {}
-        link = self.link = make_link(self.loaded)
         store: Store | None = None
         try:
+            link = self.link = make_link(self.loaded)
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
                                                   mock_factory=self.mock_factory, mqtt=link)
@@ -151,6 +157,7 @@ class Daemon:
                 sensor.close()
             if store is not None:
                 store.close()
+            self._state_lock.release()
             raise
         return gatekeeper
 
@@ -183,8 +190,6 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
-                if self.link is not None:
-                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
                 tasks.create_task(self._housekeeping(), name="housekeeping")
@@ -192,18 +197,23 @@ class Daemon:
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
                 site = self._webhook = web.TCPSite(runner, host, port, reuse_address=True)
-                await site.start()
+                await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:
                     await metrics_runner.setup()
                     host, port = split_listen(config.metrics.listen)
                     metrics_site = web.TCPSite(metrics_runner, host, port, reuse_address=True)
-                    await metrics_site.start()
+                    await _listen(metrics_site, "metrics.listen", config.metrics.listen)
                     self.metrics_listening = [
                         s.getsockname()[:2]
                         for s in metrics_site._server.sockets  # type: ignore[union-attr]
                     ]
                     log.info("metrics listening", address=config.metrics.listen)
+                # Only once the ports are ours: a gated that cannot listen (another
+                # one has the port) must never reach the broker, where it would
+                # take the running one's client id and say "offline" for it.
+                if self.link is not None:
+                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
@@ -223,6 +233,8 @@ class Daemon:
                 raise _Stop
         except* _Stop:
             pass
+        except* GatedError as failed:  # a failed start: its one line, not a group
+            raise failed.exceptions[0] from None
         finally:
             if self.install_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -234,6 +246,8 @@ class Daemon:
             if self.link is not None:
                 await self.link.close(within=0.5)
             gatekeeper.store.close()
+            if self._state_lock is not None:
+                self._state_lock.release()
             log.info("stopped")
 
     def problem(self) -> str | None:
@@ -367,6 +381,15 @@ class Daemon:
 # token rotation must not wait for a restart). The others shape the listening
 # socket, the app or the gatekeeper and need one.
 RELOADABLE_SERVER_KEYS = frozenset({"tokens", "allow_from", "trusted_proxies", "nak_word"})
+
+
+async def _listen(site: web.TCPSite, key: str, address: str) -> None:
+    """Start listening, or fail the start with one line naming the address."""
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise GatedError(f"cannot listen on {address} ({key}): {reason}") from None
 
 
 def restart_needed(old: Loaded, new: Loaded) -> list[str]:
