@@ -296,8 +296,7 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     when there is none yet (the daemon does, a read-only check does not).
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
-    # Absolute, so a reload still finds it after the daemon changed directory.
-    file = Path(path if path is not None else default_path()).absolute()
+    file = Path(path if path is not None else default_path())
     source = file.resolve()
     try:
         text = file.read_text(encoding="utf-8")
@@ -312,7 +311,8 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
     config, book = parse(text, source=str(file), key=site_key)
-    return Loaded(config=config, path=file, book=book, source=source)
+    # Absolute, so a reload still finds it after the daemon changed directory.
+    return Loaded(config=config, path=file.absolute(), book=book, source=source)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ def test_relative_store_path_is_relative_to_the_config_file(tmp_path: Path) -> N
 
 
 def test_a_symlinked_config_keeps_its_name_and_relative_paths_follow_the_file(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaded through a symlink: the path stays the link (what a reload reads again), and
     relative paths are relative to the folder of the file it points to."""
     release = tmp_path / "releases" / "v2"
@@ -47,6 +47,8 @@ def test_a_symlinked_config_keeps_its_name_and_relative_paths_follow_the_file(
     assert loaded.path == link
     assert loaded.store_path == release / "db.sqlite3"
     assert loaded.key_path == release / "site.key"
+    monkeypatch.chdir(tmp_path)  # named relative to the working directory: kept absolute
+    assert config_mod.load("gated.toml").path == link
 
 
 @pytest.mark.parametrize(
