@@ -7,7 +7,7 @@ from aiohttp import web
 from gated.config import ServerConfig
 from gated.gatekeeper import Gatekeeper
 from gated.keys import GATEKEEPER, WEBHOOK
-from gated.webhook import WebhookSettings, voipgrid
+from gated.webhook import LiveSettings, WebhookSettings, voipgrid
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
 # (client_max_size, from [server] max_body, bounds the body.)
@@ -17,8 +17,12 @@ REQUEST_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 
 def make_app(gatekeeper: Gatekeeper, server: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=server.max_body)
     app[GATEKEEPER] = gatekeeper
-    app[WEBHOOK] = WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
-                                         server.answer_deadline, server.trusted_proxies)
+    app[WEBHOOK] = LiveSettings(webhook_settings(server))
     app.router.add_route("GET", server.path, voipgrid)
     app.router.add_route("POST", server.path, voipgrid)
     return app
+
+
+def webhook_settings(server: ServerConfig) -> WebhookSettings:
+    return WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
+                                 server.answer_deadline, server.trusted_proxies)

@@ -170,13 +170,18 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_pulse(args: argparse.Namespace) -> int:
-    from gated import actuators
+    from gated import actuators, statelock
 
     loaded = config_mod.load(args.config)
     gate = loaded.config.gates.get(args.gate)
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
         return 2
+    # A running daemon drives the relays: refuse rather than fight it for the
+    # pin. No lock file yet means no daemon ever ran on this state, and
+    # creating one here (as root, say) could keep the daemon from starting.
+    lock = (statelock.hold(loaded.store_path)
+            if statelock.lock_path(loaded.store_path).exists() else None)
     _writable_cwd(loaded)
 
     async def pulse() -> str:
@@ -196,7 +201,11 @@ def cmd_pulse(args: argparse.Namespace) -> int:
         finally:
             await actuator.close()
 
-    result = asyncio.run(pulse())
+    try:
+        result = asyncio.run(pulse())
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"gate {args.gate}: {result}")
     return 0
 

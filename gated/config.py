@@ -251,22 +251,27 @@ class Loaded(msgspec.Struct, frozen=True):
     """A validated config, where it came from, and its compiled code book."""
 
     config: Config
+    # The file as it was named (absolute, a symlink left a symlink): a reload
+    # reads what this names then, so `ln -sfn` to another file takes effect.
     path: Path
     book: CodeBook
+    # The file ``path`` named when this was read. Relative paths in the config
+    # are relative to its folder (the link's target's, not the link's).
+    source: Path
 
     @property
     def store_path(self) -> Path:
-        return resolve(self.path, self.config.log.path)
+        return resolve(self.source, self.config.log.path)
 
     @property
     def mqtt_ca_file(self) -> Path | None:
         """``[mqtt] tls_ca``, resolved against the config file's folder."""
         mqtt = self.config.mqtt
-        return resolve(self.path, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
+        return resolve(self.source, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
 
     @property
     def key_path(self) -> Path:
-        return key_path(self.path, self.config)
+        return key_path(self.source, self.config)
 
 
 def without_credentials(loaded: Loaded) -> Loaded:
@@ -286,9 +291,13 @@ def key_path(config_path: Path, config: Config) -> Path:
 
 
 def resolve(config_path: Path, value: str) -> Path:
-    """Relative paths in the config are relative to the config file's folder."""
+    """Relative paths in the config are relative to the config file's folder.
+
+    For a config reached through a symlink, that is the folder of the file it
+    points to.
+    """
     path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else (config_path.parent / path).resolve()
+    return path if path.is_absolute() else (config_path.resolve().parent / path).resolve()
 
 
 def default_path() -> str:
@@ -303,6 +312,7 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
     file = Path(path if path is not None else default_path())
+    source = file.resolve()
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -312,11 +322,12 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     from gated import sitekey
 
     def site_key(config: Config) -> bytes | None:
-        where = key_path(file.resolve(), config)
+        where = key_path(source, config)
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
     config, book = parse(text, source=str(file), key=site_key)
-    return Loaded(config=config, path=file.resolve(), book=book)
+    # Absolute, so a reload still finds it after the daemon changed directory.
+    return Loaded(config=config, path=file.absolute(), book=book, source=source)
 
 
 @contextlib.contextmanager

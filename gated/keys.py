@@ -10,9 +10,9 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gated.gatekeeper import Gatekeeper
     from gated.metrics import Metrics
-    from gated.webhook import WebhookSettings
+    from gated.webhook import LiveSettings
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
-WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("webhook")
+WEBHOOK: web.AppKey[LiveSettings] = web.AppKey("webhook")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("health")
