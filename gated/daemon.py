@@ -138,7 +138,7 @@ class Daemon:
                         on_alarm=lambda *alarm: self._alarms.put_nowait(alarm))
                     built[name] = ConfirmingActuator(built[name], sensor)
             store = Store.open(self.loaded.store_path)
-            ledger = store.load_ledger(policy(self.loaded))
+            ledger = store.load_ledger(policy(self.loaded), self.clock.now())
             # Read the version first: a visitor code issued right after this
             # load then still shows up as a change for housekeeping.
             self._visitors_version = data_version(store.connection)

@@ -73,7 +73,7 @@ class Gatekeeper:
         if decision is None:
             # decide() and apply() run with no await between them: the ledger
             # is never read by one call and written by another in between.
-            decision = decide(request, self.book, self.ledger, now)
+            decision = decide(request, self.book, self.ledger, now, durable=self.store.healthy)
             changes = self.ledger.apply(request, decision, now)
         status, result = decision.status, ""
         if decision.opens and decision.gate is not None:
