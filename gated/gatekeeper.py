@@ -8,7 +8,6 @@ way.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,11 +22,11 @@ from gated.errors import ActuatorError, NumberError
 from gated.lockout import LockEvent
 from gated.numbers import normalise
 from gated.pbx import Answer
+from gated.printable import printable
 from gated.store import Entry, Store
 
 log = structlog.get_logger("gated")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_CALLERNAME = 64
 
 
@@ -101,7 +100,7 @@ class Gatekeeper:
 
     def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
         """Normalise the numbers; a refusal when the input itself is bad."""
-        callername = _CONTROL.sub("", raw.callername or "")[:MAX_CALLERNAME]
+        callername = printable(raw.callername or "")[:MAX_CALLERNAME]
         code = (raw.code or "").strip().removesuffix("#") or None
         try:
             did = normalise(raw.did, self.book.region)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import msgspec
 import structlog
+
+from gated.printable import printable
 
 
 def _json(event: dict[str, Any], default: Callable[[Any], Any]) -> str:
@@ -17,6 +19,15 @@ def _json(event: dict[str, Any], default: Callable[[Any], Any]) -> str:
     # kept as is; values it cannot encode go through structlog's fallback
     # (repr), as with json.dumps.
     return msgspec.json.encode(event, enc_hook=default).decode()
+
+
+def _printable_values(_logger: Any, _name: str,
+                      event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Tracebacks keep their line breaks; every other value is one printable line.
+    for key, value in event.items():
+        if isinstance(value, str) and key not in ("exception", "stack"):
+            event[key] = printable(value)
+    return event
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
@@ -36,6 +47,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         # Never show_locals: a handler's locals hold the token and the code.
         shared.append(structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
+    shared.append(_printable_values)
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, renderer],
