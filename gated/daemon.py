@@ -39,6 +39,7 @@ from gated.metrics import Metrics, make_metrics_app
 from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.sensor import ConfirmingActuator, GateSensor
+from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
 
 log = structlog.get_logger("gated.daemon")
@@ -186,7 +187,9 @@ class Daemon:
                 tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
-                site = self._webhook = web.TCPSite(runner, host, port, reuse_address=True)
+                site = self._webhook = CappedSite(
+                    runner, host, port, max_connections=config.server.max_connections,
+                    reuse_address=True)
                 await site.start()
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:

@@ -40,6 +40,8 @@ class RawCall:
     callername: str | None = None
     source: str = "pbx"
     gate: str | None = None  # a remote open names its gate instead of a number
+    # When it reached gated (the clock's monotonic time), if earlier than the call.
+    received: float | None = None
 
 
 EntryListener = Callable[[Entry], None]
@@ -65,10 +67,14 @@ class Gatekeeper:
 
     async def call(self, raw: RawCall) -> Answer:
         """Decide and act on one call; never raises, always answers within the deadline."""
-        started = self.clock.monotonic()
+        started = self.clock.monotonic() if raw.received is None else raw.received
         now = self.clock.now()
         request, decision = self._parse(raw)
         changes: Changes | None = None
+        if decision is None and self.clock.monotonic() - started >= self.deadline:
+            # Its caller has given up: nothing is decided, spent or opened.
+            gate = self.book.gate_for(request.did)
+            decision = Decision(Status.ERR, "late", gate.name if gate else None)
         if decision is None:
             # decide() and apply() run with no await between them: the ledger
             # is never read by one call and written by another in between.
