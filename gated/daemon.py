@@ -47,6 +47,8 @@ log = structlog.get_logger("gated.daemon")
 RELOAD_POLL_SECONDS = 2.0
 HOUSEKEEPING_SECONDS = 1.0
 PRUNE_SECONDS = 60.0
+# A scraper or two: part of the files the webhook's cap leaves to the rest.
+METRICS_CONNECTIONS = 16
 
 
 @contextlib.contextmanager
@@ -195,7 +197,9 @@ class Daemon:
                 if metrics_runner is not None and config.metrics is not None:
                     await metrics_runner.setup()
                     host, port = split_listen(config.metrics.listen)
-                    metrics_site = web.TCPSite(metrics_runner, host, port, reuse_address=True)
+                    metrics_site = CappedSite(metrics_runner, host, port,
+                                              max_connections=METRICS_CONNECTIONS,
+                                              reuse_address=True)
                     await metrics_site.start()
                     self.metrics_listening = [
                         s.getsockname()[:2]

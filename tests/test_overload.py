@@ -4,10 +4,11 @@ connections are capped, and it answers again once the load is gone."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import resource
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from typing import Any
 
 from gated.config import ServerConfig
 from gated.gatekeeper import RawCall
+from gated.logs import LibraryRecords
 from gated.sockets import FILES_RESERVED
 from gated.store import read_entries
 
@@ -83,19 +85,22 @@ def test_a_request_held_in_the_kernel_past_the_deadline_never_opens(tmp_path: Pa
     deadline: once it runs again the call is answered ERR `late` and the relay stays off."""
     config, port = daemon_config(tmp_path, deadline=1.0)
     daemon = DaemonProcess(config)
-    answer: list[str] = []
     try:
         daemon.wait_for("listening")
         daemon.signal(signal.SIGSTOP)
-        caller = threading.Thread(target=lambda: answer.append(call(port)))
-        caller.start()
-        time.sleep(1.5)  # the request sits in the kernel past the 1 s deadline
-        daemon.signal(signal.SIGCONT)
-        caller.join(15)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as pbx:
+            # The kernel completes the handshake and takes the bytes for the stopped daemon.
+            pbx.sendall(f"GET {CALL} HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n\r\n"
+                        .encode())
+            time.sleep(1.5)  # past the 1 s deadline, the request still unread
+            daemon.signal(signal.SIGCONT)
+            answer = b""
+            while chunk := pbx.recv(4096):
+                answer += chunk
         entry = daemon.wait_for("entry")
     finally:
         daemon.stop()
-    assert answer == ["status=ERR"]
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nstatus=ERR")
     assert (entry["status"], entry["reason"], entry["gate"]) == ("ERR", "late", "barrier")
     assert not [e for e in daemon.events if e["event"] == "relay on"]
     history = next(e for e in daemon.events
@@ -167,3 +172,28 @@ def test_the_unit_leaves_file_handles_beyond_max_connections() -> None:
     """systemd's LimitNOFILE holds the default max_connections and the daemon's own files."""
     default = ServerConfig(tokens=["x" * 12]).max_connections
     assert int(unit_settings()["LimitNOFILE"][0]) >= default + FILES_RESERVED
+
+
+def test_a_repeating_library_error_is_shown_once_per_window_with_a_count() -> None:
+    """The same asyncio error over and over: the first is shown, then one per window
+    saying how many were withheld; another error is shown at once."""
+    clock = FakeClock()
+    limiter = LibraryRecords(window=10.0, clock=clock.monotonic)
+
+    def record(message: str) -> logging.LogRecord:
+        exc = OSError(errno.EMFILE, "Too many open files")
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (OSError, exc, None))
+
+    accept = "socket.accept() out of system resource\nsocket: <TransportSocket fd=6>"
+    shown = []
+    for _ in range(50):  # 50 attempts a second for 25 s
+        for _ in range(50):
+            if limiter.filter(each := record(accept)):
+                shown.append(each)
+        clock.advance(0.5)
+    assert len(shown) == 3
+    assert [r.__dict__.get("repeated", 0) for r in shown] == [0, 999, 999]
+    assert {(r.getMessage(), r.__dict__["error"]) for r in shown} == {
+        ("socket.accept() out of system resource", "OSError(EMFILE)")}
+    assert limiter.filter(record("Fatal error on transport"))
