@@ -356,6 +356,11 @@ class Store:
                         self._executor, self._write, [*batch, _Pending(None, None, ledger=ledger)])
                 except (sqlite3.Error, OSError) as exc:
                     self._ledger.after(ledger)
+                    # Not durable now, and nobody should wait for the disk to
+                    # come back: the items stay pending and are written then.
+                    for item in batch:
+                        if item.done is not None and not item.done.done():
+                            item.done.set_result(False)
                     if not self._failing:
                         self._failing = True
                         alarms.alarm(log, "store_failing",

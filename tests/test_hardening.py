@@ -281,6 +281,30 @@ async def test_single_use_code_while_the_store_fails_is_err_and_opens_nothing(
                        ("ACK", "granted_code"), ("NAK", "used_up")]
 
 
+async def test_a_use_the_disk_refuses_is_never_granted(start_daemon: Any) -> None:
+    """The first write that finds the disk failing may be a single-use code's own:
+    the use must be on disk before the relay moves, so the code answers ERR
+    store_failing, nothing opens, and the use is still there once the disk is back."""
+    running = await start_daemon(ONCE, deadline=1.0)
+    pin = running.pin(17)
+    store = running.daemon.gatekeeper.store
+    blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert store.healthy  # nothing has been written yet, so nothing has failed
+        assert await running.get(code="111111", did=BARRIER) == (200, "status=ERR")
+        assert [s.state for s in pin.states] == [False]
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert await store.flush(within=10)
+    assert await running.get(code="111111", did=BARRIER) == (200, "status=ACK")
+    await running.stop()
+    assert [s.state for s in pin.states] == [False, True, False]
+    reasons = [(e.status, e.reason) for e in reversed(read_entries(store.path))]
+    assert reasons == [("ERR", "store_failing"), ("ACK", "granted_code")]
+
+
 async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None:
     """More entries than the buffer holds while the disk refuses: the oldest entries go,
     but a spent single-use code stays spent and a locked caller stays locked, after
@@ -299,16 +323,18 @@ async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None
     gate = gatekeeper(store)
     writer = asyncio.create_task(store.run())
     store.connection.execute("PRAGMA busy_timeout=0")
+    # A use spent just before the disk fails; its entry may still be in flight.
+    once = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+    assert once.status is Status.ACK
     blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         with capture_logs():
-            # The use is spent by the call whose write finds the disk failing.
-            once = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
-            assert once.status is Status.ACK
-            assert not store.healthy
             for n in range(5):
                 await gate.call(RawCall(code=f"00000{n}", did=BARRIER, callerid=guesser))
+            assert not store.healthy
+            used = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+            assert used.reason == "used_up"
             for _ in range(BUFFER_LIMIT + 1):
                 answer = await gate.call(RawCall(code="471123", did=BARRIER, callerid=guesser))
                 assert answer.reason == "locked_out"
