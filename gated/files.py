@@ -144,6 +144,9 @@ def replacing(path: Path, *, wait: float | None = None) -> Iterator[Replacement]
     Read the file inside the block: what another command wrote while this one
     waited for the lock is then part of what this one changes.
     """
+    # Through a symlink to the file it names: renaming over the link would
+    # replace the link with a copy.
+    path = Path(os.path.realpath(path))
     lock = lock_path(path)
     deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
     while True:
