@@ -34,6 +34,7 @@ from gated.config import (
     split_listen,
 )
 from gated.errors import ConfigError
+from gated.files import user_name
 
 Level = Literal["ok", "info", "problem"]
 
@@ -296,8 +297,6 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
     """The store and site key belong to the state directory's owner (the daemon's
     user) and only they can read them: a staff command run as root before the
     daemon's first start could leave them root's."""
-    from gated.files import user_name
-
     directory = store.parent
     try:
         owner = directory.stat().st_uid

@@ -23,7 +23,7 @@ import gated.daemon
 import gated.logs  # noqa: F401
 from gated import doctor, sitekey
 from gated.cli import main
-from gated.store import Store, migrate
+from gated.store import Store, connect, migrate
 
 from .helpers import config_text
 
@@ -106,10 +106,19 @@ def test_a_root_staff_command_leaves_the_store_and_key_to_the_daemons_user(
     state = site / "state"
     made = sorted(p.name for p in state.iterdir())
     assert "entries.sqlite3" in made and "site.key" in made
-    for name in made:
-        info = (state / name).stat()
-        assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY), name
-        assert stat.S_IMODE(info.st_mode) == 0o600, name
+    # Open again as root: SQLite's -wal and -shm files follow the store's owner and mode.
+    with umask(0):
+        conn = connect(state / "entries.sqlite3")
+    try:
+        conn.execute("INSERT INTO uses VALUES ('y', 1)")
+        made = sorted(p.name for p in state.iterdir())
+        assert "entries.sqlite3-wal" in made and "entries.sqlite3-shm" in made
+        for name in made:
+            info = (state / name).stat()
+            assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY), name
+            assert stat.S_IMODE(info.st_mode) == 0o600, name
+    finally:
+        conn.close()
 
     def daemon_start() -> str:
         key = sitekey.read_key(state / "site.key")
