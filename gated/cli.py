@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -298,6 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The machine's failures (a full disk, a file someone else owns) are one
+    # line too, like every other refusal.
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"error: the entry store: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

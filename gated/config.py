@@ -45,6 +45,9 @@ DEFAULT_PATH = "/etc/gated/gated.toml"
 MAX_PULSE = 10.0
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# [[totp]] digits and period, inclusive: `gated totp add` checks its options by these.
+TOTP_DIGITS = (6, 8)
+TOTP_PERIOD = (15, 120)
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Pulse = Annotated[float, msgspec.Meta(gt=0, le=MAX_PULSE)]
 
@@ -176,8 +179,8 @@ class TotpConfig(_Table, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     secret: str
     gates: list[str] = []
-    digits: Annotated[int, msgspec.Meta(ge=6, le=8)] = 6
-    period: Annotated[int, msgspec.Meta(ge=15, le=120)] = 30
+    digits: Annotated[int, msgspec.Meta(ge=TOTP_DIGITS[0], le=TOTP_DIGITS[1])] = 6
+    period: Annotated[int, msgspec.Meta(ge=TOTP_PERIOD[0], le=TOTP_PERIOD[1])] = 30
     callername: Callername = ""
     destination: Destination = ""
 
