@@ -300,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `gated log | head`: the reader has what it wanted. Python would
+        # complain again flushing stdout at exit, so point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     # The machine's failures (a full disk, a file someone else owns) are one
     # line too, like every other refusal.
     except OSError as exc:
