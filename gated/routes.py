@@ -263,32 +263,34 @@ def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, st
         if unknown or "number" not in header or len(set(header)) != len(header):
             raise fail(1, "expected a header row of number, destination and callername "
                        f"(number first or not), got {','.join(header)!r}")
-        columns = [header.index(c) if c in header else None for c in CSV_COLUMNS]
+        number_at, destination_at, callername_at = (
+            header.index(c) if c in header else None for c in CSV_COLUMNS)
+        assert number_at is not None
         width = len(header)
         normal = Normaliser(region)
         for cells in reader:
-            line = reader.line_num
-            if not cells or (len(cells) == 1 and not cells[0].strip()):
-                continue
             if len(cells) != width:
-                raise fail(line, f"expected {width} fields, got {len(cells)}")
-            raw, destination, callername = (
-                cells[i].strip() if i is not None else "" for i in columns)
+                if not cells or (len(cells) == 1 and not cells[0].strip()):
+                    continue
+                raise fail(reader.line_num, f"expected {width} fields, got {len(cells)}")
+            raw = cells[number_at].strip()
+            destination = cells[destination_at].strip() if destination_at is not None else ""
+            callername = cells[callername_at].strip() if callername_at is not None else ""
             for name, value in (("destination", destination), ("callername", callername)):
                 if len(value) > MAX_ANSWER:
-                    raise fail(line, f"{name}: at most {MAX_ANSWER} characters")
-                if printable(value) != value:
-                    raise fail(line, f"{name}: control characters are not allowed")
+                    raise fail(reader.line_num, f"{name}: at most {MAX_ANSWER} characters")
+                if not value.isprintable():
+                    raise fail(reader.line_num, f"{name}: control characters are not allowed")
             if raw.endswith("*"):
                 if not PREFIX_RE.fullmatch(raw):
-                    raise fail(line, f"a prefix is + and 1 to 15 digits, then * (as +3120*): "
-                               f"{raw!r}")
+                    raise fail(reader.line_num, "a prefix is + and 1 to 15 digits, then * "
+                               f"(as +3120*): {raw!r}")
                 key = raw
             else:
                 try:
                     key = normal(raw)
                 except NumberError as exc:
-                    raise fail(line, f"{exc}: {raw!r}") from None
+                    raise fail(reader.line_num, f"{exc}: {raw!r}") from None
             yield key, destination, callername
     except csv.Error as exc:
         raise fail(reader.line_num, f"not valid CSV: {exc}") from None
@@ -297,39 +299,47 @@ def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, st
 # Separators people and spreadsheets put in numbers; phonenumbers ignores them too.
 _SEPARATORS = re.compile(r"[ ()./-]")
 _SHAPED = re.compile(r"(\+|0)[0-9]{7,20}")
-TAIL = 4
+TAIL = 5
 
 
 class Normaliser:
     """Numbers of a CSV file to E.164, fast enough for 100,000 rows.
 
     phonenumbers takes ~30 us a number: 3 s for a large CRM export. What it
-    does to a number (the country code, a trunk prefix dropped) is decided by
-    its leading digits and its length, never by its last few digits, so each
-    shape (the number with its last four digits zeroed) is normalised once
-    with phonenumbers and the rest of that shape's numbers take its answer.
-    Any number whose shape does not come back with the same last digits goes
-    through phonenumbers itself.
+    does to a number (the country code added, a trunk prefix dropped) is
+    decided by its leading digits and its length, not by its last few digits:
+    so the first number of each shape (all but its last five digits) goes
+    through phonenumbers, and the rest of that shape take its answer with
+    their own last digits. A number whose answer does not end in the digits it
+    was given, or that phonenumbers refuses, leaves its shape to phonenumbers
+    for every number. (A later number of a good shape that phonenumbers would
+    refuse is kept as its digits say; only a caller id of those digits can
+    match it.) tests/test_routes.py checks the two agree across regions.
     """
 
     def __init__(self, region: str) -> None:
         self.region = region
-        self.shapes: dict[str, str | None] = {}
+        self.heads: dict[str, str | None] = {}
 
     def __call__(self, raw: str) -> str:
         text = _SEPARATORS.sub("", raw)
-        if _SHAPED.fullmatch(text):
-            shape = text[:-TAIL] + "0" * TAIL
-            known = self.shapes.get(shape, "")
-            if known == "":
-                try:
-                    value = normalise_uncached(shape, self.region)
-                except NumberError:
-                    value = None
-                known = self.shapes[shape] = (
-                    value[:-TAIL] if value is not None and value.endswith("0" * TAIL) else None)
-            if known is not None:
-                return known + text[-TAIL:]
+        if not _SHAPED.fullmatch(text):
+            return self._exact(raw)
+        shape, tail = text[:-TAIL], text[-TAIL:]
+        head = self.heads.get(shape, "")
+        if head:
+            return head + tail
+        if head is None:
+            return self._exact(raw)
+        try:
+            value = self._exact(raw)
+        except NumberError:
+            self.heads[shape] = None
+            raise
+        self.heads[shape] = value[:-TAIL] if value.endswith(tail) else None
+        return value
+
+    def _exact(self, raw: str) -> str:
         value = normalise_uncached(raw, self.region)
         if value is None:
             raise NumberError("not a phone number")
