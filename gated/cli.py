@@ -126,7 +126,8 @@ def cmd_call(args: argparse.Namespace) -> int:
     url = args.url
     token = args.token
     loaded: config_mod.Loaded | None = None
-    if url is None or token is None:
+    # With a config the entry the call made can explain the answer.
+    if url is None or token is None or args.config:
         loaded = config_mod.load(args.config)
         server = loaded.config.server
         url = url or f"http://{server.listen}{server.path}"

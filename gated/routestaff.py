@@ -123,8 +123,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     loaded = config_mod.load(args.config)
     rows: list[tuple[str, ...]] = [("route", "numbers", "callers", "destination", "callername",
                                     "schedule")]
+    files = iter(loaded.book.routes.files)
     for route in loaded.config.routes:
-        callers = f"{len(route.callers)}" + (f" + {route.file}" if route.file else "")
+        callers = f"{len(route.callers)}"
+        if route.file:
+            _path, count = next(files)
+            callers = f"{route.file}: {count:,}" + (f" + {callers}" if route.callers else "")
         rows.append((route.name, ",".join(route.numbers) or "(every)", callers,
                      route.destination or "-", route.callername or "-",
                      "; ".join(route.schedule) or "always"))
