@@ -22,6 +22,7 @@ import bisect
 import csv
 import datetime as dt
 import re
+import sys
 import zoneinfo
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,8 +117,9 @@ class RouteTable:
 
     def add(self, route: Route, key: str, destination: str, callername: str) -> None:
         """Add one caller (a number, or a prefix ending in ``*``) of ``route``."""
-        row: Row = (route, destination or route.credential.destination,
-                    callername or route.credential.callername)
+        # A CRM export names a few desks thousands of times: one string each.
+        row: Row = (route, sys.intern(destination) if destination else
+                    route.credential.destination, callername or route.credential.callername)
         if key.endswith("*"):
             key = key[:-1]
             table = self.prefixes.get(len(key))
