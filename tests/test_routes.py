@@ -385,3 +385,27 @@ def test_csv_numbers_normalise_exactly_as_the_webhook_does(region: str) -> None:
         assert normal(raw) == expected, raw
         checked += 1
     assert checked > 1500
+
+
+def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
+    """The routing logic is pure (DESIGN §6): compiling routes and deciding a routed call
+    loads no HTTP, MQTT or GPIO library."""
+    import subprocess
+    import sys
+
+    (tmp_path / "accounts.csv").write_text(CSV)
+    path = tmp_path / "gated.toml"
+    path.write_text(config_text(tmp_path, ROUTES))
+    script = (
+        "import sys\n"
+        "from gated import config\n"
+        "from gated.decide import Ledger, Request, decide\n"
+        "from gated.lockout import Policy\n"
+        f"book = config.load({str(path)!r}).book\n"
+        f"d = decide(Request({LINE!r}, {ACME!r}), book, Ledger.fresh(Policy()), 0.0)\n"
+        "assert d.reason == 'routed_caller', d\n"
+        "print(sorted(m for m in ('aiohttp', 'paho', 'aiomqtt', 'gpiozero') "
+        "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
