@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import csv
 import datetime as dt
+import io
 import re
 import sys
 import zoneinfo
@@ -253,12 +254,12 @@ def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, st
         raise fail(None, f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise fail(None, "not UTF-8 text") from None
-    lines = text.splitlines()
-    if not lines:
+    if not text.strip():
         raise fail(1, "empty; expected a header row: number,destination,callername")
+    first = text.partition("\n")[0]
     # Spreadsheets in many locales export with ";" between the fields.
-    delimiter = ";" if ";" in lines[0] and "," not in lines[0] else ","
-    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    delimiter = ";" if ";" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = [cell.strip().lower() for cell in next(reader)]
         unknown = [c for c in header if c not in CSV_COLUMNS]
