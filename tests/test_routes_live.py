@@ -249,3 +249,28 @@ async def test_gated_routes_put_ls_rm_round_trip(broker: Mosquitto, start_daemon
             break
         await asyncio.sleep(0.02)
     assert await running.get(did=DOOR, callerid="+31401234567") == (200, "status=NAK")
+
+
+async def test_fleet_routes_apply_at_every_site_and_share_no_id_with_site_routes(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """A route under the fleet prefix routes here too, refused versions are reported on
+    the site's own error topic under the fleet prefix, and a site route may not take a
+    fleet route's id."""
+    fleet = "gated/fleet"
+    await probe.subscribe(f"{PREFIX}/routes/+/error", f"{fleet}/routes/+/error/test")
+    running = await start_daemon(mqtt_table(broker, f'fleet_prefix = "{fleet}"'))
+    await mqtt_ready(running)
+    await probe.publish(f"{fleet}/routes/helpdesk", body(callers=["+31*"],
+                                                        destination="+31501234599"),
+                        retain=True)
+    (verdict,) = await probe.wait_for(f"{fleet}/routes/helpdesk/error/test")
+    assert verdict.payload == b""
+    assert await running.get(did=DOOR, callerid=ACME) == (
+        200, "status=ACK&destination=%2B31501234599")
+    await probe.publish(f"{fleet}/routes/helpdesk", body(callers=["+31*"]), retain=True)
+    (_, refused) = await probe.wait_for(f"{fleet}/routes/helpdesk/error/test", 2)
+    assert refused.json()["error"].startswith("destination: a route needs")
+    error = await put(probe, "helpdesk", body(callers=[ACME], destination="1"))
+    assert error["error"] == "id 'helpdesk' is already used by a fleet route"
+    assert await running.get(did=DOOR, callerid=ACME) == (
+        200, "status=ACK&destination=%2B31501234599")
