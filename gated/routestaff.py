@@ -14,10 +14,11 @@ import json
 from typing import Any
 
 from gated import config as config_mod
+from gated.config import Config
 from gated.console import print_table, split_names
 from gated.managed import ID_RE
 from gated.routes import RouteError, parse_managed
-from gated.staff import DEFAULT_WAIT, StaffError, _base, _client_id, _site, _verdict
+from gated.staff import DEFAULT_WAIT, StaffError, _base, _client_id, _verdict
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -57,6 +58,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="list the routes on the MQTT broker instead, with gated's verdicts")
     p.add_argument("--json", action="store_true", help="with --broker: one JSON object a line")
     p.set_defaults(func=cmd_ls)
+
+
+def _site(args: argparse.Namespace) -> tuple[config_mod.Loaded, Config]:
+    loaded = config_mod.load(args.config)
+    if loaded.config.mqtt is None:
+        raise StaffError(f"{loaded.path} has no [mqtt] table: routes over MQTT need a broker "
+                         "(routes in the file: [[routes]])")
+    return loaded, loaded.config
 
 
 def cmd_put(args: argparse.Namespace) -> int:
