@@ -191,7 +191,7 @@ class TotpConfig(_Table, kw_only=True, frozen=True):
 
 # A route's fields, the same in [[routes]] and over MQTT; ``file`` only in the file.
 class RouteFields(_Table, kw_only=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     numbers: Annotated[list[_Number], _most(256)] = []
     # E.164 numbers, or E.164 prefixes ending in "*"
     callers: Annotated[list[_Number], _most(10_000)] = []

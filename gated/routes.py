@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gated.config import MAX_CALLERNAME, MAX_DESTINATION
 from gated.errors import ConfigError, NumberError
 from gated.numbers import normalise_uncached
 from gated.printable import printable
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     from gated.tomlpos import Key
 
 PREFIX_RE = re.compile(r"\+[0-9]{1,15}\*")
-# The PBX shows at most 64 characters, as for a code's answers.
-MAX_ANSWER = 64
 CSV_COLUMNS = ("number", "destination", "callername")
 # Order of a route among all routes: (0, index) for the file's, (1, id) for MQTT's.
 Order = tuple[int, int | str]
@@ -279,9 +278,10 @@ def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, st
             raw = cells[number_at].strip()
             destination = cells[destination_at].strip() if destination_at is not None else ""
             callername = cells[callername_at].strip() if callername_at is not None else ""
-            for name, value in (("destination", destination), ("callername", callername)):
-                if len(value) > MAX_ANSWER:
-                    raise fail(reader.line_num, f"{name}: at most {MAX_ANSWER} characters")
+            for name, value, most in (("destination", destination, MAX_DESTINATION),
+                                      ("callername", callername, MAX_CALLERNAME)):
+                if len(value) > most:
+                    raise fail(reader.line_num, f"{name}: at most {most} characters")
                 if not value.isprintable():
                     raise fail(reader.line_num, f"{name}: control characters are not allowed")
             if raw.endswith("*"):
