@@ -143,8 +143,8 @@ async def put(probe: Probe, route_id: str, payload: bytes) -> Any:
 async def test_routes_over_mqtt_put_refused_deleted(broker: Mosquitto, probe: Probe,
                                                     start_daemon: Any) -> None:
     """A route published over MQTT answers; a bad version is refused on its error topic
-    and the previous one stays; an empty message deletes it; routed calls go out on the
-    events topic like every entry."""
+    and the previous one stays; a config reload keeps it; an empty message deletes it;
+    routed calls go out on the events topic like every entry."""
     await probe.subscribe(f"{PREFIX}/routes/+/error", f"{PREFIX}/events")
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)
@@ -170,6 +170,10 @@ async def test_routes_over_mqtt_put_refused_deleted(broker: Mosquitto, probe: Pr
                    if m.json()["reason"] == "routed_caller"]
     assert (event["credential"], event["credential_id"], event["kind"], event["gate"]) == (
         "Acme", "acme", "route", "door")
+    # A config reload carries the managed route over to the new book.
+    assert await running.daemon.reload("test") is True
+    assert await running.get(did=DOOR, callerid=ACME) == (
+        200, "status=ACK&destination=%2B31501234510")
     assert await put(probe, "acme", b"") is None
     assert await running.get(did=DOOR, callerid=ACME) == (200, "status=NAK")
 
