@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import structlog
 
 from gated import alarms
-from gated.actuators import Actuator
+from gated.actuators import Actuator, ToneActuator
 from gated.clock import Clock
 from gated.codes import CodeBook
 from gated.decide import Changes, Decision, Ledger, Request, Status, decide, nak
-from gated.errors import ActuatorError, NumberError
+from gated.errors import ActuatorError, NeedsCall, NumberError
 from gated.lockout import LockEvent
 from gated.numbers import normalise
 from gated.pbx import Answer
@@ -29,6 +29,9 @@ log = structlog.get_logger("gated")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_CALLERNAME = 64
+# No credential admits the call without a code: a channel that can still ask
+# for one does so, and nothing is decided (or recorded) yet.
+ASK_FOR_A_CODE = frozenset({"unknown_caller"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,12 @@ class RawCall:
     callername: str | None = None
     source: str = "pbx"
     gate: str | None = None  # a remote open names its gate instead of a number
+    # What the call's channel can carry (the PBX adapter knows; nothing below it
+    # needs to): a tone played back into the call (a call box's "open"), and a
+    # prompt for a code when none was typed yet.
+    can_play_tones: bool = False
+    can_ask_for_code: bool = False
+    call_id: str = ""  # the platform's id of the call, for finding it in its logs
 
 
 EntryListener = Callable[[Entry], None]
@@ -74,10 +83,12 @@ class Gatekeeper:
             # decide() and apply() run with no await between them: the ledger
             # is never read by one call and written by another in between.
             decision = decide(request, self.book, self.ledger, now)
+            if raw.can_ask_for_code and decision.reason in ASK_FOR_A_CODE:
+                return Answer(decision.status, decision.reason, wants_code=True)
             changes = self.ledger.apply(request, decision, now)
-        status, result = decision.status, ""
+        status, result, tones = decision.status, "", ""
         if decision.opens and decision.gate is not None:
-            status, result = await self._open(decision.gate, started)
+            status, result, tones = await self._open(decision.gate, started, raw.can_play_tones)
             if status is Status.ERR and changes is not None:
                 self._refund(decision, changes)
         entry = Entry(
@@ -87,6 +98,7 @@ class Gatekeeper:
             if decision.credential else "", kind=decision.credential.kind
             if decision.credential else "", actuator=result,
             latency_ms=round((self.clock.monotonic() - started) * 1000, 3), source=raw.source,
+            call_id=raw.call_id,
         )
         await self._record(entry, changes, started)
         if changes is not None:
@@ -97,7 +109,7 @@ class Gatekeeper:
                         on_lock(lock)
                     except Exception:  # as for entry listeners: the answer comes first
                         log.exception("lock listener failed", listener=repr(on_lock))
-        return Answer(status, decision.reason, decision.callername, decision.destination)
+        return Answer(status, decision.reason, decision.callername, decision.destination, tones)
 
     def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
         """Normalise the numbers; a refusal when the input itself is bad."""
@@ -117,18 +129,24 @@ class Gatekeeper:
             return request, Decision(Status.ACK, "granted_remote", raw.gate, opens=True)
         return request, None
 
-    async def _open(self, gate: str, started: float) -> tuple[Status, str]:
+    async def _open(self, gate: str, started: float,
+                    can_play_tones: bool) -> tuple[Status, str, str]:
+        """(status, actuator result, tones the call must play for the open)."""
         actuator = self.actuators[gate]
+        tones = actuator.digits if isinstance(actuator, ToneActuator) else ""
         remaining = self.deadline - (self.clock.monotonic() - started)
         try:
+            if tones and not can_play_tones:
+                raise NeedsCall(f"gate {gate!r} opens by a tone played into a call; "
+                                "this request cannot carry one")
             async with asyncio.timeout(max(remaining, 0.0)):
-                return Status.ACK, await actuator.open()
+                return Status.ACK, await actuator.open(), tones
         except ActuatorError as exc:
             log.error("actuator failed", gate=gate, error=str(exc))
-            return Status.ERR, exc.reason
+            return Status.ERR, exc.reason, ""
         except TimeoutError:
             log.error("actuator missed the answer deadline", gate=gate, deadline=self.deadline)
-            return Status.ERR, "deadline"
+            return Status.ERR, "deadline", ""
 
     def _refund(self, decision: Decision, changes: Changes) -> None:
         # The gate did not open: the use was not spent. (A TOTP step stays

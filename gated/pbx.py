@@ -25,6 +25,9 @@ class Answer:
     reason: str
     callername: str = ""
     destination: str = ""
+    tones: str = ""  # digits the call plays to open the gate (a call box), never typed ones
+    # Nothing admits the call without a code and nothing was recorded: ask for one.
+    wants_code: bool = False
 
     def body(self, nak_word: str = "NAK") -> str:
         return _body(self.status, self.callername, self.destination, nak_word)

@@ -91,8 +91,12 @@ CREATE TABLE IF NOT EXISTS managed_codes (
     PRIMARY KEY (scope, id)
 );
 """
+# The platform's id of the call (a TwiML CallSid), to find it in its logs.
+SCHEMA_V4 = """
+ALTER TABLE entries ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -116,6 +120,7 @@ class Entry:
     actuator: str = ""
     latency_ms: float = 0.0
     source: str = "pbx"
+    call_id: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         # Every field is a str, float or None: dataclasses.asdict's recursive

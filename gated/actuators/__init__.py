@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gated.config import (
     ActuatorConfig,
+    DtmfActuatorConfig,
     GpioActuatorConfig,
     MockActuatorConfig,
     MqttActuatorConfig,
@@ -35,6 +36,24 @@ class Actuator(Protocol):
         ...
 
 
+@runtime_checkable
+class ToneActuator(Protocol):
+    """Opens by a tone the call plays (a call box): ``digits`` go into the answer.
+
+    Only a call whose channel can play tones opens it; anywhere else the open
+    is refused (NeedsCall).
+    """
+
+    gate: str
+    digits: str
+
+    async def open(self) -> str:
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
 def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,
           mqtt: MqttLink | None = None) -> Actuator:
     """Make the adapter ``config`` names. ``mock_factory`` is a gpiozero MockFactory."""
@@ -56,4 +75,8 @@ def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,
         if mqtt is None:
             raise ActuatorError(f"gate {gate!r}: an mqtt actuator needs the [mqtt] connection")
         return MqttActuator(gate, config, mqtt)
+    if isinstance(config, DtmfActuatorConfig):
+        from gated.actuators.dtmf import DtmfActuator
+
+        return DtmfActuator(gate, config)
     raise ActuatorError(f"gate {gate!r}: no actuator type {type(config).__name__}")
