@@ -7,7 +7,7 @@ from aiohttp import web
 from gated.config import ServerConfig
 from gated.gatekeeper import Gatekeeper
 from gated.keys import GATEKEEPER, WEBHOOK
-from gated.webhook import WebhookSettings, voipgrid
+from gated.pbx.voipgrid import WebhookSettings, voipgrid
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
 # (client_max_size, from [server] max_body, bounds the body.)

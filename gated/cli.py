@@ -20,7 +20,7 @@ from gated import __version__, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
-from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
+from gated.pbx.voipgrid import WHAT_THE_DIAL_PLAN_DOES, parse_body
 
 
 def _writable_cwd(loaded: config_mod.Loaded) -> None:

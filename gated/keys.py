@@ -10,7 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gated.gatekeeper import Gatekeeper
     from gated.metrics import Metrics
-    from gated.webhook import WebhookSettings
+    from gated.pbx.voipgrid import WebhookSettings
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
 WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("webhook")

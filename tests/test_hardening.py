@@ -26,8 +26,8 @@ from gated import sitekey
 from gated.cli import main
 from gated.daemon import Daemon
 from gated.errors import ConfigError
+from gated.pbx.voipgrid import WebhookSettings
 from gated.store import read_entries
-from gated.webhook import WebhookSettings
 
 from .helpers import BARRIER, TOKEN, FakeActuator, config_text, write_config
 from .process import DaemonProcess, free_port
