@@ -153,7 +153,8 @@ class Daemon:
     async def run(self) -> None:
         config = self.loaded.config
         gatekeeper = self.gatekeeper = await self.assemble()
-        runner = web.AppRunner(make_app(gatekeeper, config.server), handle_signals=False,
+        runner = web.AppRunner(make_app(gatekeeper, config.server, config.twiml,
+                                        region=config.site.region), handle_signals=False,
                                access_log=None, keepalive_timeout=75.0,
                                shutdown_timeout=config.server.answer_deadline + 1.0,
                                max_line_size=REQUEST_LIMITS["max_line_size"],
@@ -286,9 +287,10 @@ class Daemon:
                 or any(new.gates[g].actuator != old.gates[g].actuator
                        or new.gates[g].sensor != old.gates[g].sensor for g in new.gates)
                 or new.server != old.server or new.log != old.log or new.mqtt != old.mqtt
-                or new.site.id != old.site.id):
-            log.error("config reload refused: gates, actuators, sensors, [server], [log], "
-                      "[mqtt] or the site id changed; restart gated to apply them", trigger=why)
+                or new.twiml != old.twiml or new.site.id != old.site.id):
+            log.error("config reload refused: gates, actuators, sensors, [server], [twiml], "
+                      "[log], [mqtt] or the site id changed; restart gated to apply them",
+                      trigger=why)
             return False
         slim = config_mod.without_credentials(loaded)
         # Visitor codes first, so the managed codes' clash check sees them.

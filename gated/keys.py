@@ -10,9 +10,11 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gated.gatekeeper import Gatekeeper
     from gated.metrics import Metrics
+    from gated.pbx.twiml import TwimlSettings
     from gated.pbx.voipgrid import WebhookSettings
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
 WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("webhook")
+TWIML: web.AppKey[TwimlSettings] = web.AppKey("twiml")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("health")
