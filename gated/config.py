@@ -109,7 +109,7 @@ class DtmfActuatorConfig(_Table, tag_field="type", tag="dtmf", kw_only=True, fro
     Digits 0-9, * and #; ``w`` waits half a second (TwiML ``<Play digits>``).
     """
 
-    digits: Annotated[str, msgspec.Meta(pattern=r"^[0-9*#w]{1,32}$")]
+    digits: str
 
 
 ActuatorConfig = GpioActuatorConfig | MockActuatorConfig | MqttActuatorConfig | DtmfActuatorConfig
@@ -480,6 +480,10 @@ def _check(config: Config, fail: Any) -> None:
     if config.mqtt is not None:
         _check_mqtt(config, config.mqtt, fail)
     for name, gate in config.gates.items():
+        if isinstance(gate.actuator, DtmfActuatorConfig) and not re.fullmatch(
+                r"[0-9*#w]{1,32}", gate.actuator.digits):
+            raise fail(("gates", name, "actuator", "digits"),
+                       "the tone: 0-9, * and #, w for a half-second pause; at most 32")
         if isinstance(gate.actuator, DtmfActuatorConfig) and gate.sensor is not None:
             # The tone is played after the answer: no sensor could confirm
             # an open before it, so every open would be ERR not_moved.
