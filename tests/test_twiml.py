@@ -241,6 +241,16 @@ async def test_a_caller_on_the_list_is_answered_at_once_and_recorded_once(
         (RESIDENT, "ACK", "granted_caller")]
 
 
+async def test_a_call_to_no_gates_number_is_refused_at_once(start_daemon: Any) -> None:
+    """A called number no gate answers to gets no prompt: the fallback, and one entry."""
+    running = await start_daemon(twiml_table())
+    answer = await Platform(running, called="+31209999999").incoming()
+    assert verbs(answer) == [f"Dial {FALLBACK}"]
+    await settle(running)
+    assert [(e.status, e.reason, e.source) for e in entries(running)] == [
+        ("NAK", "unknown_number", "twiml")]
+
+
 async def test_no_input_goes_to_the_fallback_and_records_nothing(start_daemon: Any) -> None:
     """Digits empty (only # pressed): the fallback, and no decision made."""
     running = await start_daemon(twiml_table(fallback=""))

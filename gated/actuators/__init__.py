@@ -36,24 +36,6 @@ class Actuator(Protocol):
         ...
 
 
-@runtime_checkable
-class ToneActuator(Protocol):
-    """Opens by a tone the call plays (a call box): ``digits`` go into the answer.
-
-    Only a call whose channel can play tones opens it; anywhere else the open
-    is refused (NeedsCall).
-    """
-
-    gate: str
-    digits: str
-
-    async def open(self) -> str:
-        ...
-
-    async def close(self) -> None:
-        ...
-
-
 def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,
           mqtt: MqttLink | None = None) -> Actuator:
     """Make the adapter ``config`` names. ``mock_factory`` is a gpiozero MockFactory."""

@@ -20,6 +20,7 @@ extra) is needed only to check signatures.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -99,6 +100,9 @@ class TwimlSettings:
 
 # -- the answers -------------------------------------------------------------------------
 
+# A site answers with a few distinct documents, each made of config only (the
+# token is one that authenticated): built once each.
+@functools.lru_cache(maxsize=1024)
 def render(settings: TwimlSettings, answer: Answer, *, attempt: int, token: str | None) -> str:
     """The TwiML for ``answer`` to the request of ``attempt`` (0: the incoming call)."""
     root = ET.Element("Response")
