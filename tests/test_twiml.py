@@ -453,6 +453,20 @@ def test_call_box_and_twiml_settings_are_checked_at_load(tmp_path: Path, extra: 
     assert caught.value.path == path and message in caught.value.detail
 
 
+async def test_a_changed_twiml_table_is_refused_on_reload_not_ignored(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """[twiml] is read at start: a reload that changes it is refused (and says to restart)
+    rather than quietly keeping the old texts."""
+    running = await start_daemon(twiml_table())
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text().replace(WRONG, "Helaas."))
+    with capture_logs() as logs:
+        assert not await running.daemon.reload("test")
+    assert "[twiml]" in logs[-1]["event"]
+    assert verbs(await Platform(running).type(await Platform(running).incoming(), "000000")
+                 )[0] == f"Say {WRONG}"
+
+
 def test_the_dtmf_digits_may_be_every_key_and_a_pause(tmp_path: Path) -> None:
     """0-9, * and # and w (half a second) are a tone; they load as written."""
     config = write_config(tmp_path, twiml_table().replace('"9w9"', '"0123456789*#w"'))
