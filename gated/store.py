@@ -429,7 +429,11 @@ def read_entries(path: Path, *, since: float | None = None, gate: str | None = N
     try:
         conn = connect(path, readonly=True)
         try:
-            query = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
+            # A store the daemon has not migrated yet (read-only here) lacks the
+            # newer columns: they read as empty.
+            present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+            columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
+            query = f"SELECT {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
             args: list[Any] = []
             if since is not None:
                 query += " AND time >= ?"

@@ -512,12 +512,14 @@ def _line(path: str, key: str) -> int:
 
 
 def test_an_older_store_gains_the_call_id_and_keeps_its_entries(tmp_path: Path) -> None:
-    """A schema 3 store opens, keeps its entries (call_id empty) and records call ids."""
+    """A schema 3 store reads as it is (gated log before the daemon migrated it), then
+    opens, keeps its entries (call_id empty) and is at the current schema."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
     old.executescript("".join(MIGRATIONS[:3]) + "INSERT INTO entries (time, status, reason) "
                       "VALUES (1.0, 'ACK', 'granted_code'); PRAGMA user_version = 3;")
     old.close()
+    assert [(e.reason, e.call_id) for e in read_entries(path)] == [("granted_code", "")]
     Store.open(path).close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert [(e.reason, e.call_id) for e in read_entries(path)] == [("granted_code", "")]
