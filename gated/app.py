@@ -7,7 +7,7 @@ from aiohttp import web
 from gated.config import ServerConfig, TwimlConfig
 from gated.gatekeeper import Gatekeeper
 from gated.keys import GATEKEEPER, TWIML, WEBHOOK
-from gated.pbx.voipgrid import WebhookSettings, voipgrid
+from gated.pbx.voipgrid import LiveSettings, WebhookSettings, voipgrid
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
 # (client_max_size, from [server] max_body, bounds the body.)
@@ -18,8 +18,7 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
              *, region: str = "NL") -> web.Application:
     app = web.Application(client_max_size=server.max_body)
     app[GATEKEEPER] = gatekeeper
-    app[WEBHOOK] = WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
-                                         server.answer_deadline, server.trusted_proxies)
+    app[WEBHOOK] = LiveSettings(webhook_settings(server))
     app.router.add_route("GET", server.path, voipgrid)
     app.router.add_route("POST", server.path, voipgrid)
     if twiml is not None:
@@ -29,3 +28,8 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
         app.router.add_route("POST", settings.path, twiml_pbx.incoming)
         app.router.add_route("POST", f"{settings.path}/code", twiml_pbx.digits)
     return app
+
+
+def webhook_settings(server: ServerConfig) -> WebhookSettings:
+    return WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
+                                 server.answer_deadline, server.trusted_proxies)

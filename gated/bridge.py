@@ -13,7 +13,7 @@ docs/mqtt.md:
   refusals on ``<fleet>/codes/<id>/error/<site-id>``.
 - ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
   their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
-  ``relay_stuck``, ``held_open``, ``forced_open``), not retained.
+  ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``), not retained.
 - ``sync``: a marker gated sends itself after subscribing; when it comes
   back, every retained code has arrived, and codes deleted while gated was
   away (an empty retained message leaves nothing to receive) are withdrawn.
@@ -38,7 +38,16 @@ from gated.config import Config
 from gated.decide import Changes
 from gated.errors import BrokerError
 from gated.gatekeeper import Gatekeeper, RawCall
-from gated.managed import ManagedCode, ManagedCodes, NotHere, Rejected, Scope, parse
+from gated.managed import (
+    Clash,
+    ClashWatch,
+    ManagedCode,
+    ManagedCodes,
+    NotHere,
+    Rejected,
+    Scope,
+    parse,
+)
 from gated.mqtt import Incoming, MqttLink
 
 if TYPE_CHECKING:
@@ -68,6 +77,7 @@ class Bridge:
         self.prefix = config.mqtt_prefix
         self.fleet = config.mqtt.fleet_prefix
         self.codes = ManagedCodes()
+        self._clashes = ClashWatch()
         self._pending_events = 0
         self._pending_opens = 0
         self._errors: set[tuple[Scope, str]] = set()  # retained refusals on the broker
@@ -108,6 +118,11 @@ class Bridge:
         link.subscribe(f"{self.prefix}/sync", self._on_sync)
         if mqtt.discovery:
             link.subscribe(f"{mqtt.discovery_prefix}/status", self._on_hass_status, qos=0)
+            # The retained configs of this site's node, to clear those of gates
+            # no longer configured; gated's own announcements need not come back.
+            link.subscribe(hass.config_filter(site=self.site,
+                                              discovery_prefix=mqtt.discovery_prefix),
+                           self._on_hass_config, no_local=True)
         link.on_connect(self._connected)
         if mqtt.events:
             self.gatekeeper.listeners.append(self._on_entry)
@@ -139,11 +154,11 @@ class Bridge:
     def rebase(self, book: CodeBook, config: Config) -> None:
         """Carry the managed codes over to a reloaded book, before it is swapped in."""
         self.config = config
-        for code, reason in self.codes.rebase(book, config):
+        for code, exc in self.codes.rebase(book, config):
             log.warning("managed code dropped on reload", id=code.id, scope=code.scope,
-                        error=reason)
+                        error=_detail(exc))
             self._forget(code.scope, code.id)
-            self._refuse(code.scope, code.id, reason)
+            self._refuse(code.scope, code.id, str(exc))
 
     async def close(self, within: float) -> None:
         """Stop taking entries; give remote opens and events ``within`` seconds to finish."""
@@ -249,13 +264,24 @@ class Bridge:
         try:
             previous = self.codes.put(self.gatekeeper.book, code)
         except Rejected as exc:
-            log.warning("managed code refused", id=code_id, scope=scope, error=str(exc))
+            # A clash is refused like any other, in words that do not say why:
+            # nothing kept, the same verdict topic, and no hint whose digits.
+            log.warning("managed code refused", id=code_id, scope=scope, error=exc.detail)
             self._refuse(scope, code_id, str(exc))
+            if isinstance(exc, Clash):
+                self._clashed()
             return
         self.gatekeeper.store.save_code(scope, code_id, code.body)
         log.info("managed code applied", id=code_id, scope=scope, name=code.credential.name,
                  gates=sorted(code.credential.gates), replaced=previous is not None)
         self._clear(scope, code_id, force=live)
+
+    def _clashed(self) -> None:
+        watch = self._clashes
+        if watch.clashed(self.gatekeeper.clock.monotonic()):
+            alarms.alarm(log, "code_clashes", "managed codes keep taking other credentials' "
+                         "digits: someone may be probing for codes", clashes=watch.limit,
+                         seconds=watch.window)
 
     def _withdraw(self, scope: Scope, code_id: str) -> None:
         removed: ManagedCode | None = self.codes.delete(self.gatekeeper.book, scope, code_id)
@@ -365,12 +391,29 @@ class Bridge:
         if message.payload == b"online" and not message.retain:
             self.link.spawn(self.announce(), "mqtt-discovery")
 
-    async def announce(self) -> None:
+    def _hass_configs(self) -> list[tuple[str, dict[str, Any]]]:
         mqtt = self.config.mqtt
         assert mqtt is not None
-        configs = hass.configs(site=self.site, prefix=self.prefix,
-                               discovery_prefix=mqtt.discovery_prefix,
-                               gates=list(self.config.gates))
+        return hass.configs(site=self.site, prefix=self.prefix,
+                            discovery_prefix=mqtt.discovery_prefix,
+                            gates=list(self.config.gates))
+
+    def _on_hass_config(self, message: Incoming) -> None:
+        # Only what the broker kept, found at connect: a live message is an
+        # announcement (with MQTT 3.1.1, gated's own), and empty is a removal.
+        if self._closed or not message.retain or not message.payload:
+            return
+        if message.topic in {topic for topic, _ in self._hass_configs()}:
+            return
+        if hass.owner(message.payload) != f"{self.prefix}/status":
+            return  # another site whose id makes the same node id ("a-b", "a_b")
+        log.info("home assistant discovery cleared for an entity no longer configured",
+                 topic=message.topic)
+        self.link.spawn(self._publish_quietly(message.topic, b"", retain=True),
+                        "mqtt-discovery-clear")
+
+    async def announce(self) -> None:
+        configs = self._hass_configs()
         try:
             for topic, payload in configs:
                 await self.link.publish(topic, hass.encode(payload), qos=1, retain=True,
@@ -379,3 +422,7 @@ class Bridge:
             log.info("discovery not published", error=str(exc))
             return
         log.info("home assistant discovery published", entities=len(configs))
+
+
+def _detail(exc: Rejected | NotHere) -> str:
+    return exc.detail if isinstance(exc, Rejected) else str(exc)

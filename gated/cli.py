@@ -185,7 +185,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_pulse(args: argparse.Namespace) -> int:
-    from gated import actuators
+    from gated import actuators, statelock
 
     loaded = config_mod.load(args.config)
     gate = loaded.config.gates.get(args.gate)
@@ -196,6 +196,11 @@ def cmd_pulse(args: argparse.Namespace) -> int:
         print(f"gate {args.gate!r} opens by a tone played into a call, not a relay; try it "
               "with: gated call --twiml --to NUMBER --code CODE", file=sys.stderr)
         return 2
+    # A running daemon drives the relays: refuse rather than fight it for the
+    # pin. No lock file yet means no daemon ever ran on this state, and
+    # creating one here (as root, say) could keep the daemon from starting.
+    lock = (statelock.hold(loaded.store_path)
+            if statelock.lock_path(loaded.store_path).exists() else None)
     _writable_cwd(loaded)
 
     async def pulse() -> str:
@@ -215,7 +220,11 @@ def cmd_pulse(args: argparse.Namespace) -> int:
         finally:
             await actuator.close()
 
-    result = asyncio.run(pulse())
+    try:
+        result = asyncio.run(pulse())
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"gate {args.gate}: {result}")
     return 0
 

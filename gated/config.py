@@ -149,19 +149,34 @@ class GateConfig(_Table, kw_only=True, frozen=True):
     sensor: SensorConfig | None = None
 
 
+# Bounds on what a credential carries, the same for [[codes]] in the file and
+# for codes published over MQTT (one struct checks both): the PBX shows at most
+# 64 characters of a callername, and no field needs to be bigger than what a
+# person would type into it.
+def _most(count: int) -> msgspec.Meta:
+    return msgspec.Meta(max_length=count)
+
+
+_GateName = Annotated[str, _most(32)]
+_Number = Annotated[str, _most(32)]
+Callername = Annotated[str, _most(64)]
+Destination = Annotated[str, _most(64)]
+
+
 class CodeConfig(_Table, kw_only=True, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    code: str | None = None
-    code_hash: str | None = None  # "hmac-sha256:<hex>", made by `gated codes hash`
-    gates: list[str] = []
+    code: Annotated[str, _most(16)] | None = None
+    # "hmac-sha256:<hex>", made by `gated codes hash`
+    code_hash: Annotated[str, _most(76)] | None = None
+    gates: Annotated[list[_GateName], _most(256)] = []
     valid_from: dt.datetime | None = None
     valid_until: dt.datetime | None = None
-    schedule: list[str] = []
+    schedule: Annotated[list[Annotated[str, _most(64)]], _most(64)] = []
     max_uses: PositiveInt | None = None
-    callers: list[str] = []
-    callername: str = ""
-    destination: str = ""
+    callers: Annotated[list[_Number], _most(1000)] = []
+    callername: Callername = ""
+    destination: Destination = ""
 
 
 class TotpConfig(_Table, kw_only=True, frozen=True):
@@ -171,8 +186,8 @@ class TotpConfig(_Table, kw_only=True, frozen=True):
     gates: list[str] = []
     digits: Annotated[int, msgspec.Meta(ge=6, le=8)] = 6
     period: Annotated[int, msgspec.Meta(ge=15, le=120)] = 30
-    callername: str = ""
-    destination: str = ""
+    callername: Callername = ""
+    destination: Destination = ""
 
 
 class LockoutConfig(_Table, kw_only=True, frozen=True):
@@ -272,22 +287,27 @@ class Loaded(msgspec.Struct, frozen=True):
     """A validated config, where it came from, and its compiled code book."""
 
     config: Config
+    # The file as it was named (absolute, a symlink left a symlink): a reload
+    # reads what this names then, so `ln -sfn` to another file takes effect.
     path: Path
     book: CodeBook
+    # The file ``path`` named when this was read. Relative paths in the config
+    # are relative to its folder (the link's target's, not the link's).
+    source: Path
 
     @property
     def store_path(self) -> Path:
-        return resolve(self.path, self.config.log.path)
+        return resolve(self.source, self.config.log.path)
 
     @property
     def mqtt_ca_file(self) -> Path | None:
         """``[mqtt] tls_ca``, resolved against the config file's folder."""
         mqtt = self.config.mqtt
-        return resolve(self.path, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
+        return resolve(self.source, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
 
     @property
     def key_path(self) -> Path:
-        return key_path(self.path, self.config)
+        return key_path(self.source, self.config)
 
 
 def without_credentials(loaded: Loaded) -> Loaded:
@@ -307,9 +327,13 @@ def key_path(config_path: Path, config: Config) -> Path:
 
 
 def resolve(config_path: Path, value: str) -> Path:
-    """Relative paths in the config are relative to the config file's folder."""
+    """Relative paths in the config are relative to the config file's folder.
+
+    For a config reached through a symlink, that is the folder of the file it
+    points to.
+    """
     path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else (config_path.parent / path).resolve()
+    return path if path.is_absolute() else (config_path.resolve().parent / path).resolve()
 
 
 def default_path() -> str:
@@ -324,6 +348,7 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
     file = Path(path if path is not None else default_path())
+    source = file.resolve()
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -333,11 +358,12 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
     from gated import sitekey
 
     def site_key(config: Config) -> bytes | None:
-        where = key_path(file.resolve(), config)
+        where = key_path(source, config)
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
     config, book = parse(text, source=str(file), key=site_key)
-    return Loaded(config=config, path=file.resolve(), book=book)
+    # Absolute, so a reload still finds it after the daemon changed directory.
+    return Loaded(config=config, path=file.absolute(), book=book, source=source)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,14 @@
 """The one place that assembles the daemon from config and owns its lifecycle.
 
-Start: relays off, store opened, ledger restored, managed codes loaded from
-their local copy, MQTT link connecting (in the background: a site opens its
-GPIO gates with the broker down), webhook listening, READY.
+Start: the state lock (one daemon per store), relays off, store opened,
+ledger restored, managed codes loaded from their local copy, webhook
+listening, MQTT link connecting (in the background: a site opens its GPIO
+gates with the broker down), READY.
 Stop (SIGTERM/SIGINT): stop accepting, finish in-flight answers and remote
 opens, relays off, entries flushed, ``offline`` published, store closed.
 SIGHUP or a change of the file reloads the code book (managed codes carried
-over); a bad file keeps the old one serving.
+over) and the webhook's tokens and address lists; a bad file, or one that
+changes what only a restart applies, keeps the old one serving.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import os
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -26,18 +29,20 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
-from gated import alarms, visitors
+from gated import alarms, statelock, visitors
 from gated import config as config_mod
-from gated.app import REQUEST_LIMITS, make_app
+from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
-from gated.config import Loaded, split_listen
-from gated.errors import ConfigError
+from gated.config import Loaded, ServerConfig, split_listen
+from gated.errors import ConfigError, GatedError
 from gated.gatekeeper import Gatekeeper
+from gated.keys import WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.metrics import Metrics, make_metrics_app
 from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
+from gated.pbx.voipgrid import LiveSettings
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
 
@@ -107,6 +112,8 @@ class Daemon:
     _visitors_version: int = 0
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
+    _webhook_settings: LiveSettings | None = None
+    _state_lock: statelock.StateLock | None = None
 
     @property
     def url(self) -> str:
@@ -115,10 +122,13 @@ class Daemon:
 
     async def assemble(self) -> Gatekeeper:
         config = self.loaded.config
+        # First of all: a second daemon on this state stops here, before it
+        # touches a pin, the store or the broker.
+        self._state_lock = statelock.hold(self.loaded.store_path)
         built: dict[str, actuator_port.Actuator] = {}
-        link = self.link = make_link(self.loaded)
         store: Store | None = None
         try:
+            link = self.link = make_link(self.loaded)
             for name, gate in config.gates.items():
                 built[name] = actuator_port.build(name, gate.actuator,
                                                   mock_factory=self.mock_factory, mqtt=link)
@@ -128,7 +138,7 @@ class Daemon:
                         on_alarm=lambda *alarm: self._alarms.put_nowait(alarm))
                     built[name] = ConfirmingActuator(built[name], sensor)
             store = Store.open(self.loaded.store_path)
-            ledger = store.load_ledger(policy(self.loaded))
+            ledger = store.load_ledger(policy(self.loaded), self.clock.now())
             # Read the version first: a visitor code issued right after this
             # load then still shows up as a change for housekeeping.
             self._visitors_version = data_version(store.connection)
@@ -147,6 +157,7 @@ class Daemon:
                 sensor.close()
             if store is not None:
                 store.close()
+            self._state_lock.release()
             raise
         return gatekeeper
 
@@ -160,6 +171,7 @@ class Daemon:
                                max_line_size=REQUEST_LIMITS["max_line_size"],
                                max_field_size=REQUEST_LIMITS["max_field_size"],
                                max_headers=REQUEST_LIMITS["max_headers"])
+        self._webhook_settings = runner.app[WEBHOOK]
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
@@ -179,8 +191,6 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
-                if self.link is not None:
-                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
                 tasks.create_task(self._housekeeping(), name="housekeeping")
@@ -188,18 +198,23 @@ class Daemon:
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
                 site = self._webhook = web.TCPSite(runner, host, port, reuse_address=True)
-                await site.start()
+                await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:
                     await metrics_runner.setup()
                     host, port = split_listen(config.metrics.listen)
                     metrics_site = web.TCPSite(metrics_runner, host, port, reuse_address=True)
-                    await metrics_site.start()
+                    await _listen(metrics_site, "metrics.listen", config.metrics.listen)
                     self.metrics_listening = [
                         s.getsockname()[:2]
                         for s in metrics_site._server.sockets  # type: ignore[union-attr]
                     ]
                     log.info("metrics listening", address=config.metrics.listen)
+                # Only once the ports are ours: a gated that cannot listen (another
+                # one has the port) must never reach the broker, where it would
+                # take the running one's client id and say "offline" for it.
+                if self.link is not None:
+                    tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
@@ -219,6 +234,8 @@ class Daemon:
                 raise _Stop
         except* _Stop:
             pass
+        except* GatedError as failed:  # a failed start: its one line, not a group
+            raise failed.exceptions[0] from None
         finally:
             if self.install_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -230,6 +247,8 @@ class Daemon:
             if self.link is not None:
                 await self.link.close(within=0.5)
             gatekeeper.store.close()
+            if self._state_lock is not None:
+                self._state_lock.release()
             log.info("stopped")
 
     def problem(self) -> str | None:
@@ -283,14 +302,9 @@ class Daemon:
                       error=str(exc), trigger=why)
             return False
         old, new = self.loaded.config, loaded.config
-        if (new.gates.keys() != old.gates.keys()
-                or any(new.gates[g].actuator != old.gates[g].actuator
-                       or new.gates[g].sensor != old.gates[g].sensor for g in new.gates)
-                or new.server != old.server or new.log != old.log or new.mqtt != old.mqtt
-                or new.twiml != old.twiml or new.site.id != old.site.id):
-            log.error("config reload refused: gates, actuators, sensors, [server], [twiml], "
-                      "[log], [mqtt] or the site id changed; restart gated to apply them",
-                      trigger=why)
+        if changed := restart_needed(self.loaded, loaded):
+            log.error("config reload refused: restart gated to apply these changes; "
+                      "the old config keeps serving", changed=changed, trigger=why)
             return False
         slim = config_mod.without_credentials(loaded)
         # Visitor codes first, so the managed codes' clash check sees them.
@@ -298,6 +312,9 @@ class Daemon:
         if self.bridge is not None:
             self.bridge.rebase(loaded.book, slim.config)
         gatekeeper.swap(loaded.book)
+        if new.server != old.server and self._webhook_settings is not None:
+            # In the same step as the book: no call sees one without the other.
+            self._webhook_settings.current = webhook_settings(new.server)
         self.loaded = slim
         # Nothing may keep the parsed tables (or the old book) alive past here.
         del loaded, old, new
@@ -361,6 +378,47 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
+# [server] keys the webhook reads on every call, so a reload applies them (a
+# token rotation must not wait for a restart). The others shape the listening
+# socket, the app or the gatekeeper and need one.
+RELOADABLE_SERVER_KEYS = frozenset({"tokens", "allow_from", "trusted_proxies", "nak_word"})
+
+
+async def _listen(site: web.TCPSite, key: str, address: str) -> None:
+    """Start listening, or fail the start with one line naming the address."""
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise GatedError(f"cannot listen on {address} ({key}): {reason}") from None
+
+
+def restart_needed(old: Loaded, new: Loaded) -> list[str]:
+    """What differs between two configs that only a restart applies (by key, never value)."""
+    a, b = old.config, new.config
+    changed = [f"server.{key}" for key in ServerConfig.__struct_fields__
+               if key not in RELOADABLE_SERVER_KEYS
+               and getattr(a.server, key) != getattr(b.server, key)]
+    if a.site.id != b.site.id:
+        changed.append("site.id")
+    if a.gates.keys() != b.gates.keys():
+        changed.append("gates")
+    else:
+        changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
+                    if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
+    changed += [table for table in ("log", "mqtt", "twiml")
+                if getattr(a, table) != getattr(b, table)]
+    # The same words can name other files when the config's symlink now points
+    # into another folder (relative paths follow the file, not the link).
+    if old.store_path != new.store_path and "log" not in changed:
+        changed.append("log.path (now names another file)")
+    if old.key_path != new.key_path:
+        changed.append("site.key_file (now names another file)")
+    if old.mqtt_ca_file != new.mqtt_ca_file and "mqtt" not in changed:
+        changed.append("mqtt.tls_ca (now names another file)")
+    return changed
+
+
 def make_link(loaded: Loaded) -> MqttLink | None:
     """The MQTT link ``[mqtt]`` asks for, or None without one."""
     config = loaded.config
@@ -371,8 +429,10 @@ def make_link(loaded: Loaded) -> MqttLink | None:
                     f"gated-{config.site.id}", ca_file=loaded.mqtt_ca_file)
 
 
-def _stamp(path: Any) -> tuple[int, int] | None:
+def _stamp(path: Any) -> tuple[int, ...] | None:
+    # stat follows a symlink: pointed at another file, the inode says so even
+    # when size and mtime happen to match.
     with contextlib.suppress(OSError):
         info = path.stat()
-        return (info.st_mtime_ns, info.st_size)
+        return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_dev)
     return None

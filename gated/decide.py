@@ -56,11 +56,20 @@ GUESS_REASONS = frozenset({
 })
 
 
+# A grant that would spend ledger state (a use, a TOTP step) while the store
+# cannot make it durable is refused: a restart (kill -9, power cut) would forget
+# the spend and admit the code again. TOTP too: the code stays valid for the
+# rest of its window, and "accepted once" must hold across restarts.
+STORE_FAILING = "store_failing"
+
+
 def nak(reason: str, gate: str | None = None) -> Decision:
     return Decision(Status.NAK, reason, gate)
 
 
-def decide(request: Request, book: CodeBook, ledger: Ledger, now: float) -> Decision:
+def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
+           *, durable: bool = True) -> Decision:
+    """``durable`` False: the store cannot keep what a grant would spend right now."""
     gate = book.gate_for(request.did)
     if gate is None:
         return nak("unknown_number")
@@ -84,6 +93,9 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float) -> Deci
     refusal: Decision | None = None
     for credential, timecode in matches:
         reason = refuse(credential, timecode, gate.name, request, book, ledger, now)
+        if reason is None and not durable and (
+                credential.max_uses is not None or timecode is not None):
+            reason = STORE_FAILING
         if reason is None:
             granted = "granted_route" if credential.route_only else f"granted_{credential.kind}"
             return Decision(
@@ -92,7 +104,10 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float) -> Deci
                 callername=credential.callername, destination=credential.destination,
             )
         if refusal is None:
-            refusal = Decision(Status.NAK, reason, gate.name, credential, timecode)
+            # ERR, not NAK: the code is right, so the dial plan's failure
+            # branch (a person) is where this caller belongs.
+            status = Status.ERR if reason == STORE_FAILING else Status.NAK
+            refusal = Decision(status, reason, gate.name, credential, timecode)
     assert refusal is not None
     return refusal
 

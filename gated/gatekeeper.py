@@ -83,7 +83,7 @@ class Gatekeeper:
         if decision is None:
             # decide() and apply() run with no await between them: the ledger
             # is never read by one call and written by another in between.
-            decision = decide(request, self.book, self.ledger, now)
+            decision = decide(request, self.book, self.ledger, now, durable=self.store.healthy)
             if raw.can_ask_for_code and decision.reason in ASK_FOR_A_CODE:
                 return Answer(decision.status, decision.reason, wants_code=True)
             changes = self.ledger.apply(request, decision, now)

@@ -4,6 +4,11 @@ Per gate an ``event`` entity (granted / denied / failed, fed by the gate's
 event topic) and a ``button`` that publishes to the gate's open topic; per site
 a sensor showing the last entry. All share the site's availability topic, so
 Home Assistant greys them out when the last will says ``offline``.
+
+Configs are retained, so a gate taken out of the config would live on in Home
+Assistant (an Open button answering ``unknown_gate``). At connect gated reads
+back the retained configs under its own node id and clears the ones it no
+longer announces; another site's node is never touched.
 """
 
 from __future__ import annotations
@@ -24,10 +29,19 @@ def gate_open_topic(prefix: str, gate: str) -> str:
     return f"{prefix}/gates/{gate}/open"
 
 
+def node_id(site: str) -> str:
+    return f"gated_{site}".replace("-", "_")
+
+
+def config_filter(*, site: str, discovery_prefix: str) -> str:
+    """The topic filter matching every discovery config gated publishes for ``site``."""
+    return f"{discovery_prefix}/+/{node_id(site)}/+/config"
+
+
 def configs(*, site: str, prefix: str, discovery_prefix: str,
             gates: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """(config topic, payload) for every entity of the site."""
-    node = f"gated_{site}".replace("-", "_")
+    node = node_id(site)
     device = {
         "identifiers": [node],
         "name": f"gated {site}",
@@ -72,6 +86,18 @@ def configs(*, site: str, prefix: str, discovery_prefix: str,
         **common,
     }))
     return out
+
+
+class _Config(msgspec.Struct):
+    availability_topic: str | None = None
+
+
+def owner(payload: bytes) -> str | None:
+    """The availability topic a discovery config follows: whose config it is."""
+    try:
+        return msgspec.json.decode(payload, type=_Config).availability_topic
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -11,10 +11,10 @@ if TYPE_CHECKING:
     from gated.gatekeeper import Gatekeeper
     from gated.metrics import Metrics
     from gated.pbx.twiml import TwimlSettings
-    from gated.pbx.voipgrid import WebhookSettings
+    from gated.pbx.voipgrid import LiveSettings
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
-WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("webhook")
+WEBHOOK: web.AppKey[LiveSettings] = web.AppKey("webhook")
 TWIML: web.AppKey[TwimlSettings] = web.AppKey("twiml")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("health")

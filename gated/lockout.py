@@ -65,11 +65,13 @@ class Lockout:
     def failure(self, caller: str | None, now: float) -> tuple[list[str], list[LockEvent]]:
         """Count one failure; return the keys that changed and any locks begun."""
         key = caller or WITHHELD
+        changed = [key, SITE]
         events: list[LockEvent] = []
         strikes = self.callers.get(key)
         if strikes is None:
             if len(self.callers) >= MAX_TRACKED:
-                self._forget(now)
+                # The forgotten keys change too: the store forgets them as well.
+                changed += self._forget(now)
             strikes = self.callers[key] = Strikes()
         self._decay(strikes, now)
         strikes.failures += 1
@@ -86,7 +88,7 @@ class Lockout:
         if len(self.recent) >= self.policy.site_failures:
             self.recent.clear()
             events.append(self._lock(self.site, "site_locked", SITE, now))
-        return [key, SITE], events
+        return changed, events
 
     def success(self, caller: str | None) -> list[str]:
         """A granted code clears the caller's failures (not the site's)."""
@@ -115,19 +117,20 @@ class Lockout:
         return done
 
     def _decay(self, strikes: Strikes, now: float) -> None:
-        # A long quiet spell after the last lock ended forgets the repeats.
-        if strikes.locks and now - max(strikes.last, strikes.locked_until) > (
-            self.policy.max_lock_seconds
-        ):
+        # A long quiet spell after the last failure and lock forgets the history,
+        # the same test the store uses to prune and to skip stale rows at start.
+        if max(strikes.last, strikes.locked_until) < now - self.policy.max_lock_seconds:
             strikes.locks = 0
             strikes.failures = 0
 
-    def _forget(self, now: float) -> None:
+    def _forget(self, now: float) -> list[str]:
         quiet = sorted(
             (s.last, k) for k, s in self.callers.items() if s.locked_until <= now
         )
-        for _, key in quiet[: max(len(quiet) // 2, 1)]:
+        forgotten = [key for _, key in quiet[: max(len(quiet) // 2, 1)]]
+        for key in forgotten:
             del self.callers[key]
+        return forgotten
 
     def strikes(self, key: str) -> Strikes | None:
         return self.site if key == SITE else self.callers.get(key)

@@ -12,6 +12,7 @@ publishes, persists and logs what comes out.
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,10 +29,30 @@ Scope = Literal["site", "fleet"]
 ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # In a managed code's gates: every gate of the site (fleet codes mostly want this).
 ALL_GATES = "*"
+# A code's fields fit in a few hundred bytes; anything near this is not a code,
+# and is refused before it is parsed or kept.
+MAX_BODY = 64 * 1024
+# What a publisher hears when a code takes another credential's digits. Saying
+# why would tell whoever may publish codes which digits open the gate.
+NOT_ACCEPTED = "not accepted"
 
 
 class Rejected(Exception):
-    """A managed code that cannot be applied; the message is safe to publish."""
+    """A managed code that cannot be applied; the message is safe to publish.
+
+    ``detail`` is for the site's own log, when it says more than the message.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail if detail is not None else message
+
+
+class Clash(Rejected):
+    """A managed code whose digits are already another credential's."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(NOT_ACCEPTED, detail=detail)
 
 
 class NotHere(Exception):
@@ -66,10 +87,15 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
     """
     if not ID_RE.fullmatch(code_id):
         raise Rejected("a code id is 1 to 64 letters, digits, '_', '.' or '-'")
+    if len(body) > MAX_BODY:
+        raise Rejected(f"message too large (at most {MAX_BODY} bytes)")
     try:
         raw: Any = msgspec.json.decode(body)
     except msgspec.DecodeError:
         raise Rejected("not valid JSON") from None
+    except RecursionError:
+        # A code is an object of strings and lists of strings: depth 2.
+        raise Rejected("not valid JSON: too deeply nested") from None
     if not isinstance(raw, dict):
         raise Rejected("expected a JSON object with the fields of a [[codes]] entry")
     raw = dict(raw)
@@ -105,6 +131,34 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
 
 
 @dataclass
+class ClashWatch:
+    """Counts digit clashes in a sliding window, to raise one alarm per burst.
+
+    One clash is staff picking digits already in use; a burst is someone
+    probing which digits open the gate, one refused code at a time.
+    """
+
+    limit: int = 5
+    window: float = 600.0
+    _times: deque[float] = field(default_factory=deque)
+    _alarmed: float | None = None
+
+    def clashed(self, now: float) -> bool:
+        """Record a clash at ``now`` (monotonic); True when it is time for the alarm:
+        ``limit`` clashes within ``window``, at most once per window."""
+        self._times.append(now)
+        # Only the last ``limit`` matter: a flood of probes keeps five floats.
+        if len(self._times) > self.limit:
+            self._times.popleft()
+        if len(self._times) < self.limit or self._times[0] <= now - self.window:
+            return False
+        if self._alarmed is not None and now - self._alarmed < self.window:
+            return False
+        self._alarmed = now
+        return True
+
+
+@dataclass
 class ManagedCodes:
     """The managed codes now in force, by credential id (one namespace with the file's)."""
 
@@ -120,8 +174,8 @@ class ManagedCodes:
     def put(self, book: CodeBook, code: ManagedCode) -> ManagedCode | None:
         """Apply ``code`` in place of its previous version; that version, or None.
 
-        Raises Rejected when it clashes with another credential; the previous
-        version then stays in force.
+        Raises Rejected when it clashes with another credential (Clash when
+        its digits are taken); the previous version then stays in force.
         """
         previous = self.applied.get(code.id)
         if previous is not None and previous.scope != code.scope:
@@ -131,9 +185,11 @@ class ManagedCodes:
         try:
             book.add_code(code.credential, code.digest(book))
         except CodeClash as exc:
+            # Ids are names staff choose, not secrets: an id clash is said plainly.
+            taken_id = book.has_id(code.id)
             if previous is not None:
                 book.add_code(previous.credential, previous.digest(book))
-            raise Rejected(str(exc)) from None
+            raise (Rejected(str(exc)) if taken_id else Clash(str(exc))) from None
         self.applied[code.id] = code
         return previous
 
@@ -146,13 +202,14 @@ class ManagedCodes:
         del self.applied[code_id]
         return code
 
-    def rebase(self, book: CodeBook, config: Config) -> list[tuple[ManagedCode, str]]:
+    def rebase(self, book: CodeBook,
+               config: Config) -> list[tuple[ManagedCode, Rejected | NotHere]]:
         """Apply every managed code to a freshly loaded book (a config reload).
 
         Codes that no longer fit (a new file code took their digits or id, or
         their gate is gone) are dropped and returned with the reason.
         """
-        dropped: list[tuple[ManagedCode, str]] = []
+        dropped: list[tuple[ManagedCode, Rejected | NotHere]] = []
         current, self.applied = self.applied, {}
         for old in current.values():
             try:
@@ -160,5 +217,5 @@ class ManagedCodes:
                 code = parse(old.scope, old.id, old.body, config)
                 self.put(book, code)
             except (Rejected, NotHere) as exc:
-                dropped.append((old, str(exc)))
+                dropped.append((old, exc))
         return dropped

@@ -5,7 +5,9 @@ that arrive while a batch is being written form the next batch: one
 transaction and one fsync serve many concurrent calls, and each caller waits
 only for its own batch. If the disk fails, entries are held in a bounded
 buffer, the gate keeps answering, and the buffer is flushed when writes work
-again.
+again. Ledger state (uses, TOTP steps, strikes, the site's failure window) is
+never dropped: it is held as the latest value per key, so it is bounded by the
+number of keys, not of calls, and written with the next batch that succeeds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import structlog
 from gated import alarms
 from gated.decide import Changes, Ledger
 from gated.errors import StoreError
-from gated.lockout import SITE, Policy, Strikes
+from gated.lockout import MAX_TRACKED, SITE, Policy, Strikes
 
 log = structlog.get_logger("gated.store")
 
@@ -91,15 +93,27 @@ CREATE TABLE IF NOT EXISTS managed_codes (
     PRIMARY KEY (scope, id)
 );
 """
-# The platform's id of the call (a TwiML CallSid), to find it in its logs.
+# The site's failure window, one row per failure: a failure is one INSERT, not
+# the whole window re-encoded into strikes.recent (no longer written). '*site*'
+# is lockout.SITE.
 SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS site_window (time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS site_window_time ON site_window(time);
+INSERT INTO site_window (time)
+    SELECT json_each.value FROM strikes, json_each(strikes.recent)
+    WHERE strikes.key = '*site*' AND strikes.recent IS NOT NULL;
+UPDATE strikes SET recent = NULL WHERE recent IS NOT NULL;
+"""
+# The platform's id of the call (a TwiML CallSid), to find it in its logs.
+SCHEMA_V5 = """
 ALTER TABLE entries ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
 """
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
+# Ledger state is not an entry and never dropped (see _LedgerState).
 BUFFER_LIMIT = 10_000
 RETRY_SECONDS = 1.0
 BUSY_TIMEOUT_MS = 1000
@@ -138,14 +152,69 @@ INSERT_ENTRY = (
 
 
 @dataclass(slots=True)
+class _LedgerState:
+    """Ledger state changed since the last write: the latest value per key."""
+
+    uses: dict[str, int] = field(default_factory=dict)
+    totp: dict[str, int] = field(default_factory=dict)
+    # None: the lockout forgot the key (a success, or too many tracked).
+    strikes: dict[str, Strikes | None] = field(default_factory=dict)
+    # Site failure times to add, after emptying the stored window if ``reset``
+    # (a site lock empties it); stored times before ``floor`` have left it.
+    window: deque[float] = field(default_factory=deque)
+    reset: bool = False
+    floor: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.uses or self.totp or self.strikes or self.window or self.reset)
+
+    def note(self, changes: Changes, ledger: Ledger | None) -> None:
+        self.uses.update(changes.uses)
+        self.totp.update(changes.totp)
+        if ledger is None:
+            return
+        lockout = ledger.lockout
+        for key in changes.strikes:
+            current = lockout.strikes(key)
+            # Copy: the writer thread must not read state the loop mutates.
+            self.strikes[key] = None if current is None else Strikes(
+                current.failures, current.locks, current.locked_until, current.last)
+            if key == SITE:
+                self._site_failure(lockout.recent)
+
+    def _site_failure(self, recent: deque[float]) -> None:
+        # SITE changes only on a failure, which either added its time to the
+        # window or, locking the site, emptied it: O(1), whatever the window.
+        if not recent:
+            self.window.clear()
+            self.reset, self.floor = True, None
+            return
+        self.window.append(recent[-1])
+        self.floor = recent[0]
+        while self.window and self.window[0] < self.floor:
+            self.window.popleft()
+
+    def after(self, older: _LedgerState) -> None:
+        """Take back ``older`` (a write that failed) under this newer state."""
+        for mine, theirs in ((self.uses, older.uses), (self.totp, older.totp)):
+            for key, value in theirs.items():
+                mine.setdefault(key, value)
+        for key, strikes in older.strikes.items():
+            self.strikes.setdefault(key, strikes)
+        if not self.reset:
+            self.window = deque((*older.window, *self.window))
+            self.reset = older.reset
+        if self.floor is None:
+            self.floor = older.floor
+
+
+@dataclass(slots=True)
 class _Pending:
     entry: Entry | None
-    uses: dict[str, int]
-    totp: dict[str, int]
-    strikes: list[tuple[str, Strikes, str | None]]
     done: asyncio.Future[bool] | None
     # A managed code to keep (scope, id, body) or forget (body None).
     code: tuple[str, str, bytes | None] | None = None
+    ledger: _LedgerState | None = None
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -178,6 +247,7 @@ class Store:
         self._conn = conn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-store")
         self._pending: deque[_Pending] = deque()
+        self._ledger = _LedgerState()
         self._wake = asyncio.Event()
         self._failing = False
         self.dropped = 0
@@ -207,61 +277,66 @@ class Store:
     def healthy(self) -> bool:
         return not self._failing
 
-    def load_ledger(self, policy: Policy) -> Ledger:
+    def load_ledger(self, policy: Policy, now: float | None = None) -> Ledger:
         """The ledger as the last run left it: uses, TOTP steps, lockout strikes."""
+        now = time.time() if now is None else now
         try:
-            return self._load_ledger(policy)
+            return self._load_ledger(policy, now)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the entry store {self.path}: {exc}") from exc
 
-    def _load_ledger(self, policy: Policy) -> Ledger:
+    def _load_ledger(self, policy: Policy, now: float) -> Ledger:
         ledger = Ledger.fresh(policy)
         conn = self._conn
         ledger.uses.update(conn.execute("SELECT credential_id, count FROM uses"))
         ledger.totp_last.update(conn.execute("SELECT credential_id, timecode FROM totp_steps"))
-        rows = conn.execute("SELECT key, failures, locks, locked_until, last, recent FROM strikes")
-        for key, failures, locks, locked_until, last, recent in rows:
-            if not (failures or locks or recent):
-                continue  # cleared by a success
-            ledger.lockout.restore(key, Strikes(failures, locks, locked_until, last),
-                                   json.loads(recent) if recent else None)
+        # Stale: quiet for longer than Lockout._decay remembers, so the next
+        # failure would start afresh anyway. The site's row is always kept.
+        stale = now - policy.max_lock_seconds
+        try:
+            conn.execute(f"DELETE FROM strikes WHERE key != ? AND ({STALE})",  # noqa: S608
+                         (SITE, stale))
+        except sqlite3.Error as exc:
+            # A full disk must not stop the gate starting: the query skips them.
+            log.warning("stale strikes not pruned", path=str(self.path), error=str(exc))
+        rows = conn.execute(
+            "SELECT key, failures, locks, locked_until, last FROM strikes "  # noqa: S608
+            f"WHERE key = ? OR NOT ({STALE}) "
+            "ORDER BY key = ? DESC, locked_until > ? DESC, last DESC LIMIT ?",
+            (SITE, stale, SITE, now, MAX_TRACKED + 1))
+        for key, failures, locks, locked_until, last in rows:
+            window = None
+            if key == SITE:
+                window = [t for (t,) in conn.execute(
+                    "SELECT time FROM site_window WHERE time >= ? ORDER BY time",
+                    (now - policy.site_window,))]
+            ledger.lockout.restore(key, Strikes(failures, locks, locked_until, last), window)
         return ledger
 
     def submit(self, entry: Entry | None, changes: Changes | None,
                ledger: Ledger | None) -> asyncio.Future[bool]:
         """Queue an entry and the ledger changes behind it; the future says durable."""
-        strikes: list[tuple[str, Strikes, str | None]] = []
-        if changes is not None and ledger is not None:
-            for key in changes.strikes:
-                current = ledger.lockout.strikes(key)
-                if current is None:  # cleared by a success
-                    strikes.append((key, Strikes(), None))
-                    continue
-                recent = json.dumps(list(ledger.lockout.recent)) if key == SITE else None
-                # Copy: the writer thread must not read state the loop mutates.
-                strikes.append((key, Strikes(current.failures, current.locks,
-                                             current.locked_until, current.last), recent))
+        if changes is not None:
+            self._ledger.note(changes, ledger)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(self._pending) >= BUFFER_LIMIT:
             # The oldest entry goes; a managed code's change never does (losing
-            # a withdrawal would bring a revoked code back at the next start).
+            # a withdrawal would bring a revoked code back at the next start),
+            # nor does the ledger state behind an entry: that is not held here.
             lost = next((item for item in self._pending if item.code is None), None)
             if lost is not None:
                 self._pending.remove(lost)
                 self.dropped += 1
                 if lost.done is not None and not lost.done.done():
                     lost.done.set_result(False)
-        self._pending.append(_Pending(
-            entry, dict(changes.uses) if changes else {}, dict(changes.totp) if changes else {},
-            strikes, done,
-        ))
+        self._pending.append(_Pending(entry, done))
         self._wake.set()
         return done
 
     def save_code(self, scope: str, code_id: str, body: bytes | None) -> asyncio.Future[bool]:
         """Keep (or, with ``body`` None, forget) the local copy of one managed code."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(None, {}, {}, [], done, (scope, code_id, body)))
+        self._pending.append(_Pending(None, done, (scope, code_id, body)))
         self._wake.set()
         return done
 
@@ -276,11 +351,16 @@ class Store:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending or self._ledger:
                 batch = list(self._pending)
+                # Taken with the entries: an entry reported durable has its
+                # ledger changes written in the same transaction.
+                ledger, self._ledger = self._ledger, _LedgerState()
                 try:
-                    await loop.run_in_executor(self._executor, self._write, batch)
+                    await loop.run_in_executor(
+                        self._executor, self._write, [*batch, _Pending(None, None, ledger=ledger)])
                 except (sqlite3.Error, OSError) as exc:
+                    self._ledger.after(ledger)
                     if not self._failing:
                         self._failing = True
                         alarms.alarm(log, "store_failing",
@@ -304,31 +384,16 @@ class Store:
     def _write(self, batch: Sequence[_Pending]) -> None:
         # One statement per table for the whole batch, not three per call:
         # this runs on the writer thread but holds the GIL while it builds
-        # rows, so its Python work is taken from the event loop. Rows keep
-        # batch order, so a later change to the same key still wins.
+        # rows, so its Python work is taken from the event loop. The ledger
+        # state holds one (the latest) value per key.
         entries = [_entry_row(item.entry) for item in batch if item.entry is not None]
-        uses = [row for item in batch for row in item.uses.items()]
-        totp = [row for item in batch for row in item.totp.items()]
-        strikes = [(k, s.failures, s.locks, s.locked_until, s.last, r)
-                   for item in batch for k, s, r in item.strikes]
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(INSERT_ENTRY, entries)
-            if uses:
-                conn.executemany(
-                    "INSERT INTO uses (credential_id, count) VALUES (?, ?) "
-                    "ON CONFLICT(credential_id) DO UPDATE SET count = excluded.count", uses)
-            if totp:
-                conn.executemany(
-                    "INSERT INTO totp_steps (credential_id, timecode) VALUES (?, ?) "
-                    "ON CONFLICT(credential_id) DO UPDATE SET timecode = excluded.timecode",
-                    totp)
-            if strikes:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO strikes "
-                    "(key, failures, locks, locked_until, last, recent) VALUES (?, ?, ?, ?, ?, ?)",
-                    strikes)
+            for item in batch:
+                if item.ledger is not None:
+                    _write_ledger(conn, item.ledger)
             for item in batch:
                 if item.code is not None:
                     scope, code_id, body = item.code
@@ -348,10 +413,10 @@ class Store:
     async def flush(self, within: float = 5.0) -> bool:
         """Wait until everything pending is written (or ``within`` seconds pass)."""
         deadline = time.monotonic() + within
-        while self._pending and time.monotonic() < deadline:
+        while (self._pending or self._ledger) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)
-        return not self._pending
+        return not (self._pending or self._ledger)
 
     async def call(self, function: Any, *args: Any) -> Any:
         """Run ``function(connection, *args)`` on the store's own thread."""
@@ -361,6 +426,39 @@ class Store:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._conn.close()
+
+
+# A strikes row the lockout has forgotten or would start afresh (Lockout._decay):
+# quiet since before ? (now - max_lock_seconds), or cleared by a success.
+STALE = "max(last, locked_until) < ? OR (failures = 0 AND locks = 0)"
+
+
+def _write_ledger(conn: sqlite3.Connection, state: _LedgerState) -> None:
+    if state.uses:
+        conn.executemany(
+            "INSERT INTO uses (credential_id, count) VALUES (?, ?) "
+            "ON CONFLICT(credential_id) DO UPDATE SET count = excluded.count",
+            state.uses.items())
+    if state.totp:
+        conn.executemany(
+            "INSERT INTO totp_steps (credential_id, timecode) VALUES (?, ?) "
+            "ON CONFLICT(credential_id) DO UPDATE SET timecode = excluded.timecode",
+            state.totp.items())
+    if state.strikes:
+        conn.executemany(
+            "INSERT OR REPLACE INTO strikes (key, failures, locks, locked_until, last) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(k, s.failures, s.locks, s.locked_until, s.last)
+             for k, s in state.strikes.items() if s is not None])
+        conn.executemany("DELETE FROM strikes WHERE key = ?",
+                         [(k,) for k, s in state.strikes.items() if s is None])
+    if state.reset:
+        conn.execute("DELETE FROM site_window")
+    if state.window:
+        conn.executemany("INSERT INTO site_window (time) VALUES (?)",
+                         [(t,) for t in state.window])
+    if state.floor is not None and (state.window or state.reset):
+        conn.execute("DELETE FROM site_window WHERE time < ?", (state.floor,))
 
 
 def data_version(conn: sqlite3.Connection) -> int:

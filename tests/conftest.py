@@ -84,8 +84,9 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
     started: list[tuple[Daemon, asyncio.Task[None], aiohttp.ClientSession]] = []
 
     async def start(extra: str = "", *, actuators: dict[str, Any] | None = None,
-                    clock: Any = None, **kwargs: Any) -> Running:
-        path = write_config(tmp_path, extra, **kwargs)
+                    clock: Any = None, config: Path | None = None, **kwargs: Any) -> Running:
+        """``config``: run on this file as it stands instead of writing gated.toml."""
+        path = config or write_config(tmp_path, extra, **kwargs)
         daemon = Daemon(config_mod.load(path, create_key=True), mock_factory=mock_factory,
                         install_signals=False)
         if clock is not None:

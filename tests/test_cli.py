@@ -116,6 +116,28 @@ def test_pulse_drives_one_pulse_by_hand(tmp_path: Path,
     assert "no gate 'gate9'" in capsys.readouterr().err
 
 
+async def test_pulse_refuses_while_the_daemon_runs_and_staff_tools_still_work(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gated pulse` would fight the running daemon for the relay: one line, no pin touched.
+    `gated log` and `gated codes issue` only use the store and keep working."""
+    running = await start_daemon()
+    config = str(tmp_path / "gated.toml")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["-c", config, "pulse", "barrier"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "state" / "entries.sqlite3.lock") in err and "holds" in err
+    assert [s.state for s in running.pin(17).states] == [False]
+    assert await asyncio.to_thread(main, ["-c", config, "log"]) == 0
+    assert await asyncio.to_thread(main, ["-c", config, "codes", "issue", "--name", "Visitor",
+                                          "--gates", "barrier", "--local"]) == 0
+    await running.stop()
+    capsys.readouterr()
+    with capture_logs():
+        assert await asyncio.to_thread(main, ["-c", config, "pulse", "barrier"]) == 0
+    assert capsys.readouterr().out.strip().endswith("gate barrier: pulsed")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--start", "tomorrow"], "--start: not an ISO time: 'tomorrow'"),
     (["--start", "2026-12-01"], "--start: give a time too"),

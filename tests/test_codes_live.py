@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pyotp
 import pytest
+from structlog.testing import capture_logs
 
 from gated.cli import main
 from gated.store import read_entries
 
-from .helpers import BARRIER, TOKEN
+from .helpers import BARRIER, TOKEN, config_text
 
 ONCE = """
 [[codes]]
@@ -116,6 +118,74 @@ async def test_file_change_is_picked_up_without_a_signal(start_daemon: Any,
            and time.monotonic() < deadline):
         await asyncio.sleep(0.1)
     assert await running.get(code="7777", did=BARRIER) == (200, "status=ACK")
+
+
+def _linked_configs(tmp_path: Path) -> tuple[Path, Path]:
+    """gated.toml -> releases/a.toml (code 5555 opens); releases/b.toml revokes 5555."""
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    text = config_text(tmp_path)
+    (releases / "a.toml").write_text(text)
+    (releases / "b.toml").write_text(text.replace('code = "5555"', 'code = "5556"'))
+    link = tmp_path / "gated.toml"
+    link.symlink_to(releases / "a.toml")
+    return link, releases / "b.toml"
+
+
+def _retarget(link: Path, target: Path) -> None:
+    """What `ln -sfn target link` does: a new link renamed over the old one."""
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(target)
+    os.replace(fresh, link)
+
+
+async def test_reload_reads_the_file_a_retargeted_symlink_names_now(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """`ln -sfn` to a file without a code, then SIGHUP: the revoked code is refused."""
+    link, revoked = _linked_configs(tmp_path)
+    running = await start_daemon(config=link)
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
+    _retarget(link, revoked)
+    assert await running.daemon.reload("SIGHUP")
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="5556", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_file_watch_notices_a_retargeted_symlink(start_daemon: Any,
+                                                       tmp_path: Path) -> None:
+    """Pointing the config's symlink at another file is a change the watcher reloads."""
+    link, revoked = _linked_configs(tmp_path)
+    running = await start_daemon(config=link)
+    _retarget(link, revoked)
+    book = running.daemon.gatekeeper.book
+    deadline = time.monotonic() + 8
+    # Polling with calls would count as guesses: watch the book instead.
+    while (running.daemon.gatekeeper.book is book  # noqa: ASYNC110
+           and time.monotonic() < deadline):
+        await asyncio.sleep(0.1)
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=NAK")
+
+
+async def test_symlink_into_another_folder_needs_a_restart_for_relative_paths(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """Relative paths follow the file a link names: a reload that would move the store and
+    site key elsewhere is refused, naming them, and the old codes keep serving."""
+    text = config_text(tmp_path).replace(str(tmp_path / "state" / "entries.sqlite3"),
+                                         "state/entries.sqlite3")
+    for release in ("a", "b"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "gated.toml").write_text(text)
+    link = tmp_path / "gated.toml"
+    link.symlink_to(tmp_path / "a" / "gated.toml")
+    running = await start_daemon(config=link)
+    assert running.daemon.gatekeeper.store.path == tmp_path / "a" / "state" / "entries.sqlite3"
+    _retarget(link, tmp_path / "b" / "gated.toml")
+    with capture_logs() as logs:
+        assert not await running.daemon.reload("SIGHUP")
+    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")]
+    assert refusal["changed"] == ["log.path (now names another file)",
+                                  "site.key_file (now names another file)"]
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
 
 
 async def test_reload_during_a_burst_fails_no_answer(start_daemon: Any, tmp_path: Path) -> None:

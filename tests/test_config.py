@@ -33,6 +33,24 @@ def test_relative_store_path_is_relative_to_the_config_file(tmp_path: Path) -> N
     assert load_text(tmp_path, text).store_path == tmp_path / "db.sqlite3"
 
 
+def test_a_symlinked_config_keeps_its_name_and_relative_paths_follow_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded through a symlink: the path stays the link (what a reload reads again), and
+    relative paths are relative to the folder of the file it points to."""
+    release = tmp_path / "releases" / "v2"
+    release.mkdir(parents=True)
+    text = config_text(tmp_path).replace(str(tmp_path / "state" / "entries.sqlite3"), "db.sqlite3")
+    (release / "gated.toml").write_text(text)
+    link = tmp_path / "gated.toml"
+    link.symlink_to(release / "gated.toml")
+    loaded = config_mod.load(link)
+    assert loaded.path == link
+    assert loaded.store_path == release / "db.sqlite3"
+    assert loaded.key_path == release / "site.key"
+    monkeypatch.chdir(tmp_path)  # named relative to the working directory: kept absolute
+    assert config_mod.load("gated.toml").path == link
+
+
 @pytest.mark.parametrize(
     ("change", "path", "line_of"),
     [

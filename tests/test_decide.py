@@ -9,7 +9,7 @@ import pytest
 
 from gated import config as config_mod
 from gated.codes import CodeBook
-from gated.decide import Decision, Ledger, Request, Status, decide
+from gated.decide import Changes, Decision, Ledger, Request, Status, decide
 from gated.lockout import Policy
 
 from .helpers import BARRIER, DOOR, RESIDENT, config_text, local
@@ -219,6 +219,25 @@ def test_totp_current_previous_outside_and_replay(book: CodeBook, ledger: Ledger
     fresh = Ledger.fresh(Policy())
     assert reason(book, fresh, now, otp.generate_otp(step + 1)) == "granted_totp"
     assert reason(book, fresh, now, otp.generate_otp(step)) == "replayed"
+
+
+def test_codes_that_spend_are_refused_while_the_store_cannot_keep_the_spend(
+        book: CodeBook, ledger: Ledger) -> None:
+    """durable=False (the store failing): a use-limited code and a TOTP code are ERR
+    store_failing and spend nothing; a code without a limit still opens."""
+    now = WEDNESDAY_NOON
+    totp = pyotp.TOTP(SECRET).generate_otp(int(now) // 30)
+    for code in ("111111", totp):
+        request = Request(did=BARRIER, caller="+31687654321", code=code)
+        decision = decide(request, book, ledger, now, durable=False)
+        assert (decision.status, decision.reason, decision.opens) == (
+            Status.ERR, "store_failing", False)
+        assert ledger.apply(request, decision, now) == Changes()
+    unlimited = Request(did=BARRIER, caller="+31687654321", code="5555")
+    assert decide(unlimited, book, ledger, now, durable=False).reason == "granted_code"
+    # Nothing was spent: once the store is back, both open.
+    assert reason(book, ledger, now, "111111") == "granted_code"
+    assert reason(book, ledger, now, totp) == "granted_totp"
 
 
 def test_static_code_takes_precedence_over_totp(book: CodeBook, ledger: Ledger) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import signal
 import sqlite3
 import threading
@@ -20,16 +21,21 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from gated import config as config_mod
+from gated import daemon as daemon_mod
 from gated import sitekey
 from gated.cli import main
+from gated.clock import SystemClock
 from gated.daemon import Daemon
+from gated.decide import Status
 from gated.errors import ConfigError
+from gated.gatekeeper import Gatekeeper, RawCall
 from gated.pbx.voipgrid import WebhookSettings
-from gated.store import read_entries
+from gated.store import BUFFER_LIMIT, Store, read_entries
 
-from .helpers import BARRIER, TOKEN, FakeActuator, config_text, write_config
+from .helpers import BARRIER, RESIDENT, TOKEN, FakeActuator, config_text, write_config
 from .process import DaemonProcess, free_port
 
 # -- fuzzing the webhook on a real socket ----------------------------------------
@@ -229,6 +235,109 @@ async def test_failing_actuator_refunds_the_use(start_daemon: Any) -> None:
     assert await running.get(code="111111", did=BARRIER) == (200, "status=NAK")
 
 
+ONCE = """
+[[codes]]
+name = "Once"
+code = "111111"
+gates = ["barrier"]
+max_uses = 1
+"""
+
+
+async def wait_failing(store: Any) -> None:
+    for _ in range(500):
+        if not store.healthy:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the store never noticed it was failing")
+
+
+async def test_single_use_code_while_the_store_fails_is_err_and_opens_nothing(
+        start_daemon: Any) -> None:
+    """While the store cannot make a use durable, a single-use code answers ERR
+    store_failing and the relay never moves; once the store is back it opens once."""
+    running = await start_daemon(ONCE, deadline=1.0)
+    pin = running.pin(17)
+    store = running.daemon.gatekeeper.store
+    blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        # A wrong code: its entry is the write that finds the disk failing.
+        assert await running.get(code="000000", did=BARRIER) == (200, "status=NAK")
+        await wait_failing(store)
+        assert await running.get(code="111111", did=BARRIER) == (200, "status=ERR")
+        assert [s.state for s in pin.states] == [False]
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert await store.flush(within=10)
+    assert store.healthy
+    assert await running.get(code="111111", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="111111", did=BARRIER) == (200, "status=NAK")
+    await running.stop()  # relays off: the one pulse has ended
+    assert [s.state for s in pin.states] == [False, True, False]
+    reasons = [(e.status, e.reason) for e in reversed(read_entries(store.path))]
+    assert reasons == [("NAK", "unknown_code"), ("ERR", "store_failing"),
+                       ("ACK", "granted_code"), ("NAK", "used_up")]
+
+
+async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None:
+    """More entries than the buffer holds while the disk refuses: the oldest entries go,
+    but a spent single-use code stays spent and a locked caller stays locked, after
+    recovery and across a restart."""
+    loaded = config_mod.load(write_config(tmp_path, ONCE + "[lockout]\nsite_failures = 1000\n"),
+                             create_key=True)
+    policy = daemon_mod.policy(loaded)
+    guesser = "+31687654321"
+
+    def gatekeeper(store: Store) -> Gatekeeper:
+        return Gatekeeper(loaded.book, store.load_ledger(policy),
+                          {"barrier": FakeActuator("barrier"), "door": FakeActuator("door")},
+                          store, SystemClock(), deadline=0.5)
+
+    store = Store.open(loaded.store_path)
+    gate = gatekeeper(store)
+    writer = asyncio.create_task(store.run())
+    store.connection.execute("PRAGMA busy_timeout=0")
+    blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with capture_logs():
+            # The use is spent by the call whose write finds the disk failing.
+            once = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+            assert once.status is Status.ACK
+            assert not store.healthy
+            for n in range(5):
+                await gate.call(RawCall(code=f"00000{n}", did=BARRIER, callerid=guesser))
+            for _ in range(BUFFER_LIMIT + 1):
+                answer = await gate.call(RawCall(code="471123", did=BARRIER, callerid=guesser))
+                assert answer.reason == "locked_out"
+        assert store.dropped > 6
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert await store.flush(within=10)
+    assert store.healthy
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    store.close()
+
+    store = Store.open(loaded.store_path)
+    gate = gatekeeper(store)
+    writer = asyncio.create_task(store.run())
+    try:
+        again = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+        locked = await gate.call(RawCall(code="471123", did=BARRIER, callerid=guesser))
+        assert (again.status, again.reason) == (Status.NAK, "used_up")
+        assert (locked.status, locked.reason) == (Status.NAK, "locked_out")
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        store.close()
+
+
 # -- crashes -----------------------------------------------------------------------------
 
 
@@ -284,3 +393,45 @@ def test_kill_9_during_a_burst_loses_no_answered_entry(tmp_path: Path) -> None:
     history = next(e for e in again.events if e["event"] == "mock pin history"
                    and e["gate"] == "barrier")
     assert history["states"] == [False]
+
+
+def test_kill_9_while_the_store_fails_opens_no_single_use_code_twice(tmp_path: Path) -> None:
+    """kill -9 while the store refuses writes, then a restart: a single-use code has
+    opened at most once over both runs."""
+    port = free_port()
+    config = write_config(tmp_path, ONCE, pulse=0.05, deadline=1.0)
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    store = tmp_path / "state" / "entries.sqlite3"
+
+    def get(code: str) -> str:
+        url = (f"http://127.0.0.1:{port}/voipgrid?token={TOKEN}&code={code}"
+               f"&did=%2B{BARRIER[1:]}")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    answers: list[str] = []
+    daemon = DaemonProcess(config)
+    try:
+        daemon.wait_for("listening")
+        blocker = sqlite3.connect(store, isolation_level=None, timeout=5)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            assert get("000000") == "status=NAK"
+            daemon.wait_for("entry store failing; holding entries in memory")
+            answers.append(get("111111"))
+            daemon.signal(signal.SIGKILL)
+            daemon.proc.wait(10)
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+    finally:
+        daemon.stop()
+
+    again = DaemonProcess(config)
+    try:
+        again.wait_for("listening")
+        answers += [get("111111"), get("111111")]
+    finally:
+        assert again.stop() == 0
+    assert answers.count("status=ACK") == 1, answers
+    assert answers == ["status=ERR", "status=ACK", "status=NAK"]

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,11 +71,18 @@ def test_the_script_does_the_steps_the_doc_describes() -> None:
 
 def test_install_refuses_a_normal_user_without_root_dir() -> None:
     """Run by a normal user without --root, it stops before touching anything."""
-    # As root (CI, containers), drop to nobody the way a normal user would run it.
+    # As root (CI, containers), drop to nobody the way a normal user would run it,
+    # from a copy nobody can read: the checkout may be private to its owner.
     as_user = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
                if os.geteuid() == 0 else [])
-    result = subprocess.run([*as_user, "bash", str(SCRIPT)], capture_output=True, text=True,
-                            timeout=30, check=False)
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "systemd" / "install.sh"
+        script.parent.mkdir()
+        shutil.copy(SCRIPT, script)
+        for path in (Path(folder), script.parent, script):
+            path.chmod(0o755)
+        result = subprocess.run([*as_user, "bash", str(script)], capture_output=True,
+                                text=True, timeout=30, check=False, cwd="/")
     assert result.returncode == 1 and "run as root" in result.stderr
     assert result.stdout == ""
 

@@ -56,6 +56,17 @@ def test_lock_length_is_capped_and_history_decays() -> None:
     assert [e.seconds for e in events] == [10.0]
 
 
+def test_failures_short_of_a_lock_are_forgotten_after_a_quiet_spell() -> None:
+    """A quiet spell forgets failures that never locked, as it forgets locks: the lockout
+    then agrees with a restart, which no longer loads (or keeps) such stale strikes."""
+    lockout = Lockout(Policy(caller_failures=3, site_failures=1000, max_lock_seconds=100))
+    lockout.failure("a", 0.0)
+    lockout.failure("a", 1.0)
+    _, events = lockout.failure("a", 200.0)
+    assert not events
+    assert lockout.strikes("a").failures == 1  # type: ignore[union-attr]
+
+
 def test_withheld_callers_share_one_bucket() -> None:
     """Callers without a number cannot dodge the per-caller limit by hiding it."""
     lockout = Lockout(Policy(caller_failures=2, site_failures=1000))

@@ -11,12 +11,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from gated.config import parse
-from gated.managed import ManagedCodes, NotHere, Rejected
+from gated.errors import ConfigError
+from gated.managed import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
 from gated.managed import parse as parse_code
 from gated.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
-from .helpers import BARRIER, DOOR, config_text
+from .helpers import BARRIER, DOOR, FakeClock, config_text
 
 PREFIX = "gated/test"
 ERRORS = f"{PREFIX}/codes/+/error"
@@ -90,18 +91,82 @@ async def _put_change_delete(broker: Mosquitto, probe: Probe, start_daemon: Any)
 
 async def test_clash_with_a_file_code_is_refused_not_merged(broker: Mosquitto, probe: Probe,
                                                            start_daemon: Any) -> None:
-    """Digits or an id already used in the file are reported, and the file's code stays."""
+    """Digits or an id already used in the file are refused, and the file's code stays."""
     await probe.subscribe(ERRORS)
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)
     error = await put(probe, "sneaky", body(code="5555", gates=["barrier", "door"]))
-    assert error["error"] == "these digits are already another credential's code"
+    assert error["error"] == NOT_ACCEPTED
     error = await put(probe, "Demo", body(code="424242", gates=["barrier"]))
     assert error["error"] == "id 'Demo' is already used by another credential"
     assert await running.get(code="5555", did=DOOR) == (200, "status=NAK")  # wrong_gate
     assert await running.get(code="424242", did=BARRIER) == (200, "status=NAK")
     assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
     assert entries(running)[-1].credential == "Barrier only"
+
+
+async def test_a_digit_clash_tells_the_publisher_nothing_and_probing_raises_an_alarm(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """A code taking another credential's digits gets the same refusal whatever it hit,
+    is kept nowhere, and a burst of them is one code_clashes alarm naming no digits."""
+    await probe.subscribe(ERRORS, f"{PREFIX}/alarms")
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "mine", body(code="246810", gates=["barrier"])) is None
+    taken = ["5555", "471123", "9000", "246810", "5555", "471123", "9000"]
+    with capture_logs() as logs:
+        for n, digits in enumerate(taken):
+            error = await put(probe, f"probe-{n}", body(code=digits, gates=["barrier"]))
+            assert error["error"] == NOT_ACCEPTED, digits
+        (alarm,) = await probe.wait_for(f"{PREFIX}/alarms", 1)
+    assert [e["alarm"] for e in logs if "alarm" in e] == ["code_clashes"]
+    assert (alarm.json()["alarm"], alarm.json()["clashes"]) == ("code_clashes", 5)
+    assert not set(taken) & set(re.findall(r"\d{4,}", alarm.payload.decode()))
+    assert not set(taken) & set(re.findall(r"\d{4,}", repr(logs)))
+    store = running.daemon.gatekeeper.store
+    await store.flush()
+    assert [r[0] for r in sqlite3.connect(store.path).execute(
+        "SELECT id FROM managed_codes")] == ["mine"]
+    assert running.daemon.bridge.codes.ids("site") == {"mine"}
+    assert await running.get(code="5555", did=BARRIER) == (200, "status=ACK")
+    assert entries(running)[-1].credential == "Barrier only"
+
+
+async def test_managed_code_fields_are_bounded_and_deep_nesting_is_refused(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """A callername or destination past its bound, a message past 64 KiB, or JSON nested
+    past any code's shape is refused on the error topic and changes nothing; a callername
+    of exactly 64 characters is applied."""
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    longest = "L" * 64
+    assert await put(probe, "v", body(code="246810", gates=["barrier"],
+                                      callername=longest, destination="2" * 64)) is None
+    answer = f"status=ACK&callername={longest}&destination={'2' * 64}"
+    assert await running.get(code="246810", did=BARRIER) == (200, answer)
+    nested = b'{"gates": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    assert len(nested) <= MAX_BODY
+    with capture_logs() as logs:
+        for bad, reason in [
+            (body(code="246810", gates=["barrier"], callername="L" * 65),
+             "callername: Expected `str` of length <= 64"),
+            (body(code="246810", gates=["barrier"], destination="2" * 65),
+             "destination: Expected `str` of length <= 64"),
+            (body(code="246810", gates=["barrier"], destination="2" * (1 << 20)),
+             f"message too large (at most {MAX_BODY} bytes)"),
+            (body(code="246810", gates=["barrier"], callers=["+31612345678"] * 1001),
+             "callers: Expected `array` of length <= 1000"),
+            (nested, "not valid JSON: too deeply nested"),
+        ]:
+            error = await put(probe, "v", bad)
+            assert error["error"] == reason
+            assert await running.get(code="246810", did=BARRIER) == (200, answer)
+    assert not [e for e in logs if e["log_level"] == "error"]
+    await running.daemon.gatekeeper.store.flush()
+    (kept,) = sqlite3.connect(running.daemon.gatekeeper.store.path).execute(
+        "SELECT body FROM managed_codes")
+    assert json.loads(kept[0])["callername"] == longest
 
 
 async def test_restart_with_the_broker_down_keeps_managed_codes(
@@ -183,7 +248,7 @@ async def test_reload_keeps_managed_codes_and_reports_new_clashes(
     before = len(probe.on(f"{PREFIX}/codes/visitor-1/error"))
     assert await running.daemon.reload("test")
     (*_, error) = await probe.wait_for(f"{PREFIX}/codes/visitor-1/error", before + 1)
-    assert error.json()["error"] == "these digits are already another credential's code"
+    assert error.json()["error"] == NOT_ACCEPTED
     assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
     assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
 
@@ -224,6 +289,17 @@ def site_config(tmp_path: Any) -> Any:
         (body(code="123456", gates=["barrier"], schedule=["someday"]), "schedule:"),
         (body(code="123456", gates=["barrier"], callers=["not a number"]), "callers[0]:"),
         (body(code="123456", gates=["barrier"], max_uses=0), "max_uses: Expected `int` >= 1"),
+        (body(code="1" * 17, gates=["barrier"]), "code: Expected `str` of length <= 16"),
+        (body(code="123456", gates=["barrier"] * 257), "gates: Expected `array` of length "
+                                                        "<= 256"),
+        (body(code="123456", gates=["g" * 33]), "gates[0]: Expected `str` of length <= 32"),
+        (body(code="123456", gates=["barrier"], schedule=["mon 07:00-08:00"] * 65),
+         "schedule: Expected `array` of length <= 64"),
+        (body(code="123456", gates=["barrier"], callers=["1" * 33]),
+         "callers[0]: Expected `str` of length <= 32"),
+        (body(name="N" * 121, code="123456", gates=["barrier"]),
+         "name: Expected `str` of length <= 120"),
+        (b"[" * 5000 + b"]" * 5000, "not valid JSON: too deeply nested"),
     ],
 )
 def test_refusals_name_the_field_and_never_the_digits(tmp_path: Any, payload: bytes,
@@ -233,6 +309,37 @@ def test_refusals_name_the_field_and_never_the_digits(tmp_path: Any, payload: by
         parse_code("site", "visitor-1", payload, site_config(tmp_path))
     assert str(caught.value).startswith(error)
     assert "123456" not in str(caught.value)
+
+
+def test_the_file_bounds_codes_as_mqtt_does(tmp_path: Any) -> None:
+    """[[codes]] in the file meet the same bounds, and the error names key and line."""
+    long_name = '[[codes]]\nname = "Long"\ncode = "112233"\ngates = ["barrier"]\n' \
+                f'callername = "{"L" * 65}"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse(config_text(tmp_path, long_name))
+    assert caught.value.path == "codes[3].callername"
+    assert "length <= 64" in str(caught.value)
+    assert caught.value.line == config_text(tmp_path, long_name).splitlines().index(
+        f'callername = "{"L" * 65}"') + 1
+
+
+def test_clash_alarm_once_per_burst() -> None:
+    """Five clashes within ten minutes raise the alarm once per ten minutes; slower ones
+    never do."""
+    clock = FakeClock()
+    watch = ClashWatch()
+    slow = []
+    for _ in range(10):
+        slow.append(watch.clashed(clock.monotonic()))
+        clock.advance(151)
+    assert not any(slow)
+    clock.advance(600)
+    assert [watch.clashed(clock.monotonic()) for _ in range(20)] == [False] * 4 + [True] + [
+        False] * 15
+    clock.advance(599)
+    assert not watch.clashed(clock.monotonic())
+    clock.advance(2)  # the next window: the one at 599 s and four more make five
+    assert [watch.clashed(clock.monotonic()) for _ in range(5)] == [False] * 3 + [True, False]
 
 
 def test_bad_ids_and_foreign_fleet_codes(tmp_path: Any) -> None:

@@ -173,3 +173,46 @@ async def test_a_site_lock_is_published_as_an_alarm(broker: Mosquitto, probe: Pr
         "site_locked", "*site*", "test", 300.0)
     assert dt.datetime.fromisoformat(alarm["time"]).utcoffset() is not None
     assert b"90909" not in message.payload
+
+
+async def test_a_gate_taken_out_of_the_config_leaves_home_assistant(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """After a restart without a gate, its retained discovery configs are cleared; the
+    remaining gates' configs stay, and another site's on the same broker are untouched."""
+    other = {"homeassistant/button/gated_zuid/garage_open/config": b'{"name": "Open garage"}',
+             # Same node id, another site ("test" vs a site whose id maps onto it).
+             "homeassistant/button/gated_test/lift_open/config":
+                 b'{"availability_topic": "gated/elsewhere/status"}'}
+    for topic, payload in other.items():
+        await probe.publish(topic, payload, retain=True)
+    garage = '\n[gates.garage]\nnumbers = ["+31501234570"]\n' \
+             'actuator = { type = "mock", pin = 22 }\n'
+    await probe.subscribe("homeassistant/+/+/+/config")
+    running = await start_daemon(mqtt_table(broker) + garage)
+    await mqtt_ready(running)
+    await probe.wait_for("homeassistant/+/gated_test/+/config", 8)
+    await running.stop()
+
+    again = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(again)
+    gone = ["homeassistant/button/gated_test/garage_open/config",
+            "homeassistant/event/gated_test/garage/config"]
+    for topic in gone:
+        await eventually(lambda t=topic: any(not m.payload for m in probe.on(t)))
+
+    late = Probe(broker.port)
+    await late.connect()
+    await late.subscribe("homeassistant/#")
+    await late.publish("homeassistant/marker", b"end")  # after every retained message
+    await late.wait_for("homeassistant/marker")
+    kept = {m.topic: m.payload for m in late.on("homeassistant/+/+/+/config")}
+    await late.disconnect()
+    assert sorted(kept) == sorted([
+        "homeassistant/button/gated_test/barrier_open/config",
+        "homeassistant/button/gated_test/door_open/config",
+        "homeassistant/event/gated_test/barrier/config",
+        "homeassistant/event/gated_test/door/config",
+        "homeassistant/sensor/gated_test/last_entry/config",
+        *other,
+    ])
+    assert all(kept[topic] == payload for topic, payload in other.items())

@@ -462,7 +462,7 @@ async def test_a_changed_twiml_table_is_refused_on_reload_not_ignored(
     path.write_text(path.read_text().replace(WRONG, "Helaas."))
     with capture_logs() as logs:
         assert not await running.daemon.reload("test")
-    assert "[twiml]" in logs[-1]["event"]
+    assert logs[-1]["changed"] == ["twiml"]
     assert verbs(await Platform(running).type(await Platform(running).incoming(), "000000")
                  )[0] == f"Say {WRONG}"
 
@@ -512,12 +512,16 @@ def _line(path: str, key: str) -> int:
 
 
 def test_an_older_store_gains_the_call_id_and_keeps_its_entries(tmp_path: Path) -> None:
-    """A schema 3 store reads as it is (gated log before the daemon migrated it), then
-    opens, keeps its entries (call_id empty) and is at the current schema."""
+    """A store of the schema before call_id reads as it is (gated log before the daemon
+    migrated it), then opens, keeps its entries (call_id empty) and is at the current
+    schema."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
-    old.executescript("".join(MIGRATIONS[:3]) + "INSERT INTO entries (time, status, reason) "
-                      "VALUES (1.0, 'ACK', 'granted_code'); PRAGMA user_version = 3;")
+    before = SCHEMA_VERSION - 1
+    old.executescript("".join(MIGRATIONS[:before]))
+    old.execute("INSERT INTO entries (time, status, reason) VALUES (1.0, 'ACK', 'granted_code')")
+    old.execute(f"PRAGMA user_version = {before:d}")
+    old.commit()
     old.close()
     assert [(e.reason, e.call_id) for e in read_entries(path)] == [("granted_code", "")]
     Store.open(path).close()

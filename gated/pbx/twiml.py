@@ -200,7 +200,7 @@ async def digits(request: web.Request) -> web.Response:
 
 async def _handle(request: web.Request, suffix: str) -> web.Response:
     settings = request.app[TWIML]
-    webhook = request.app[WEBHOOK]
+    webhook = request.app[WEBHOOK].current
     client = webhook.client(request)
     form = await _form(request)
     if isinstance(form, web.Response):

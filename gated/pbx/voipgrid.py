@@ -118,6 +118,15 @@ def parse_body(text: str) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
 
 
+class LiveSettings:
+    """The settings in force. A call reads them once; a reload replaces them between calls."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: WebhookSettings) -> None:
+        self.current = current
+
+
 def _text(response: str, status: int = 200) -> web.Response:
     return web.Response(text=response, status=status, content_type="text/plain")
 
@@ -139,7 +148,7 @@ async def _params(request: web.Request) -> Mapping[str, str] | web.Response:
 
 
 async def voipgrid(request: web.Request) -> web.Response:
-    settings = request.app[WEBHOOK]
+    settings = request.app[WEBHOOK].current
     client = settings.client(request)
     if not settings.client_ok(client):
         log.warning("refused", remote=client, why="not in allow_from")

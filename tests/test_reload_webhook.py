@@ -1,0 +1,96 @@
+"""The webhook's own settings on reload: token rotation, allow_from, what needs a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from .helpers import BARRIER, TOKEN
+
+OLD_TOKENS = f'tokens = ["{TOKEN}", "second-token-abcdefgh"]'
+NEW = "rotated-token-9876543210"
+# A route-only code: ACK without opening anything, and no guess counted.
+SALES = {"code": "9000", "did": BARRIER}
+SALES_ACK = "status=ACK&callername=Sales+desk&destination=%2B31501234599"
+
+
+async def test_token_rotation_by_reload_refuses_no_call(start_daemon: Any,
+                                                        tmp_path: Path) -> None:
+    """Add a token and reload: both work; drop the old one and reload: it gets 403.
+    Calls run throughout, and none with a token in both the old and new set is refused."""
+    running = await start_daemon()
+    path = tmp_path / "gated.toml"
+    text = path.read_text()
+    assert OLD_TOKENS in text
+    phase = 0  # reloads applied so far; set in the same step as reload() returns
+    seen: list[tuple[str, int, int, int]] = []  # token, HTTP status, phase sent, phase answered
+    done = asyncio.Event()
+
+    async def caller() -> None:
+        while not done.is_set():
+            for token in (TOKEN, NEW):
+                sent = phase
+                status, body = await running.get(token=token, **SALES)
+                assert status == 403 or body == SALES_ACK
+                seen.append((token, status, sent, phase))
+
+    async def calls_in(wanted: int, count: int = 40) -> None:
+        while sum(1 for _, _, sent, got in seen if sent == got == wanted) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    callers = [asyncio.create_task(caller()) for _ in range(4)]
+    try:
+        await calls_in(0)
+        path.write_text(text.replace(OLD_TOKENS, f'tokens = ["{TOKEN}", "{NEW}"]'))
+        assert await running.daemon.reload("SIGHUP")
+        phase = 1
+        await calls_in(1)
+        path.write_text(text.replace(OLD_TOKENS, f'tokens = ["{NEW}"]'))
+        assert await running.daemon.reload("SIGHUP")
+        phase = 2
+        await calls_in(2)
+    finally:
+        done.set()
+        await asyncio.gather(*callers)
+    # The old token: never refused before its removal was applied, always after.
+    assert all(status == 200 for token, status, _, got in seen if token == TOKEN and got < 2)
+    assert all(status == 403 for token, status, sent, _ in seen if token == TOKEN and sent == 2)
+    # The new one: refused before it was added, never once it was.
+    assert all(status == 403 for token, status, _, got in seen if token == NEW and got == 0)
+    assert all(status == 200 for token, status, sent, _ in seen if token == NEW and sent >= 1)
+    # Calls overlapped each reload (sent before, answered after) and none of them failed.
+    assert {(sent, got) for _, _, sent, got in seen} >= {(0, 0), (1, 1), (2, 2)}
+
+
+async def test_allow_from_applies_on_reload_and_listen_needs_a_restart(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """allow_from and trusted_proxies take effect on reload; a new listen address is refused,
+    named, and the old settings keep serving."""
+    running = await start_daemon()
+    path = tmp_path / "gated.toml"
+    text = path.read_text()
+    path.write_text(text.replace("allow_from = []", 'allow_from = ["192.0.2.0/24"]'))
+    assert await running.daemon.reload("SIGHUP")
+    assert (await running.get(**SALES))[0] == 403
+    # Behind a trusted proxy, the forwarded client is the one allow_from judges.
+    path.write_text(text.replace("allow_from = []", 'allow_from = ["192.0.2.0/24"]\n'
+                                 'trusted_proxies = ["127.0.0.1/32"]'))
+    assert await running.daemon.reload("SIGHUP")
+    async with running.session.get(running.url, params={"token": TOKEN, **SALES},
+                                   headers={"X-Forwarded-For": "192.0.2.7"}) as response:
+        assert (response.status, await response.text()) == (200, SALES_ACK)
+    with capture_logs() as logs:
+        path.write_text(text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"')
+                        .replace(OLD_TOKENS, f'tokens = ["{NEW}"]'))
+        assert not await running.daemon.reload("SIGHUP")
+    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")]
+    assert refusal["changed"] == ["server.listen"]
+    assert TOKEN not in repr(logs) and NEW not in repr(logs)
+    # Nothing of the refused file applied: the old token and allow_from still hold.
+    assert (await running.get(**SALES))[0] == 403
+    async with running.session.get(running.url, params={"token": TOKEN, **SALES},
+                                   headers={"X-Forwarded-For": "192.0.2.7"}) as response:
+        assert response.status == 200
