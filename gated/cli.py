@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -15,12 +16,17 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gated import __version__, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.pbx.voipgrid import WHAT_THE_DIAL_PLAN_DOES, parse_body
+from gated.printable import printable
+
+if TYPE_CHECKING:
+    from gated.store import Entry
 
 
 def _writable_cwd(loaded: config_mod.Loaded) -> None:
@@ -154,6 +160,13 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0 if word == "ACK" else 1
 
 
+def _printable(entry: Entry) -> Entry:
+    # Rows stored before callernames were cleaned may hold control characters.
+    text: dict[str, Any] = {k: printable(v) for k, v in entry.as_dict().items()
+                            if isinstance(v, str)}
+    return dataclasses.replace(entry, **text)
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from gated.store import entries_to_json, read_entries
 
@@ -166,7 +179,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     local = tz or dt.datetime.now().astimezone().tzinfo
     assert local is not None
     since = parse_since(args.since, time.time(), local) if args.since else None
-    entries = read_entries(path, since=since, gate=args.gate, limit=args.limit)
+    entries = [_printable(e) for e in read_entries(path, since=since, gate=args.gate,
+                                                   limit=args.limit)]
     if args.json:
         if entries:
             print(entries_to_json(reversed(entries)))

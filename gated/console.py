@@ -11,6 +11,8 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Sequence
 
+from gated.printable import printable
+
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -57,7 +59,8 @@ def split_names(items: Iterable[str]) -> list[str]:
 
 def print_table(rows: Sequence[Sequence[object]]) -> None:
     """Left-aligned columns, two spaces apart; the first row is the header."""
-    cells = [[str(cell) for cell in row] for row in rows]
+    # Cells hold names and numbers from outside (stored entries, managed codes).
+    cells = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

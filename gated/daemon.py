@@ -44,6 +44,7 @@ from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.pbx.voipgrid import LiveSettings
 from gated.sensor import ConfirmingActuator, GateSensor
+from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
 
 log = structlog.get_logger("gated.daemon")
@@ -51,6 +52,8 @@ log = structlog.get_logger("gated.daemon")
 RELOAD_POLL_SECONDS = 2.0
 HOUSEKEEPING_SECONDS = 1.0
 PRUNE_SECONDS = 60.0
+# A scraper or two: part of the files the webhook's cap leaves to the rest.
+METRICS_CONNECTIONS = 16
 
 
 @contextlib.contextmanager
@@ -197,13 +200,17 @@ class Daemon:
                 tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
-                site = self._webhook = web.TCPSite(runner, host, port, reuse_address=True)
+                site = self._webhook = CappedSite(
+                    runner, host, port, max_connections=config.server.max_connections,
+                    reuse_address=True)
                 await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:
                     await metrics_runner.setup()
                     host, port = split_listen(config.metrics.listen)
-                    metrics_site = web.TCPSite(metrics_runner, host, port, reuse_address=True)
+                    metrics_site = CappedSite(metrics_runner, host, port,
+                                              max_connections=METRICS_CONNECTIONS,
+                                              reuse_address=True)
                     await _listen(metrics_site, "metrics.listen", config.metrics.listen)
                     self.metrics_listening = [
                         s.getsockname()[:2]

@@ -8,7 +8,6 @@ way.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,11 +23,11 @@ from gated.errors import ActuatorError, NeedsCall, NumberError
 from gated.lockout import LockEvent
 from gated.numbers import normalise
 from gated.pbx import Answer
+from gated.printable import printable
 from gated.store import Entry, Store
 
 log = structlog.get_logger("gated")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_CALLERNAME = 64
 # No credential admits the call without a code: a channel that can still ask
 # for one does so, and nothing is decided (or recorded) yet.
@@ -51,6 +50,8 @@ class RawCall:
     can_play_tones: bool = False
     can_ask_for_code: bool = False
     call_id: str = ""  # the platform's id of the call, for finding it in its logs
+    # When it reached gated (the clock's monotonic time), if earlier than the call.
+    received: float | None = None
 
 
 EntryListener = Callable[[Entry], None]
@@ -76,10 +77,14 @@ class Gatekeeper:
 
     async def call(self, raw: RawCall) -> Answer:
         """Decide and act on one call; never raises, always answers within the deadline."""
-        started = self.clock.monotonic()
+        started = self.clock.monotonic() if raw.received is None else raw.received
         now = self.clock.now()
         request, decision = self._parse(raw)
         changes: Changes | None = None
+        if decision is None and self.clock.monotonic() - started >= self.deadline:
+            # Its caller has given up: nothing is decided, spent or opened.
+            gate = self.book.gate_for(request.did)
+            decision = Decision(Status.ERR, "late", gate.name if gate else None)
         if decision is None:
             # decide() and apply() run with no await between them: the ledger
             # is never read by one call and written by another in between.
@@ -114,7 +119,7 @@ class Gatekeeper:
 
     def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
         """Normalise the numbers; a refusal when the input itself is bad."""
-        callername = _CONTROL.sub("", raw.callername or "")[:MAX_CALLERNAME]
+        callername = printable(raw.callername or "")[:MAX_CALLERNAME]
         code = (raw.code or "").strip().removesuffix("#") or None
         try:
             did = normalise(raw.did, self.book.region)

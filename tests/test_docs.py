@@ -19,7 +19,8 @@ SOURCES = "\n".join(p.read_text() for p in (ROOT / "gated").rglob("*.py"))
 def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
     """Each reason and actuator result the code can record has a row in docs/dialplan.md."""
     table = (ROOT / "docs" / "dialplan.md").read_text().split("## 4.")[1]
-    refusals = set(re.findall(r'nak\("(\w+)"', SOURCES)) | set(GUESS_REASONS) | {STORE_FAILING}
+    refusals = (set(re.findall(r'nak\("(\w+)"', SOURCES)) | set(GUESS_REASONS)
+                | set(re.findall(r'Status\.ERR, "(\w+)"', SOURCES))) | {STORE_FAILING}
     grants = {f"granted_{kind}" for kind in ("code", "totp", "caller", "route", "remote")}
     failures = {cls.reason for cls in vars(errors).values()
                 if isinstance(cls, type) and issubclass(cls, errors.ActuatorError)}

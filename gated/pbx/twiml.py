@@ -39,6 +39,7 @@ from gated.keys import GATEKEEPER, TWIML, WEBHOOK
 from gated.numbers import normalise
 from gated.pbx import Answer
 from gated.pbx.voipgrid import SAFETY_MARGIN
+from gated.sockets import waited
 
 log = structlog.get_logger("gated.twiml")
 
@@ -229,10 +230,13 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
         if not code.removesuffix("#"):
             # Nothing typed (the platform may still post): the no-input branch.
             return _xml(no_input(settings))
+    gatekeeper: Gatekeeper = request.app[GATEKEEPER]
+    # The deadline runs from when the request reached the machine, as for VoIPGRID.
+    received = gatekeeper.clock.monotonic() - waited(request.transport)
     raw = RawCall(code=code, did=form.get("To"), callerid=_caller(form.get("From")),
                   callername=form.get("CallerName"), source="twiml", can_play_tones=True,
-                  can_ask_for_code=not suffix, call_id=_call_id(form.get("CallSid")))
-    gatekeeper: Gatekeeper = request.app[GATEKEEPER]
+                  can_ask_for_code=not suffix, call_id=_call_id(form.get("CallSid")),
+                  received=received)
     try:
         async with asyncio.timeout(webhook.deadline + SAFETY_MARGIN):
             answer = await gatekeeper.call(raw)

@@ -26,6 +26,7 @@ from gated.decide import Status
 from gated.gatekeeper import Gatekeeper, RawCall
 from gated.keys import GATEKEEPER, WEBHOOK
 from gated.pbx import Answer
+from gated.sockets import waited
 
 log = structlog.get_logger("gated.webhook")
 
@@ -160,9 +161,13 @@ async def voipgrid(request: web.Request) -> web.Response:
     if not settings.token_ok(params.get("token", "")):
         log.warning("refused", remote=client, why="bad or missing token")
         return _text("forbidden\n", 403)
-    raw = RawCall(code=params.get("code"), did=params.get("did"),
-                  callerid=params.get("callerid"), callername=params.get("callername"))
     gatekeeper: Gatekeeper = request.app[GATEKEEPER]
+    # The deadline runs from when the request reached the machine, however
+    # long it then waited to be accepted.
+    received = gatekeeper.clock.monotonic() - waited(request.transport)
+    raw = RawCall(code=params.get("code"), did=params.get("did"),
+                  callerid=params.get("callerid"), callername=params.get("callername"),
+                  received=received)
     try:
         async with asyncio.timeout(settings.deadline + SAFETY_MARGIN):
             answer = await gatekeeper.call(raw)
