@@ -24,7 +24,8 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
     if twiml is not None:
         from gated.pbx import twiml as twiml_pbx
 
-        app[TWIML] = settings = twiml_pbx.TwimlSettings.build(twiml, region)
+        settings = twiml_pbx.TwimlSettings.build(twiml, region)
+        app[TWIML] = twiml_pbx.LiveTwiml(settings)
         app.router.add_route("POST", settings.path, twiml_pbx.incoming)
         app.router.add_route("POST", f"{settings.path}/code", twiml_pbx.digits)
     return app

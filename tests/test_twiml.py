@@ -453,18 +453,22 @@ def test_call_box_and_twiml_settings_are_checked_at_load(tmp_path: Path, extra: 
     assert caught.value.path == path and message in caught.value.detail
 
 
-async def test_a_changed_twiml_table_is_refused_on_reload_not_ignored(
+async def test_twiml_texts_and_token_reload_and_its_path_needs_a_restart(
         start_daemon: Any, tmp_path: Path) -> None:
-    """[twiml] is read at start: a reload that changes it is refused (and says to restart)
-    rather than quietly keeping the old texts."""
+    """A reload applies new texts and a new auth token to the next call (a rotated token
+    refuses the old one); a new path is refused and named, not quietly ignored."""
     running = await start_daemon(twiml_table())
     path = tmp_path / "gated.toml"
-    path.write_text(path.read_text().replace(WRONG, "Helaas."))
+    path.write_text(path.read_text().replace(WRONG, "Helaas.").replace(AUTH, "f" * 32))
+    assert await running.daemon.reload("test")
+    assert (await Platform(running).send(PUBLIC, Platform(running).params))[0] == 403
+    platform = Platform(running, auth="f" * 32)
+    assert verbs(await platform.type(await platform.incoming(), "000000"))[0] == "Say Helaas."
+    path.write_text(path.read_text().replace('path = "/twiml"', 'path = "/call"'))
     with capture_logs() as logs:
         assert not await running.daemon.reload("test")
-    assert logs[-1]["changed"] == ["twiml"]
-    assert verbs(await Platform(running).type(await Platform(running).incoming(), "000000")
-                 )[0] == f"Say {WRONG}"
+    assert logs[-1]["changed"] == ["twiml.path"]
+    assert (await platform.send(PUBLIC, platform.params))[0] == 200
 
 
 def test_the_dtmf_digits_may_be_every_key_and_a_pause(tmp_path: Path) -> None:

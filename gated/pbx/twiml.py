@@ -99,6 +99,15 @@ class TwimlSettings:
             self.signed_url(request, suffix), form, signature)
 
 
+class LiveTwiml:
+    """The TwiML settings in force; a reload replaces them between calls."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: TwimlSettings) -> None:
+        self.current = current
+
+
 # -- the answers -------------------------------------------------------------------------
 
 # A site answers with a few distinct documents, each made of config only (the
@@ -200,7 +209,7 @@ async def digits(request: web.Request) -> web.Response:
 
 
 async def _handle(request: web.Request, suffix: str) -> web.Response:
-    settings = request.app[TWIML]
+    settings = request.app[TWIML].current
     webhook = request.app[WEBHOOK].current
     client = webhook.client(request)
     form = await _form(request)
