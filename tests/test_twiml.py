@@ -327,6 +327,23 @@ async def test_a_bad_signature_is_refused_and_nothing_is_evaluated(start_daemon:
     assert states(running.pin(17)) == [False]
 
 
+async def test_forwarded_headers_do_not_choose_the_url_that_is_checked(
+        start_daemon: Any) -> None:
+    """Only public_url is signed for: a request naming another host in the proxy headers,
+    signed for that host, is refused; the real one passes through any proxy headers."""
+    running = await start_daemon(twiml_table())
+    platform = Platform(running)
+    forged = "https://attacker.example/twiml"
+    headers = {"X-Forwarded-Host": "attacker.example", "X-Forwarded-Proto": "https",
+               "Host": "attacker.example"}
+    status, _ = await platform.send(PUBLIC, platform.params, headers={
+        **headers, "X-Twilio-Signature": platform.signature(forged, platform.params)})
+    assert status == 403
+    status, _ = await platform.send(PUBLIC, platform.params, headers={
+        **headers, "X-Twilio-Signature": platform.signature(PUBLIC, platform.params)})
+    assert status == 200
+
+
 async def test_a_signature_from_signalwire_is_checked_the_same_way(start_daemon: Any) -> None:
     """SignalWire signs cXML webhooks like Twilio, in X-SignalWire-Signature."""
     running = await start_daemon(twiml_table())
