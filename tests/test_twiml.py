@@ -446,6 +446,19 @@ async def test_a_call_box_gate_opened_remotely_is_err_needs_call(
         ("lobby", "mqtt", "ERR", "granted_remote", "needs_call")]
 
 
+async def test_home_assistant_offers_no_open_button_for_a_call_box_gate(
+        broker: Mosquitto, probe: Probe, start_daemon: Any) -> None:
+    """Discovery announces the call box's entries but no Open button that could only ever
+    answer needs_call."""
+    await probe.subscribe("homeassistant/+/+/+/config")
+    running = await start_daemon(mqtt_table(broker) + twiml_table())
+    await mqtt_ready(running)
+    announced = await probe.wait_for("homeassistant/+/+/+/config", 6)
+    assert sorted(m.topic for m in announced if "lobby" in m.topic) == [
+        "homeassistant/event/gated_test/lobby/config"]
+    assert "homeassistant/button/gated_test/barrier_open/config" in {m.topic for m in announced}
+
+
 # -- config, store, command line -----------------------------------------------------------
 
 @pytest.mark.parametrize(("extra", "path", "message"), [
