@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -321,6 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `gated log | head`: the reader has what it wanted. Python would
+        # complain again flushing stdout at exit, so point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    # The machine's failures (a full disk, a file someone else owns) are one
+    # line too, like every other refusal.
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"error: the entry store: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

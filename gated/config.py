@@ -47,6 +47,9 @@ DEFAULT_PATH = "/etc/gated/gated.toml"
 MAX_PULSE = 10.0
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# [[totp]] digits and period, inclusive: `gated totp add` checks its options by these.
+TOTP_DIGITS = (6, 8)
+TOTP_PERIOD = (15, 120)
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Pulse = Annotated[float, msgspec.Meta(gt=0, le=MAX_PULSE)]
 
@@ -160,14 +163,18 @@ def _most(count: int) -> msgspec.Meta:
     return msgspec.Meta(max_length=count)
 
 
+# What the PBX shows of a name, and what any dial plan needs for a destination.
+MAX_CALLERNAME = 64
+MAX_DESTINATION = 64
+MAX_NAME = 120
 _GateName = Annotated[str, _most(32)]
 _Number = Annotated[str, _most(32)]
-Callername = Annotated[str, _most(64)]
-Destination = Annotated[str, _most(64)]
+Callername = Annotated[str, _most(MAX_CALLERNAME)]
+Destination = Annotated[str, _most(MAX_DESTINATION)]
 
 
 class CodeConfig(_Table, kw_only=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     code: Annotated[str, _most(16)] | None = None
     # "hmac-sha256:<hex>", made by `gated codes hash`
@@ -183,12 +190,12 @@ class CodeConfig(_Table, kw_only=True, frozen=True):
 
 
 class TotpConfig(_Table, kw_only=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     secret: str
     gates: list[str] = []
-    digits: Annotated[int, msgspec.Meta(ge=6, le=8)] = 6
-    period: Annotated[int, msgspec.Meta(ge=15, le=120)] = 30
+    digits: Annotated[int, msgspec.Meta(ge=TOTP_DIGITS[0], le=TOTP_DIGITS[1])] = 6
+    period: Annotated[int, msgspec.Meta(ge=TOTP_PERIOD[0], le=TOTP_PERIOD[1])] = 30
     callername: Callername = ""
     destination: Destination = ""
 

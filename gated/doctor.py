@@ -8,12 +8,14 @@ pin or changes a file, so it is safe to run next to the running daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import glob
 import importlib.util
 import os
 import sqlite3
 import ssl
+import stat
 import struct
 import urllib.error
 import urllib.request
@@ -32,6 +34,7 @@ from gated.config import (
     split_listen,
 )
 from gated.errors import ConfigError
+from gated.files import user_name
 
 Level = Literal["ok", "info", "problem"]
 
@@ -92,6 +95,7 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     findings += check_pin_choice(pins)
     findings += check_gpio(pins, dev)
     findings += check_state(loaded.store_path)
+    findings += check_state_files(loaded.store_path, loaded.key_path)
     if config.mqtt is not None:
         findings.append(check_broker(config.mqtt, loaded.path))
     findings += check_webhook(config)
@@ -287,6 +291,48 @@ def check_state(store: Path) -> list[Finding]:
         return [Finding("problem", "state", f"{store}: quick_check says {verdict}",
                         "stop gated, move the file aside (keep it), start gated")]
     return [Finding("ok", "state", f"{directory} writable; {count} entries, store intact")]
+
+
+def check_state_files(store: Path, key: Path) -> list[Finding]:
+    """The store and site key belong to the state directory's owner (the daemon's
+    user) and only they can read them: a staff command run as root before the
+    daemon's first start could leave them root's."""
+    directory = store.parent
+    try:
+        owner = directory.stat().st_uid
+    except OSError:
+        return []
+    # The store with its -wal and -shm files is one thing to fix.
+    groups = [(f"{store}*", [store, store.with_name(store.name + "-wal"),
+                             store.with_name(store.name + "-shm")])]
+    if key.parent == directory:
+        groups.append((str(key), [key]))
+    findings = []
+    seen = 0
+    for target, parts in groups:
+        found = []
+        for part in parts:
+            with contextlib.suppress(OSError):
+                found.append((part, part.stat()))
+        seen += len(found)
+        strangers = [(part, info) for part, info in found if info.st_uid != owner]
+        shared = [(part, info) for part, info in found if info.st_mode & 0o077]
+        if strangers:
+            part, info = strangers[0]
+            findings.append(Finding(
+                "problem", "state", f"{part} belongs to {user_name(info.st_uid)}, but the "
+                f"state directory to {user_name(owner)}: the daemon cannot use it",
+                f"chown {user_name(owner)}: {target}"))
+        elif shared:
+            part, info = shared[0]
+            findings.append(Finding(
+                "problem", "state", f"{part} can be read by others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); it holds callers' numbers or the "
+                "site key", f"chmod 600 {target}"))
+    if seen and not findings:
+        findings.append(Finding("ok", "state",
+                                f"store and key private, owned by {user_name(owner)}"))
+    return findings
 
 
 def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:

@@ -8,6 +8,7 @@ way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,17 @@ from gated.actuators import Actuator
 from gated.actuators.dtmf import DtmfActuator
 from gated.clock import Clock
 from gated.codes import CodeBook
-from gated.decide import Changes, Decision, Ledger, Request, Status, decide, nak
+from gated.config import MAX_CALLERNAME
+from gated.decide import (
+    STORE_FAILING,
+    Changes,
+    Decision,
+    Ledger,
+    Request,
+    Status,
+    decide,
+    nak,
+)
 from gated.errors import ActuatorError, NeedsCall, NumberError
 from gated.lockout import LockEvent
 from gated.numbers import normalise
@@ -28,7 +39,6 @@ from gated.store import Entry, Store
 
 log = structlog.get_logger("gated")
 
-MAX_CALLERNAME = 64
 # No credential admits the call without a code: a channel that can still ask
 # for one does so, and nothing is decided (or recorded) yet.
 ASK_FOR_A_CODE = frozenset({"unknown_caller"})
@@ -92,6 +102,11 @@ class Gatekeeper:
             if raw.can_ask_for_code and decision.reason in ASK_FOR_A_CODE:
                 return Answer(decision.status, decision.reason, wants_code=True)
             changes = self.ledger.apply(request, decision, now)
+        if (decision.opens and changes is not None and (changes.uses or changes.totp)
+                and not await self._spent(changes, started)):
+            self._refund(decision, changes)
+            decision = dataclasses.replace(decision, status=Status.ERR, reason=STORE_FAILING,
+                                           opens=False)
         status, result, tones = decision.status, "", ""
         if decision.opens and decision.gate is not None:
             status, result, tones = await self._open(decision.gate, started, raw.can_play_tones)
@@ -156,6 +171,22 @@ class Gatekeeper:
         except TimeoutError:
             log.error("actuator missed the answer deadline", gate=gate, deadline=self.deadline)
             return Status.ERR, "deadline", ""
+
+    async def _spent(self, changes: Changes, started: float) -> bool:
+        """Make a use or TOTP step durable before the gate opens; False if the store can't.
+
+        Written after the open, a spend the disk refused lives only in memory,
+        and a power cut before the disk recovers would give a single-use code
+        its use back: the one window ``decide(durable=...)`` cannot see, since
+        the store is only known to fail once a write has failed.
+        """
+        durable = self.store.submit(None, changes, self.ledger)
+        remaining = self.deadline - (self.clock.monotonic() - started)
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await durable
+        except TimeoutError:
+            return False
 
     def _refund(self, decision: Decision, changes: Changes) -> None:
         # The gate did not open: the use was not spent. (A TOTP step stays

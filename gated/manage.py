@@ -21,7 +21,7 @@ from gated import config as config_mod
 from gated import sitekey, visitors
 from gated.codes import CODE_RE, Credential
 from gated.console import parse_duration, parse_time, print_table, split_names
-from gated.errors import ConfigError
+from gated.errors import ConfigError, StoreError
 from gated.managed import ManagedCode, NotHere, Rejected, parse
 from gated.store import add_visitor, connect, load_visitors, migrate
 
@@ -39,6 +39,16 @@ def _at_least(low: int) -> Callable[[str], int]:
     return _between(low, 1_000_000)
 
 
+def _at_most(count: int) -> Callable[[str], str]:
+    """Text a code carries, bounded as in the config (the PBX shows 64 characters)."""
+    def text(value: str) -> str:
+        if len(value) > count:
+            raise argparse.ArgumentTypeError(f"at most {count} characters")
+        return value
+
+    return text
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
     loaded = config_mod.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
@@ -48,22 +58,27 @@ def cmd_issue(args: argparse.Namespace) -> int:
     until = (start or now) + parse_duration(args.valid, "--valid")
     if config.mqtt is not None and not args.local:
         return _issue_on_broker(args, loaded, start, until)
-    conn = connect(loaded.store_path)
     try:
-        migrate(conn)
-        visitors.install(book, load_visitors(conn))
-        # Codes managed over MQTT sit in the daemon's book too: never their digits.
-        taken = frozenset(code.digest(book) for code in _managed(conn, config))
-        while True:
-            issued = visitors.make(
-                book, name=args.name, gates=split_names([args.gates]), valid_from=start,
-                valid_until=until, max_uses=args.uses, length=args.length or
-                config.visitors.length, now=now, callername=args.callername,
-                destination=args.destination, taken=taken)
-            if add_visitor(conn, issued.row):
-                break
-    finally:
-        conn.close()
+        conn = connect(loaded.store_path)
+        try:
+            migrate(conn)
+            visitors.install(book, load_visitors(conn))
+            # Codes managed over MQTT sit in the daemon's book too: never their digits.
+            taken = frozenset(code.digest(book) for code in _managed(conn, config))
+            while True:
+                issued = visitors.make(
+                    book, name=args.name, gates=split_names([args.gates]), valid_from=start,
+                    valid_until=until, max_uses=args.uses, length=args.length or
+                    config.visitors.length, now=now, callername=args.callername,
+                    destination=args.destination, taken=taken)
+                if add_visitor(conn, issued.row):
+                    break
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        # A full disk, or a store the daemon has locked: one line, nothing issued.
+        raise StoreError(f"no visitor code issued: the entry store {loaded.store_path}: "
+                         f"{exc}") from exc
     when = dt.datetime.fromtimestamp(until, config.tz).strftime("%Y-%m-%d %H:%M %Z")
     uses = "" if args.uses is None else f", {args.uses} use{'s' if args.uses != 1 else ''}"
     print(f"{issued.code}")
@@ -178,10 +193,37 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
+def _checked(text: str, path: Path) -> None:
+    """Parse ``text`` as the config at ``path`` would be, or raise ConfigError."""
+
+    def site_key(config: config_mod.Config) -> bytes | None:
+        return sitekey.read_key(config_mod.key_path(path.resolve(), config))
+
+    config_mod.parse(text, source=str(path), key=site_key)
+
+
+def _totp_number(text: str, option: str, bounds: tuple[int, int]) -> int:
+    """``--digits``/``--period`` by the bounds the config itself puts on ``[[totp]]``."""
+    low, high = bounds
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise argparse.ArgumentTypeError(
+            f"{option}: expected a whole number from {low} to {high}, got {text!r}")
+    return int(text)
+
+
 def cmd_totp_add(args: argparse.Namespace) -> int:
-    import segno
+    from gated import files, qr
 
     path = Path(args.config or config_mod.default_path())
+    digits = _totp_number(args.digits, "--digits", config_mod.TOTP_DIGITS)
+    period = _totp_number(args.period, "--period", config_mod.TOTP_PERIOD)
+    try:
+        args.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the name is not valid UTF-8 text") from None
+    qr_file = Path(args.qr) if args.qr else None
+    if qr_file is not None:
+        qr.check_file(qr_file)
     loaded = config_mod.load(path)
     gates = split_names([args.gates])
     unknown = [g for g in gates if g not in loaded.config.gates]
@@ -190,27 +232,41 @@ def cmd_totp_add(args: argparse.Namespace) -> int:
               f"gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
         return 2
     secret = pyotp.random_base32(32)
-    otp = pyotp.TOTP(secret, digits=args.digits, interval=args.period)
-    uri = otp.provisioning_uri(name=args.name, issuer_name=f"gated {loaded.config.site.id}")
     block = (f"\n[[totp]]\nname = {_toml_string(args.name)}\nsecret = {_toml_string(secret)}\n"
              f"gates = [{', '.join(_toml_string(g) for g in gates)}]\n")
-    if args.digits != 6:
-        block += f"digits = {args.digits}\n"
-    if args.period != 30:
-        block += f"period = {args.period}\n"
-    if not args.no_write:
-        original = path.read_text(encoding="utf-8")
-        path.write_text(original.rstrip("\n") + "\n" + block, encoding="utf-8")
-        try:
-            config_mod.load(path)
-        except ConfigError as exc:
-            path.write_text(original, encoding="utf-8")
-            print(f"not added: {exc}", file=sys.stderr)
-            return 2
-    segno.make(uri, error="m").terminal(out=sys.stdout, compact=True)
+    if digits != 6:
+        block += f"digits = {digits}\n"
+    if period != 30:
+        block += f"period = {period}\n"
+    try:
+        if args.no_write:
+            _checked(path.read_text(encoding="utf-8").rstrip("\n") + "\n" + block, path)
+        else:
+            # Read again under the lock: another `totp add` may have added its
+            # user since the load above, and this one must keep it.
+            with files.replacing(path) as replacement:
+                original = path.read_text(encoding="utf-8")
+                changed = original.rstrip("\n") + "\n" + block
+                _checked(changed, path)
+                replacement.commit(changed.encode("utf-8"))
+    except ConfigError as exc:
+        print(f"not added: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"not added: cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
+        return 2
+    otp = pyotp.TOTP(secret, digits=digits, interval=period)
+    uri = otp.provisioning_uri(name=args.name, issuer_name=f"gated {loaded.config.site.id}")
+    code = qr.make(uri)
+    if qr_file is not None:
+        qr.save(code, qr_file)
+    else:
+        qr.terminal(code, sys.stdout)
     print(uri)
     where = "not written (--no-write)" if args.no_write else f"added to {path}"
-    print(f"TOTP user {args.name!r} for {', '.join(gates)}: {where}; scan the code above "
+    scan = f"the QR code in {qr_file}" if qr_file is not None else "the code above"
+    print(f"TOTP user {args.name!r} for {', '.join(gates)}: {where}; scan {scan} "
           "with any authenticator app.", file=sys.stderr)
     return 0
 
@@ -222,15 +278,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     p = codes_sub.add_parser("issue", parents=[common],
                              help="issue a random visitor code for a limited time")
-    p.add_argument("--name", required=True, help="who it is for (shown in the log)")
+    p.add_argument("--name", required=True, type=_at_most(config_mod.MAX_NAME),
+                   help="who it is for (shown in the log)")
     p.add_argument("--gates", required=True, help="comma-separated gate names")
     p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
     p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
     p.add_argument("--uses", type=_at_least(1), default=None,
                    help="how many entries (default unlimited)")
     p.add_argument("--length", type=_between(6, 12), help="digits (default [visitors] length)")
-    p.add_argument("--callername", default="")
-    p.add_argument("--destination", default="")
+    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME))
+    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION))
     p.add_argument("--local", action="store_true",
                    help="keep it in this machine's store even when [mqtt] is configured")
     p.set_defaults(func=cmd_issue)
@@ -259,8 +316,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                             help="create a TOTP user: secret, otpauth URI and QR code")
     p.add_argument("name")
     p.add_argument("--gates", required=True, help="comma-separated gate names")
-    p.add_argument("--digits", type=int, default=6, choices=(6, 7, 8))
-    p.add_argument("--period", type=int, default=30)
+    p.add_argument("--digits", default="6", help="digits per code, 6 to 8 (default 6)")
+    p.add_argument("--period", default="30",
+                   help="seconds each code lasts, 15 to 120 (default 30)")
+    p.add_argument("--qr", metavar="FILE",
+                   help="write the QR code to FILE (.png or .svg) instead of the terminal")
     p.add_argument("--no-write", action="store_true", help="print only; do not edit the config")
     p.set_defaults(func=cmd_totp_add)
 

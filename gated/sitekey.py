@@ -9,14 +9,13 @@ carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from pathlib import Path
 
+from gated import files
 from gated.errors import ConfigError
 
 PREFIX = "hmac-sha256:"
@@ -45,6 +44,11 @@ def read_key(path: Path) -> bytes | None:
         mode = path.stat().st_mode
     except FileNotFoundError:
         return None
+    except PermissionError as exc:
+        # Typically made by a staff command run as root before the daemon's
+        # first start: say whose it is and how to hand it over.
+        raise ConfigError(f"cannot read the site key {path}: {exc.strerror}; "
+                          f"{files.chown_fix(path)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the site key {path}: {exc}") from exc
     if mode & 0o077:
@@ -63,28 +67,19 @@ def ensure_key(path: Path) -> bytes:
     key = read_key(path)
     if key is not None:
         return key
-    key = secrets.token_bytes(KEY_BYTES)
-    # Written whole to a private temporary file, then linked into place: the
-    # key file is never seen half-written, and if two processes create it at
-    # once the first link wins and the other reads that key.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(key.hex() + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
+        files.make_dir(path.parent)
+        # Under the key's lock: if two processes create it at once, the second
+        # waits, then reads the key the first one made.
+        with files.replacing(path) as replacement:
             existing = read_key(path)
-            assert existing is not None
-            return existing
+            if existing is not None:
+                return existing
+            key = secrets.token_bytes(KEY_BYTES)
+            replacement.commit((key.hex() + "\n").encode("ascii"))
+    except files.FileError as exc:
+        raise ConfigError(f"cannot create the site key: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot create the site key {path}: {exc.strerror} "
                           "(is the state directory writable?)") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
     return key

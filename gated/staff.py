@@ -21,7 +21,7 @@ from gated import sitekey
 from gated.config import Config
 from gated.console import parse_time, print_table, split_names
 from gated.errors import GatedError
-from gated.managed import NotHere, Rejected, Scope, parse
+from gated.managed import ID_RE, NotHere, Rejected, Scope, parse
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -196,6 +196,10 @@ async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: 
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    if not ID_RE.fullmatch(args.id):
+        # '+' or '#' would reach the broker as a wildcard, which no one can publish to.
+        raise StaffError(f"no code {args.id!r}: a code id is 1 to 64 letters, digits, "
+                         "'_', '.' or '-'")
     loaded, config = _site(args)
     _scope, base = _base(config, args.fleet)
     topic = f"{base}/codes/{args.id}"

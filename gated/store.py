@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import operator
+import os
 import sqlite3
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from gated import alarms
+from gated import alarms, files
 from gated.decide import Changes, Ledger
 from gated.errors import StoreError
 from gated.lockout import MAX_TRACKED, SITE, Policy, Strikes
@@ -221,7 +222,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _prepare(path)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed entry survives a power cut, not just a crash.
@@ -229,6 +230,29 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     # Short: while the disk refuses, calls must still be answered in time.
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
+
+
+def _prepare(path: Path) -> None:
+    """A private store this user can write, before SQLite opens it.
+
+    SQLite makes a new file by the umask, owned by whoever ran first, and
+    opens a file it may not write read-only without a word: the daemon would
+    start "ready" and fail every write. Made here, the file is 0600 (SQLite
+    gives its -wal and -shm files the same mode and, as root, owner) and
+    belongs to the state directory's owner.
+    """
+    try:
+        files.make_dir(path.parent)
+        files.create_private(path)
+    except OSError as exc:
+        raise StoreError(f"cannot create the entry store {path}: {exc.strerror}") from exc
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if part.exists() and not os.access(part, os.R_OK | os.W_OK):
+            raise StoreError(f"cannot write the entry store {part}: "
+                             f"{files.chown_fix(part, f'{path}*')}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write in the state directory {path.parent}: "
+                         f"{files.chown_fix(path.parent)}")
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -361,6 +385,11 @@ class Store:
                         self._executor, self._write, [*batch, _Pending(None, None, ledger=ledger)])
                 except (sqlite3.Error, OSError) as exc:
                     self._ledger.after(ledger)
+                    # Not durable now, and nobody should wait for the disk to
+                    # come back: the items stay pending and are written then.
+                    for item in batch:
+                        if item.done is not None and not item.done.done():
+                            item.done.set_result(False)
                     if not self._failing:
                         self._failing = True
                         alarms.alarm(log, "store_failing",

@@ -4,6 +4,8 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,38 @@ def test_issue_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_output_cut_short_by_a_pipe_is_quiet(tmp_path: Path) -> None:
+    """`gated check-config --codes | head`: the reader stops early, and gated says nothing more."""
+    codes = "".join(f'[[codes]]\nname = "Code {n}"\ncode = "{70_000_000 + n}"\n'
+                    f'gates = ["barrier"]\n' for n in range(4000))
+    config = write_config(tmp_path, codes)
+    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL)
+    assert reader.stdin is not None
+    # ~100 KB: more than a pipe holds, so gated is still writing when head has gone.
+    gated = subprocess.run([sys.executable, "-m", "gated", "check-config", "--codes",
+                            str(config)], stdout=reader.stdin, stderr=subprocess.PIPE,
+                           text=True, timeout=60, check=False)
+    reader.stdin.close()
+    reader.wait()
+    assert gated.stderr == ""
+    assert gated.returncode == 1
+
+
+@pytest.mark.parametrize(("option", "limit"), [("--callername", 64), ("--destination", 64),
+                                               ("--name", 120)])
+def test_issue_bounds_what_a_visitor_code_carries(tmp_path: Path, option: str, limit: int,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A visitor code's texts are bounded as the config bounds a code's: one over is refused
+    and nothing is issued; exactly at the bound is issued."""
+    path = write_config(tmp_path)
+    argv = ["-c", str(path), "codes", "issue", "--name", "Loodgieter", "--gates", "barrier",
+            "--local"]
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, option, "x" * (limit + 1)])
+    assert refused.value.code == 2
+    assert f"argument {option}: at most {limit} characters" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "entries.sqlite3").exists()
+    assert main([*argv, option, "x" * limit]) == 0

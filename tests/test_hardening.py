@@ -252,19 +252,28 @@ async def wait_failing(store: Any) -> None:
     raise AssertionError("the store never noticed it was failing")
 
 
+@pytest.mark.parametrize("noticed", [True, False],
+                         ids=["store_known_failing", "first_failing_write"])
 async def test_single_use_code_while_the_store_fails_is_err_and_opens_nothing(
-        start_daemon: Any) -> None:
+        start_daemon: Any, noticed: bool) -> None:
     """While the store cannot make a use durable, a single-use code answers ERR
-    store_failing and the relay never moves; once the store is back it opens once."""
+    store_failing and the relay never moves; once the store is back it opens once.
+
+    Also when the code's own spend is the first write to find the disk failing:
+    the use must be on disk before the relay moves.
+    """
     running = await start_daemon(ONCE, deadline=1.0)
     pin = running.pin(17)
     store = running.daemon.gatekeeper.store
     blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        # A wrong code: its entry is the write that finds the disk failing.
-        assert await running.get(code="000000", did=BARRIER) == (200, "status=NAK")
-        await wait_failing(store)
+        if noticed:
+            # A wrong code: its entry is the write that finds the disk failing.
+            assert await running.get(code="000000", did=BARRIER) == (200, "status=NAK")
+            await wait_failing(store)
+        else:
+            assert store.healthy  # nothing written yet, so nothing has failed
         assert await running.get(code="111111", did=BARRIER) == (200, "status=ERR")
         assert [s.state for s in pin.states] == [False]
     finally:
@@ -277,8 +286,8 @@ async def test_single_use_code_while_the_store_fails_is_err_and_opens_nothing(
     await running.stop()  # relays off: the one pulse has ended
     assert [s.state for s in pin.states] == [False, True, False]
     reasons = [(e.status, e.reason) for e in reversed(read_entries(store.path))]
-    assert reasons == [("NAK", "unknown_code"), ("ERR", "store_failing"),
-                       ("ACK", "granted_code"), ("NAK", "used_up")]
+    assert reasons == [("NAK", "unknown_code")] * noticed + [
+        ("ERR", "store_failing"), ("ACK", "granted_code"), ("NAK", "used_up")]
 
 
 async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None:
@@ -299,16 +308,18 @@ async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None
     gate = gatekeeper(store)
     writer = asyncio.create_task(store.run())
     store.connection.execute("PRAGMA busy_timeout=0")
+    # A use spent just before the disk fails; its entry may still be in flight.
+    once = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+    assert once.status is Status.ACK
     blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         with capture_logs():
-            # The use is spent by the call whose write finds the disk failing.
-            once = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
-            assert once.status is Status.ACK
-            assert not store.healthy
             for n in range(5):
                 await gate.call(RawCall(code=f"00000{n}", did=BARRIER, callerid=guesser))
+            assert not store.healthy
+            used = await gate.call(RawCall(code="111111", did=BARRIER, callerid=RESIDENT))
+            assert used.reason == "used_up"
             for _ in range(BUFFER_LIMIT + 1):
                 answer = await gate.call(RawCall(code="471123", did=BARRIER, callerid=guesser))
                 assert answer.reason == "locked_out"
