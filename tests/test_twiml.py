@@ -613,6 +613,25 @@ async def test_gated_call_twiml_with_nothing_typed_ends_at_the_fallback(
                                      "-> not admitted: no input, the call went to the fallback"]
 
 
+async def test_gated_call_twiml_says_when_the_signature_is_refused(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Signed with another auth token than the daemon's: 403, and what to check."""
+    running = await start_daemon(twiml_table())
+    host, port = running.daemon.listening[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(other, twiml_table(auth="e" * 32))
+    capsys.readouterr()
+    with capture_logs():
+        code = await asyncio.to_thread(main, [
+            "-c", str(config), "call", "--twiml", "--url", f"http://{host}:{port}/twiml",
+            "--from", VISITOR, "--to", LOBBY, "--code", FLAT_12])
+    assert code == 2
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "HTTP 403: forbidden", "-> refused: check [twiml] auth_token and public_url (the URL "
+        "the platform signs), or the token"]
+
+
 def test_pulse_refuses_a_call_box_gate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                        ) -> None:
     """`gated pulse` on a dtmf gate says how to try it instead of pretending to open."""
