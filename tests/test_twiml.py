@@ -413,6 +413,30 @@ async def test_twiml_and_voipgrid_guesses_share_one_lockout(start_daemon: Any) -
         ("twiml", "unknown_code"), ("twiml", "locked_out"), ("pbx", "locked_out")]
 
 
+async def test_twiml_and_voipgrid_guessers_fill_one_site_lock(start_daemon: Any) -> None:
+    """Guesses from different numbers on both platforms count towards the one site-wide
+    limit; once it locks, a third caller's right code over TwiML is refused."""
+    running = await start_daemon(twiml_table(attempts=5) + textwrap.dedent("""
+        [lockout]
+        caller_failures = 10
+        site_failures = 4
+        """))
+    for code in ("100001", "100002"):
+        assert await running.get(code=code, did=LOBBY, callerid="+31611111111") == (
+            200, "status=NAK")
+    guesser = Platform(running, caller="+31622222222")
+    answer = await guesser.incoming()
+    for code in ("100003", "100004"):
+        answer = await guesser.type(answer, code)
+    resident = Platform(running, caller="+31633333333")
+    assert verbs(await resident.type(await resident.incoming(), FLAT_12))[0] == f"Say {WRONG}"
+    await settle(running)
+    assert [(e.source, e.caller[-1], e.reason) for e in entries(running)] == [
+        ("pbx", "1", "unknown_code"), ("pbx", "1", "unknown_code"),
+        ("twiml", "2", "unknown_code"), ("twiml", "2", "unknown_code"),
+        ("twiml", "3", "locked_out")]
+
+
 async def test_a_call_box_gate_opened_from_a_voipgrid_call_is_err_needs_call(
         start_daemon: Any) -> None:
     """A VoIPGRID answer cannot carry a tone: the right code is ERR, actuator needs_call,
