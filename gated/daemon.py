@@ -104,6 +104,8 @@ class Daemon:
     mock_factory: Any = None
     install_signals: bool = True
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set with READY=1: every port listening, the webhook and metrics both served.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     gatekeeper: Gatekeeper | None = None
     link: MqttLink | None = None
     bridge: Bridge | None = None
@@ -232,6 +234,7 @@ class Daemon:
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
                          store=str(gatekeeper.store.path))
                 notify("READY=1")
+                self.ready.set()
                 await self.stop.wait()
                 log.info("stopping")
                 notify("STOPPING=1")
