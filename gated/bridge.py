@@ -36,7 +36,7 @@ import msgspec
 import structlog
 
 from gated import alarms, events, hass
-from gated.config import Config
+from gated.config import Config, DtmfActuatorConfig
 from gated.decide import Changes
 from gated.errors import BrokerError
 from gated.gatekeeper import Gatekeeper, RawCall
@@ -411,9 +411,13 @@ class Bridge:
     def _hass_configs(self) -> list[tuple[str, dict[str, Any]]]:
         mqtt = self.config.mqtt
         assert mqtt is not None
+        # A call box's gate opens by a tone in a call: a button could only
+        # ever answer needs_call.
         return hass.configs(site=self.site, prefix=self.prefix,
                             discovery_prefix=mqtt.discovery_prefix,
-                            gates=list(self.config.gates))
+                            gates=list(self.config.gates),
+                            no_button={name for name, gate in self.config.gates.items()
+                                       if isinstance(gate.actuator, DtmfActuatorConfig)})
 
     def _on_hass_config(self, message: Incoming) -> None:
         # Only what the broker kept, found at connect: a live message is an

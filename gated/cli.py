@@ -23,7 +23,7 @@ from gated import __version__, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
-from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
+from gated.pbx.voipgrid import WHAT_THE_DIAL_PLAN_DOES, parse_body
 from gated.printable import printable
 
 if TYPE_CHECKING:
@@ -73,6 +73,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         numbers = ", ".join(sorted(book.gates[name].numbers)) or "(any number)"
         print(f"gate      {name}: {numbers}; {actuator.__struct_config__.tag} {detail}; "
               f"{len(gate.callers)} caller(s)")
+    if config.twiml is not None:
+        twiml = config.twiml
+        auth = "signatures (auth_token)" if twiml.auth_token else "?token= as [server]"
+        print(f"twiml     {twiml.public_url} -> http://{config.server.listen}{twiml.path}  "
+              f"({auth}, {twiml.attempts} attempt(s), fallback {twiml.fallback or 'hang up'})")
     print(f"codes     {len(book.codes)} static, "
           f"{sum(len(t.users) for t in book.totp.values())} TOTP")
     if args.codes:
@@ -123,6 +128,16 @@ def _fields(struct: object) -> dict[str, object]:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    codes: list[str] = args.code or []
+    if args.twiml:
+        from gated.pbx import twiml_player
+
+        platform = twiml_player.Platform.from_config(config_mod.load(args.config).config,
+                                                     args.url, args.timeout)
+        return twiml_player.play(platform, caller=getattr(args, "from"), called=args.to,
+                                 callername=args.callername, codes=codes)
+    if len(codes) > 1:
+        raise argparse.ArgumentTypeError("one --code per VoIPGRID call (several: --twiml)")
     url = args.url
     token = args.token
     loaded: config_mod.Loaded | None = None
@@ -133,7 +148,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         url = url or f"http://{server.listen}{server.path}"
         token = token or server.tokens[0]
     query = urllib.parse.urlencode({
-        "token": token, "code": args.code or "", "did": args.to or "",
+        "token": token, "code": codes[0] if codes else "", "did": args.to or "",
         "callerid": getattr(args, "from") or "", "callername": args.callername or "",
     })
     target = f"{url}{'&' if '?' in url else '?'}{query}"
@@ -232,6 +247,10 @@ def cmd_pulse(args: argparse.Namespace) -> int:
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)
         return 2
+    if isinstance(gate.actuator, config_mod.DtmfActuatorConfig):
+        print(f"gate {args.gate!r} opens by a tone played into a call, not a relay; try it "
+              "with: gated call --twiml --to NUMBER --code CODE", file=sys.stderr)
+        return 2
     # A running daemon drives the relays: refuse rather than fight it for the
     # pin. No lock file yet means no daemon ever ran on this state, and
     # creating one here (as root, say) could keep the daemon from starting.
@@ -297,11 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = add("call", "call the webhook the way the PBX does, and explain the answer")
-    p.add_argument("--code", default="", help="digits the caller typed (empty: none)")
+    p.add_argument("--code", action="append", help="digits the caller typed (none: no code); "
+                   "with --twiml, again for each next attempt")
+    p.add_argument("--twiml", action="store_true",
+                   help="be the TwiML platform: a whole signed call, incoming then each code")
     p.add_argument("--from", dest="from", default="", metavar="NUMBER", help="caller's number")
     p.add_argument("--to", default="", metavar="NUMBER", help="the called number (selects gate)")
     p.add_argument("--callername", default="")
-    p.add_argument("--url", help="webhook URL (default: from the config)")
+    p.add_argument("--url", help="webhook URL (default: from the config; --twiml: the "
+                   "[twiml] path on server.listen)")
     p.add_argument("--token", help="token (default: the config's first)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_call)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import importlib.util
 import ipaddress
 import os
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,7 +109,16 @@ class MqttActuatorConfig(_Table, tag_field="type", tag="mqtt", kw_only=True, fro
     confirm: Seconds = 2.0
 
 
-ActuatorConfig = GpioActuatorConfig | MockActuatorConfig | MqttActuatorConfig
+class DtmfActuatorConfig(_Table, tag_field="type", tag="dtmf", kw_only=True, frozen=True):
+    """Call-box mode: the open is a tone played into the call (docs/twilio.md).
+
+    Digits 0-9, * and #; ``w`` waits half a second (TwiML ``<Play digits>``).
+    """
+
+    digits: str
+
+
+ActuatorConfig = GpioActuatorConfig | MockActuatorConfig | MqttActuatorConfig | DtmfActuatorConfig
 
 
 class _Sensor(_Table, tag_field="type", kw_only=True, frozen=True):
@@ -240,6 +251,30 @@ class MqttConfig(_Table, kw_only=True, frozen=True):
     discovery_prefix: str = "homeassistant"
 
 
+Said = Annotated[str, msgspec.Meta(min_length=1, max_length=400)]
+
+
+class TwimlConfig(_Table, kw_only=True, frozen=True):
+    """The TwiML webhook (Twilio, SignalWire, Telnyx TeXML): see docs/twilio.md."""
+
+    path: Annotated[str, msgspec.Meta(pattern=r"^/[A-Za-z0-9/_.-]*$")] = "/twiml"
+    # The URL as the platform calls it: signatures cover it, and the
+    # <Gather> action points below it. Behind a TLS proxy it is not the
+    # address gated listens on.
+    public_url: str
+    # Omitted: requests carry ?token= one of [server] tokens instead.
+    auth_token: Annotated[str, msgspec.Meta(min_length=16, max_length=128)] | None = None
+    language: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")] = (
+        "en-US")
+    voice: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{0,64}$")] = ""
+    prompt: Said = "Enter your code, then press the hash key."
+    wrong: Said = "That code is not valid."
+    welcome: Said = "Welcome."
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    input_timeout: Annotated[int, msgspec.Meta(ge=1, le=60)] = 6
+    fallback: str = ""
+
+
 class LogConfig(_Table, kw_only=True, frozen=True):
     path: str = "/var/lib/gated/entries.sqlite3"
     format: Literal["auto", "json", "console"] = "auto"
@@ -262,6 +297,7 @@ class Config(_Table, kw_only=True, frozen=True):
     mqtt: MqttConfig | None = None
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None
+    twiml: TwimlConfig | None = None
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
@@ -509,6 +545,17 @@ def _check(config: Config, fail: Any) -> None:
         _check_mqtt_actuator(config, name, fail)
     if config.mqtt is not None:
         _check_mqtt(config, config.mqtt, fail)
+    for name, gate in config.gates.items():
+        if isinstance(gate.actuator, DtmfActuatorConfig) and not re.fullmatch(
+                r"[0-9*#w]{1,32}", gate.actuator.digits):
+            raise fail(("gates", name, "actuator", "digits"),
+                       "the tone: 0-9, * and #, w for a half-second pause; at most 32")
+        if isinstance(gate.actuator, DtmfActuatorConfig) and gate.sensor is not None:
+            # The tone is played after the answer: no sensor could confirm
+            # an open before it, so every open would be ERR not_moved.
+            raise fail(("gates", name, "sensor"),
+                       "a dtmf gate opens after the answer; a sensor cannot confirm it")
+    _check_twiml(config, fail)
 
 
 def topic_problem(topic: str, *, prefix: bool = False) -> str | None:
@@ -561,6 +608,41 @@ def _check_mqtt(config: Config, mqtt: MqttConfig, fail: Any) -> None:
         raise fail(("mqtt", "reconnect_min"), "must not be longer than reconnect_max")
     if mqtt.client_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", mqtt.client_id):
         raise fail(("mqtt", "client_id"), "letters, digits, _ . and -, at most 64")
+
+
+def _check_twiml(config: Config, fail: Any) -> None:
+    twiml = config.twiml
+    if twiml is None:
+        for name, gate in config.gates.items():
+            if isinstance(gate.actuator, DtmfActuatorConfig):
+                raise fail(("gates", name, "actuator", "type"),
+                           "a dtmf gate opens by a tone played into a TwiML call: "
+                           "it needs a [twiml] table (docs/twilio.md)")
+        return
+    ours = twiml.path.rstrip("/")
+    if ours in ("", config.server.path, f"{config.server.path}/code") or (
+            config.server.path == f"{ours}/code"):
+        raise fail(("twiml", "path"), f"must not be server.path ({config.server.path}) "
+                   "or overlap it: the VoIPGRID and TwiML webhooks are told apart by path")
+    url = urllib.parse.urlsplit(twiml.public_url)
+    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment \
+            or twiml.public_url.endswith("/"):
+        raise fail(("twiml", "public_url"),
+                   "the full URL the platform calls, e.g. https://gate.example.nl/twiml "
+                   "(no query, no trailing /)")
+    if twiml.auth_token is not None and importlib.util.find_spec("twilio") is None:
+        raise fail(("twiml", "auth_token"), "checking the signature needs the twilio package: "
+                   "pip install 'gated[twilio]'")
+    if twiml.fallback:
+        from gated.errors import NumberError
+        from gated.numbers import normalise
+
+        try:
+            number = normalise(twiml.fallback, config.site.region)
+        except NumberError:
+            number = None
+        if number is None or not number.startswith("+"):
+            raise fail(("twiml", "fallback"), "a phone number the platform can dial")
 
 
 def _check_sensor(name: str, gate: GateConfig, deadline: float, fail: Any) -> None:

@@ -37,15 +37,16 @@ from gated.clock import Clock, SystemClock
 from gated.config import Loaded, ServerConfig, split_listen
 from gated.errors import ConfigError, GatedError
 from gated.gatekeeper import Gatekeeper
-from gated.keys import WEBHOOK
+from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.metrics import Metrics, make_metrics_app
 from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
+from gated.pbx.twiml import LiveTwiml, TwimlSettings
+from gated.pbx.voipgrid import SAFETY_MARGIN, LiveSettings
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
-from gated.webhook import SAFETY_MARGIN, LiveSettings
 
 log = structlog.get_logger("gated.daemon")
 
@@ -103,6 +104,8 @@ class Daemon:
     mock_factory: Any = None
     install_signals: bool = True
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set with READY=1: every port listening, the webhook and metrics both served.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     gatekeeper: Gatekeeper | None = None
     link: MqttLink | None = None
     bridge: Bridge | None = None
@@ -116,6 +119,7 @@ class Daemon:
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
     _webhook_settings: LiveSettings | None = None
+    _twiml_settings: LiveTwiml | None = None
     _state_lock: statelock.StateLock | None = None
 
     @property
@@ -167,13 +171,15 @@ class Daemon:
     async def run(self) -> None:
         config = self.loaded.config
         gatekeeper = self.gatekeeper = await self.assemble()
-        runner = web.AppRunner(make_app(gatekeeper, config.server), handle_signals=False,
+        runner = web.AppRunner(make_app(gatekeeper, config.server, config.twiml,
+                                        region=config.site.region), handle_signals=False,
                                access_log=None, keepalive_timeout=75.0,
                                shutdown_timeout=config.server.answer_deadline + 1.0,
                                max_line_size=REQUEST_LIMITS["max_line_size"],
                                max_field_size=REQUEST_LIMITS["max_field_size"],
                                max_headers=REQUEST_LIMITS["max_headers"])
         self._webhook_settings = runner.app[WEBHOOK]
+        self._twiml_settings = runner.app.get(TWIML)
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
@@ -228,6 +234,7 @@ class Daemon:
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
                          store=str(gatekeeper.store.path))
                 notify("READY=1")
+                self.ready.set()
                 await self.stop.wait()
                 log.info("stopping")
                 notify("STOPPING=1")
@@ -323,6 +330,8 @@ class Daemon:
         if new.server != old.server and self._webhook_settings is not None:
             # In the same step as the book: no call sees one without the other.
             self._webhook_settings.current = webhook_settings(new.server)
+        if new.twiml != old.twiml and new.twiml is not None and self._twiml_settings is not None:
+            self._twiml_settings.current = TwimlSettings.build(new.twiml, new.site.region)
         self.loaded = slim
         # Nothing may keep the parsed tables (or the old book) alive past here.
         del loaded, old, new
@@ -420,6 +429,11 @@ def restart_needed(old: Loaded, new: Loaded) -> list[str]:
         changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
                     if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
     changed += [table for table in ("log", "mqtt") if getattr(a, table) != getattr(b, table)]
+    # The TwiML routes are made at start; its texts, token and fallback reload.
+    if (a.twiml is None) != (b.twiml is None):
+        changed.append("twiml")
+    elif a.twiml is not None and b.twiml is not None and a.twiml.path != b.twiml.path:
+        changed.append("twiml.path")
     # The same words can name other files when the config's symlink now points
     # into another folder (relative paths follow the file, not the link).
     if old.store_path != new.store_path and "log" not in changed:

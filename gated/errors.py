@@ -45,6 +45,12 @@ class ActuatorUnreachable(ActuatorError):
     reason = "actuator_unreachable"
 
 
+class NeedsCall(ActuatorError):
+    """A gate that opens by a tone in the call, asked to open where no tone can be played."""
+
+    reason = "needs_call"
+
+
 class BrokerError(GatedError):
     """The MQTT broker could not be reached, or did not do what was asked."""
 

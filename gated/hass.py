@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery: the site as one device, nothing to write in YAML.
 
 Per gate an ``event`` entity (granted / denied / failed, fed by the gate's
-event topic) and a ``button`` that publishes to the gate's open topic; per site
+event topic) and a ``button`` that publishes to the gate's open topic (not for
+a call box's gate, which only a call can open); per site
 a sensor showing the last entry. All share the site's availability topic, so
 Home Assistant greys them out when the last will says ``offline``.
 
@@ -13,6 +14,7 @@ longer announces; another site's node is never touched.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -39,8 +41,10 @@ def config_filter(*, site: str, discovery_prefix: str) -> str:
 
 
 def configs(*, site: str, prefix: str, discovery_prefix: str,
-            gates: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(config topic, payload) for every entity of the site."""
+            gates: list[str], no_button: Collection[str] = ()
+            ) -> list[tuple[str, dict[str, Any]]]:
+    """(config topic, payload) for every entity of the site; ``no_button``: gates that
+    cannot be opened remotely."""
     node = node_id(site)
     device = {
         "identifiers": [node],
@@ -66,6 +70,8 @@ def configs(*, site: str, prefix: str, discovery_prefix: str,
             "icon": "mdi:gate",
             **common,
         }))
+        if gate in no_button:
+            continue
         out.append((f"{discovery_prefix}/button/{node}/{gate}_open/config", {
             "name": f"Open {gate}",
             "unique_id": f"{node}_{gate}_open",

@@ -105,8 +105,12 @@ INSERT INTO site_window (time)
     WHERE strikes.key = '*site*' AND strikes.recent IS NOT NULL;
 UPDATE strikes SET recent = NULL WHERE recent IS NOT NULL;
 """
-# The local copy of routes managed over MQTT, as managed_codes is of codes.
+# The platform's id of the call (a TwiML CallSid), to find it in its logs.
 SCHEMA_V5 = """
+ALTER TABLE entries ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
+"""
+# The local copy of routes managed over MQTT, as managed_codes is of codes.
+SCHEMA_V6 = """
 CREATE TABLE IF NOT EXISTS managed_routes (
     scope TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -116,7 +120,7 @@ CREATE TABLE IF NOT EXISTS managed_routes (
 );
 """
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -141,6 +145,7 @@ class Entry:
     actuator: str = ""
     latency_ms: float = 0.0
     source: str = "pbx"
+    call_id: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         # Every field is a str, float or None: dataclasses.asdict's recursive
@@ -584,7 +589,11 @@ def read_entries(path: Path, *, since: float | None = None, gate: str | None = N
     try:
         conn = connect(path, readonly=True)
         try:
-            query = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
+            # A store the daemon has not migrated yet (read-only here) lacks the
+            # newer columns: they read as empty.
+            present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+            columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
+            query = f"SELECT {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
             args: list[Any] = []
             if since is not None:
                 query += " AND time >= ?"

@@ -93,7 +93,7 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
             daemon.clock = clock
         task = asyncio.create_task(daemon.run())
         for _ in range(500):
-            if daemon.listening or task.done():
+            if daemon.ready.is_set() or task.done():
                 break
             await asyncio.sleep(0.01)
         if task.done():

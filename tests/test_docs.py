@@ -26,7 +26,7 @@ def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
     failures = {cls.reason for cls in vars(errors).values()
                 if isinstance(cls, type) and issubclass(cls, errors.ActuatorError)}
     results = {"pulsed", "joined", "confirmed", "deadline", "internal_error",
-               "held_open", "forced_open"}
+               "held_open", "forced_open", "dtmf"}
     for word in refusals | grants | failures | results:
         assert re.search(rf"\b{word}\b", table), word
 

@@ -32,8 +32,8 @@ from gated.daemon import Daemon
 from gated.decide import Status
 from gated.errors import ConfigError
 from gated.gatekeeper import Gatekeeper, RawCall
+from gated.pbx.voipgrid import WebhookSettings
 from gated.store import BUFFER_LIMIT, Store, read_entries
-from gated.webhook import WebhookSettings
 
 from .helpers import (
     BARRIER,

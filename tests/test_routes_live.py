@@ -278,3 +278,26 @@ async def test_fleet_routes_apply_at_every_site_and_share_no_id_with_site_routes
     assert error["error"] == "id 'helpdesk' is already used by a fleet route"
     assert await running.get(did=DOOR, callerid=ACME) == (
         200, "status=ACK&destination=%2B31501234599")
+
+
+async def test_a_twiml_call_is_routed_at_once_and_a_line_asks_for_a_code(
+        start_daemon: Any) -> None:
+    """Over TwiML a known caller is answered at once with their route (callername said,
+    then <Dial>); an unknown caller on a line is asked for a code, and a route-only code
+    typed there routes; nothing opens either way."""
+    from .test_twiml import ASKING, Platform, twiml_table, verbs
+
+    running = await start_daemon(twiml_table() + ROUTES.replace(
+        'name = "CRM"\nfile = "accounts.csv"', 'name = "CRM"\ncallers = ["+3130*"]'))
+    known = Platform(running, caller="+31201234567", called=LINE)
+    assert verbs(await known.incoming()) == ["Say Acme (key account)", "Dial +31501234510"]
+    stranger = Platform(running, caller="+31101234567", called=LINE)
+    answer = await stranger.incoming()
+    assert verbs(answer) == ASKING
+    assert verbs(await stranger.type(answer, "9000")) == ["Say Sales desk", "Dial +31501234599"]
+    await running.daemon.gatekeeper.store.flush()
+    assert [(e.gate, e.status, e.reason, e.credential, e.actuator, e.source)
+            for e in entries(running)] == [
+        (None, "ACK", "routed_caller", "Key accounts", "", "twiml"),
+        (None, "ACK", "granted_route", "Sales", "", "twiml"),
+    ]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gated.config import (
     ActuatorConfig,
+    DtmfActuatorConfig,
     GpioActuatorConfig,
     MockActuatorConfig,
     MqttActuatorConfig,
@@ -56,4 +57,8 @@ def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,
         if mqtt is None:
             raise ActuatorError(f"gate {gate!r}: an mqtt actuator needs the [mqtt] connection")
         return MqttActuator(gate, config, mqtt)
+    if isinstance(config, DtmfActuatorConfig):
+        from gated.actuators.dtmf import DtmfActuator
+
+        return DtmfActuator(gate, config)
     raise ActuatorError(f"gate {gate!r}: no actuator type {type(config).__name__}")

@@ -2,13 +2,19 @@
 
 Only an authenticated request is decided: a wrong token, or a client outside
 ``allow_from``, gets 403 and one log line, and nothing is evaluated.
+
+The answer: ``status=ACK&callername=...&destination=...``, built with
+urllib.parse.urlencode, byte for byte what VoIPGRID integrations expect, and
+parsed back the same way by ``gated call``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +29,12 @@ from gated.pbx import Answer
 from gated.sockets import waited
 
 log = structlog.get_logger("gated.webhook")
+
+WHAT_THE_DIAL_PLAN_DOES = {
+    "ACK": "access granted: the dial plan takes its 'success' branch",
+    "NAK": "wrong input: in IVR mode the PBX plays its wrong-input message and asks again",
+    "ERR": "gated could not do it: the dial plan takes its failure branch (usually a person)",
+}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The gatekeeper bounds itself by the deadline; this net only catches a bug.
@@ -84,6 +96,29 @@ class WebhookSettings:
         return not self.allow_from or _within(remote, self.allow_from)
 
 
+def body(answer: Answer, nak_word: str = "NAK") -> str:
+    return _body(answer.status, answer.callername, answer.destination, nak_word)
+
+
+# A site answers with a few distinct bodies (a word, and each credential's
+# callername and destination from config, never anything a caller typed);
+# urlencode was ~4% of the event loop's time under load.
+@functools.lru_cache(maxsize=1024)
+def _body(status: Status, callername: str, destination: str, nak_word: str) -> str:
+    word = nak_word if status is Status.NAK else status.value
+    fields = [("status", word)]
+    if status is Status.ACK:
+        if callername:
+            fields.append(("callername", callername))
+        if destination:
+            fields.append(("destination", destination))
+    return urllib.parse.urlencode(fields)
+
+
+def parse_body(text: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
+
+
 class LiveSettings:
     """The settings in force. A call reads them once; a reload replaces them between calls."""
 
@@ -139,4 +174,4 @@ async def voipgrid(request: web.Request) -> web.Response:
     except Exception:  # any failure answers ERR, never a 5xx or a hung call
         log.exception("call failed", remote=client)
         answer = Answer(Status.ERR, "internal_error")
-    return _text(answer.body(settings.nak_word))
+    return _text(body(answer, settings.nak_word))
