@@ -14,9 +14,11 @@ docs/mqtt.md:
 - ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
   their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
   ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``), not retained.
+- ``routes/<id>``: routes managed the same way (gated.routebridge).
 - ``sync``: a marker gated sends itself after subscribing; when it comes
-  back, every retained code has arrived, and codes deleted while gated was
-  away (an empty retained message leaves nothing to receive) are withdrawn.
+  back, every retained code and route has arrived, and those deleted while
+  gated was away (an empty retained message leaves nothing to receive) are
+  withdrawn.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from gated.managed import (
     parse,
 )
 from gated.mqtt import Incoming, MqttLink
+from gated.routebridge import RouteChannel
 
 if TYPE_CHECKING:
     from gated.codes import CodeBook
@@ -87,6 +90,11 @@ class Bridge:
         self.synced_connections = 0  # connections whose retained codes are all in
         self._closed = False
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
+        self.routes = RouteChannel(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- topics -------------------------------------------------------------------
 
@@ -115,6 +123,7 @@ class Bridge:
             link.subscribe(f"{self.fleet}/codes/+/error/{self.site}",
                            functools.partial(self._on_error, "fleet"))
             link.subscribe(f"{self.fleet}/codes/+", functools.partial(self._on_code, "fleet"))
+        self.routes.attach()
         link.subscribe(f"{self.prefix}/sync", self._on_sync)
         if mqtt.discovery:
             link.subscribe(f"{mqtt.discovery_prefix}/status", self._on_hass_status, qos=0)
@@ -150,6 +159,7 @@ class Bridge:
                 store.save_code(scope, code_id, None)
         if self.codes.applied:
             log.info("managed codes loaded from the local copy", count=len(self.codes.applied))
+        self.routes.load_local()
 
     def rebase(self, book: CodeBook, config: Config) -> None:
         """Carry the managed codes over to a reloaded book, before it is swapped in."""
@@ -159,6 +169,7 @@ class Bridge:
                         error=_detail(exc))
             self._forget(code.scope, code.id)
             self._refuse(code.scope, code.id, str(exc))
+        self.routes.rebase(book.routes, config)
 
     async def close(self, within: float) -> None:
         """Stop taking entries; give remote opens and events ``within`` seconds to finish."""
@@ -173,6 +184,7 @@ class Bridge:
     def _connected(self) -> None:
         # Runs before the first message of this connection is read.
         self._seen = {"site": set(), "fleet": set()}
+        self.routes.connected()
         self._sync_nonce = secrets.token_hex(8)
         self._synced = asyncio.Event()
         self.link.spawn(self._sync(self._sync_nonce), "mqtt-code-sync")
@@ -203,6 +215,7 @@ class Bridge:
             for code_id in sorted(gone):
                 log.info("managed code withdrawn while gated was away", id=code_id, scope=scope)
                 self._withdraw(scope, code_id)
+        self.routes.synced()
         self.synced_connections += 1
 
     def _on_sync(self, message: Incoming) -> None:
@@ -319,6 +332,10 @@ class Bridge:
         if force or (scope, code_id) in self._errors:
             self._errors.discard((scope, code_id))
             self._send(self.error_topic(scope, code_id), b"")
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish a retained verdict in the background, if connected."""
+        self._send(topic, payload)
 
     def _send(self, topic: str, payload: bytes) -> None:
         if not self.link.connected:

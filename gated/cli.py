@@ -85,11 +85,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             gates = ",".join(sorted(credential.gates)) or "(route only)"
             print(f"  {credential.kind:7} {credential.name}: {gates}"
                   + (f", max {credential.max_uses} uses" if credential.max_uses else ""))
+    if book.routes.routes:
+        print(routes_summary(loaded))
     print(guessing_summary(loaded))
     print(f"entries   {loaded.store_path}")
     broker = f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else "off"
     print(f"mqtt      {broker}")
     return 0
+
+
+def routes_summary(loaded: config_mod.Loaded) -> str:
+    """[[routes]]: how many, their callers, the lines they make and their files."""
+    book = loaded.book
+    table = book.routes
+    lines = sorted(n for n in table.numbers if n not in book.by_number)
+    text = (f"routes    {table.routes} route(s), {table.rows:,} caller(s); lines: "
+            f"{', '.join(lines) or '(none: routes answer on gate numbers only)'}")
+    for file, rows in table.files:
+        text += f"\n  file    {file}: {rows:,} row(s)"
+    return text
 
 
 def guessing_summary(loaded: config_mod.Loaded) -> str:
@@ -126,7 +140,9 @@ def cmd_call(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("one --code per VoIPGRID call (several: --twiml)")
     url = args.url
     token = args.token
-    if url is None or token is None:
+    loaded: config_mod.Loaded | None = None
+    # With a config the entry the call made can explain the answer.
+    if url is None or token is None or args.config:
         loaded = config_mod.load(args.config)
         server = loaded.config.server
         url = url or f"http://{server.listen}{server.path}"
@@ -158,7 +174,31 @@ def cmd_call(args: argparse.Namespace) -> int:
     for key in ("callername", "destination"):
         if fields.get(key):
             print(f"   {key}: {fields[key]}")
+    if loaded is not None:
+        _explain(loaded, args, time.time() - elapsed / 1000 - 1)
     return 0 if word == "ACK" else 1
+
+
+def _explain(loaded: config_mod.Loaded, args: argparse.Namespace, since: float) -> None:
+    """Why, from this call's entry in the local store (when this user can read it)."""
+    from gated.numbers import normalise
+    from gated.store import read_entries
+
+    try:
+        did = normalise(args.to or None, loaded.config.site.region)
+        caller = normalise(getattr(args, "from") or None, loaded.config.site.region)
+        found = [e for e in read_entries(loaded.store_path, since=since, limit=20)
+                 if e.did == did and e.caller == caller and e.source == "pbx"]
+    except (GatedError, OSError, sqlite3.Error):
+        return
+    if not found:
+        return
+    entry = found[0]
+    who = f" ({entry.kind} {entry.credential!r})" if entry.credential else ""
+    print(f"   reason: {entry.reason}{who}")
+    if entry.reason == "routed_caller":
+        print("   a route for this caller: nothing was opened; the dial plan puts the call "
+              "through to the destination")
 
 
 def _printable(entry: Entry) -> Entry:

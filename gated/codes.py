@@ -24,13 +24,16 @@ import pyotp
 from gated import sitekey
 from gated.errors import ConfigError, NumberError
 from gated.numbers import normalise
+from gated.routes import RouteTable, compile_routes
 from gated.schedule import Schedule, ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from gated.config import CodeConfig, Config, TotpConfig
     from gated.tomlpos import Key
 
-Kind = Literal["code", "totp", "visitor"]
+Kind = Literal["code", "totp", "visitor", "route"]
 CODE_RE = re.compile(r"[0-9]{4,16}")
 # What a caller may type: digits only; longer input is refused unread.
 TYPED_RE = re.compile(r"[0-9]{1,32}")
@@ -155,16 +158,23 @@ class CodeBook:
     # Static codes by credential id, so one can be replaced or removed at run
     # time (codes managed over MQTT) without rebuilding the book.
     code_ids: dict[str, bytes] = field(default_factory=dict)
+    # Smart routing by caller: [[routes]] and routes over MQTT.
+    routes: RouteTable = field(default_factory=RouteTable)
 
     def gate_for(self, did: str | None) -> Gate | None:
-        """The gate a called number selects; a one-gate site may omit numbers."""
+        """The gate a called number selects; a one-gate site may omit numbers
+        (its gate then takes every number but the routes' lines)."""
         if did is not None and did in self.by_number:
             return self.gates[self.by_number[did]]
         if len(self.gates) == 1:
             only = next(iter(self.gates.values()))
-            if not only.numbers or did is None:
+            if did is None or (not only.numbers and did not in self.routes.numbers):
                 return only
         return None
+
+    def is_line(self, did: str | None) -> bool:
+        """A called number of no gate that routes answer on."""
+        return did is not None and did in self.routes.numbers and did not in self.by_number
 
     def digest(self, code: str) -> bytes:
         return sitekey.digest(self.key, code)
@@ -233,8 +243,11 @@ def _plain_error(key: Key, message: str) -> ConfigError:
 
 
 def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
-                 key: bytes | None = None) -> CodeBook:
-    """Build the code book, raising ``error(key_path, message)`` on the first problem."""
+                 key: bytes | None = None, folder: Path | None = None) -> CodeBook:
+    """Build the code book, raising ``error(key_path, message)`` on the first problem.
+
+    ``folder``: where a route's ``file`` is looked up (the config file's folder).
+    """
     tz = zoneinfo.ZoneInfo(config.site.timezone)
     number = number_parser(config.site.region, error)
 
@@ -287,6 +300,12 @@ def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
                         f"not a usable base32 TOTP secret ({exc})") from None
         table = book.totp.setdefault(totp.period, TotpTable(users=[], period=totp.period))
         table.users.append(TotpUser(credential, otp))
+    if config.routes:
+        from gated.config import resolve_in
+
+        book.routes = compile_routes(
+            [(("routes", i), route, resolve_in(folder, route.file) if route.file else None)
+             for i, route in enumerate(config.routes)], number, error, config.site.region)
     return book
 
 

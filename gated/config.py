@@ -200,6 +200,22 @@ class TotpConfig(_Table, kw_only=True, frozen=True):
     destination: Destination = ""
 
 
+# A route's fields, the same in [[routes]] and over MQTT; ``file`` only in the file.
+class RouteFields(_Table, kw_only=True, frozen=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+    numbers: Annotated[list[_Number], _most(256)] = []
+    # E.164 numbers, or E.164 prefixes ending in "*"
+    callers: Annotated[list[_Number], _most(10_000)] = []
+    destination: Destination = ""
+    callername: Callername = ""
+    schedule: Annotated[list[Annotated[str, _most(64)]], _most(64)] = []
+
+
+class RouteConfig(RouteFields, kw_only=True, frozen=True):
+    # CSV, header number,destination,callername; relative to the config's folder
+    file: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+
+
 class LockoutConfig(_Table, kw_only=True, frozen=True):
     caller_failures: PositiveInt = 5
     site_failures: PositiveInt = 30
@@ -275,6 +291,7 @@ class Config(_Table, kw_only=True, frozen=True):
     gates: dict[str, GateConfig]
     codes: list[CodeConfig] = []
     totp: list[TotpConfig] = []
+    routes: list[RouteConfig] = []
     lockout: LockoutConfig = LockoutConfig()
     visitors: VisitorsConfig = VisitorsConfig()
     mqtt: MqttConfig | None = None
@@ -344,6 +361,17 @@ def resolve(config_path: Path, value: str) -> Path:
     """
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else (config_path.resolve().parent / path).resolve()
+
+
+def resolve_in(folder: Path | None, value: str) -> Path:
+    """A path from the config, relative to ``folder`` (the config file's; None: here)."""
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else ((folder or Path.cwd()) / path).resolve()
+
+
+def route_files(loaded: Loaded) -> list[Path]:
+    """The CSV files of [[routes]]: a reload follows them as it follows the config."""
+    return [resolve(loaded.source, route.file) for route in loaded.config.routes if route.file]
 
 
 def default_path() -> str:
@@ -422,7 +450,9 @@ def parse(text: str, *, source: str = "",
     # reports its own key paths.
     from gated.codes import compile_book
 
-    return config, compile_book(config, error=fail, key=key(config) if key else None)
+    folder = Path(source).resolve().parent if source else None
+    return config, compile_book(config, error=fail, key=key(config) if key else None,
+                                folder=folder)
 
 
 def _convert(raw: dict[str, Any], fail: Any) -> Config:

@@ -340,14 +340,19 @@ class Daemon:
         return True
 
     async def _watch_file(self) -> None:
-        path = self.loaded.path
-        last = _stamp(path)
+        last = self._stamps()
         while True:
             await asyncio.sleep(RELOAD_POLL_SECONDS)
-            current = _stamp(path)
-            if current != last:
-                last = current
+            current = self._stamps()
+            # A file first named by a reload is no change of its own.
+            if any(last.get(path, stamp) != stamp for path, stamp in current.items()):
                 self._reloads.put_nowait("file changed")
+            last = current
+
+    def _stamps(self) -> dict[Any, tuple[int, ...] | None]:
+        """The config file and the routes' CSV files (a CRM export replaced is a reload)."""
+        return {path: _stamp(path)
+                for path in (self.loaded.path, *config_mod.route_files(self.loaded))}
 
     async def _housekeeping(self) -> None:
         """Once a second: visitor codes from other processes, pruning, TOTP

@@ -61,6 +61,8 @@ GUESS_REASONS = frozenset({
 # the spend and admit the code again. TOTP too: the code stays valid for the
 # rest of its window, and "accepted once" must hold across restarts.
 STORE_FAILING = "store_failing"
+# A call without a code answered by a route (§11): ACK, opens nothing.
+ROUTED = "routed_caller"
 
 
 def nak(reason: str, gate: str | None = None) -> Decision:
@@ -71,35 +73,46 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
            *, durable: bool = True) -> Decision:
     """``durable`` False: the store cannot keep what a grant would spend right now."""
     gate = book.gate_for(request.did)
-    if gate is None:
+    # A line: a number of no gate that routes answer on; only routes and
+    # route-only codes apply there.
+    if gate is None and not book.is_line(request.did):
         return nak("unknown_number")
+    name = gate.name if gate is not None else None
     lockout = ledger.lockout
     if request.code is None:
-        if request.caller is not None and request.caller in gate.callers:
+        if gate is not None and request.caller is not None and request.caller in gate.callers:
             if lockout.caller_locked(request.caller, now):
-                return nak("locked_out", gate.name)
-            return Decision(Status.ACK, "granted_caller", gate.name, opens=True)
-        return nak("unknown_caller", gate.name)
+                return nak("locked_out", name)
+            return Decision(Status.ACK, "granted_caller", name, opens=True)
+        # No code typed: nothing guessed, so lockout neither blocks nor counts this.
+        row = book.routes.find(request.did, request.caller, now, book.tz)
+        if row is not None:
+            route, destination, callername = row
+            return Decision(Status.ACK, ROUTED, name, route.credential,
+                            callername=callername, destination=destination)
+        if gate is None:
+            return nak("no_route")
+        return nak("unknown_caller", name)
     if lockout.caller_locked(request.caller, now) or lockout.site_locked(now):
-        return nak("locked_out", gate.name)
+        return nak("locked_out", name)
     if not TYPED_RE.fullmatch(request.code):
-        return nak("malformed_code", gate.name)
+        return nak("malformed_code", name)
     matches = book.match(request.code, now)
     if not matches:
-        return nak("unknown_code", gate.name)
+        return nak("unknown_code", name)
     # Several credentials may share the digits (a static code and someone's
     # TOTP code by chance): the first that admits this call wins, and if none
     # does, the first refusal is the one reported.
     refusal: Decision | None = None
     for credential, timecode in matches:
-        reason = refuse(credential, timecode, gate.name, request, book, ledger, now)
+        reason = refuse(credential, timecode, name, request, book, ledger, now)
         if reason is None and not durable and (
                 credential.max_uses is not None or timecode is not None):
             reason = STORE_FAILING
         if reason is None:
             granted = "granted_route" if credential.route_only else f"granted_{credential.kind}"
             return Decision(
-                Status.ACK, granted, gate.name, credential, timecode,
+                Status.ACK, granted, name, credential, timecode,
                 opens=not credential.route_only,
                 callername=credential.callername, destination=credential.destination,
             )
@@ -107,15 +120,16 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
             # ERR, not NAK: the code is right, so the dial plan's failure
             # branch (a person) is where this caller belongs.
             status = Status.ERR if reason == STORE_FAILING else Status.NAK
-            refusal = Decision(status, reason, gate.name, credential, timecode)
+            refusal = Decision(status, reason, name, credential, timecode)
     assert refusal is not None
     return refusal
 
 
-def refuse(credential: Credential, timecode: int | None, gate: str, request: Request,
+def refuse(credential: Credential, timecode: int | None, gate: str | None, request: Request,
            book: CodeBook, ledger: Ledger, now: float) -> str | None:
-    """Why ``credential`` does not admit this call, or None when it does."""
-    if not credential.route_only and gate not in credential.gates:
+    """Why ``credential`` does not admit this call, or None when it does (``gate``
+    None: a line, where only route-only credentials apply)."""
+    if not credential.route_only and (gate is None or gate not in credential.gates):
         return "wrong_gate"
     if credential.valid_from is not None and now < credential.valid_from:
         return "not_yet_valid"
@@ -161,7 +175,9 @@ class Ledger:
     def apply(self, request: Request, decision: Decision, now: float) -> Changes:
         changes = Changes()
         credential = decision.credential
-        if decision.status is Status.ACK and credential is not None:
+        if decision.reason == ROUTED:
+            pass  # no code typed: a route is no success against the lockout either
+        elif decision.status is Status.ACK and credential is not None:
             if credential.max_uses is not None:
                 count = self.uses.get(credential.id, 0) + 1
                 self.uses[credential.id] = changes.uses[credential.id] = count

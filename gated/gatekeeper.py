@@ -40,8 +40,9 @@ from gated.store import Entry, Store
 log = structlog.get_logger("gated")
 
 # No credential admits the call without a code: a channel that can still ask
-# for one does so, and nothing is decided (or recorded) yet.
-ASK_FOR_A_CODE = frozenset({"unknown_caller"})
+# for one does so, and nothing is decided (or recorded) yet. On a line
+# (no_route) that code can still be a route-only one.
+ASK_FOR_A_CODE = frozenset({"unknown_caller", "no_route"})
 
 
 @dataclass(frozen=True, slots=True)

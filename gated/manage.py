@@ -310,6 +310,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     staff.add_actions(codes_sub, common)
 
+    from gated import routestaff
+
+    routestaff.add_parsers(sub, common)
+
     totp = sub.add_parser("totp", help="manage TOTP users", parents=[common])
     totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")
     p = totp_sub.add_parser("add", parents=[common],

@@ -77,3 +77,9 @@ def _normalise(raw: str, region: str) -> str | None:
 
 def _e164(number: phonenumbers.PhoneNumber) -> str:
     return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def normalise_uncached(raw: str, region: str) -> str | None:
+    """``normalise`` without the cache: for bulk work (a CSV of 100,000 callers)
+    that would only push the site's own numbers out of it."""
+    return _normalise.__wrapped__(raw, region)

@@ -109,8 +109,18 @@ UPDATE strikes SET recent = NULL WHERE recent IS NOT NULL;
 SCHEMA_V5 = """
 ALTER TABLE entries ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
 """
+# The local copy of routes managed over MQTT, as managed_codes is of codes.
+SCHEMA_V6 = """
+CREATE TABLE IF NOT EXISTS managed_routes (
+    scope TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -216,6 +226,7 @@ class _Pending:
     # A managed code to keep (scope, id, body) or forget (body None).
     code: tuple[str, str, bytes | None] | None = None
     ledger: _LedgerState | None = None
+    route: tuple[str, str, bytes | None] | None = None  # a managed route, as ``code``
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -347,7 +358,8 @@ class Store:
             # The oldest entry goes; a managed code's change never does (losing
             # a withdrawal would bring a revoked code back at the next start),
             # nor does the ledger state behind an entry: that is not held here.
-            lost = next((item for item in self._pending if item.code is None), None)
+            lost = next((item for item in self._pending
+                         if item.code is None and item.route is None), None)
             if lost is not None:
                 self._pending.remove(lost)
                 self.dropped += 1
@@ -363,6 +375,18 @@ class Store:
         self._pending.append(_Pending(None, done, (scope, code_id, body)))
         self._wake.set()
         return done
+
+    def save_route(self, scope: str, route_id: str, body: bytes | None) -> asyncio.Future[bool]:
+        """Keep (or, with ``body`` None, forget) the local copy of one managed route."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(None, done, route=(scope, route_id, body)))
+        self._wake.set()
+        return done
+
+    def load_routes(self) -> list[tuple[str, str, bytes]]:
+        """The local copy of managed routes: (scope, id, body), oldest first."""
+        rows = self._conn.execute("SELECT scope, id, body FROM managed_routes ORDER BY updated")
+        return [(scope, route_id, bytes(body)) for scope, route_id, body in rows]
 
     def load_codes(self) -> list[tuple[str, str, bytes]]:
         """The local copy of managed codes: (scope, id, body), oldest first."""
@@ -433,6 +457,15 @@ class Store:
                         conn.execute(
                             "INSERT OR REPLACE INTO managed_codes (scope, id, body, updated) "
                             "VALUES (?, ?, ?, ?)", (scope, code_id, body, time.time()))
+                if item.route is not None:
+                    scope, route_id, body = item.route
+                    if body is None:
+                        conn.execute("DELETE FROM managed_routes WHERE scope = ? AND id = ?",
+                                     (scope, route_id))
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO managed_routes (scope, id, body, updated) "
+                            "VALUES (?, ?, ?, ?)", (scope, route_id, body, time.time()))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -8,7 +8,7 @@ import pytest
 import yarl
 
 from gated import errors
-from gated.decide import GUESS_REASONS, STORE_FAILING
+from gated.decide import GUESS_REASONS, ROUTED, STORE_FAILING
 
 from .helpers import BARRIER, TOKEN
 
@@ -22,6 +22,7 @@ def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
     refusals = (set(re.findall(r'nak\("(\w+)"', SOURCES)) | set(GUESS_REASONS)
                 | set(re.findall(r'Status\.ERR, "(\w+)"', SOURCES))) | {STORE_FAILING}
     grants = {f"granted_{kind}" for kind in ("code", "totp", "caller", "route", "remote")}
+    grants.add(ROUTED)
     failures = {cls.reason for cls in vars(errors).values()
                 if isinstance(cls, type) and issubclass(cls, errors.ActuatorError)}
     results = {"pulsed", "joined", "confirmed", "deadline", "internal_error",

@@ -8,7 +8,8 @@ What runs, all on 127.0.0.1 and each in its own process:
 - the floor: a bare aiohttp app answering a constant ``status=ACK``;
 - gated on a synthetic site of 100,000 static codes, 10,000 TOTP users and
   1,000 caller numbers (lockout on, durable entry log, mock relays);
-- gated on a site with 10 codes, to show the code count does not matter.
+- gated on a site with 10 codes, to show the code count does not matter;
+- gated routing calls without a code by a CSV of 100,000 rows, and of 10.
 
 One load generator (wrk, with calls.lua varying the codes and callers) drives
 each in turn, with the same concurrency, in alternating rounds; medians are
@@ -360,6 +361,10 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
     bare = sitegen.generate(work / "bare", codes=10, totp=0, callers=1_000, port=free_port())
     codes_only = sitegen.generate(work / "codes-only", codes=100_000, totp=0, callers=1_000,
                                   port=free_port())
+    # Smart routing: a CRM export of 100,000 rows against one of 10, same calls.
+    routed_port, routed_small_port = free_port(), free_port()
+    routed = sitegen.generate_routes(work / "routed-100k", rows=100_000, port=routed_port)
+    routed_small = sitegen.generate_routes(work / "routed-10", rows=10, port=routed_small_port)
 
     say("config load time and memory")
     load = results["load"] = {
@@ -372,6 +377,15 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
         load["traced"] = {"small": small_t, "codes_only": codes_t}
         load["bytes_per_code_traced"] = (codes_t["traced"] - small_t["traced"]) / 99_990
         load["bytes_per_code_book"] = (codes_t["book_traced"] - small_t["book_traced"]) / 99_990
+    load["routed"] = probe_load(routed.config)
+    load["routed_small"] = probe_load(routed_small.config)
+    load["bytes_per_row_rss"] = (
+        (load["routed"]["rss_after"] - load["routed"]["rss_before"])
+        - (load["routed_small"]["rss_after"] - load["routed_small"]["rss_before"])) / 99_990
+    if plan.tracemalloc:
+        rows_t = probe_load(routed.config, trace=True)
+        few_t = probe_load(routed_small.config, trace=True)
+        load["bytes_per_row_book"] = (rows_t["book_traced"] - few_t["book_traced"]) / 99_990
     load["bytes_per_code_rss"] = (
         (load["codes_only"]["rss_after"] - load["codes_only"]["rss_before"])
         - (load["bare"]["rss_after"] - load["bare"]["rss_before"])) / 99_990
@@ -384,8 +398,11 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
     floor = Server("floor", [PYTHON, str(HERE / "floor.py"), "--port", str(floor_port)],
                    floor_port, work, work / "floor.log")
     servers = {"floor": floor, "gated_100k": gated(big, "gated_100k", big_port),
-               "gated_10": gated(small, "gated_10", small_port)}
-    calls = {"floor": big.calls, "gated_100k": big.calls, "gated_10": small.calls}
+               "gated_10": gated(small, "gated_10", small_port),
+               "routed_100k": gated(routed, "routed_100k", routed_port),
+               "routed_10": gated(routed_small, "routed_10", routed_small_port)}
+    calls = {"floor": big.calls, "gated_100k": big.calls, "gated_10": small.calls,
+             "routed_100k": routed.calls, "routed_10": routed_small.calls}
 
     say("start-to-ready")
     ready: dict[str, list[float]] = {name: [] for name in servers}
@@ -539,6 +556,27 @@ def report(r: dict[str, Any], command: str) -> str:
     ]
     table = "\n".join(lines)
 
+    routed, routed_small = t["routed_100k"], t["routed_10"]
+
+    def routed_row(name: str, label: str, config: str = "") -> str:
+        x = t[name]
+        cfg = f"{load[config]['load_s']:.2f} s" if config else ""
+        return (f"| {label} | {x['rps']:,.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                f"{x['p999_ms']:.2f} | {x['answered_wrong']} | {rss[name] / mib:.1f} MiB | "
+                f"{cfg} |")
+
+    routed_lines = [
+        "| calls without a code, routed by caller | requests/s | p50 ms | p99 ms | p99.9 ms | "
+        "not ACK | peak RSS | config load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        routed_row("routed_100k", "routed, CSV of 100,000 rows", "routed"),
+        routed_row("routed_10", "routed, CSV of 10 rows", "routed_small"),
+        routed_row("gated_10", "(a code call, 10 codes + 10,000 TOTP)"),
+        f"| routed 100k / routed 10 | {routed['rps'] / routed_small['rps']:.2f}x | "
+        f"{routed['p50_ms'] / routed_small['p50_ms']:.2f}x | "
+        f"{routed['p99_ms'] / routed_small['p99_ms']:.2f}x | | | | |",
+    ]
+
     fl = r["floods"]
     junk, guess, gmax = fl["junk"], fl["guess"], fl["guess_max"]
     flood_lines = [
@@ -599,6 +637,12 @@ def report(r: dict[str, Any], command: str) -> str:
            f"config the rest (the daemon drops that once the book is built)."
            if "bytes_per_code_traced" in load else "."),
     ]
+    memory.append(
+        f"- Routes: a CSV of 100,000 rows loads in {load['routed']['load_s']:.2f} s "
+        f"(10 rows: {load['routed_small']['load_s'] * 1000:.0f} ms); memory per row (RSS after "
+        f"load minus the 10-row site's): {load['bytes_per_row_rss']:.0f} bytes"
+        + (f", held by the route table (tracemalloc): {load['bytes_per_row_book']:.0f} bytes."
+           if "bytes_per_row_book" in load else "."))
     for name in ("gated_100k", "gated_10"):
         d = dur[name]
         memory.append(
@@ -625,7 +669,7 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{plan['rounds']} alternating rounds of {plan['seconds']:.0f} s per server "
         f"(medians shown); every gated request is a valid code from one of 1,000 callers.",
         "",
-        table, "", *flood_lines, "", *targets, "", *memory,
+        table, "", *routed_lines, "", *flood_lines, "", *targets, "", *memory,
         f"- The whole run took {r['bench_seconds']:.0f} s.", "",
     ])
 

@@ -1,7 +1,8 @@
 -- wrk script for the gated benchmark: the same requests for the floor and gated.
 --
 -- wrk -t1 -cCONNECTIONS ... -s calls.lua URL -- MODE CALLS TOKEN RATE CONNECTIONS
---   MODE   calls: cycle through CALLS ("code did callerid" per line, all valid)
+--   MODE   calls: cycle through CALLS ("code did callerid" per line, all valid;
+--          code "-": none typed, as a routed call)
 --          junk:  no token or a wrong one (not from the PBX), random codes
 --          guess: the valid token, random wrong codes from random callers
 --   RATE   requests/s for this thread, 0 = as fast as the server answers
@@ -28,6 +29,9 @@ function init(args)
   if mode == "calls" then
     for line in io.lines(args[2]) do
       local code, did, caller = line:match("(%S+) (%S+) (%S+)")
+      if code == "-" then
+        code = ""  -- no code typed: a routed call
+      end
       n = n + 1
       paths[n] = "/voipgrid?token=" .. token .. "&code=" .. code .. "&did=" .. plus(did)
         .. "&callerid=" .. plus(caller) .. "&callername="

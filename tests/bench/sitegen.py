@@ -111,3 +111,55 @@ format = "json"
     call_file = folder / "calls.txt"
     call_file.write_text("\n".join(calls) + "\n", encoding="utf-8")
     return Site(config, call_file, numbers, codes, totp)
+
+
+LINE = "+31501234500"  # the routing site's general number: a line
+
+
+def generate_routes(folder: Path, *, rows: int, port: int, seed: int = 11) -> Site:
+    """A site that routes callers by a CSV of ``rows`` rows (a CRM export) on its line.
+
+    ``calls.txt`` holds calls without a code ("-") from 1,000 of the rows
+    (spread over the file; all of them when there are fewer), each answered
+    ACK with its row's destination. 1,000 callers, as the code sites have:
+    the comparison is of the lookup, not of phonenumbers reading a number the
+    process has not seen before (~30 us, the same on either site).
+    """
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [f"+316{n}" for n in rng.sample(range(10_000_000, 100_000_000), rows)]
+    csv = ["number,destination,callername"]
+    csv += [f"{number},+3150{i % 1000:07d},Customer {i:06d}" for i, number in enumerate(numbers)]
+    (folder / "routes.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
+    (folder / "gated.toml").write_text(f"""\
+[site]
+id = "bench-routes"
+timezone = "Europe/Amsterdam"
+region = "NL"
+
+[server]
+listen = "127.0.0.1:{port}"
+path = "/voipgrid"
+tokens = ["{TOKEN}"]
+answer_deadline = 3.0
+
+[gates.barrier]
+numbers = ["{BARRIER}"]
+actuator = {{ type = "mock", pin = 17, pulse = 0.05 }}
+
+[[routes]]
+name = "CRM"
+numbers = ["{LINE}"]
+file = "routes.csv"
+destination = "+31501234500"
+
+[log]
+path = "state/entries.sqlite3"
+format = "json"
+""", encoding="utf-8")
+    callers = numbers[::max(1, rows // 1000)][:1000]
+    calls = [f"- {LINE} {number}" for number in callers] * max(1, 1000 // len(callers))
+    rng.shuffle(calls)
+    call_file = folder / "calls.txt"
+    call_file.write_text("\n".join(calls) + "\n", encoding="utf-8")
+    return Site(folder / "gated.toml", call_file, numbers, 0, 0)
