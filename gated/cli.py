@@ -23,6 +23,7 @@ from gated import __version__, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
+from gated.forward import commands as forward_commands
 from gated.pbx import WHAT_THE_DIAL_PLAN_DOES, parse_body
 from gated.printable import printable
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     manage.add_parsers(sub, common)
+    forward_commands.add_parsers(sub, common)
     return parser
 
 

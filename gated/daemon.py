@@ -174,12 +174,19 @@ class Daemon:
                                max_field_size=REQUEST_LIMITS["max_field_size"],
                                max_headers=REQUEST_LIMITS["max_headers"])
         self._webhook_settings = runner.app[WEBHOOK]
+        forwarder = None
+        if config.forward:  # jinja2 and the HTTP client load only on sites that forward
+            from gated.forward.sender import make_forwarder
+
+            forwarder = make_forwarder(self.loaded, gatekeeper.store, self.clock)
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
             gatekeeper.listeners.append(metrics.entry)
             gatekeeper.lock_listeners.append(metrics.lock)
             metrics.watch(gatekeeper, self.sensors)
+            if forwarder is not None:
+                metrics.watch_forwards(forwarder)
             link = self.link
             if link is not None:
                 metrics.mqtt_connected.set_function(lambda: float(link.connected))
@@ -192,6 +199,9 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._reloads.put_nowait("SIGHUP"))
         try:
             async with asyncio.TaskGroup() as tasks:
+                if forwarder is not None:  # before the writer: it writes every entry's forwards
+                    forwarder.attach()
+                    tasks.create_task(forwarder.run(), name="forward")
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
@@ -412,7 +422,8 @@ def restart_needed(old: Loaded, new: Loaded) -> list[str]:
     else:
         changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
                     if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
-    changed += [table for table in ("log", "mqtt") if getattr(a, table) != getattr(b, table)]
+    changed += [table for table in ("log", "mqtt", "forward")
+                if getattr(a, table) != getattr(b, table)]
     # The same words can name other files when the config's symlink now points
     # into another folder (relative paths follow the file, not the link).
     if old.store_path != new.store_path and "log" not in changed:

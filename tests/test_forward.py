@@ -1,0 +1,281 @@
+"""Forwarding (DESIGN.md §12) against a real HTTP receiver on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stamina
+from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
+
+from gated import config as config_mod
+from gated import sitekey
+from gated.cli import main
+from gated.errors import ConfigError
+from gated.forward.endpoints import pseudonym
+
+from .forwarding import (
+    API_SECRET,
+    SECRET,
+    Receiver,
+    forward_table,
+    ga4_url,
+    headers_of,
+)
+from .helpers import BARRIER, RESIDENT, TOKEN, FakeClock, write_config
+
+OTHER = "+31687654321"
+
+
+@pytest.fixture(autouse=True)
+def fast_retries() -> Iterator[None]:
+    """No backoff between attempts, a few attempts per round."""
+    with stamina.set_testing(True, attempts=3):
+        yield
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver()
+    yield server
+    await server.stop()
+
+
+def site_key(running: Any) -> bytes:
+    key = sitekey.read_key(running.daemon.loaded.key_path)
+    assert key is not None
+    return key
+
+
+def outbox(running: Any) -> list[tuple[Any, ...]]:
+    path = running.daemon.gatekeeper.store.path
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT endpoint, state, status, why FROM outbox ORDER BY id").fetchall()
+
+
+async def until(predicate: Any, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 (a store row has no event to await)
+            await asyncio.sleep(0.02)
+
+
+async def test_json_forward_is_the_event_signed_the_standard_webhooks_way(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """A granted call reaches the receiver as its event plus the site, signed so that the
+    standardwebhooks library verifies it, with the caller as a pseudonym and no digits."""
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url))
+    with capture_logs() as logs:
+        _, text = await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+        assert text.startswith("status=ACK")
+        (request,) = await receiver.wait_for(1)
+        await until(lambda: not outbox(running))
+    headers = headers_of(request)
+    assert headers["content-type"] == "application/json"
+    event = Webhook(SECRET).verify(request.body, headers)
+    assert headers["webhook-id"].startswith("msg_")
+    assert event["site"] == "test" and event["gate"] == "barrier"
+    assert (event["status"], event["reason"]) == ("ACK", "granted_code")
+    assert event["credential"] == "Demo"
+    assert event["caller"] == pseudonym(site_key(running), RESIDENT)
+    assert event["did"] == BARRIER
+    assert RESIDENT not in request.body.decode()  # the entry's own log line names it
+    text = request.body.decode() + repr(logs)
+    for secret in ("471123", TOKEN, SECRET):
+        assert secret not in text
+
+
+async def test_forward_retried_after_503_keeps_its_webhook_id(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """503, 503, then 200: three attempts of one row, every one with the same webhook-id
+    and a valid signature, delivered once the endpoint takes it."""
+    receiver.script = [503, 503]
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    requests = await receiver.wait_for(3)
+    await until(lambda: not outbox(running))
+    ids = {headers_of(r)["webhook-id"] for r in requests}
+    assert len(ids) == 1
+    for request in requests:
+        Webhook(SECRET).verify(request.body, headers_of(request))
+    assert len({r.body for r in requests}) == 1
+
+
+async def test_rejected_forward_is_kept_and_the_rows_behind_it_go_on(
+        start_daemon: Any, receiver: Receiver, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A 400 is not retried: the row is kept with why, forward_rejected is raised, the next
+    call is still delivered; `gated forward retry` sends the kept one again."""
+    receiver.script = [400]
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url))
+    with capture_logs() as logs:
+        await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+        await running.get(code="5555", did=BARRIER, callerid=OTHER)
+        await receiver.wait_for(2)
+        await until(lambda: outbox(running) == [("crm", "rejected", 400,
+                                                 "HTTP 400: bad field: client_id")])
+    (alarm,) = [e for e in logs if e.get("alarm") == "forward_rejected"]
+    assert alarm["endpoint"] == "crm" and alarm["host"] == "127.0.0.1" and alarm["status"] == 400
+    assert json.loads(receiver.requests[1].body)["credential"] == "Barrier only"
+
+    config = str(tmp_path / "gated.toml")
+    capsys.readouterr()  # the daemon's own log lines
+    assert main(["-c", config, "forward", "ls"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["endpoint", "delivered", "pending", "oldest", "pending",
+                              "rejected", "expired"]
+    assert out[1].split() == ["crm", "1", "0", "-", "1", "0"]
+    assert out[2] == "rejected  crm: 1 x HTTP 400: bad field: client_id"
+    assert main(["-c", config, "forward", "retry", "crm"]) == 0
+    assert "crm: 1 rejected forward(s) queued again" in capsys.readouterr().out
+    # The sender polls the store for rows another process queued.
+    requests = await receiver.wait_for(3, within=15)
+    assert json.loads(requests[2].body)["credential"] == "Demo"
+    await until(lambda: not outbox(running))
+    assert main(["-c", config, "forward", "retry", "nobody"]) == 2
+
+
+async def test_pbx_answer_does_not_wait_for_a_hanging_endpoint(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """With the endpoint hanging far longer than the answer deadline, every call is still
+    answered, well before the deadline; the forward stays queued."""
+    receiver.hang = True
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url, extra="timeout = 60.0"))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    await receiver.wait_for(1)  # the sender is now stuck on the first row
+    took = []
+    for _ in range(10):
+        started = time.monotonic()
+        status, text = await running.get(code="5555", did=BARRIER, callerid=RESIDENT)
+        took.append(time.monotonic() - started)
+        assert status == 200 and text.startswith("status=ACK")
+    assert max(took) < running.daemon.gatekeeper.deadline
+    assert len(outbox(running)) == 11 and len(receiver.requests) == 1
+
+
+async def test_forwards_queued_while_the_endpoint_is_down_arrive_in_order(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """Nothing listening: the rows wait; once the receiver is up they arrive, oldest first."""
+    running = await start_daemon(forward_table(receiver.url, caller="number"))
+    callers = ["+31612345671", "+31612345672", "+31612345673"]
+    for caller in callers:
+        _, text = await running.get(code="5555", did=BARRIER, callerid=caller)
+        assert text.startswith("status=ACK")
+    await asyncio.sleep(0.3)  # let the sender fail a few rounds
+    assert len(outbox(running)) == 3
+    await receiver.start()
+    requests = await receiver.wait_for(3)
+    assert [json.loads(r.body)["caller"] for r in requests] == callers
+    await until(lambda: not outbox(running))
+
+
+async def test_forward_expires_after_give_up_after(start_daemon: Any, receiver: Receiver) -> None:
+    """A row the endpoint never took is dropped once give_up_after has passed
+    (on the daemon's clock), with the alarm forward_expired."""
+    clock = FakeClock(wall=time.time())
+    running = await start_daemon(forward_table(receiver.url, extra='give_up_after = "1h"'),
+                                 clock=clock)
+    with capture_logs() as logs:
+        await running.get(code="5555", did=BARRIER, callerid=RESIDENT)
+        await asyncio.sleep(0.2)
+        assert len(outbox(running)) == 1
+        clock.advance(3601)
+        await until(lambda: not outbox(running))
+        await until(lambda: any(e.get("alarm") == "forward_expired" for e in logs))
+    path = running.daemon.gatekeeper.store.path
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT delivered, expired FROM forward_totals").fetchall() == [(0, 1)]
+
+
+async def test_ga4_body_is_a_measurement_protocol_event(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """GA4: client_id the caller's pseudonym, timestamp_micros the entry's time, one event
+    with called_number, gate, status, reason and route; api_secret only in the URL."""
+    await receiver.start()
+    running = await start_daemon(forward_table(
+        ga4_url(receiver), fmt="ga4", caller="number", extra='event_name = "gate_call"'))
+    with capture_logs() as logs:
+        await running.get(code="9000", did=BARRIER, callerid=RESIDENT)
+        (request,) = await receiver.wait_for(1)
+    body = json.loads(request.body)
+    path = running.daemon.gatekeeper.store.path
+    with sqlite3.connect(path) as conn:
+        (when,) = conn.execute("SELECT time FROM entries").fetchone()
+    assert body == {
+        "client_id": pseudonym(site_key(running), RESIDENT),
+        "timestamp_micros": int(when * 1_000_000),
+        "events": [{"name": "gate_call", "params": {
+            "called_number": BARRIER, "gate": "barrier", "status": "ACK",
+            "reason": "granted_route", "route": "Sales"}}],
+    }
+    assert API_SECRET not in repr(logs) and RESIDENT not in request.body.decode()
+
+
+async def test_template_renders_the_event_in_a_sandbox(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """A template sees the event's fields; a field not set and a private attribute
+    render empty."""
+    await receiver.start()
+    body = "{{ gate }}: {{ status }} {{ reason }} [{{ nothing }}] [{{ ''.__class__ }}]"
+    running = await start_daemon(forward_table(
+        receiver.url, fmt="template", extra=f"body = {json.dumps(body)}"))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    (request,) = await receiver.wait_for(1)
+    assert request.body.decode() == "barrier: ACK granted_code [] []"
+    assert headers_of(request)["content-type"] == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("{{ ''.__class__.__mro__ }}", "template cannot render a sample entry: SecurityError"),
+    ("{{ gate.__class__.__subclasses__() }}", "template cannot render a sample entry"),
+    ("{{ gate ", "template line 1: unexpected end of template"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+])
+def test_template_that_cannot_render_is_a_config_error(tmp_path: Path, body: str,
+                                                        message: str) -> None:
+    """A template with a syntax error, or one the sandbox refuses, stops the load with
+    the key and its line."""
+    path = write_config(tmp_path, forward_table("https://ntfy.sh/gate", fmt="template",
+                                                extra=f"body = {json.dumps(body)}"))
+    with pytest.raises(ConfigError) as caught:
+        config_mod.load(path)
+    assert caught.value.path == "forward[0].body"
+    assert caught.value.line is not None and message in str(caught.value)
+
+
+@pytest.mark.parametrize(("table", "path", "message"), [
+    ('\n[[forward]]\nname = "crm"\nurl = "https://x.example/h"\n', "forward[0].secret",
+     "json forwards are signed"),
+    (forward_table("ftp://x.example/h"), "forward[0].url", "http:// or https://"),
+    (forward_table("https://x.example/h", extra="colour = 1"), "forward[0].colour",
+     "unknown key"),
+    (forward_table("https://x.example/h", extra='give_up_after = "soon"'),
+     "forward[0].give_up_after", "expected e.g. 90m"),
+    (forward_table("https://x.example/h", extra='event_name = "x"'), "forward[0].event_name",
+     "only for format = 'ga4'"),
+    (forward_table("https://www.google-analytics.com/mp/collect?measurement_id=G-1",
+                   fmt="ga4"), "forward[0].url", "api_secret"),
+    (forward_table("https://x.example/h") + forward_table("https://y.example/h"),
+     "forward[1].name", "another [[forward]]"),
+])
+def test_bad_forward_tables_name_key_and_line(tmp_path: Path, table: str, path: str,
+                                               message: str) -> None:
+    """Each mistake in a [[forward]] table stops the load naming the key; a URL's value
+    (it may hold a secret) is never echoed."""
+    file = write_config(tmp_path, table)
+    with pytest.raises(ConfigError) as caught:
+        config_mod.load(file)
+    assert caught.value.path == path and caught.value.line is not None
+    assert message in str(caught.value)
+    assert "x.example" not in str(caught.value)
