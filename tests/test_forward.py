@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import stamina
 from standardwebhooks.webhooks import Webhook
@@ -30,8 +32,10 @@ from .forwarding import (
     headers_of,
 )
 from .helpers import BARRIER, RESIDENT, TOKEN, FakeClock, write_config
+from .process import DaemonProcess, free_port
 
 OTHER = "+31687654321"
+CALLS = 20
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +283,50 @@ def test_bad_forward_tables_name_key_and_line(tmp_path: Path, table: str, path: 
     assert caught.value.path == path and caught.value.line is not None
     assert message in str(caught.value)
     assert "x.example" not in str(caught.value)
+
+
+async def test_kill_9_with_forwards_pending_loses_none(tmp_path: Path,
+                                                       receiver: Receiver) -> None:
+    """The real daemon killed with -9 while its endpoint is down: after a restart with
+    the endpoint up, every answered call's forward arrives at least once."""
+    port = free_port()
+    config = write_config(tmp_path, forward_table(receiver.url, caller="number"))
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    url = f"http://127.0.0.1:{port}/voipgrid"
+    answered: list[str] = []
+    daemon = DaemonProcess(config)
+    try:
+        await asyncio.to_thread(daemon.wait_for, "listening")
+        async with aiohttp.ClientSession() as session:
+            for index in range(CALLS):
+                caller = f"+316120000{index:02d}"
+                params = {"token": TOKEN, "code": "471123", "did": BARRIER, "callerid": caller}
+                async with session.get(url, params=params) as response:
+                    if (await response.text()).startswith("status=ACK"):
+                        answered.append(caller)
+        daemon.proc.kill()
+        assert await asyncio.to_thread(daemon.proc.wait, 10) == -signal.SIGKILL
+    finally:
+        daemon.stop()
+    assert len(pending(config)) == len(answered)
+    await receiver.start()
+    again = DaemonProcess(config)
+    try:
+        await asyncio.to_thread(again.wait_for, "listening")
+        await receiver.wait_for(len(answered), within=30)
+        await until(lambda: not pending(config), within=10)
+    finally:
+        again.stop()
+    delivered = [json.loads(r.body)["caller"] for r in receiver.requests]
+    print(f"kill -9: {len(answered)} answered, {len(set(delivered))} delivered "
+          f"({len(delivered)} requests)")
+    assert len(answered) == CALLS
+    assert set(answered) <= set(delivered)
+    text = repr(daemon.events + again.events)
+    assert "471123" not in text and SECRET not in text
+
+
+def pending(config: Path) -> list[tuple[Any, ...]]:
+    store = config.parent / "state" / "entries.sqlite3"
+    with sqlite3.connect(store) as conn:
+        return conn.execute("SELECT id FROM outbox").fetchall()

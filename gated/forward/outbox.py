@@ -91,16 +91,25 @@ def head(conn: sqlite3.Connection, endpoint: str) -> Row | None:
     return Row(row_id, name, created, kind, bytes(body), msg_id, attempts)
 
 
-def _change(conn: sqlite3.Connection, *statements: tuple[str, tuple[Any, ...]]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
+def _change(conn: sqlite3.Connection, *statements: tuple[str, tuple[Any, ...]],
+            sync: bool = True) -> None:
+    if not sync:
+        # A delivery lost to a power cut is only sent again (at least once);
+        # not worth an fsync per row. The store's next batch syncs it anyway.
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        for sql, args in statements:
-            conn.execute(sql, args)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                conn.execute(sql, args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if not sync:
+            conn.execute("PRAGMA synchronous=FULL")
 
 
 _TOTAL = ("INSERT INTO forward_totals (endpoint) VALUES (?) "
@@ -111,7 +120,7 @@ def delivered(conn: sqlite3.Connection, row: Row, when: float) -> None:
     _change(conn, ("DELETE FROM outbox WHERE id = ?", (row.id,)),
             (_TOTAL, (row.endpoint,)),
             ("UPDATE forward_totals SET delivered = delivered + 1, last_delivered = ? "
-             "WHERE endpoint = ?", (when, row.endpoint)))
+             "WHERE endpoint = ?", (when, row.endpoint)), sync=False)
 
 
 def expired(conn: sqlite3.Connection, row: Row) -> None:

@@ -82,6 +82,7 @@ class Forwarder:
         # Refreshed from the store after each change: read at scrape time.
         self.pending: dict[str, tuple[int, float | None]] = {}
         self._unsubscribe: Callable[[], None] = lambda: None
+        self._refreshed = 0.0
 
     def attach(self) -> None:
         """From now on the store queues this daemon's rows with their entries."""
@@ -109,6 +110,7 @@ class Forwarder:
             self._unsubscribe()
 
     async def refresh(self) -> None:
+        self._refreshed = self.clock.monotonic()
         with contextlib.suppress(sqlite3.Error):
             self.pending = await self.store.call(outbox.pending_counts)
 
@@ -128,7 +130,8 @@ class Forwarder:
                         await wake.wait()
                 continue
             await self._deliver(session, endpoint, row)
-            await self.refresh()
+            if self.clock.monotonic() - self._refreshed > POLL_SECONDS:
+                await self.refresh()
 
     async def _deliver(self, session: aiohttp.ClientSession, endpoint: Endpoint,
                        row: outbox.Row) -> None:
