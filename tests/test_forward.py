@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sqlite3
+import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from .process import DaemonProcess, free_port
 
 OTHER = "+31687654321"
 CALLS = 20
+METRICS = '\n[metrics]\nlisten = "127.0.0.1:0"\n'
 
 
 @pytest.fixture(autouse=True)
@@ -330,3 +333,56 @@ def pending(config: Path) -> list[tuple[Any, ...]]:
     store = config.parent / "state" / "entries.sqlite3"
     with sqlite3.connect(store) as conn:
         return conn.execute("SELECT id FROM outbox").fetchall()
+
+
+async def test_alarms_are_forwarded_where_asked_and_metrics_count_each_endpoint(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """A caller locked out raises caller_locked: the endpoint with alarms = true gets it
+    (the caller as a pseudonym), the one without does not; /metrics counts per endpoint."""
+    await receiver.start()
+    calls_only = forward_table(receiver.url.replace("/hook", "/calls"), name="calls",
+                               extra='statuses = ["ACK"]')
+    ops = forward_table(receiver.url.replace("/hook", "/ops"), name="ops", fmt="template",
+                        extra='alarms = true\nstatuses = ["ERR"]\n'
+                              'body = "{{ alarm }} {{ caller }} {{ gate }}"')
+    running = await start_daemon(METRICS + calls_only + ops)
+    for _ in range(5):
+        await running.get(code="000000", did=BARRIER, callerid=OTHER)
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    requests = await receiver.wait_for(2)
+    await until(lambda: not outbox(running))
+    assert len(requests) == 2
+    (alarm,) = [r for r in requests if not r.body.startswith(b"{")]
+    assert alarm.body.decode() == f"caller_locked {pseudonym(site_key(running), OTHER)} "
+    (call,) = [r for r in requests if r.body.startswith(b"{")]
+    assert json.loads(call.body)["status"] == "ACK"
+    async with running.session.get(metrics_url(running)) as response:
+        text = await response.text()
+    for line in ('gated_forward_delivered_total{endpoint="calls"} 1.0',
+                 'gated_forward_delivered_total{endpoint="ops"} 1.0',
+                 'gated_forward_rejected_total{endpoint="ops"} 0.0',
+                 'gated_forward_expired_total{endpoint="calls"} 0.0'):
+        assert line in text
+    assert 'gated_forward_pending{endpoint="ops"}' in text
+    assert 'gated_forward_oldest_pending_seconds{endpoint="calls"}' in text
+
+
+def metrics_url(running: Any) -> str:
+    host, port = running.daemon.metrics_listening[0]
+    return f"http://{host}:{port}/metrics"
+
+
+def test_every_forward_in_the_docs_is_a_config_that_loads(tmp_path: Path) -> None:
+    """The recipes in docs/forwarding.md (ntfy, Slack, GA4, the signed CRM) and the
+    example config's commented block pass the config check, their templates included."""
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "forwarding.md").read_text()
+    blocks = [textwrap.dedent(block) for block in
+              re.findall(r"```toml\n(.*?)```", page, re.DOTALL) if "[[forward]]" in block]
+    example = (root / "config" / "gated.example.toml").read_text().partition("# [[forward]]")[2]
+    blocks.append("[[forward]]" + "\n".join(line.removeprefix("# ")
+                                             for line in example.splitlines()))
+    assert len(blocks) == 5
+    for block in blocks:
+        loaded = config_mod.load(write_config(tmp_path, block))
+        assert len(loaded.config.forward) == 1
