@@ -85,6 +85,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"entries   {loaded.store_path}")
     broker = f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else "off"
     print(f"mqtt      {broker}")
+    for forward in config.forward:
+        # The host only: the rest of a URL may be a secret.
+        host = urllib.parse.urlsplit(forward.url).hostname
+        print(f"forward   {forward.name}: {forward.format} to {host}, caller {forward.caller}"
+              + (", alarms too" if forward.alarms else ""))
     return 0
 
 

@@ -173,18 +173,39 @@ async def test_pbx_answer_does_not_wait_for_a_hanging_endpoint(
 
 async def test_forwards_queued_while_the_endpoint_is_down_arrive_in_order(
         start_daemon: Any, receiver: Receiver) -> None:
-    """Nothing listening: the rows wait; once the receiver is up they arrive, oldest first."""
-    running = await start_daemon(forward_table(receiver.url, caller="number"))
+    """Nothing listening: the rows wait, retries are logged by endpoint and host only;
+    once the receiver is up they arrive, oldest first."""
+    running = await start_daemon(forward_table(ga4_url(receiver), fmt="ga4", caller="number"))
     callers = ["+31612345671", "+31612345672", "+31612345673"]
-    for caller in callers:
-        _, text = await running.get(code="5555", did=BARRIER, callerid=caller)
-        assert text.startswith("status=ACK")
-    await asyncio.sleep(0.3)  # let the sender fail a few rounds
+    with capture_logs() as logs:
+        for caller in callers:
+            _, text = await running.get(code="5555", did=BARRIER, callerid=caller)
+            assert text.startswith("status=ACK")
+        await asyncio.sleep(0.3)  # let the sender fail a few rounds
     assert len(outbox(running)) == 3
+    retries = [e for e in logs if e["event"] == "forward retrying"]
+    assert retries and {tuple(sorted(e)) for e in retries} == {
+        ("attempt", "endpoint", "event", "host", "log_level", "why")}
+    assert retries[0]["why"] == "unreachable (ClientConnectorError)"
+    assert API_SECRET not in repr(logs) and "measurement_id" not in repr(logs)
     await receiver.start()
     requests = await receiver.wait_for(3)
-    assert [json.loads(r.body)["caller"] for r in requests] == callers
+    key = site_key(running)
+    assert [json.loads(r.body)["client_id"] for r in requests] == [
+        pseudonym(key, caller) for caller in callers]
     await until(lambda: not outbox(running))
+
+
+async def test_a_changed_forward_waits_for_a_restart(start_daemon: Any, tmp_path: Path,
+                                                     receiver: Receiver) -> None:
+    """A reload that changes a [[forward]] table is refused and the old one keeps serving."""
+    running = await start_daemon(forward_table(receiver.url))
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text().replace('name = "crm"', 'name = "crm2"'))
+    with capture_logs() as logs:
+        assert await running.daemon.reload() is False
+    (refusal,) = [e for e in logs if e.get("changed")]
+    assert refusal["changed"] == ["forward"]
 
 
 async def test_forward_expires_after_give_up_after(start_daemon: Any, receiver: Receiver) -> None:
@@ -386,3 +407,14 @@ def test_every_forward_in_the_docs_is_a_config_that_loads(tmp_path: Path) -> Non
     for block in blocks:
         loaded = config_mod.load(write_config(tmp_path, block))
         assert len(loaded.config.forward) == 1
+
+
+def test_check_config_names_each_forward_by_host_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gated check-config` lists the endpoints without the secrets in their URLs."""
+    receiver_url = "https://www.google-analytics.com/mp/collect?measurement_id=G-1&api_secret="
+    path = write_config(tmp_path, forward_table(receiver_url + API_SECRET, fmt="ga4"))
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "forward   crm: ga4 to www.google-analytics.com, caller pseudonym" in out
+    assert API_SECRET not in out and "G-1" not in out

@@ -129,7 +129,14 @@ class Forwarder:
                     async with asyncio.timeout(POLL_SECONDS):
                         await wake.wait()
                 continue
-            await self._deliver(session, endpoint, row)
+            try:
+                await self._deliver(session, endpoint, row)
+            except Exception as exc:  # forwarding must never take the gate down with it
+                # The row stays queued (a disk that refuses the mark, say) and
+                # is sent again: at least once.
+                log.error("forward failed; trying again", endpoint=endpoint.name,
+                          host=endpoint.host, error=type(exc).__name__)
+                await asyncio.sleep(WAIT_MAX / 4)
             if self.clock.monotonic() - self._refreshed > POLL_SECONDS:
                 await self.refresh()
 
