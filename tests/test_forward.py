@@ -418,3 +418,13 @@ def test_check_config_names_each_forward_by_host_only(
     out = capsys.readouterr().out
     assert "forward   crm: ga4 to www.google-analytics.com, caller pseudonym" in out
     assert API_SECRET not in out and "G-1" not in out
+
+
+def test_pseudonym_is_stable_per_caller_and_useless_without_the_key() -> None:
+    """The same caller and key give the same pseudonym; another key or caller another;
+    the number is nowhere in it."""
+    key, other = b"a" * 32, b"b" * 32
+    assert pseudonym(key, RESIDENT) == pseudonym(key, RESIDENT)
+    assert pseudonym(key, RESIDENT) != pseudonym(other, RESIDENT)
+    assert pseudonym(key, RESIDENT) != pseudonym(key, OTHER)
+    assert RESIDENT[1:] not in pseudonym(key, RESIDENT)

@@ -40,7 +40,7 @@ GA4_MAX_AGE = 72 * 3600.0
 MIN_SECRET_BYTES = 16
 TEXT = "text/plain; charset=utf-8"
 # Alarm fields that may leave: the others (paths, errors) are for the log.
-ALARM_FIELDS = ("gate", "seconds", "open_seconds", "endpoint")
+ALARM_FIELDS = ("gate", "seconds", "open_seconds", "endpoint", "status")
 
 _environment = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
 
@@ -175,6 +175,8 @@ def _endpoint(config: Config, forward: ForwardConfig, refuse: Any) -> Endpoint:
         give_up = parse_duration(forward.give_up_after, "give_up_after")
     except argparse.ArgumentTypeError as exc:
         raise refuse("give_up_after", str(exc).partition(": ")[2]) from None
+    if give_up <= 0:
+        raise refuse("give_up_after", "must be longer than 0s")
     numbers = set()
     for index, raw in enumerate(forward.numbers):
         try:
