@@ -152,14 +152,18 @@ def _most(count: int) -> msgspec.Meta:
     return msgspec.Meta(max_length=count)
 
 
+# What the PBX shows of a name, and what any dial plan needs for a destination.
+MAX_CALLERNAME = 64
+MAX_DESTINATION = 64
+MAX_NAME = 120
 _GateName = Annotated[str, _most(32)]
 _Number = Annotated[str, _most(32)]
-Callername = Annotated[str, _most(64)]
-Destination = Annotated[str, _most(64)]
+Callername = Annotated[str, _most(MAX_CALLERNAME)]
+Destination = Annotated[str, _most(MAX_DESTINATION)]
 
 
 class CodeConfig(_Table, kw_only=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     code: Annotated[str, _most(16)] | None = None
     # "hmac-sha256:<hex>", made by `gated codes hash`
@@ -175,7 +179,7 @@ class CodeConfig(_Table, kw_only=True, frozen=True):
 
 
 class TotpConfig(_Table, kw_only=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     secret: str
     gates: list[str] = []

@@ -45,7 +45,7 @@ from gated.notify import notify, watchdog_interval
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
-from gated.webhook import LiveSettings
+from gated.webhook import SAFETY_MARGIN, LiveSettings
 
 log = structlog.get_logger("gated.daemon")
 
@@ -209,9 +209,11 @@ class Daemon:
                 tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
+                # Silent for longer than any answer takes: no call is in progress.
+                idle_after = config.server.answer_deadline + SAFETY_MARGIN
                 site = self._webhook = CappedSite(
                     runner, host, port, max_connections=config.server.max_connections,
-                    reuse_address=True)
+                    idle_after=idle_after, reuse_address=True)
                 await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:
@@ -219,7 +221,7 @@ class Daemon:
                     host, port = split_listen(config.metrics.listen)
                     metrics_site = CappedSite(metrics_runner, host, port,
                                               max_connections=METRICS_CONNECTIONS,
-                                              reuse_address=True)
+                                              idle_after=idle_after, reuse_address=True)
                     await _listen(metrics_site, "metrics.listen", config.metrics.listen)
                     self.metrics_listening = [
                         s.getsockname()[:2]

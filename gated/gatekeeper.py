@@ -18,6 +18,7 @@ from gated import alarms
 from gated.actuators import Actuator
 from gated.clock import Clock
 from gated.codes import CodeBook
+from gated.config import MAX_CALLERNAME
 from gated.decide import (
     STORE_FAILING,
     Changes,
@@ -37,7 +38,6 @@ from gated.store import Entry, Store
 
 log = structlog.get_logger("gated")
 
-MAX_CALLERNAME = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,16 @@ def _at_least(low: int) -> Callable[[str], int]:
     return _between(low, 1_000_000)
 
 
+def _at_most(count: int) -> Callable[[str], str]:
+    """Text a code carries, bounded as in the config (the PBX shows 64 characters)."""
+    def text(value: str) -> str:
+        if len(value) > count:
+            raise argparse.ArgumentTypeError(f"at most {count} characters")
+        return value
+
+    return text
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
     loaded = config_mod.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
@@ -268,15 +278,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     p = codes_sub.add_parser("issue", parents=[common],
                              help="issue a random visitor code for a limited time")
-    p.add_argument("--name", required=True, help="who it is for (shown in the log)")
+    p.add_argument("--name", required=True, type=_at_most(config_mod.MAX_NAME),
+                   help="who it is for (shown in the log)")
     p.add_argument("--gates", required=True, help="comma-separated gate names")
     p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
     p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
     p.add_argument("--uses", type=_at_least(1), default=None,
                    help="how many entries (default unlimited)")
     p.add_argument("--length", type=_between(6, 12), help="digits (default [visitors] length)")
-    p.add_argument("--callername", default="")
-    p.add_argument("--destination", default="")
+    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME))
+    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION))
     p.add_argument("--local", action="store_true",
                    help="keep it in this machine's store even when [mqtt] is configured")
     p.set_defaults(func=cmd_issue)

@@ -81,12 +81,19 @@ class _Busy(asyncio.Protocol):
 
 
 class _Capped:
-    """aiohttp's protocol factory, refusing connections past ``limit``."""
+    """aiohttp's protocol factory, refusing connections past ``limit``.
 
-    def __init__(self, server: web.Server, limit: int,
+    At the cap, the connection that has been silent longest makes room if it
+    has been silent for over ``idle_after`` seconds (no request can still be
+    in progress on it then): otherwise a few connections that never send a
+    request would keep the PBX out until they time out.
+    """
+
+    def __init__(self, server: web.Server, limit: int, idle_after: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.limit = limit
+        self.idle_after = idle_after
         self.clock = clock
         self.refused = 0
         self.told = -REPEAT_WINDOW
@@ -95,6 +102,11 @@ class _Capped:
         # aiohttp counts a connection once it is made, a loop turn after this
         # call: one burst of accepts (the listen backlog) may go past the cap.
         if len(self.server.connections) < self.limit:
+            return self.server()
+        idlest = max(self.server.connections, key=lambda c: waited(c.transport), default=None)
+        if idlest is not None and waited(idlest.transport) > self.idle_after:
+            log.info("idle connection closed to make room", limit=self.limit)
+            idlest.force_close()
             return self.server()
         self.refused += 1
         now = self.clock()
@@ -110,9 +122,11 @@ class CappedSite(web.TCPSite):
     sockets never take the file handles the store and the broker need."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
-                 max_connections: int, reuse_address: bool | None = None) -> None:
+                 max_connections: int, idle_after: float,
+                 reuse_address: bool | None = None) -> None:
         super().__init__(runner, host, port, reuse_address=reuse_address)
         self.max_connections = max_connections
+        self.idle_after = idle_after
 
     async def start(self) -> None:
         # TCPSite.start, with the runner's server behind the cap.
@@ -121,7 +135,7 @@ class CappedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            _Capped(server, self.max_connections), self._host, self._port,
+            _Capped(server, self.max_connections, self.idle_after), self._host, self._port,
             backlog=self._backlog, reuse_address=self._reuse_address,
         )
         self._bound_port = self._server.sockets[0].getsockname()[1]

@@ -15,6 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from gated import files
 from gated.errors import StoreError
 
 
@@ -39,8 +40,10 @@ def hold(store: Path) -> StateLock:
     """Take the lock of the state ``store`` belongs to, or raise StoreError in one line."""
     path = lock_path(store)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Private and, made by root, the state directory owner's: as the store.
+        files.make_dir(path.parent)
+        files.create_private(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise StoreError(f"cannot open the state lock {path}: {exc.strerror}") from None
     try:

@@ -19,6 +19,15 @@ DOOR = "+31501234568"
 RESIDENT = "+31612345678"
 AMS = zoneinfo.ZoneInfo("Europe/Amsterdam")
 
+# A single-use code on the barrier: "111111".
+SINGLE_USE = """
+[[codes]]
+name = "Once"
+code = "111111"
+gates = ["barrier"]
+max_uses = 1
+"""
+
 BASE = """
 [site]
 id = "test"

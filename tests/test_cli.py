@@ -173,3 +173,20 @@ def test_output_cut_short_by_a_pipe_is_quiet(tmp_path: Path) -> None:
     reader.wait()
     assert gated.stderr == ""
     assert gated.returncode == 1
+
+
+@pytest.mark.parametrize(("option", "limit"), [("--callername", 64), ("--destination", 64),
+                                               ("--name", 120)])
+def test_issue_bounds_what_a_visitor_code_carries(tmp_path: Path, option: str, limit: int,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A visitor code's texts are bounded as the config bounds a code's: one over is refused
+    and nothing is issued; exactly at the bound is issued."""
+    path = write_config(tmp_path)
+    argv = ["-c", str(path), "codes", "issue", "--name", "Loodgieter", "--gates", "barrier",
+            "--local"]
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, option, "x" * (limit + 1)])
+    assert refused.value.code == 2
+    assert f"argument {option}: at most {limit} characters" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "entries.sqlite3").exists()
+    assert main([*argv, option, "x" * limit]) == 0

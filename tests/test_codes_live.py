@@ -15,15 +15,9 @@ from structlog.testing import capture_logs
 from gated.cli import main
 from gated.store import read_entries
 
-from .helpers import BARRIER, TOKEN, config_text
+from .helpers import BARRIER, SINGLE_USE, TOKEN, config_text
 
-ONCE = """
-[[codes]]
-name = "Once"
-code = "111111"
-gates = ["barrier"]
-max_uses = 1
-
+ONCE = SINGLE_USE + """
 [[totp]]
 name = "Flat 12"
 secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"

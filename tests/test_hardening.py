@@ -35,7 +35,15 @@ from gated.gatekeeper import Gatekeeper, RawCall
 from gated.store import BUFFER_LIMIT, Store, read_entries
 from gated.webhook import WebhookSettings
 
-from .helpers import BARRIER, RESIDENT, TOKEN, FakeActuator, config_text, write_config
+from .helpers import (
+    BARRIER,
+    RESIDENT,
+    SINGLE_USE,
+    TOKEN,
+    FakeActuator,
+    config_text,
+    write_config,
+)
 from .process import DaemonProcess, free_port
 
 # -- fuzzing the webhook on a real socket ----------------------------------------
@@ -235,13 +243,7 @@ async def test_failing_actuator_refunds_the_use(start_daemon: Any) -> None:
     assert await running.get(code="111111", did=BARRIER) == (200, "status=NAK")
 
 
-ONCE = """
-[[codes]]
-name = "Once"
-code = "111111"
-gates = ["barrier"]
-max_uses = 1
-"""
+
 
 
 async def wait_failing(store: Any) -> None:
@@ -262,7 +264,7 @@ async def test_single_use_code_while_the_store_fails_is_err_and_opens_nothing(
     Also when the code's own spend is the first write to find the disk failing:
     the use must be on disk before the relay moves.
     """
-    running = await start_daemon(ONCE, deadline=1.0)
+    running = await start_daemon(SINGLE_USE, deadline=1.0)
     pin = running.pin(17)
     store = running.daemon.gatekeeper.store
     blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
@@ -294,8 +296,8 @@ async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None
     """More entries than the buffer holds while the disk refuses: the oldest entries go,
     but a spent single-use code stays spent and a locked caller stays locked, after
     recovery and across a restart."""
-    loaded = config_mod.load(write_config(tmp_path, ONCE + "[lockout]\nsite_failures = 1000\n"),
-                             create_key=True)
+    config = write_config(tmp_path, SINGLE_USE + "[lockout]\nsite_failures = 1000\n")
+    loaded = config_mod.load(config, create_key=True)
     policy = daemon_mod.policy(loaded)
     guesser = "+31687654321"
 
@@ -410,7 +412,7 @@ def test_kill_9_while_the_store_fails_opens_no_single_use_code_twice(tmp_path: P
     """kill -9 while the store refuses writes, then a restart: a single-use code has
     opened at most once over both runs."""
     port = free_port()
-    config = write_config(tmp_path, ONCE, pulse=0.05, deadline=1.0)
+    config = write_config(tmp_path, SINGLE_USE, pulse=0.05, deadline=1.0)
     config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
     store = tmp_path / "state" / "entries.sqlite3"
 

@@ -168,6 +168,27 @@ def test_connections_past_max_connections_are_closed_at_once(tmp_path: Path) -> 
     assert refused["limit"] == 4
 
 
+def test_silent_connections_at_the_cap_make_room_for_a_call(tmp_path: Path) -> None:
+    """Connections that send nothing cannot keep the PBX out: at the cap, one silent
+    for longer than any answer takes is closed, and the call is answered."""
+    config, port = daemon_config(tmp_path, "max_connections = 4", deadline=0.5)
+    daemon = DaemonProcess(config)
+    try:
+        daemon.wait_for("listening")
+        with idle_connections(port, 4) as held:
+            time.sleep(1.5)  # past the answer deadline and its margin: nothing in progress
+            assert call(port) == "status=ACK&callername=Welcome&destination=201"
+            closed = 0
+            for sock in held:
+                sock.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    closed += sock.recv(1) == b""
+            assert closed == 1
+        daemon.wait_for("idle connection closed to make room")
+    finally:
+        daemon.stop()
+
+
 def test_the_unit_leaves_file_handles_beyond_max_connections() -> None:
     """systemd's LimitNOFILE holds the default max_connections and the daemon's own files."""
     default = ServerConfig(tokens=["x" * 12]).max_connections

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ import pytest
 import gated.actuators.relay
 import gated.daemon
 import gated.logs  # noqa: F401
-from gated import doctor, sitekey
+from gated import doctor, sitekey, statelock
 from gated.cli import main
 from gated.store import Store, connect, migrate
 
@@ -142,6 +143,29 @@ def test_a_fresh_state_directory_is_private(tmp_path: Path,
                      "--gates", "barrier"]) == 0
     capsys.readouterr()
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+async def test_the_daemons_own_first_start_makes_private_state(start_daemon: Any) -> None:
+    """The daemon's first start makes its state directory 0700 and its store, key and
+    state lock 0600, whatever the umask."""
+    with umask(0):
+        running = await start_daemon()
+    state = running.daemon.loaded.store_path.parent
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    for name in ("entries.sqlite3", "entries.sqlite3.lock", "site.key"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+
+
+def test_a_state_lock_root_takes_first_stays_the_daemons(tmp_path: Path) -> None:
+    """`sudo gated pulse` or a daemon run once as root, in the daemon's own state
+    directory: the lock file it leaves is the directory owner's, so the daemon can
+    still open it, and no one else can read it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    statelock.hold(state / "entries.sqlite3").release()
+    info = statelock.lock_path(state / "entries.sqlite3").stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (65534, 65534, 0o600)
 
 
 def root_made_store(state: Path) -> Path:
