@@ -28,7 +28,7 @@ from gated import events
 from gated.config import Config, ForwardConfig
 from gated.console import parse_duration
 from gated.errors import NumberError
-from gated.lockout import SITE
+from gated.lockout import SITE, WITHHELD
 from gated.numbers import normalise
 from gated.store import Entry
 
@@ -87,7 +87,7 @@ def fields(endpoint: Endpoint, kind: str, data: dict[str, Any], *, site: str,
             "event_type": "alarm", "alarm": data.get("alarm", ""),
             "time": dt.datetime.fromtimestamp(float(data.get("time", 0.0)), tz)
             .isoformat(timespec="milliseconds"),
-            "site": site, "caller": caller if caller and caller != SITE else None,
+            "site": site, "caller": caller if caller not in (None, SITE, WITHHELD) else None,
             **{k: data[k] for k in ALARM_FIELDS if k in data},
         }
     number = event.get("caller")
