@@ -33,7 +33,7 @@ from .forwarding import (
     ga4_url,
     headers_of,
 )
-from .helpers import BARRIER, RESIDENT, TOKEN, FakeClock, write_config
+from .helpers import BARRIER, DOOR, RESIDENT, TOKEN, FakeClock, write_config
 from .process import DaemonProcess, free_port
 
 OTHER = "+31687654321"
@@ -428,3 +428,16 @@ def test_pseudonym_is_stable_per_caller_and_useless_without_the_key() -> None:
     assert pseudonym(key, RESIDENT) != pseudonym(other, RESIDENT)
     assert pseudonym(key, RESIDENT) != pseudonym(key, OTHER)
     assert RESIDENT[1:] not in pseudonym(key, RESIDENT)
+
+
+async def test_numbers_pick_the_calls_an_endpoint_gets(start_daemon: Any,
+                                                       receiver: Receiver) -> None:
+    """`numbers`, written in any form, takes only calls to those called numbers."""
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url, extra='numbers = ["0501234568"]'))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    await running.get(code="471123", did=DOOR, callerid=RESIDENT)
+    (request,) = await receiver.wait_for(1)
+    await until(lambda: not outbox(running))
+    assert json.loads(request.body)["gate"] == "door"
+    assert len(receiver.requests) == 1

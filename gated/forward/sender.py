@@ -44,7 +44,7 @@ WAIT_INITIAL = 1.0
 WAIT_MAX = 60.0
 WAIT_JITTER = 1.0
 # A `gated forward retry` from another process is seen within this.
-POLL_SECONDS = 5.0
+POLL_SECONDS = 2.0
 # What of a rejection's answer is kept to say why.
 WHY_LENGTH = 200
 
