@@ -441,3 +441,22 @@ async def test_numbers_pick_the_calls_an_endpoint_gets(start_daemon: Any,
     await until(lambda: not outbox(running))
     assert json.loads(request.body)["gate"] == "door"
     assert len(receiver.requests) == 1
+
+
+async def test_webhook_id_is_the_same_after_a_restart(start_daemon: Any, tmp_path: Path,
+                                                      receiver: Receiver) -> None:
+    """A forward tried before a stop and sent after the restart keeps its webhook-id:
+    the receiver can tell it is the same one."""
+    receiver.script = [503] * 10_000
+    await receiver.start()
+    first = await start_daemon(forward_table(receiver.url))
+    await first.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    await receiver.wait_for(1)
+    await first.stop()
+    tried = len(receiver.requests)
+    receiver.script.clear()
+    second = await start_daemon(config=tmp_path / "gated.toml")
+    await receiver.wait_for(tried + 1)
+    await until(lambda: not outbox(second))
+    ids = {headers_of(r)["webhook-id"] for r in receiver.requests}
+    assert len(ids) == 1
