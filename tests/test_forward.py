@@ -460,3 +460,22 @@ async def test_webhook_id_is_the_same_after_a_restart(start_daemon: Any, tmp_pat
     await until(lambda: not outbox(second))
     ids = {headers_of(r)["webhook-id"] for r in receiver.requests}
     assert len(ids) == 1
+
+
+async def test_template_that_fails_on_a_real_entry_rejects_that_row(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """A template that passed the sample but fails on one entry: that row is kept as
+    rejected with the error's name, and the next is sent."""
+    await receiver.start()
+    body = "{{ 1 // (kind | length) }} {{ reason }}"  # no credential: kind is empty
+    running = await start_daemon(forward_table(
+        receiver.url, fmt="template", extra=f"body = {json.dumps(body)}"))
+    with capture_logs() as logs:
+        await running.get(did=BARRIER, callerid=RESIDENT)  # opens by caller, no code
+        await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+        (request,) = await receiver.wait_for(1)
+        await until(lambda: outbox(running) == [
+            ("crm", "rejected", None, "template failed: ZeroDivisionError")])
+    assert request.body == b"0 granted_code"
+    assert [e["why"] for e in logs if e.get("alarm") == "forward_rejected"] == [
+        "template failed: ZeroDivisionError"]
