@@ -23,6 +23,7 @@ from gated import __version__, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
+from gated.forward import commands as forward_commands
 from gated.pbx.voipgrid import WHAT_THE_DIAL_PLAN_DOES, parse_body
 from gated.printable import printable
 
@@ -91,6 +92,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"entries   {loaded.store_path}")
     broker = f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else "off"
     print(f"mqtt      {broker}")
+    for forward in config.forward:
+        # The host only: the rest of a URL may be a secret.
+        host = urllib.parse.urlsplit(forward.url).hostname
+        print(f"forward   {forward.name}: {forward.format} to {host}, caller {forward.caller}"
+              + (", alarms too" if forward.alarms else ""))
     return 0
 
 
@@ -347,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     manage.add_parsers(sub, common)
+    forward_commands.add_parsers(sub, common)
     return parser
 
 

@@ -285,6 +285,26 @@ class MetricsConfig(_Table, kw_only=True, frozen=True):
     listen: str = "127.0.0.1:9108"
 
 
+class ForwardConfig(_Table, kw_only=True, frozen=True):
+    """One endpoint that entries (and alarms) are forwarded to: docs/forwarding.md."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+    # May carry a secret (GA4's api_secret, an ntfy topic): logged by host only.
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    format: Literal["json", "ga4", "template"] = "json"
+    secret: str | None = None                       # json: the Standard Webhooks key
+    numbers: Annotated[list[_Number], _most(1000)] = []
+    statuses: list[Literal["ACK", "NAK", "ERR"]] = []
+    alarms: bool = False
+    caller: Literal["number", "pseudonym", "none"] = "pseudonym"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=120)] = 5.0
+    give_up_after: str = "24h"
+    event_name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,39}$")] | None = None
+    method: Literal["POST", "PUT"] | None = None
+    content_type: Annotated[str, _most(128)] | None = None
+    body: Annotated[str, _most(16384)] | None = None
+
+
 class Config(_Table, kw_only=True, frozen=True):
     site: SiteConfig
     server: ServerConfig
@@ -298,6 +318,7 @@ class Config(_Table, kw_only=True, frozen=True):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None
     twiml: TwimlConfig | None = None
+    forward: list[ForwardConfig] = []
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
@@ -556,6 +577,11 @@ def _check(config: Config, fail: Any) -> None:
             raise fail(("gates", name, "sensor"),
                        "a dtmf gate opens after the answer; a sensor cannot confirm it")
     _check_twiml(config, fail)
+    if config.forward:
+        # jinja2 and the signing library load only on sites that forward.
+        from gated.forward.endpoints import check
+
+        check(config, fail)
 
 
 def topic_problem(topic: str, *, prefix: bool = False) -> str | None:

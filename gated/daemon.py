@@ -180,12 +180,19 @@ class Daemon:
                                max_headers=REQUEST_LIMITS["max_headers"])
         self._webhook_settings = runner.app[WEBHOOK]
         self._twiml_settings = runner.app.get(TWIML)
+        forwarder = None
+        if config.forward:  # jinja2 and the HTTP client load only on sites that forward
+            from gated.forward.sender import make_forwarder
+
+            forwarder = make_forwarder(self.loaded, gatekeeper.store, self.clock)
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
             gatekeeper.listeners.append(metrics.entry)
             gatekeeper.lock_listeners.append(metrics.lock)
             metrics.watch(gatekeeper, self.sensors)
+            if forwarder is not None:
+                metrics.watch_forwards(forwarder)
             link = self.link
             if link is not None:
                 metrics.mqtt_connected.set_function(lambda: float(link.connected))
@@ -198,6 +205,9 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._reloads.put_nowait("SIGHUP"))
         try:
             async with asyncio.TaskGroup() as tasks:
+                if forwarder is not None:  # before the writer: it writes every entry's forwards
+                    forwarder.attach()
+                    tasks.create_task(forwarder.run(), name="forward")
                 tasks.create_task(gatekeeper.store.run(), name="store-writer")
                 tasks.create_task(self._watch_file(), name="config-watch")
                 tasks.create_task(self._reloader(), name="config-reload")
@@ -428,7 +438,8 @@ def restart_needed(old: Loaded, new: Loaded) -> list[str]:
     else:
         changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
                     if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
-    changed += [table for table in ("log", "mqtt") if getattr(a, table) != getattr(b, table)]
+    changed += [table for table in ("log", "mqtt", "forward")
+                if getattr(a, table) != getattr(b, table)]
     # The TwiML routes are made at start; its texts, token and fallback reload.
     if (a.twiml is None) != (b.twiml is None):
         changed.append("twiml")

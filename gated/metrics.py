@@ -23,6 +23,7 @@ from gated.lockout import SITE, LockEvent
 from gated.store import Entry
 
 if TYPE_CHECKING:
+    from gated.forward.sender import Forwarder
     from gated.gatekeeper import Gatekeeper
     from gated.sensor import GateSensor
 
@@ -82,6 +83,10 @@ class Metrics:
         """Export the store's, the lockout's and the sensors' state at scrape time."""
         self.registry.register(_StateCollector(gatekeeper, sensors))
 
+    def watch_forwards(self, forwarder: Forwarder) -> None:
+        """Export each [[forward]] endpoint's queue at scrape time."""
+        self.registry.register(_ForwardCollector(forwarder))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -116,6 +121,38 @@ class _StateCollector(Collector):
         for name, sensor in sorted(self._sensors.items()):
             position.add_metric([name], int(sensor.is_open))
         yield position
+
+
+class _ForwardCollector(Collector):
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+
+    def collect(self) -> Iterator[Metric]:
+        forwarder = self._forwarder
+        names = [e.name for e in forwarder.endpoints]
+        for metric, helptext, counts in (
+                ("gated_forward_delivered", "Forwards delivered, per endpoint",
+                 forwarder.delivered),
+                ("gated_forward_rejected", "Forwards the endpoint refused (kept; see "
+                 "gated forward ls)", forwarder.rejected),
+                ("gated_forward_expired", "Forwards dropped after give_up_after",
+                 forwarder.expired)):
+            family = CounterMetricFamily(metric, helptext, labels=["endpoint"])
+            for name in names:
+                family.add_metric([name], counts[name])
+            yield family
+        pending = GaugeMetricFamily("gated_forward_pending", "Forwards waiting to be sent",
+                                    labels=["endpoint"])
+        age = GaugeMetricFamily("gated_forward_oldest_pending_seconds",
+                                "Age of the oldest forward waiting to be sent (0: none)",
+                                labels=["endpoint"])
+        now = forwarder.clock.now()
+        for name in names:
+            count, oldest = forwarder.pending.get(name, (0, None))
+            pending.add_metric([name], count)
+            age.add_metric([name], max(now - oldest, 0.0) if oldest is not None else 0.0)
+        yield pending
+        yield age
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -119,8 +119,32 @@ CREATE TABLE IF NOT EXISTS managed_routes (
     PRIMARY KEY (scope, id)
 );
 """
+# The forward outbox (gated/forward): one row per entry or alarm and endpoint,
+# written with its entry; delivered rows leave it and are counted in totals.
+SCHEMA_V7 = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    created REAL NOT NULL,
+    kind TEXT NOT NULL,
+    body BLOB NOT NULL,
+    msg_id TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status INTEGER,
+    why TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox(endpoint, state, id);
+CREATE TABLE IF NOT EXISTS forward_totals (
+    endpoint TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    expired INTEGER NOT NULL DEFAULT 0,
+    last_delivered REAL
+);
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+              SCHEMA_V7)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -227,6 +251,20 @@ class _Pending:
     code: tuple[str, str, bytes | None] | None = None
     ledger: _LedgerState | None = None
     route: tuple[str, str, bytes | None] | None = None  # a managed route, as ``code``
+    alarm: dict[str, Any] | None = None  # for the forward outbox only
+
+
+class Outbox(Protocol):
+    """Which forward rows a batch makes (gated/forward/outbox.py)."""
+
+    def rows(self, entries: Sequence[Entry],
+             alarms: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]: ...
+
+    def written(self, endpoints: set[str]) -> None: ...
+
+
+INSERT_OUTBOX = ("INSERT INTO outbox (endpoint, created, kind, body, msg_id) "
+                 "VALUES (?, ?, ?, ?, ?)")
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -287,6 +325,8 @@ class Store:
         self._failing = False
         self.dropped = 0
         self.batches = 0
+        # Set when [[forward]] is configured: its rows go in with the entries.
+        self.outbox: Outbox | None = None
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -369,6 +409,11 @@ class Store:
         self._wake.set()
         return done
 
+    def submit_alarm(self, alarm: dict[str, Any]) -> None:
+        """Queue an alarm for the forward outbox (nothing else stores alarms)."""
+        self._pending.append(_Pending(None, None, alarm=alarm))
+        self._wake.set()
+
     def save_code(self, scope: str, code_id: str, body: bytes | None) -> asyncio.Future[bool]:
         """Keep (or, with ``body`` None, forget) the local copy of one managed code."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -405,7 +450,7 @@ class Store:
                 # ledger changes written in the same transaction.
                 ledger, self._ledger = self._ledger, _LedgerState()
                 try:
-                    await loop.run_in_executor(
+                    forwarded = await loop.run_in_executor(
                         self._executor, self._write, [*batch, _Pending(None, None, ledger=ledger)])
                 except (sqlite3.Error, OSError) as exc:
                     self._ledger.after(ledger)
@@ -433,17 +478,28 @@ class Store:
                 for item in batch:
                     if item.done is not None and not item.done.done():
                         item.done.set_result(True)
+                if forwarded and self.outbox is not None:
+                    self.outbox.written(forwarded)
 
-    def _write(self, batch: Sequence[_Pending]) -> None:
+    def _write(self, batch: Sequence[_Pending]) -> set[str]:
         # One statement per table for the whole batch, not three per call:
         # this runs on the writer thread but holds the GIL while it builds
         # rows, so its Python work is taken from the event loop. The ledger
         # state holds one (the latest) value per key.
         entries = [_entry_row(item.entry) for item in batch if item.entry is not None]
+        forwards: list[tuple[Any, ...]] = []
+        if self.outbox is not None:
+            # In the same transaction: an answered call's forward is as
+            # durable as its entry, and never sent for an entry not kept.
+            forwards = self.outbox.rows(
+                [item.entry for item in batch if item.entry is not None],
+                [item.alarm for item in batch if item.alarm is not None])
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(INSERT_ENTRY, entries)
+            if forwards:
+                conn.executemany(INSERT_OUTBOX, forwards)
             for item in batch:
                 if item.ledger is not None:
                     _write_ledger(conn, item.ledger)
@@ -471,6 +527,7 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return {row[0] for row in forwards}
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait until everything pending is written (or ``within`` seconds pass)."""

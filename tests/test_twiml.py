@@ -575,7 +575,7 @@ def test_an_older_store_gains_the_call_id_and_keeps_its_entries(tmp_path: Path) 
     schema."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
-    before = SCHEMA_VERSION - 1
+    before = next(n for n, step in enumerate(MIGRATIONS) if "call_id" in step)
     old.executescript("".join(MIGRATIONS[:before]))
     old.execute("INSERT INTO entries (time, status, reason) VALUES (1.0, 'ACK', 'granted_code')")
     old.execute(f"PRAGMA user_version = {before:d}")
