@@ -479,3 +479,21 @@ async def test_template_that_fails_on_a_real_entry_rejects_that_row(
     assert request.body == b"0 granted_code"
     assert [e["why"] for e in logs if e.get("alarm") == "forward_rejected"] == [
         "template failed: ZeroDivisionError"]
+
+
+async def test_a_routed_call_to_a_campaign_line_is_a_ga4_event_naming_its_route(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """A known caller routed on a campaign line: GA4 gets the line as called_number, no
+    gate, reason routed_caller and the route's name."""
+    await receiver.start()
+    line = "+31501234500"
+    routes = (f'\n[[routes]]\nname = "Key accounts"\nnumbers = ["{line}"]\n'
+              f'callers = ["{OTHER}"]\ndestination = "+31501234510"\n')
+    running = await start_daemon(routes + forward_table(
+        ga4_url(receiver), fmt="ga4", extra=f'numbers = ["{line}"]'))
+    _, text = await running.get(did=line, callerid=OTHER)
+    assert text.startswith("status=ACK")
+    (request,) = await receiver.wait_for(1)
+    assert json.loads(request.body)["events"] == [{"name": "phone_call", "params": {
+        "called_number": line, "gate": "", "status": "ACK", "reason": "routed_caller",
+        "route": "Key accounts"}}]
