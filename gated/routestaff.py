@@ -16,9 +16,8 @@ from typing import Any
 from gated import config as config_mod
 from gated.config import Config
 from gated.console import print_table, split_names
-from gated.managed import ID_RE
 from gated.routes import RouteError, parse_managed
-from gated.staff import DEFAULT_WAIT, StaffError, _base, _client_id, _verdict
+from gated.staff import DEFAULT_WAIT, StaffError, _base, _client_id, _verdict, remove
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -101,29 +100,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    if not ID_RE.fullmatch(args.id):
-        raise StaffError(f"no route {args.id!r}: a route id is 1 to 64 letters, digits, "
-                         "'_', '.' or '-'")
-    loaded, config = _site(args)
-    _scope, base = _base(config, args.fleet)
-    topic = f"{base}/routes/{args.id}"
-
-    async def run() -> int:
-        from gated.mqtt import connect, read_retained
-
-        assert config.mqtt is not None
-        client_id = _client_id(config)
-        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
-            found, complete = await read_retained(
-                client, [topic], marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
-            await client.publish(topic, b"", qos=1, retain=True)
-        if complete and not found:
-            print(f"{topic} was not on the broker; nothing to delete")
-            return 1
-        print(f"deleted {topic}")
-        return 0
-
-    return asyncio.run(run())
+    return remove(args, "route")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -196,13 +196,18 @@ async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: 
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    return remove(args, "code")
+
+
+def remove(args: argparse.Namespace, noun: str) -> int:
+    """Delete the retained ``<noun>s/<id>`` (a code or a route) from the broker."""
     if not ID_RE.fullmatch(args.id):
         # '+' or '#' would reach the broker as a wildcard, which no one can publish to.
-        raise StaffError(f"no code {args.id!r}: a code id is 1 to 64 letters, digits, "
+        raise StaffError(f"no {noun} {args.id!r}: a {noun} id is 1 to 64 letters, digits, "
                          "'_', '.' or '-'")
     loaded, config = _site(args)
     _scope, base = _base(config, args.fleet)
-    topic = f"{base}/codes/{args.id}"
+    topic = f"{base}/{noun}s/{args.id}"
 
     async def run() -> int:
         from gated.mqtt import connect, read_retained
