@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
-from multidict import MultiDict, MultiDictProxy
 
 from gated.config import TwimlConfig
 from gated.decide import Status
@@ -38,7 +37,7 @@ from gated.gatekeeper import Gatekeeper, RawCall
 from gated.keys import GATEKEEPER, TWIML, WEBHOOK
 from gated.numbers import normalise
 from gated.pbx import Answer
-from gated.pbx.voipgrid import SAFETY_MARGIN
+from gated.pbx.voipgrid import SAFETY_MARGIN, read_form
 from gated.sockets import waited
 
 log = structlog.get_logger("gated.twiml")
@@ -177,21 +176,6 @@ def _text(body: str, status: int) -> web.Response:
     return web.Response(text=body, status=status, content_type="text/plain")
 
 
-async def _form(request: web.Request) -> MultiDict[str] | web.Response:
-    try:
-        form: MultiDictProxy[str | object] = await request.post()  # type: ignore[assignment]
-    except UnicodeDecodeError:
-        return _text("bad request: body is not UTF-8\n", 400)
-    except ValueError:
-        return _text("bad request: unreadable form body\n", 400)
-    params: MultiDict[str] = MultiDict()
-    for key, value in form.items():
-        if not isinstance(value, str):
-            return _text("bad request: files are not accepted\n", 400)
-        params.add(key, value)
-    return params
-
-
 def _caller(value: str | None) -> str | None:
     return None if value in WITHHELD else value
 
@@ -212,7 +196,7 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
     settings = request.app[TWIML].current
     webhook = request.app[WEBHOOK].current
     client = webhook.client(request)
-    form = await _form(request)
+    form = await read_form(request)
     if isinstance(form, web.Response):
         log.warning("bad request", remote=client, status=form.status)
         return form

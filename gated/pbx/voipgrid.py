@@ -132,19 +132,29 @@ def _text(response: str, status: int = 200) -> web.Response:
     return web.Response(text=response, status=status, content_type="text/plain")
 
 
+async def read_form(request: web.Request) -> MultiDict[str] | web.Response:
+    """A POST's form fields, or the 400 that says why there are none to read."""
+    try:
+        form: MultiDictProxy[str | object] = await request.post()  # type: ignore[assignment]
+    except UnicodeDecodeError:
+        return _text("bad request: body is not UTF-8\n", 400)
+    except ValueError:
+        return _text("bad request: unreadable form body\n", 400)
+    fields: MultiDict[str] = MultiDict()
+    for key, value in form.items():
+        if not isinstance(value, str):
+            return _text("bad request: files are not accepted\n", 400)
+        fields.add(key, value)
+    return fields
+
+
 async def _params(request: web.Request) -> Mapping[str, str] | web.Response:
     params: MultiDict[str] = MultiDict(request.query)
     if request.method == "POST":
-        try:
-            form: MultiDictProxy[str | object] = await request.post()  # type: ignore[assignment]
-        except UnicodeDecodeError:
-            return _text("bad request: body is not UTF-8\n", 400)
-        except ValueError:
-            return _text("bad request: unreadable form body\n", 400)
-        for key, value in form.items():
-            if not isinstance(value, str):
-                return _text("bad request: files are not accepted\n", 400)
-            params.add(key, value)
+        form = await read_form(request)
+        if isinstance(form, web.Response):
+            return form
+        params.extend(form)
     return params
 
 
