@@ -267,6 +267,18 @@ INSERT_OUTBOX = ("INSERT INTO outbox (endpoint, created, kind, body, msg_id) "
                  "VALUES (?, ?, ?, ?, ?)")
 
 
+def _keep_copy(conn: sqlite3.Connection, table: str, scope: str, item_id: str,
+               body: bytes | None) -> None:
+    """Keep (or, with ``body`` None, forget) the local copy of one managed code or route."""
+    # ``table`` is one of two constants; values are always bound.
+    if body is None:
+        conn.execute(f"DELETE FROM {table} WHERE scope = ? AND id = ?",  # noqa: S608
+                     (scope, item_id))
+    else:
+        conn.execute(f"INSERT OR REPLACE INTO {table} (scope, id, body, updated) "  # noqa: S608
+                     "VALUES (?, ?, ?, ?)", (scope, item_id, body, time.time()))
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -504,24 +516,9 @@ class Store:
                 if item.ledger is not None:
                     _write_ledger(conn, item.ledger)
             for item in batch:
-                if item.code is not None:
-                    scope, code_id, body = item.code
-                    if body is None:
-                        conn.execute("DELETE FROM managed_codes WHERE scope = ? AND id = ?",
-                                     (scope, code_id))
-                    else:
-                        conn.execute(
-                            "INSERT OR REPLACE INTO managed_codes (scope, id, body, updated) "
-                            "VALUES (?, ?, ?, ?)", (scope, code_id, body, time.time()))
-                if item.route is not None:
-                    scope, route_id, body = item.route
-                    if body is None:
-                        conn.execute("DELETE FROM managed_routes WHERE scope = ? AND id = ?",
-                                     (scope, route_id))
-                    else:
-                        conn.execute(
-                            "INSERT OR REPLACE INTO managed_routes (scope, id, body, updated) "
-                            "VALUES (?, ?, ?, ?)", (scope, route_id, body, time.time()))
+                for table, copy in (("managed_codes", item.code), ("managed_routes", item.route)):
+                    if copy is not None:
+                        _keep_copy(conn, table, *copy)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
