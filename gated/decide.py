@@ -183,7 +183,11 @@ class Ledger:
                 self.uses[credential.id] = changes.uses[credential.id] = count
             if decision.timecode is not None:
                 self.totp_last[credential.id] = changes.totp[credential.id] = decision.timecode
-            changes.strikes = self.lockout.success(request.caller)
+            if decision.opens:
+                # Only an open clears a caller's strikes: a route-only code (a
+                # sales line's, known to many) typed between guesses must not
+                # keep a guesser under the per-caller lock.
+                changes.strikes = self.lockout.success(request.caller)
         elif decision.reason in GUESS_REASONS:
             changes.strikes, changes.locks = self.lockout.failure(request.caller, now)
         return changes

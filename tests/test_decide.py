@@ -112,6 +112,18 @@ def test_route_only_credential_opens_nothing(book: CodeBook, ledger: Ledger) -> 
     assert (routed.callername, routed.destination) == ("Sales desk", "+31501234599")
 
 
+def test_a_route_only_code_does_not_clear_a_guessers_strikes(book: CodeBook) -> None:
+    """A sales line's code, known to many, typed between guesses keeps no guesser below
+    the per-caller lock (5 by default): only an open clears a caller's strikes."""
+    ledger = Ledger.fresh(Policy())
+    guesser = "+31687654321"
+    for n in range(4):
+        assert reason(book, ledger, WEDNESDAY_NOON, f"00000{n}", caller=guesser) == "unknown_code"
+        assert reason(book, ledger, WEDNESDAY_NOON, "9000", caller=guesser) == "granted_route"
+    assert reason(book, ledger, WEDNESDAY_NOON, "000009", caller=guesser) == "unknown_code"
+    assert reason(book, ledger, WEDNESDAY_NOON, "471123", caller=guesser) == "locked_out"
+
+
 def test_wrong_gate(book: CodeBook, ledger: Ledger) -> None:
     """A code valid for another gate is wrong_gate."""
     assert reason(book, ledger, WEDNESDAY_NOON, "5555", did=DOOR) == "wrong_gate"
