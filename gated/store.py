@@ -423,6 +423,9 @@ class Store:
 
     def submit_alarm(self, alarm: dict[str, Any]) -> None:
         """Queue an alarm for the forward outbox (nothing else stores alarms)."""
+        if len(self._pending) >= BUFFER_LIMIT:
+            self.dropped += 1  # the disk is failing: the buffer is for entries first
+            return
         self._pending.append(_Pending(None, None, alarm=alarm))
         self._wake.set()
 

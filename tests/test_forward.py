@@ -497,3 +497,23 @@ async def test_a_routed_call_to_a_campaign_line_is_a_ga4_event_naming_its_route(
     assert json.loads(request.body)["events"] == [{"name": "phone_call", "params": {
         "called_number": line, "gate": "", "status": "ACK", "reason": "routed_caller",
         "route": "Key accounts"}}]
+
+
+async def test_two_refusing_alarm_endpoints_do_not_pass_alarms_back_and_forth(
+        start_daemon: Any) -> None:
+    """Both endpoints refuse everything: a rejected entry raises forward_rejected, which
+    goes to the other endpoint, whose refusal of that alarm raises nothing more."""
+    first, second = Receiver(script=[400] * 50), Receiver(script=[400] * 50)
+    await first.start()
+    await second.start()
+    running = await start_daemon(
+        forward_table(first.url, name="a", extra="alarms = true\n")
+        + forward_table(second.url, name="b", extra="alarms = true\n"))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    # The entry to each, then each one's forward_rejected to the other: four in all.
+    await first.wait_for(2)
+    await second.wait_for(2)
+    await asyncio.sleep(1.5)  # what a loop would send next has had time to arrive
+    assert (len(first.requests), len(second.requests)) == (2, 2)
+    await first.stop()
+    await second.stop()

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 
 from gated.errors import StoreError
 from gated.store import Entry, connect
+
+log = structlog.get_logger("gated.forward")
 
 if TYPE_CHECKING:
     from gated.forward.endpoints import Endpoint
@@ -60,7 +63,13 @@ class Router:
                     encoded = encoded or msgspec.json.encode(entry.as_dict())
                     rows.append((endpoint.name, entry.time, "entry", encoded, _msg_id()))
         for alarm in alarms:
-            encoded = msgspec.json.encode(alarm)
+            try:
+                encoded = msgspec.json.encode(alarm)
+            except (TypeError, msgspec.EncodeError) as exc:
+                # The writer must go on: a failure here would stop every entry.
+                log.error("alarm not forwarded: cannot encode it", alarm=alarm.get("alarm"),
+                          error=type(exc).__name__)
+                continue
             for endpoint in self.endpoints:
                 if endpoint.alarms and not (alarm.get("alarm") in OWN_ALARMS
                                             and alarm.get("endpoint") == endpoint.name):

@@ -180,8 +180,9 @@ class Forwarder:
                     continue
                 await self.store.call(outbox.expired, row)
                 self.expired[endpoint.name] += 1
-                alarms.alarm(log, "forward_expired", "forward given up after give_up_after",
-                             **where, attempts=attempts)
+                if row.kind != "alarm":  # see _reject
+                    alarms.alarm(log, "forward_expired", "forward given up after give_up_after",
+                                 **where, attempts=attempts)
                 return
             await self.store.call(outbox.delivered, row, self.clock.now())
             self.delivered[endpoint.name] += 1
@@ -196,6 +197,12 @@ class Forwarder:
                       why: str, attempts: int) -> None:
         await self.store.call(outbox.rejected, row, status, why, attempts)
         self.rejected[endpoint.name] += 1
+        if row.kind == "alarm":
+            # Alarms about alarms: two endpoints that both refuse would pass
+            # forward_rejected back and forth for ever. Logged, counted, kept.
+            log.warning("forwarded alarm rejected", endpoint=endpoint.name,
+                        host=endpoint.host, status=status, why=why)
+            return
         alarms.alarm(log, "forward_rejected", "forward rejected by its endpoint",
                      endpoint=endpoint.name, host=endpoint.host, status=status, why=why)
 
