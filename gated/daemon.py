@@ -215,8 +215,9 @@ class Daemon:
                 tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
-                # Silent for longer than any answer takes: no call is in progress.
-                idle_after = config.server.answer_deadline + SAFETY_MARGIN
+                # Silent for longer than any answer takes (twice the deadline, for
+                # a loop that stalled): no call is in progress on it.
+                idle_after = 2 * config.server.answer_deadline + SAFETY_MARGIN
                 site = self._webhook = CappedSite(
                     runner, host, port, max_connections=config.server.max_connections,
                     idle_after=idle_after, reuse_address=True)

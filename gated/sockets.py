@@ -97,19 +97,25 @@ class _Capped:
         self.clock = clock
         self.refused = 0
         self.told = -REPEAT_WINDOW
+        self.next_scan = 0.0
 
     def __call__(self) -> asyncio.Protocol:
         # aiohttp counts a connection once it is made, a loop turn after this
         # call: one burst of accepts (the listen backlog) may go past the cap.
         if len(self.server.connections) < self.limit:
             return self.server()
-        idlest = max(self.server.connections, key=lambda c: waited(c.transport), default=None)
-        if idlest is not None and waited(idlest.transport) > self.idle_after:
-            log.info("idle connection closed to make room", limit=self.limit)
-            idlest.force_close()
-            return self.server()
-        self.refused += 1
         now = self.clock()
+        # A scan asks the kernel about every connection: under a flood, only
+        # when one of them can have gone silent long enough since the last.
+        if now >= self.next_scan:
+            silent, idlest = max(((waited(c.transport), c) for c in self.server.connections),
+                                 key=lambda pair: pair[0], default=(0.0, None))
+            if idlest is not None and silent > self.idle_after:
+                log.info("idle connection closed to make room", limit=self.limit)
+                idlest.force_close()
+                return self.server()
+            self.next_scan = now + self.idle_after - silent
+        self.refused += 1
         if now - self.told >= REPEAT_WINDOW:
             log.warning("connections refused: max_connections reached", limit=self.limit,
                         refused=self.refused)
