@@ -71,6 +71,9 @@ def make_dir(directory: Path) -> None:
         owner = owner_for(folder.parent)
         if owner is not None:
             os.chown(folder, *owner)
+        # Else a power cut could lose the folder, and with it a new site key.
+        with contextlib.suppress(OSError):
+            fsync_dir(folder.parent)
 
 
 def create_private(path: Path) -> bool:

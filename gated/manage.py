@@ -260,10 +260,13 @@ def cmd_totp_add(args: argparse.Namespace) -> int:
     uri = otp.provisioning_uri(name=args.name, issuer_name=f"gated {loaded.config.site.id}")
     code = qr.make(uri)
     if qr_file is not None:
+        # The user is in the config already: the URI first, so a QR file that
+        # cannot be written still leaves a way to enrol.
+        print(uri)
         qr.save(code, qr_file)
     else:
         qr.terminal(code, sys.stdout)
-    print(uri)
+        print(uri)
     where = "not written (--no-write)" if args.no_write else f"added to {path}"
     scan = f"the QR code in {qr_file}" if qr_file is not None else "the code above"
     print(f"TOTP user {args.name!r} for {', '.join(gates)}: {where}; scan {scan} "
