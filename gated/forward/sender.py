@@ -18,6 +18,7 @@ import sqlite3
 import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -31,7 +32,7 @@ from gated.clock import Clock
 from gated.forward import outbox
 from gated.forward.endpoints import Endpoint, body, build
 from gated.printable import printable
-from gated.store import Store
+from gated.store import Store, connect
 
 if TYPE_CHECKING:
     from gated.config import Loaded
@@ -83,6 +84,25 @@ class Forwarder:
         self.pending: dict[str, tuple[int, float | None]] = {}
         self._unsubscribe: Callable[[], None] = lambda: None
         self._refreshed = 0.0
+        # Its own connection on its own thread: a sender's reads and marks never
+        # queue in front of the writer whose commits the PBX's answers wait for.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-forward")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(connection, *args)`` on the forwarder's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._on_thread, function, args)
+
+    def _on_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if self._conn is None:
+            self._conn = connect(self.store.path)
+        return function(self._conn, *args)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def attach(self) -> None:
         """From now on the store queues this daemon's rows with their entries."""
@@ -108,18 +128,22 @@ class Forwarder:
                                       name=f"forward-{endpoint.name}")
         finally:
             self._unsubscribe()
+            # On the thread that made the connection; then the thread ends.
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                self._executor, self._close))
+            self._executor.shutdown(wait=False)
 
     async def refresh(self) -> None:
         self._refreshed = self.clock.monotonic()
         with contextlib.suppress(sqlite3.Error):
-            self.pending = await self.store.call(outbox.pending_counts)
+            self.pending = await self._call(outbox.pending_counts)
 
     async def _sender(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> None:
         wake = self.router.wakes[endpoint.name]
         while True:
             wake.clear()
             try:
-                row = await self.store.call(outbox.head, endpoint.name)
+                row = await self._call(outbox.head, endpoint.name)
             except sqlite3.Error as exc:
                 log.warning("forward queue unreadable", endpoint=endpoint.name, error=str(exc))
                 row = None
@@ -178,24 +202,24 @@ class Forwarder:
                     # caps them, its clock is not ours): go on, after a pause.
                     await asyncio.sleep(0.01 if stamina.is_testing() else min(left, WAIT_INITIAL))
                     continue
-                await self.store.call(outbox.expired, row)
+                await self._call(outbox.expired, row)
                 self.expired[endpoint.name] += 1
                 if row.kind != "alarm":  # see _reject
                     alarms.alarm(log, "forward_expired", "forward given up after give_up_after",
                                  **where, attempts=attempts)
                 return
-            await self.store.call(outbox.delivered, row, self.clock.now())
+            await self._call(outbox.delivered, row, self.clock.now())
             self.delivered[endpoint.name] += 1
             log.debug("forward delivered", **where, attempts=attempts)
             return
 
     async def _note_attempt(self, row: outbox.Row, attempts: int) -> None:
         with contextlib.suppress(sqlite3.Error):
-            await self.store.call(outbox.attempted, row, attempts)
+            await self._call(outbox.attempted, row, attempts)
 
     async def _reject(self, endpoint: Endpoint, row: outbox.Row, status: int | None,
                       why: str, attempts: int) -> None:
-        await self.store.call(outbox.rejected, row, status, why, attempts)
+        await self._call(outbox.rejected, row, status, why, attempts)
         self.rejected[endpoint.name] += 1
         if row.kind == "alarm":
             # Alarms about alarms: two endpoints that both refuse would pass
