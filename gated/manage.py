@@ -204,11 +204,10 @@ def _checked(text: str, path: Path) -> None:
 
 def _totp_number(text: str, option: str, bounds: tuple[int, int]) -> int:
     """``--digits``/``--period`` by the bounds the config itself puts on ``[[totp]]``."""
-    low, high = bounds
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise argparse.ArgumentTypeError(
-            f"{option}: expected a whole number from {low} to {high}, got {text!r}")
-    return int(text)
+    try:
+        return _between(*bounds)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{option}: {exc}, got {text!r}") from None
 
 
 def cmd_totp_add(args: argparse.Namespace) -> int:

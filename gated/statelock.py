@@ -20,7 +20,7 @@ from gated.errors import StoreError
 
 
 def lock_path(store: Path) -> Path:
-    return store.with_name(store.name + ".lock")
+    return files.lock_path(store)
 
 
 class StateLock:
