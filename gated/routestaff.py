@@ -17,7 +17,15 @@ from gated import config as config_mod
 from gated.config import Config
 from gated.console import print_table, split_names
 from gated.routes import RouteError, parse_managed
-from gated.staff import DEFAULT_WAIT, StaffError, _base, _client_id, _verdict, remove
+from gated.staff import (
+    DEFAULT_WAIT,
+    StaffError,
+    _base,
+    _client_id,
+    _verdict,
+    list_retained,
+    remove,
+)
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -127,71 +135,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _ls_broker(args: argparse.Namespace) -> int:
     loaded, config = _site(args)
-    assert config.mqtt is not None
-    bases = [("site", config.mqtt_prefix)]
-    if config.mqtt.fleet_prefix is not None:
-        bases.append(("fleet", config.mqtt.fleet_prefix))
-    if args.fleet:
-        bases = [_base(config, True)]
-
-    async def run() -> tuple[list[Any], bool]:
-        from gated.mqtt import connect, read_retained
-
-        assert config.mqtt is not None
-        client_id = _client_id(config)
-        filters = [f"{base}/routes/{suffix}" for _, base in bases
-                   for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
-        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
-            return await read_retained(client, filters,
-                                       marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
-
-    found, complete = asyncio.run(run())
-    routes: dict[tuple[str, str], dict[str, Any]] = {}
-    errors: dict[tuple[str, str], str] = {}
-    for message in found:
-        for scope, base in bases:
-            rest = message.topic.removeprefix(f"{base}/routes/")
-            if rest == message.topic:
-                continue
-            route_id, _, tail = rest.partition("/")
-            if not tail:
-                try:
-                    fields = json.loads(message.payload)
-                except ValueError:
-                    fields = {"unreadable": True}
-                if not isinstance(fields, dict):
-                    fields = {"unreadable": True}
-                routes[(scope, route_id)] = {"scope": scope, "id": route_id, **fields}
-            elif message.payload:
-                try:
-                    errors[(scope, route_id)] = json.loads(message.payload).get("error", "")
-                except (ValueError, AttributeError):
-                    errors[(scope, route_id)] = message.payload.decode(errors="replace")
-    for key, error in errors.items():
-        if key in routes:
-            routes[key]["refused"] = error
-    listed = [routes[key] for key in sorted(routes)]
-    if args.json:
-        for row in listed:
-            print(json.dumps(row, ensure_ascii=False))
-    elif not listed:
-        print("no routes on the broker")
-    else:
-        header = ["scope", "id", "name", "numbers", "callers", "destination", "callername"]
-        lines = [header]
-        for row in listed:
-            cells = []
-            for column in header:
-                value = row.get(column, "")
-                if isinstance(value, list):
-                    value = ",".join(str(v) for v in value)
-                cells.append("-" if value in ("", None) else str(value))
-            lines.append(cells)
-        print_table(lines)
-        for row in listed:
-            if "refused" in row:
-                print(f"! {row['scope']} {row['id']}: gated refused the latest version: "
-                      f"{row['refused']}")
-    if not complete:
-        print("(the broker did not confirm the end of the list; it may be incomplete)")
-    return 0
+    return list_retained(args, loaded, config, "route",
+                         ["scope", "id", "name", "numbers", "callers", "destination",
+                          "callername"])

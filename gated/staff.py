@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import secrets
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from gated import config as config_mod
@@ -229,6 +230,17 @@ def remove(args: argparse.Namespace, noun: str) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     loaded, config = _site(args)
+    header = ["scope", "id", "name", "gates", "valid_until", "max_uses", "schedule"]
+    if args.show_codes:
+        header.insert(2, "code")
+    # The hash is long and no use to a reader; digits only when asked for.
+    hide = {"code_hash"} if args.show_codes else {"code_hash", "code"}
+    return list_retained(args, loaded, config, "code", header, hide)
+
+
+def list_retained(args: argparse.Namespace, loaded: config_mod.Loaded, config: Config,
+                  noun: str, header: list[str], hide: Collection[str] = ()) -> int:
+    """List the retained ``<noun>s/<id>`` of this site (and the fleet) and their refusals."""
     assert config.mqtt is not None
     bases: list[tuple[Scope, str]] = [("site", config.mqtt_prefix)]
     if config.mqtt.fleet_prefix is not None:
@@ -241,36 +253,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
         assert config.mqtt is not None
         client_id = _client_id(config)
-        filters = [f"{base}/codes/{suffix}" for _, base in bases
+        filters = [f"{base}/{noun}s/{suffix}" for _, base in bases
                    for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
         async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             return await read_retained(client, filters,
                                        marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
 
     found, complete = asyncio.run(run())
-    rows = _rows(found, bases, show_codes=args.show_codes)
+    rows = _rows(found, bases, noun, hide)
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
     elif not rows:
-        print("no codes on the broker")
+        print(f"no {noun}s on the broker")
     else:
-        _print_table(rows)
+        _print_table(rows, header)
     if not complete:
         print("(the broker did not confirm the end of the list; it may be incomplete)")
     return 0
 
 
-def _rows(found: list[Any], bases: list[tuple[Scope, str]], *,
-          show_codes: bool) -> list[dict[str, Any]]:
-    codes: dict[tuple[str, str], dict[str, Any]] = {}
+def _rows(found: list[Any], bases: list[tuple[Scope, str]], noun: str,
+          hide: Collection[str]) -> list[dict[str, Any]]:
+    items: dict[tuple[str, str], dict[str, Any]] = {}
     errors: dict[tuple[str, str], str] = {}
     for message in found:
         for scope, base in bases:
-            rest = message.topic.removeprefix(f"{base}/codes/")
+            rest = message.topic.removeprefix(f"{base}/{noun}s/")
             if rest == message.topic:
                 continue
-            code_id, _, tail = rest.partition("/")
+            item_id, _, tail = rest.partition("/")
             if not tail:
                 try:
                     fields = json.loads(message.payload)
@@ -278,25 +290,21 @@ def _rows(found: list[Any], bases: list[tuple[Scope, str]], *,
                     fields = {"unreadable": True}
                 if not isinstance(fields, dict):
                     fields = {"unreadable": True}
-                fields.pop("code_hash", None)  # long, and no use to a reader
-                if not show_codes:
-                    fields.pop("code", None)
-                codes[(scope, code_id)] = {"scope": scope, "id": code_id, **fields}
+                for hidden in hide:
+                    fields.pop(hidden, None)
+                items[(scope, item_id)] = {"scope": scope, "id": item_id, **fields}
             elif message.payload:
                 try:
-                    errors[(scope, code_id)] = json.loads(message.payload).get("error", "")
+                    errors[(scope, item_id)] = json.loads(message.payload).get("error", "")
                 except (ValueError, AttributeError):
-                    errors[(scope, code_id)] = message.payload.decode(errors="replace")
-    for key, error in errors.items():
-        if key in codes:
-            codes[key]["refused"] = error
-    return [codes[key] for key in sorted(codes)]
+                    errors[(scope, item_id)] = message.payload.decode(errors="replace")
+    for where, error in errors.items():
+        if where in items:
+            items[where]["refused"] = error
+    return [items[where] for where in sorted(items)]
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    header = ["scope", "id", "name", "gates", "valid_until", "max_uses", "schedule"]
-    if any("code" in row for row in rows):
-        header.insert(2, "code")
+def _print_table(rows: list[dict[str, Any]], header: list[str]) -> None:
     lines = [header]
     for row in rows:
         cells = []
@@ -311,3 +319,4 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         if "refused" in row:
             print(f"! {row['scope']} {row['id']}: gated refused the latest version: "
                   f"{row['refused']}")
+
