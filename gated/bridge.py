@@ -32,7 +32,6 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 
 from gated import alarms, events, hass
@@ -52,6 +51,7 @@ from gated.managed import (
 )
 from gated.mqtt import Incoming, MqttLink
 from gated.routebridge import RouteChannel
+from gated.verdicts import Verdicts
 
 if TYPE_CHECKING:
     from gated.codes import CodeBook
@@ -83,7 +83,7 @@ class Bridge:
         self._clashes = ClashWatch()
         self._pending_events = 0
         self._pending_opens = 0
-        self._errors: set[tuple[Scope, str]] = set()  # retained refusals on the broker
+        self.verdicts = Verdicts(self, "codes")
         self._seen: dict[Scope, set[str]] = {"site": set(), "fleet": set()}
         self._sync_nonce = ""
         self._synced = asyncio.Event()
@@ -102,11 +102,6 @@ class Bridge:
         base = self.prefix if scope == "site" else self.fleet
         return f"{base}/codes/{code_id}"
 
-    def error_topic(self, scope: Scope, code_id: str) -> str:
-        if scope == "site":
-            return f"{self.prefix}/codes/{code_id}/error"
-        return f"{self.fleet}/codes/{code_id}/error/{self.site}"
-
     # -- wiring ---------------------------------------------------------------------
 
     def attach(self) -> None:
@@ -117,11 +112,12 @@ class Bridge:
         link.subscribe(f"{self.prefix}/gates/+/open", self._on_open)
         # Error topics first: the broker sends retained messages in subscription
         # order, so a known refusal is on record before its code arrives.
-        link.subscribe(f"{self.prefix}/codes/+/error", functools.partial(self._on_error, "site"))
+        link.subscribe(f"{self.prefix}/codes/+/error",
+                       functools.partial(self.verdicts.on_error, "site"))
         link.subscribe(f"{self.prefix}/codes/+", functools.partial(self._on_code, "site"))
         if self.fleet is not None:
             link.subscribe(f"{self.fleet}/codes/+/error/{self.site}",
-                           functools.partial(self._on_error, "fleet"))
+                           functools.partial(self.verdicts.on_error, "fleet"))
             link.subscribe(f"{self.fleet}/codes/+", functools.partial(self._on_code, "fleet"))
         self.routes.attach()
         link.subscribe(f"{self.prefix}/sync", self._on_sync)
@@ -168,7 +164,7 @@ class Bridge:
             log.warning("managed code dropped on reload", id=code.id, scope=code.scope,
                         error=_detail(exc))
             self._forget(code.scope, code.id)
-            self._refuse(code.scope, code.id, str(exc))
+            self.verdicts.refuse(code.scope, code.id, str(exc))
         self.routes.rebase(book.routes, config)
 
     async def close(self, within: float) -> None:
@@ -262,7 +258,7 @@ class Bridge:
         if current is not None and current.body == message.payload:
             # In force already: a live sender waits for a word, and a refusal
             # left over from an earlier version must not stay on the broker.
-            self._clear(scope, code_id, force=live)
+            self.verdicts.clear(scope, code_id, force=live)
             return
         try:
             code = parse(scope, code_id, message.payload, self.config)
@@ -272,7 +268,7 @@ class Bridge:
             return
         except Rejected as exc:
             log.warning("managed code refused", id=code_id, scope=scope, error=str(exc))
-            self._refuse(scope, code_id, str(exc))
+            self.verdicts.refuse(scope, code_id, str(exc))
             return
         try:
             previous = self.codes.put(self.gatekeeper.book, code)
@@ -280,14 +276,14 @@ class Bridge:
             # A clash is refused like any other, in words that do not say why:
             # nothing kept, the same verdict topic, and no hint whose digits.
             log.warning("managed code refused", id=code_id, scope=scope, error=exc.detail)
-            self._refuse(scope, code_id, str(exc))
+            self.verdicts.refuse(scope, code_id, str(exc))
             if isinstance(exc, Clash):
                 self._clashed()
             return
         self.gatekeeper.store.save_code(scope, code_id, code.body)
         log.info("managed code applied", id=code_id, scope=scope, name=code.credential.name,
                  gates=sorted(code.credential.gates), replaced=previous is not None)
-        self._clear(scope, code_id, force=live)
+        self.verdicts.clear(scope, code_id, force=live)
 
     def _clashed(self) -> None:
         watch = self._clashes
@@ -301,7 +297,7 @@ class Bridge:
         if removed is not None:
             self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
-        self._clear(scope, code_id, force=False)
+        self.verdicts.clear(scope, code_id, force=False)
 
     def _forget(self, scope: Scope, code_id: str) -> None:
         """Drop a withdrawn code's local copy and its use count."""
@@ -310,34 +306,8 @@ class Bridge:
         if self.gatekeeper.ledger.uses.pop(code_id, None) is not None:
             self.gatekeeper.store.submit(None, Changes(uses={code_id: 0}), None)
 
-    def _on_error(self, scope: Scope, message: Incoming) -> None:
-        code_id = message.topic.split("/")[-2 if scope == "site" else -3]
-        if message.payload:
-            self._errors.add((scope, code_id))
-        else:
-            self._errors.discard((scope, code_id))
-
-    def _refuse(self, scope: Scope, code_id: str, reason: str) -> None:
-        self._errors.add((scope, code_id))
-        payload = msgspec.json.encode({
-            "id": code_id, "scope": scope, "site": self.site, "error": reason,
-            "time": dt.datetime.fromtimestamp(self.gatekeeper.clock.now(), self.config.tz)
-            .isoformat(timespec="seconds"),
-        })
-        self._send(self.error_topic(scope, code_id), payload)
-
-    def _clear(self, scope: Scope, code_id: str, *, force: bool) -> None:
-        # An empty retained message removes the refusal; subscribers waiting
-        # for a verdict (``gated codes put``) see it as "applied".
-        if force or (scope, code_id) in self._errors:
-            self._errors.discard((scope, code_id))
-            self._send(self.error_topic(scope, code_id), b"")
-
     def send(self, topic: str, payload: bytes) -> None:
         """Publish a retained verdict in the background, if connected."""
-        self._send(topic, payload)
-
-    def _send(self, topic: str, payload: bytes) -> None:
         if not self.link.connected:
             return
         self.link.spawn(self._publish_quietly(topic, payload, retain=True), "mqtt-code-verdict")
@@ -447,3 +417,4 @@ class Bridge:
 
 def _detail(exc: Rejected | NotHere) -> str:
     return exc.detail if isinstance(exc, Rejected) else str(exc)
+

@@ -11,14 +11,13 @@ while gated was away.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 from typing import TYPE_CHECKING
 
-import msgspec
 import structlog
 
 from gated.routes import ManagedRoutes, RouteError, RouteTable, parse_managed
+from gated.verdicts import Verdicts
 
 if TYPE_CHECKING:
     from gated.bridge import Bridge
@@ -34,7 +33,7 @@ class RouteChannel:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.routes = ManagedRoutes()
-        self._errors: set[tuple[str, str]] = set()  # retained refusals on the broker
+        self.verdicts = Verdicts(bridge, "routes")
         self._seen: dict[str, set[str]] = {scope: set() for scope in SCOPES}
 
     @property
@@ -45,19 +44,15 @@ class RouteChannel:
         base = self.bridge.prefix if scope == "site" else self.bridge.fleet
         return f"{base}/routes/{route_id}"
 
-    def error_topic(self, scope: str, route_id: str) -> str:
-        if scope == "site":
-            return f"{self.bridge.prefix}/routes/{route_id}/error"
-        return f"{self.bridge.fleet}/routes/{route_id}/error/{self.bridge.site}"
-
     def attach(self) -> None:
         """Subscribe (before the bridge's ``sync``: retained messages come in order)."""
         link, prefix, fleet = self.bridge.link, self.bridge.prefix, self.bridge.fleet
-        link.subscribe(f"{prefix}/routes/+/error", functools.partial(self._on_error, "site"))
+        link.subscribe(f"{prefix}/routes/+/error",
+                       functools.partial(self.verdicts.on_error, "site"))
         link.subscribe(f"{prefix}/routes/+", functools.partial(self._on_route, "site"))
         if fleet is not None:
             link.subscribe(f"{fleet}/routes/+/error/{self.bridge.site}",
-                           functools.partial(self._on_error, "fleet"))
+                           functools.partial(self.verdicts.on_error, "fleet"))
             link.subscribe(f"{fleet}/routes/+", functools.partial(self._on_route, "fleet"))
 
     def load_local(self) -> None:
@@ -83,7 +78,7 @@ class RouteChannel:
             log.warning("managed route dropped on reload", id=route.id, scope=route.scope,
                         error=str(exc))
             self.bridge.gatekeeper.store.save_route(route.scope, route.id, None)
-            self._refuse(route.scope, route.id, str(exc))
+            self.verdicts.refuse(route.scope, route.id, str(exc))
 
     def connected(self) -> None:
         self._seen = {scope: set() for scope in SCOPES}
@@ -107,45 +102,23 @@ class RouteChannel:
             return
         current = self.routes.get(scope, route_id)
         if current is not None and current.body == message.payload:
-            self._clear(scope, route_id, force=live)
+            self.verdicts.clear(scope, route_id, force=live)
             return
         try:
             route = parse_managed(scope, route_id, message.payload, self.bridge.config)
             previous = self.routes.put(self.table, route)
         except RouteError as exc:
             log.warning("managed route refused", id=route_id, scope=scope, error=str(exc))
-            self._refuse(scope, route_id, str(exc))
+            self.verdicts.refuse(scope, route_id, str(exc))
             return
         self.bridge.gatekeeper.store.save_route(scope, route_id, route.body)
         log.info("managed route applied", id=route_id, scope=scope,
                  name=route.route.credential.name, callers=len(route.route.callers),
                  replaced=previous is not None)
-        self._clear(scope, route_id, force=live)
+        self.verdicts.clear(scope, route_id, force=live)
 
     def _withdraw(self, scope: str, route_id: str) -> None:
         if self.routes.delete(self.table, scope, route_id) is not None:
             self.bridge.gatekeeper.store.save_route(scope, route_id, None)
             log.info("managed route removed", id=route_id, scope=scope)
-        self._clear(scope, route_id, force=False)
-
-    def _on_error(self, scope: str, message: Incoming) -> None:
-        route_id = message.topic.split("/")[-2 if scope == "site" else -3]
-        if message.payload:
-            self._errors.add((scope, route_id))
-        else:
-            self._errors.discard((scope, route_id))
-
-    def _refuse(self, scope: str, route_id: str, reason: str) -> None:
-        self._errors.add((scope, route_id))
-        bridge = self.bridge
-        payload = msgspec.json.encode({
-            "id": route_id, "scope": scope, "site": bridge.site, "error": reason,
-            "time": dt.datetime.fromtimestamp(bridge.gatekeeper.clock.now(), bridge.config.tz)
-            .isoformat(timespec="seconds"),
-        })
-        bridge.send(self.error_topic(scope, route_id), payload)
-
-    def _clear(self, scope: str, route_id: str, *, force: bool) -> None:
-        if force or (scope, route_id) in self._errors:
-            self._errors.discard((scope, route_id))
-            self.bridge.send(self.error_topic(scope, route_id), b"")
+        self.verdicts.clear(scope, route_id, force=False)
