@@ -517,3 +517,18 @@ async def test_two_refusing_alarm_endpoints_do_not_pass_alarms_back_and_forth(
     assert (len(first.requests), len(second.requests)) == (2, 2)
     await first.stop()
     await second.stop()
+
+
+async def test_rejections_older_than_give_up_after_do_not_pile_up(
+        start_daemon: Any, receiver: Receiver) -> None:
+    """An endpoint that refuses everything: each rejection is kept for give_up_after (to
+    retry), then dropped, so the outbox cannot grow until the disk is full."""
+    receiver.script = [400] * 10
+    await receiver.start()
+    running = await start_daemon(forward_table(receiver.url, extra='give_up_after = "1s"\n'))
+    await running.get(code="471123", did=BARRIER, callerid=RESIDENT)
+    await until(lambda: [r[1] for r in outbox(running)] == ["rejected"])
+    await asyncio.sleep(1.2)  # the first rejection is now older than give_up_after
+    await running.get(code="5555", did=BARRIER, callerid=OTHER)
+    await receiver.wait_for(2)
+    await until(lambda: [r[1] for r in outbox(running)] == ["rejected"])

@@ -140,9 +140,14 @@ def expired(conn: sqlite3.Connection, row: Row) -> None:
 
 
 def rejected(conn: sqlite3.Connection, row: Row, status: int | None, why: str,
-             attempts: int) -> None:
+             attempts: int, *, keep_since: float) -> None:
+    """Keep ``row`` as rejected; drop the endpoint's rejections made before ``keep_since``
+    (older than give_up_after: a retry could no longer deliver them in time, and an
+    endpoint refusing everything would otherwise fill the disk)."""
     _change(conn, ("UPDATE outbox SET state = 'rejected', status = ?, why = ?, attempts = ? "
-                   "WHERE id = ?", (status, why, attempts, row.id)))
+                   "WHERE id = ?", (status, why, attempts, row.id)),
+            ("DELETE FROM outbox WHERE endpoint = ? AND state = 'rejected' AND created < ? "
+             "AND id != ?", (row.endpoint, keep_since, row.id)))
 
 
 def attempted(conn: sqlite3.Connection, row: Row, attempts: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import sqlite3
 import zoneinfo
 from collections import Counter
@@ -219,7 +220,9 @@ class Forwarder:
 
     async def _reject(self, endpoint: Endpoint, row: outbox.Row, status: int | None,
                       why: str, attempts: int) -> None:
-        await self._call(outbox.rejected, row, status, why, attempts)
+        keep_since = self.clock.now() - endpoint.give_up_after
+        await self._call(functools.partial(outbox.rejected, keep_since=keep_since),
+                         row, status, why, attempts)
         self.rejected[endpoint.name] += 1
         if row.kind == "alarm":
             # Alarms about alarms: two endpoints that both refuse would pass
