@@ -249,3 +249,32 @@ def test_the_book_is_found_however_the_store_path_is_written(
     assert compiler.load(path).store_path == store
     compiler.load_for_daemon(path)
     assert _restart(path) is not None
+
+
+def test_every_totp_user_is_found_by_pyotps_code(tmp_path: Path) -> None:
+    """TOTP users of several periods and lengths, held compactly: each is found by the
+    code pyotp makes for them now, with their own name, id and gates; ids are known."""
+    import base64
+
+    import pyotp
+
+    rng = random.Random(3)
+    users = []
+    for i in range(60):
+        secret = base64.b32encode(rng.randbytes(20 + i % 3 * 6)).decode()
+        digits, period = (6, 8)[i % 2], (30, 60, 45)[i % 3]
+        users.append((f"User {i}", f"user-{i}" if i % 5 == 0 else f"User {i}", secret,
+                      digits, period, '["door"]' if i % 4 == 0 else '["barrier"]'))
+    extra = "".join(
+        f'\n[[totp]]\nname = "{name}"\n' + (f'id = "{uid}"\n' if uid != name else "")
+        + f'secret = "{secret}"\ndigits = {digits}\nperiod = {period}\ngates = {gates}\n'
+        for name, uid, secret, digits, period, gates in users)
+    _, book = compiler.parse(config_text(tmp_path, extra))
+    assert book.totp_count == len(users)
+    now = 1_800_000_000.0
+    for name, uid, secret, digits, period, gates in users:
+        typed = pyotp.TOTP(secret, digits=digits, interval=period).at(now)
+        found = {(c.name, c.id, tuple(sorted(c.gates))) for c, _ in book.match(typed, now)
+                 if c.kind == "totp"}
+        assert (name, uid, tuple(json.loads(gates))) in found
+        assert book.has_id(uid)
