@@ -86,6 +86,9 @@ class Loaded(msgspec.Struct, frozen=True):
     # The file ``path`` named when this was read. Relative paths in the config
     # are relative to its folder (the link's target's, not the link's).
     source: Path
+    # How the book came to be: "parsed" here, "mapped" (compiled before, by
+    # the same sources), "compiled" (by a child process just now).
+    origin: str = "parsed"
 
     @property
     def store_path(self) -> Path:
@@ -547,7 +550,7 @@ def _fresh(header: bookfile.Header, source: Path, config_digest: bytes) -> bool:
     return bool(zone) and bookfile.timezone_digest(zone) == zone_digest
 
 
-def _mapped(file: Path, book_file: Path) -> Loaded:
+def _mapped(file: Path, book_file: Path, origin: str = "mapped") -> Loaded:
     """The Loaded of a compiled book file (BookError if it cannot be used)."""
     image = bookfile.map_file(book_file)
     # The file the book was compiled from: what ``file`` named then.
@@ -571,7 +574,8 @@ def _mapped(file: Path, book_file: Path) -> Loaded:
         raise bookfile.BookError("the site key changed")
     book = open_book(image, config, key=key, folder=source.parent,
                      fail=_located(str(file)))
-    return Loaded(config=config, path=file.absolute(), book=book, source=source)
+    return Loaded(config=config, path=file.absolute(), book=book, source=source,
+                  origin=origin)
 
 
 def _located(file: str) -> ErrorFactory:
@@ -701,7 +705,7 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
     book_file = _outcome(file, returncode, output)
     if isinstance(book_file, Path):
         try:
-            return _mapped(file, book_file)
+            return _mapped(file, book_file, "compiled")
         except bookfile.BookError as exc:
             # Changed again meanwhile, or damaged: compile here instead.
             reason = str(exc)

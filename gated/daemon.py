@@ -242,6 +242,7 @@ class Daemon:
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
+                         book=self.loaded.origin,
                          store=str(gatekeeper.store.path))
                 notify("READY=1")
                 self.ready.set()
@@ -320,8 +321,7 @@ class Daemon:
         try:
             # A child process compiles the new book (parsing 100,000 codes takes
             # seconds and hundreds of megabytes); this one maps the result.
-            with long_lived():
-                loaded = await compiler.load_in_child(self.loaded.path)
+            loaded = await compiler.load_in_child(self.loaded.path)
         except ConfigError as exc:
             log.error("config reload refused; the old config keeps serving",
                       error=str(exc), trigger=why)

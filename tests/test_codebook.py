@@ -278,3 +278,25 @@ def test_every_totp_user_is_found_by_pyotps_code(tmp_path: Path) -> None:
                  if c.kind == "totp"}
         assert (name, uid, tuple(json.loads(gates))) in found
         assert book.has_id(uid)
+
+
+def test_a_restarted_daemon_answers_from_the_mapped_book(tmp_path: Path) -> None:
+    """The real daemon: its first start compiles the book, a restart maps it, and both
+    answer the same codes; an edit between them is compiled, not mapped."""
+    from tests.process import DaemonProcess, free_port
+    from tests.test_process import call
+
+    port = free_port()
+    path = write_config(tmp_path, TOTP_USER)
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    origins = []
+    for edit in (None, None, ('code = "5555"', 'code = "5556"')):
+        if edit is not None:
+            path.write_text(path.read_text().replace(*edit))
+        daemon = DaemonProcess(path)
+        try:
+            origins.append(daemon.wait_for("listening")["book"])
+            assert call(port, "471123") == "status=ACK&callername=Welcome&destination=201"
+        finally:
+            assert daemon.stop() == 0
+    assert origins == ["compiled", "mapped", "compiled"]
