@@ -48,6 +48,7 @@ from gated.managed import (
     Rejected,
     Scope,
     parse,
+    rebased,
 )
 from gated.mqtt import Incoming, MqttLink
 from gated.routebridge import RouteChannel
@@ -85,6 +86,9 @@ class Bridge:
         self._pending_opens = 0
         self.verdicts = Verdicts(self, "codes")
         self._seen: dict[Scope, set[str]] = {"site": set(), "fleet": set()}
+        # While a reload rebases the managed codes in a thread: the ids that
+        # messages changed meanwhile, to apply again to the new book.
+        self._rebasing: set[str] | None = None
         self._sync_nonce = ""
         self._synced = asyncio.Event()
         self.synced_connections = 0  # connections whose retained codes are all in
@@ -157,14 +161,36 @@ class Bridge:
             log.info("managed codes loaded from the local copy", count=len(self.codes.applied))
         self.routes.load_local()
 
-    def rebase(self, book: CodeBook, config: Config) -> None:
-        """Carry the managed codes over to a reloaded book, before it is swapped in."""
+    async def rebase(self, book: CodeBook, config: Config) -> None:
+        """Carry the managed codes over to a reloaded book, before it is swapped in.
+
+        The codes are compiled again in a thread (``book`` is not in use yet);
+        messages that arrive meanwhile go to the old book as usual and are
+        applied to the new one after, on the loop, with nothing in between
+        this and the swap.
+        """
+        self._rebasing = set()
+        try:
+            fresh, dropped = await asyncio.to_thread(
+                rebased, list(self.codes.applied.values()), book, config)
+            for code_id in self._rebasing:
+                fresh.discard(book, code_id)
+                current = self.codes.applied.get(code_id)
+                if current is None:
+                    continue
+                try:
+                    fresh.put(book, parse(current.scope, current.id, current.body, config))
+                except (Rejected, NotHere) as refused:
+                    dropped.append((current, refused))
+        finally:
+            self._rebasing = None
+        self.codes = fresh
         self.config = config
-        for code, exc in self.codes.rebase(book, config):
+        for code, reason in dropped:
             log.warning("managed code dropped on reload", id=code.id, scope=code.scope,
-                        error=_detail(exc))
+                        error=_detail(reason))
             self._forget(code.scope, code.id)
-            self.verdicts.refuse(code.scope, code.id, str(exc))
+            self.verdicts.refuse(code.scope, code.id, str(reason))
         self.routes.rebase(book.routes, config)
 
     async def close(self, within: float) -> None:
@@ -250,6 +276,8 @@ class Bridge:
             return
         code_id = message.topic.rsplit("/", 1)[1]
         self._seen[scope].add(code_id)
+        if self._rebasing is not None:
+            self._rebasing.add(code_id)
         live = not message.retain
         if not message.payload:
             self._withdraw(scope, code_id)

@@ -343,7 +343,7 @@ class Daemon:
         # Visitor codes first, so the managed codes' clash check sees them.
         loaded.book.visitors = gatekeeper.book.visitors
         if self.bridge is not None:
-            self.bridge.rebase(loaded.book, slim.config)
+            await self.bridge.rebase(loaded.book, slim.config)
         gatekeeper.swap(loaded.book)
         if new.server != old.server and self._webhook_settings is not None:
             # In the same step as the book: no call sees one without the other.

@@ -203,6 +203,11 @@ class ManagedCodes:
         del self.applied[code_id]
         return code
 
+    def discard(self, book: CodeBook, code_id: str) -> None:
+        """Take a code out, whatever its scope (nothing if it is not in force)."""
+        if self.applied.pop(code_id, None) is not None:
+            book.remove_code(code_id)
+
     def rebase(self, book: CodeBook,
                config: Config) -> list[tuple[ManagedCode, Rejected | NotHere]]:
         """Apply every managed code to a freshly loaded book (a config reload).
@@ -210,13 +215,27 @@ class ManagedCodes:
         Codes that no longer fit (a new file code took their digits or id, or
         their gate is gone) are dropped and returned with the reason.
         """
-        dropped: list[tuple[ManagedCode, Rejected | NotHere]] = []
-        current, self.applied = self.applied, {}
-        for old in current.values():
-            try:
-                # Compiled again: the site's time zone or region may have changed.
-                code = parse(old.scope, old.id, old.body, config)
-                self.put(book, code)
-            except (Rejected, NotHere) as exc:
-                dropped.append((old, exc))
+        fresh, dropped = rebased(list(self.applied.values()), book, config)
+        self.applied = fresh.applied
         return dropped
+
+
+Dropped = list[tuple[ManagedCode, "Rejected | NotHere"]]
+
+
+def rebased(codes: list[ManagedCode], book: CodeBook,
+            config: Config) -> tuple[ManagedCodes, Dropped]:
+    """``codes`` applied to a book that is not in use yet, in a new ManagedCodes.
+
+    Touches nothing shared, so a reload runs it in a thread: with tens of
+    thousands of managed codes it takes seconds that calls must not wait for.
+    """
+    fresh = ManagedCodes()
+    dropped: Dropped = []
+    for old in codes:
+        try:
+            # Compiled again: the site's time zone, region or key may have changed.
+            fresh.put(book, parse(old.scope, old.id, old.body, config))
+        except (Rejected, NotHere) as exc:
+            dropped.append((old, exc))
+    return fresh, dropped
