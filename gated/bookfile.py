@@ -12,10 +12,12 @@ it lists, each 8-byte aligned:
 
 - ``prefixes``  u64 per code, the digest's first 8 bytes (little-endian), sorted
 - ``records``   ``codes.RECORD`` per code, in the same order
-- ``ids``       u64 per code, ``id_hash << 32 | record``, sorted
+- ``ids``       u64 per code and TOTP user, ``id_hash << 32 | record``, sorted
+                (TOTP users are records n and on)
 - ``names``     per code: u16 length, name, u8 length, id (0: the id is the name)
 - ``policies``  msgpack: the distinct policies codes point to
-- ``totp``      msgpack: the TOTP users (the decoded secret, digits, digest)
+- ``totp``      ``codes.TOTP_RECORD`` per TOTP user, ordered by period
+- ``keys``      the TOTP users' decoded secrets
 - ``config``    msgpack: the config without its code tables
 
 The header carries a SHA-256 of everything after it (checked on every map: an
@@ -44,7 +46,7 @@ from gated import files
 MAGIC = b"GATEDBK\x01"
 HEADER_LENGTH = 4
 ALIGN = 8
-SECTIONS = ("prefixes", "records", "ids", "names", "policies", "totp", "config")
+SECTIONS = ("prefixes", "records", "ids", "names", "policies", "totp", "keys", "config")
 # The modules whose code decides what a compiled book holds: a change to any
 # of them (an upgrade) compiles the book again.
 COMPILER_MODULES = ("bookfile", "codes", "compiler", "config", "numbers", "schedule",
@@ -64,7 +66,7 @@ class Header(msgspec.Struct, frozen=True):
     sources: dict[str, tuple[str, bytes]]
 
 
-VERSION = 1
+VERSION = 2
 
 
 def book_path(store_path: Path) -> Path:
@@ -81,7 +83,8 @@ def file_digest(path: Path | None) -> bytes:
     if path is None:
         return b""
     try:
-        return sha256(path.read_bytes())
+        with path.open("rb") as file:
+            return hashlib.file_digest(file, "sha256").digest()
     except FileNotFoundError:
         return b""
 

@@ -30,7 +30,7 @@ import zlib
 import zoneinfo
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 from gated import sitekey
 from gated.routes import RouteTable
@@ -81,6 +81,12 @@ class Credential:
 # bytes, the policy's index and where its names start.
 RECORD = struct.Struct("<24sII")
 NAME_LENGTH = struct.Struct("<H")
+# One record per TOTP user, ordered by period: where its key is in the keys
+# section, its policy, where its names start, the period, the key's length,
+# the digits, and the digest (an index into TOTP_DIGESTS).
+TOTP_RECORD = struct.Struct("<IIIHHBB")
+TOTP_DIGESTS = ("sha1", "sha256", "sha512")
+NOTHING = memoryview(b"")
 
 
 def id_hash(credential_id: str) -> int:
@@ -111,19 +117,22 @@ class StaticCodes:
     Lookups are binary searches done in C (``bisect`` over the arrays).
     """
 
-    __slots__ = ("_ids", "_names", "_policies", "_prefixes", "_records")
+    __slots__ = ("_ids", "_keys", "_names", "_policies", "_prefixes", "_records", "_totp")
 
     def __init__(self, prefixes: Sequence[int], records: memoryview, ids: Sequence[int],
-                 names: memoryview, policies: Sequence[Credential]) -> None:
+                 names: memoryview, policies: Sequence[Credential],
+                 totp: memoryview = NOTHING, keys: memoryview = NOTHING) -> None:
         self._prefixes = prefixes
         self._records = records
         self._ids = ids
         self._names = names
         self._policies = policies
+        self._totp = totp
+        self._keys = keys
 
     @classmethod
     def empty(cls) -> StaticCodes:
-        return cls((), memoryview(b""), (), memoryview(b""), ())
+        return cls((), NOTHING, (), NOTHING, ())
 
     def __len__(self) -> int:
         return len(self._prefixes)
@@ -171,16 +180,60 @@ class StaticCodes:
         return credential_id, name
 
     def has_id(self, credential_id: str) -> bool:
+        """Whether a code or TOTP user of the book has this id (the index holds
+        both: codes are records 0..n-1, TOTP users n and on)."""
         ids = self._ids
         key = id_hash(credential_id)
         at = bisect.bisect_left(ids, key << 32)
+        codes = len(self._prefixes)
         while at < len(ids) and ids[at] >> 32 == key:
             record = ids[at] & 0xFFFF_FFFF
-            names = RECORD.unpack_from(self._records, record * RECORD.size)[2]
+            if record < codes:
+                names = RECORD.unpack_from(self._records, record * RECORD.size)[2]
+            else:
+                names = TOTP_RECORD.unpack_from(self._totp, (record - codes) * TOTP_RECORD.size)[2]
             if self._name(names)[0] == credential_id:
                 return True
             at += 1
         return False
+
+    def totp_tables(self) -> dict[int, TotpTable]:
+        """The TOTP users, a table per period (the records are ordered by period)."""
+        tables: dict[int, TotpTable] = {}
+        count = len(self._totp) // TOTP_RECORD.size
+        start = 0
+        while start < count:
+            period = TOTP_RECORD.unpack_from(self._totp, start * TOTP_RECORD.size)[3]
+            end = start
+            while end < count and TOTP_RECORD.unpack_from(
+                    self._totp, end * TOTP_RECORD.size)[3] == period:
+                end += 1
+            tables[period] = TotpTable(users=CompiledUsers(self, start, end), period=period)
+            start = end
+        return tables
+
+    def totp_user(self, at: int) -> TotpUser:
+        key, length, digits, digest = self._totp_key(at)
+        policy: int
+        names: int
+        _, policy, names, *_ = TOTP_RECORD.unpack_from(self._totp, at * TOTP_RECORD.size)
+        credential_id, name = self._name(names)
+        return TotpUser(self._policies[policy].named(credential_id, name),
+                        bytes(self._keys[key:key + length]), digits, TOTP_DIGESTS[digest])
+
+    def _totp_key(self, at: int) -> tuple[int, int, int, int]:
+        key, _, _, _, length, digits, digest = TOTP_RECORD.unpack_from(
+            self._totp, at * TOTP_RECORD.size)
+        return key, length, digits, digest
+
+    def totp_codes(self, start: int, end: int, timecode: int) -> Iterator[int]:
+        """Each user's code for a time step, as an int (no credential is made)."""
+        counter = timecode.to_bytes(8, "big")
+        keys = self._keys
+        for at in range(start, end):
+            key, length, digits, digest = self._totp_key(at)
+            yield _truncate(hmac.digest(keys[key:key + length], counter,
+                                        TOTP_DIGESTS[digest]), digits)
 
     def __iter__(self) -> Iterator[Credential]:
         return (self.credential(at) for at in range(len(self)))
@@ -198,9 +251,43 @@ class TotpUser:
     def code(self, timecode: int) -> str:
         """RFC 6238's code for a time step (RFC 4226 truncation), as pyotp makes it."""
         mac = hmac.digest(self.key, timecode.to_bytes(8, "big"), self.digest)
-        offset = mac[-1] & 0x0F
-        value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF
-        return str(value % 10**self.digits).zfill(self.digits)
+        return str(_truncate(mac, self.digits)).zfill(self.digits)
+
+
+def _truncate(mac: bytes, digits: int) -> int:
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF
+    modulus: int = 10**digits
+    return value % modulus
+
+
+class CompiledUsers(Sequence[TotpUser]):
+    """The TOTP users of one period in a compiled book, made one at a time on demand."""
+
+    __slots__ = ("_book", "_end", "_start")
+
+    def __init__(self, book: StaticCodes, start: int, end: int) -> None:
+        self._book = book
+        self._start = start
+        self._end = end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> TotpUser: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TotpUser]: ...
+
+    def __getitem__(self, index: int | slice) -> TotpUser | Sequence[TotpUser]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._book.totp_user(self._start + index % len(self))
+
+    def codes(self, timecode: int) -> Iterator[int]:
+        return self._book.totp_codes(self._start, self._end, timecode)
 
 
 @dataclass(slots=True)
@@ -213,7 +300,7 @@ class TotpTable:
     meet: a user's code is matched only when typed at that user's length.
     """
 
-    users: list[TotpUser]
+    users: Sequence[TotpUser]
     period: int = 30
     steps: dict[int, array.array[int]] = field(default_factory=dict)
 
@@ -237,8 +324,10 @@ class TotpTable:
 
     def build(self, timecode: int) -> array.array[int]:
         """The table for one step; touches no shared state, so it may run in a thread."""
-        return array.array("Q", sorted(int(user.code(timecode)) << 32 | index
-                                       for index, user in enumerate(self.users)))
+        users = self.users
+        codes = (users.codes(timecode) if isinstance(users, CompiledUsers)
+                 else (int(user.code(timecode)) for user in users))
+        return array.array("Q", sorted(code << 32 | index for index, code in enumerate(codes)))
 
     def codes(self, timecode: int) -> dict[str, list[TotpUser]]:
         """A step's codes and whose they are (for checks and tests, not for calls)."""
@@ -329,8 +418,10 @@ class CodeBook:
     def has_id(self, credential_id: str) -> bool:
         if credential_id in self.managed_ids or self.static.has_id(credential_id):
             return True
+        # TOTP users that are not in the compiled book (built by hand).
         return any(user.credential.id == credential_id
-                   for table in self.totp.values() for user in table.users)
+                   for table in self.totp.values() if not isinstance(table.users, CompiledUsers)
+                   for user in table.users)
 
     def add_code(self, credential: Credential, digest: bytes) -> None:
         """Add one managed code; CodeClash if its id or its digits are taken.

@@ -43,13 +43,13 @@ from gated.codes import (
     CODE_RE,
     NAME_LENGTH,
     RECORD,
+    TOTP_DIGESTS,
+    TOTP_RECORD,
     CodeBook,
     Credential,
     Gate,
     Kind,
     StaticCodes,
-    TotpTable,
-    TotpUser,
     as_u64,
     digest_prefix,
     id_hash,
@@ -86,6 +86,9 @@ class Loaded(msgspec.Struct, frozen=True):
     # The file ``path`` named when this was read. Relative paths in the config
     # are relative to its folder (the link's target's, not the link's).
     source: Path
+    # How the book came to be: "parsed" here, "mapped" (compiled before, by
+    # the same sources), "compiled" (by a child process just now).
+    origin: str = "parsed"
 
     @property
     def store_path(self) -> Path:
@@ -137,9 +140,10 @@ class Policy(msgspec.Struct, array_like=True, frozen=True):
     destination: str
 
 
-class TotpRow(msgspec.Struct, array_like=True, frozen=True):
+@dataclass(frozen=True)
+class TotpRow:
     name: str
-    id: str  # "" when it is the name
+    id: str
     policy: int
     key: bytes
     digits: int
@@ -168,20 +172,34 @@ class _Compiled:
         records = bytearray()
         names = bytearray()
         ids: list[int] = []
-        for at, (digest, policy, name, credential_id) in enumerate(self.codes):
-            prefixes += digest[:8]
-            records += RECORD.pack(digest[8:], policy, len(names))
+
+        def named(name: str, credential_id: str) -> int:
+            at = len(names)
             encoded = name.encode()
             own_id = b"" if credential_id == name else credential_id.encode()
-            names += NAME_LENGTH.pack(len(encoded)) + encoded + bytes([len(own_id)]) + own_id
-            ids.append(id_hash(credential_id) << 32 | at)
+            names.extend(NAME_LENGTH.pack(len(encoded)) + encoded + bytes([len(own_id)])
+                         + own_id)
+            ids.append(id_hash(credential_id) << 32 | len(ids))
+            return at
+
+        for digest, policy, name, credential_id in self.codes:
+            prefixes += digest[:8]
+            records += RECORD.pack(digest[8:], policy, named(name, credential_id))
+        totp = bytearray()
+        keys = bytearray()
+        # Ordered by period: each period's users are one run of records.
+        for user in sorted(self.totp, key=lambda user: user.period):
+            totp += TOTP_RECORD.pack(len(keys), user.policy, named(user.name, user.id),
+                                     user.period, len(user.key), user.digits,
+                                     TOTP_DIGESTS.index(user.digest))
+            keys += user.key
         ids.sort()
         slim = msgspec.structs.replace(config, codes=[], totp=[])
         return {
             "prefixes": bytes(prefixes), "records": bytes(records),
             "ids": b"".join(i.to_bytes(8, "little") for i in ids), "names": bytes(names),
             "policies": msgspec.msgpack.encode(list(self.policies)),
-            "totp": msgspec.msgpack.encode(self.totp),
+            "totp": bytes(totp), "keys": bytes(keys),
             "config": msgspec.msgpack.encode(slim),
         }
 
@@ -224,10 +242,12 @@ def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
         except (ValueError, TypeError) as exc:
             raise fail((*where, "secret"),
                        f"not a usable base32 TOTP secret ({exc})") from None
-        compiled.totp.append(TotpRow(
-            credential.name, "" if credential.id == credential.name else credential.id,
-            compiled.policy(credential, []), otp.byte_secret(), totp.digits,
-            otp.digest().name, totp.period))
+        key = otp.byte_secret()
+        if len(key) > 0xFFFF or otp.digest().name not in TOTP_DIGESTS:
+            raise fail((*where, "secret"), "not a usable TOTP secret (too long)")
+        compiled.totp.append(TotpRow(credential.name, credential.id,
+                                     compiled.policy(credential, []), key, totp.digits,
+                                     otp.digest().name, totp.period))
     if config.routes:
         _routes(config, folder, number, fail)
     return compiled
@@ -266,13 +286,9 @@ def open_book(image: bookfile.Image, config: Config, *, key: bytes | None,
     gates, by_number = compile_gates(config, number, fail)
     policies = [_credential(policy) for policy in image.decode("policies", list[Policy])]
     static = StaticCodes(as_u64(image.section("prefixes")), image.section("records"),
-                         as_u64(image.section("ids")), image.section("names"), policies)
-    totp: dict[int, TotpTable] = {}
-    for row in image.decode("totp", list[TotpRow]):
-        credential = policies[row.policy].named(row.id or row.name, row.name)
-        table = totp.setdefault(row.period, TotpTable(users=[], period=row.period))
-        table.users.append(TotpUser(credential, row.key, row.digits, row.digest))
-    book = CodeBook(gates=gates, by_number=by_number, totp=totp, tz=tz,
+                         as_u64(image.section("ids")), image.section("names"), policies,
+                         image.section("totp"), image.section("keys"))
+    book = CodeBook(gates=gates, by_number=by_number, totp=static.totp_tables(), tz=tz,
                     region=config.site.region, static=static)
     if key is not None:
         book.key = key
@@ -534,7 +550,7 @@ def _fresh(header: bookfile.Header, source: Path, config_digest: bytes) -> bool:
     return bool(zone) and bookfile.timezone_digest(zone) == zone_digest
 
 
-def _mapped(file: Path, book_file: Path) -> Loaded:
+def _mapped(file: Path, book_file: Path, origin: str = "mapped") -> Loaded:
     """The Loaded of a compiled book file (BookError if it cannot be used)."""
     image = bookfile.map_file(book_file)
     # The file the book was compiled from: what ``file`` named then.
@@ -558,7 +574,8 @@ def _mapped(file: Path, book_file: Path) -> Loaded:
         raise bookfile.BookError("the site key changed")
     book = open_book(image, config, key=key, folder=source.parent,
                      fail=_located(str(file)))
-    return Loaded(config=config, path=file.absolute(), book=book, source=source)
+    return Loaded(config=config, path=file.absolute(), book=book, source=source,
+                  origin=origin)
 
 
 def _located(file: str) -> ErrorFactory:
@@ -582,7 +599,9 @@ def cached(path: str | os.PathLike[str] | None) -> Loaded | None:
     try:
         book_file = hinted_book(source, data)
         header = bookfile.peek(book_file)
-        if header is None or not _fresh(header, source, bookfile.sha256(data)):
+        # Hashed from a read buffer, not the mapping: mapped pages would count
+        # in this process's memory until unmapped.
+        if header is None or not _fresh(header, source, bookfile.file_digest(file)):
             return None
     finally:
         data.close()
@@ -686,7 +705,7 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
     book_file = _outcome(file, returncode, output)
     if isinstance(book_file, Path):
         try:
-            return _mapped(file, book_file)
+            return _mapped(file, book_file, "compiled")
         except bookfile.BookError as exc:
             # Changed again meanwhile, or damaged: compile here instead.
             reason = str(exc)

@@ -22,7 +22,7 @@ import signal
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -30,7 +30,6 @@ from aiohttp import web
 from gated import actuators as actuator_port
 from gated import alarms, compiler, statelock, visitors
 from gated.app import REQUEST_LIMITS, make_app, webhook_settings
-from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
 from gated.compiler import Loaded
 from gated.config import ServerConfig, split_listen
@@ -38,14 +37,19 @@ from gated.errors import ConfigError, GatedError
 from gated.gatekeeper import Gatekeeper
 from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
-from gated.metrics import Metrics, make_metrics_app
-from gated.mqtt import MqttLink
 from gated.notify import notify, watchdog_interval
 from gated.pbx.twiml import LiveTwiml, TwimlSettings
 from gated.pbx.voipgrid import SAFETY_MARGIN, LiveSettings
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
+
+if TYPE_CHECKING:
+    # Loaded only on sites that use them: a site without a broker or metrics
+    # does not carry paho and prometheus_client (~2.7 MB) in its memory.
+    from gated.bridge import Bridge
+    from gated.metrics import Metrics
+    from gated.mqtt import MqttLink
 
 log = structlog.get_logger("gated.daemon")
 
@@ -152,6 +156,8 @@ class Daemon:
             gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                     deadline=config.server.answer_deadline)
             if link is not None:
+                from gated.bridge import Bridge
+
                 bridge = self.bridge = Bridge(link, gatekeeper, config)
                 bridge.attach()
                 bridge.load_local()
@@ -186,6 +192,8 @@ class Daemon:
             forwarder = make_forwarder(self.loaded, gatekeeper.store, self.clock)
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
+            from gated.metrics import Metrics, make_metrics_app
+
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
             gatekeeper.listeners.append(metrics.entry)
             gatekeeper.lock_listeners.append(metrics.lock)
@@ -242,6 +250,7 @@ class Daemon:
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
+                         book=self.loaded.origin,
                          store=str(gatekeeper.store.path))
                 notify("READY=1")
                 self.ready.set()
@@ -320,8 +329,7 @@ class Daemon:
         try:
             # A child process compiles the new book (parsing 100,000 codes takes
             # seconds and hundreds of megabytes); this one maps the result.
-            with long_lived():
-                loaded = await compiler.load_in_child(self.loaded.path)
+            loaded = await compiler.load_in_child(self.loaded.path)
         except ConfigError as exc:
             log.error("config reload refused; the old config keeps serving",
                       error=str(exc), trigger=why)
@@ -462,6 +470,8 @@ def make_link(loaded: Loaded) -> MqttLink | None:
     mqtt = config.mqtt
     if mqtt is None:
         return None
+    from gated.mqtt import MqttLink
+
     return MqttLink(mqtt, prefix=config.mqtt_prefix, client_id=mqtt.client_id or
                     f"gated-{config.site.id}", ca_file=loaded.mqtt_ca_file)
 

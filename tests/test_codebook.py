@@ -249,3 +249,54 @@ def test_the_book_is_found_however_the_store_path_is_written(
     assert compiler.load(path).store_path == store
     compiler.load_for_daemon(path)
     assert _restart(path) is not None
+
+
+def test_every_totp_user_is_found_by_pyotps_code(tmp_path: Path) -> None:
+    """TOTP users of several periods and lengths, held compactly: each is found by the
+    code pyotp makes for them now, with their own name, id and gates; ids are known."""
+    import base64
+
+    import pyotp
+
+    rng = random.Random(3)
+    users = []
+    for i in range(60):
+        secret = base64.b32encode(rng.randbytes(20 + i % 3 * 6)).decode()
+        digits, period = (6, 8)[i % 2], (30, 60, 45)[i % 3]
+        users.append((f"User {i}", f"user-{i}" if i % 5 == 0 else f"User {i}", secret,
+                      digits, period, '["door"]' if i % 4 == 0 else '["barrier"]'))
+    extra = "".join(
+        f'\n[[totp]]\nname = "{name}"\n' + (f'id = "{uid}"\n' if uid != name else "")
+        + f'secret = "{secret}"\ndigits = {digits}\nperiod = {period}\ngates = {gates}\n'
+        for name, uid, secret, digits, period, gates in users)
+    _, book = compiler.parse(config_text(tmp_path, extra))
+    assert book.totp_count == len(users)
+    now = 1_800_000_000.0
+    for name, uid, secret, digits, period, gates in users:
+        typed = pyotp.TOTP(secret, digits=digits, interval=period).at(now)
+        found = {(c.name, c.id, tuple(sorted(c.gates))) for c, _ in book.match(typed, now)
+                 if c.kind == "totp"}
+        assert (name, uid, tuple(json.loads(gates))) in found
+        assert book.has_id(uid)
+
+
+def test_a_restarted_daemon_answers_from_the_mapped_book(tmp_path: Path) -> None:
+    """The real daemon: its first start compiles the book, a restart maps it, and both
+    answer the same codes; an edit between them is compiled, not mapped."""
+    from tests.process import DaemonProcess, free_port
+    from tests.test_process import call
+
+    port = free_port()
+    path = write_config(tmp_path, TOTP_USER)
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    origins = []
+    for edit in (None, None, ('code = "5555"', 'code = "5556"')):
+        if edit is not None:
+            path.write_text(path.read_text().replace(*edit))
+        daemon = DaemonProcess(path)
+        try:
+            origins.append(daemon.wait_for("listening")["book"])
+            assert call(port, "471123") == "status=ACK&callername=Welcome&destination=201"
+        finally:
+            assert daemon.stop() == 0
+    assert origins == ["compiled", "mapped", "compiled"]
