@@ -15,13 +15,18 @@ One load generator (wrk, with calls.lua varying the codes and callers) drives
 each in turn, with the same concurrency, in alternating rounds; medians are
 reported. Then two floods against the large site: junk without the token while
 a legitimate caller calls once a second, and guesses with the token, which lock
-the site, while a resident calls once a second. Results go to bench-results/
-as JSON and Markdown.
+the site, while a resident calls once a second. Each server's resident memory
+is read once it has started and stood idle for a second (steady) and at the end
+(its peak). Copies of the code sites are started on a fresh state folder, then
+restarted on the same one, timed to the first valid call answered ACK; the
+large copy then reloads its edited file under a steady load of calls. Results
+go to bench-results/ as JSON and Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import gc
@@ -29,6 +34,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +52,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import sitegen
+
+from gated import files
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -67,12 +75,18 @@ class Plan:
     flood_seconds: float
     connections: int
     tracemalloc: bool
+    reload_baseline: float  # seconds of calls before the file changes, the reload's yardstick
 
 
 FULL = Plan(rounds=3, seconds=10, warmup=2, starts=2, fixed_rate=1000, flood_seconds=20,
-            connections=32, tracemalloc=True)
+            connections=32, tracemalloc=True, reload_baseline=8)
 QUICK = Plan(rounds=2, seconds=3, warmup=1, starts=1, fixed_rate=0, flood_seconds=6,
-             connections=32, tracemalloc=False)
+             connections=32, tracemalloc=False, reload_baseline=3)
+# Calls a second during the reload, each on a new connection as the PBX makes
+# them: far above a gate's real rate, low enough that the reload, not the
+# load, is what the latencies show.
+RELOAD_RATE = 100
+SETTLE = 1.0  # idle seconds after start before the steady RSS is read
 
 
 # --- processes ----------------------------------------------------------------
@@ -117,12 +131,18 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     ready_s: float = 0.0
 
-    def start(self) -> float:
-        """Start and wait until the port answers; the start-to-ready seconds."""
+    def spawn(self) -> float:
+        """Exec the server; the perf_counter just before."""
         with self.log.open("ab") as out:
             started = time.perf_counter()
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=out,
                                          stderr=subprocess.STDOUT)
+        return started
+
+    def start(self) -> float:
+        """Start and wait until the port answers; the start-to-ready seconds."""
+        started = self.spawn()
+        assert self.proc is not None
         limit = started + READY_TIMEOUT
         while not answers(self.port):
             if self.proc.poll() is not None:
@@ -141,15 +161,23 @@ class Server:
     def peak_rss(self) -> int:
         return proc_status(self.pid, "VmHWM")
 
-    def stop(self) -> None:
+    def memory(self) -> dict[str, int]:
+        """Resident memory now (all, anonymous, file-backed) and the peak so far."""
+        return {"rss": proc_status(self.pid, "VmRSS"), "anon": proc_status(self.pid, "RssAnon"),
+                "file": proc_status(self.pid, "RssFile"), "hwm": self.peak_rss()}
+
+    def stop(self) -> float:
+        """SIGTERM, and wait for the exit; the seconds that took."""
         if self.proc is None or self.proc.poll() is not None:
-            return
+            return 0.0
+        started = time.perf_counter()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+        return time.perf_counter() - started
 
 
 # --- load -------------------------------------------------------------------
@@ -258,7 +286,7 @@ def status(key):
         if line.startswith(key + ':'):
             return int(line.split()[1]) * 1024
 t0 = time.perf_counter()
-from gated import config
+from gated import compiler
 t1 = time.perf_counter()
 gc.collect()
 before = status('VmRSS')
@@ -266,7 +294,7 @@ if sys.argv[2] == 'trace':
     import tracemalloc
     tracemalloc.start()
 t2 = time.perf_counter()
-loaded = config.load(sys.argv[1])
+loaded = compiler.load(sys.argv[1])  # parsed and compiled here, as before the book file
 t3 = time.perf_counter()
 gc.collect()
 traced = book_only = 0
@@ -412,9 +440,14 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
             server.stop()
     results["ready_s"] = {name: statistics.median(times) for name, times in ready.items()}
 
+    results["restarts"] = restarts(plan, work, servers, {"gated_10": small, "gated_100k": big})
+
     try:
         for server in servers.values():
             server.start()
+        # Side by side: every server idle a second after the last one came up.
+        time.sleep(SETTLE)
+        results["steady_rss"] = {name: server.memory() for name, server in servers.items()}
         say("warm-up")
         for name, server in servers.items():
             wrk(server.port, "calls", plan.warmup, connections=plan.connections,
@@ -490,6 +523,324 @@ def floods(plan: Plan, server: Server, site: sitegen.Site) -> dict[str, Any]:
     out["guess_max"] = wrk(server.port, "guess", max(seconds / 3, 2),
                            connections=plan.connections)
     return out
+
+
+# --- restarts and reloads -----------------------------------------------------
+
+
+def answer_word(status: int, body: str) -> str:
+    """The status word of a 200 answer; otherwise the HTTP status."""
+    if status != 200:
+        return str(status)
+    return parse_qs(body).get("status", ["?"])[0]
+
+
+def call_once(port: int, query: str) -> str | None:
+    """One call on a new connection; its status word, or None if nothing answered."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE + 2)
+    try:
+        conn.request("GET", "/voipgrid?" + query)
+        response = conn.getresponse()
+        return answer_word(response.status, response.read().decode())
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def start_to_ack(server: Server, query: str) -> dict[str, Any]:
+    """Exec the server and call it with a real valid call until one is answered ACK.
+
+    The port being open is not enough: a daemon that answered before its code
+    book was in place would answer wrong, and that would count against it.
+    """
+    started = server.spawn()
+    assert server.proc is not None
+    limit = started + READY_TIMEOUT
+    answering: float | None = None
+    wrong: list[str] = []
+    # A start may build its code book in a child: its memory counts too.
+    with RssSampler(server.pid) as sampler:
+        while True:
+            word = call_once(server.port, query)
+            now = time.perf_counter()
+            if word is not None:
+                if answering is None:
+                    answering = now - started
+                if word == "ACK":
+                    break
+                wrong.append(word)
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited ({server.proc.returncode}); "
+                                   f"see {server.log}")
+            if now > limit:
+                raise RuntimeError(f"{server.name} answered no ACK after "
+                                   f"{READY_TIMEOUT:.0f} s ({len(wrong)} other answers)")
+            time.sleep(0.005)
+    server.ready_s = now - started
+    return {"ack_s": now - started, "answering_s": answering, "not_ack_first": len(wrong),
+            "wrong": wrong[:5], "rss": sampler.between(started, now)}
+
+
+def restarts(plan: Plan, work: Path, servers: dict[str, Server],
+             sites: dict[str, sitegen.Site]) -> dict[str, Any]:
+    """First start on a fresh state folder, then a restart on the same one, each
+    timed from the exec to the first valid call answered ACK.
+
+    Each start runs a copy of the site's config in a folder of its own, so the
+    state it makes (whatever the daemon keeps there) is this run's alone and
+    the sites the other runs use stay as they were (a copy listens on its
+    site's port: the site is not running meanwhile). The last large copy goes
+    on to the reload under load.
+    """
+    out: dict[str, Any] = {}
+    big = sites["gated_100k"]
+    for name in ("floor", *sites):
+        site = sites.get(name)
+        # The floor answers any call ACK; it gets the large site's.
+        query = next(valid_queries(site or big))
+        runs: list[dict[str, Any]] = []
+        for n in range(plan.starts):
+            folder = work / f"restart-{name}-{n}"
+            folder.mkdir()
+            argv = servers[name].argv
+            if site is not None:
+                shutil.copyfile(site.config, folder / "gated.toml")
+                argv = [PYTHON, "-m", "gated", "-c", str(folder / "gated.toml"), "run"]
+            server = Server(name, argv, servers[name].port, folder, folder / "server.log")
+            say(f"{name}: first start on a fresh state folder, then a restart ({n + 1}/"
+                f"{plan.starts})")
+            # The floor's steady memory is read beside the others, later.
+            settle = 0.0 if site is None else SETTLE
+            try:
+                first = start_to_ack(server, query)
+                time.sleep(settle)
+                first["memory"] = server.memory()
+                first["stop_s"] = server.stop()
+                again = start_to_ack(server, query)
+                time.sleep(settle)
+                again["memory"] = server.memory()
+                if site is big and n == plan.starts - 1:
+                    say("reload of the 100,000-code file under "
+                        f"{RELOAD_RATE} calls/s")
+                    out["reload"] = reload_under_load(plan, server, big, folder / "gated.toml")
+                again["stop_s"] = server.stop()
+            finally:
+                server.stop()
+            runs.append({"first": first, "restart": again})
+            say(f"{name}: first start {first['ack_s']:.2f} s, restart {again['ack_s']:.2f} s "
+                "to the first ACK")
+        out[name] = {
+            "runs": runs,
+            "first_s": statistics.median(r["first"]["ack_s"] for r in runs),
+            "restart_s": statistics.median(r["restart"]["ack_s"] for r in runs),
+            "stop_s": statistics.median(r["restart"]["stop_s"] for r in runs),
+            "not_ack_first": sum(r[k]["not_ack_first"] for r in runs for k in ("first",
+                                                                               "restart")),
+            "first_peak_with_children": max(r["first"]["rss"]["peak_with_children"]
+                                            for r in runs),
+            "first_child_hwm": max(r["first"]["rss"]["child_hwm"] for r in runs),
+        }
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of any of its threads, and theirs)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with contextlib.suppress(OSError), open(
+                        f"/proc/{parent}/task/{tid}/children", encoding="ascii") as children:
+                    for child in children.read().split():
+                        found.append(int(child))
+                        todo.append(int(child))
+    return found
+
+
+class RssSampler:
+    """VmRSS of a process and of all its descendants, every ``every`` seconds, in
+    a thread: a reload may build its book in a child process."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid = pid
+        self.every = every
+        # (perf_counter, the process's RSS, its descendants' RSS, how many
+        # descendants, the largest VmHWM among them: a child's own peak, even
+        # one that fell between two samples)
+        self.samples: list[tuple[float, int, int, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            children = child_peak = 0
+            kids = descendants(self.pid)
+            for kid in kids:
+                # Gone already, or a zombie without memory: nothing to count.
+                with contextlib.suppress(OSError, KeyError):
+                    children += proc_status(kid, "VmRSS")
+                    child_peak = max(child_peak, proc_status(kid, "VmHWM"))
+            with contextlib.suppress(OSError, KeyError):
+                self.samples.append((time.perf_counter(), proc_status(self.pid, "VmRSS"),
+                                     children, len(kids), child_peak))
+            self._stop.wait(self.every)
+
+    def between(self, start: float, end: float) -> dict[str, Any]:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return {"samples": 0, "peak": 0, "peak_with_children": 0, "children_max": 0,
+                    "child_hwm": 0}
+        return {"samples": len(inside), "peak": max(s[1] for s in inside),
+                "peak_with_children": max(s[1] + s[2] for s in inside),
+                "children_max": max(s[3] for s in inside),
+                "child_hwm": max(s[4] for s in inside)}
+
+
+async def call_async(port: int, query: str) -> str:
+    """One call on a new connection (``Connection: close``, as the PBX makes it)."""
+    try:
+        async with asyncio.timeout(DEADLINE + 2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"GET /voipgrid?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                data = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        return f"no answer ({type(exc).__name__})"
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return answer_word(status, body.decode(errors="replace"))
+
+
+def log_event(log: Path, offset: int, names: tuple[str, ...]) -> tuple[dict[str, Any], int]:
+    """The first JSON log line after ``offset`` whose event is one of ``names``."""
+    with log.open("rb") as lines:
+        lines.seek(offset)
+        while line := lines.readline():
+            if not line.endswith(b"\n"):
+                break  # being written: read it whole next time
+            offset += len(line)
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("event") in names:
+                    return event, offset
+    return {}, offset
+
+
+def reload_under_load(plan: Plan, server: Server, site: sitegen.Site,
+                      config: Path) -> dict[str, Any]:
+    """Edit the running daemon's config file while valid calls come in at a fixed rate.
+
+    As staff would: one code added, the file replaced atomically, and the
+    daemon left to notice (it polls the file). Every call's latency and answer
+    is kept; the calls before the change are the yardstick for those during it.
+    """
+    text = config.read_text(encoding="utf-8")
+    taken = set(re.findall(r'^code = "(\d+)"', text, re.MULTILINE))
+    added = next(c for c in map(str, range(10_000_000, 100_000_000)) if c not in taken)
+    edited = (text + f'\n[[codes]]\nname = "Added by staff"\ncode = "{added}"\n'
+              'gates = ["barrier"]\n').encode()
+    # Not on the call list and bound to no caller: lockout cannot touch the load.
+    check = urlencode({"token": sitegen.TOKEN, "code": added, "did": sitegen.BARRIER,
+                       "callerid": "+31699999999", "callername": ""})
+    before = call_once(server.port, check)
+    queries = valid_queries(site)
+    calls: list[tuple[float, float, str]] = []  # (started, latency ms, status word)
+    marks: dict[str, float] = {}
+    event: dict[str, Any] = {}
+
+    async def one(query: str) -> None:
+        started = time.perf_counter()
+        word = await call_async(server.port, query)
+        calls.append((started, (time.perf_counter() - started) * 1000, word))
+
+    async def load() -> None:
+        began = marks["began"] = time.perf_counter()
+        pending: set[asyncio.Task[None]] = set()
+        n = 0
+        # Open loop: a call is made on time even while earlier ones wait.
+        while "until" not in marks or began + n / RELOAD_RATE < marks["until"]:
+            delay = began + n / RELOAD_RATE - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(next(queries)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+        await asyncio.gather(*pending)
+
+    async def edit_and_wait() -> None:
+        nonlocal event
+        await asyncio.sleep(plan.reload_baseline)
+        offset = server.log.stat().st_size
+        marks["writing"] = time.perf_counter()
+        await asyncio.to_thread(files.replace, config, edited)
+        marks["changed"], changed_wall = time.perf_counter(), time.time()
+        limit = marks["changed"] + READY_TIMEOUT
+        while not event and time.perf_counter() < limit:
+            await asyncio.sleep(0.02)
+            event, offset = log_event(server.log, offset, (
+                "config reloaded", "config reload refused; the old config keeps serving",
+                "config reload refused: restart gated to apply these changes; "
+                "the old config keeps serving"))
+        marks["seen"] = time.perf_counter()
+        # The log's own time of the line, where it can be read; else when it was seen.
+        marks["reloaded"] = marks["seen"]
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            logged = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+            if changed_wall <= logged <= changed_wall + (marks["seen"] - marks["changed"]):
+                marks["reloaded"] = marks["changed"] + logged - changed_wall
+        marks["until"] = marks["seen"] + 1.0  # and a second after, for the tail
+
+    async def both() -> None:
+        await asyncio.gather(load(), edit_and_wait())
+
+    with RssSampler(server.pid) as sampler:
+        asyncio.run(both())
+    after = call_once(server.port, check)
+
+    def window(start: float, end: float) -> dict[str, Any]:
+        inside = [c for c in calls if start <= c[0] < end]
+        lat = sorted(c[1] for c in inside)
+        wrong = [c[2] for c in inside if c[2] != "ACK"]
+        return {"calls": len(inside), "ack": len(inside) - len(wrong), "wrong": wrong[:5],
+                "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+                "max_ms": lat[-1] if lat else 0.0, "seconds": end - start,
+                "rss": sampler.between(start, end)}
+
+    # The reload's window runs from the start of the write (a 14 MB file and
+    # its fsync are part of an edit) to the line that says it is done.
+    reloaded = event.get("event") == "config reloaded"
+    return {
+        "rate": RELOAD_RATE, "connection": "new per call",
+        "outcome": event.get("event", "no reload logged"),
+        "reload_s": marks["reloaded"] - marks["changed"],
+        "seen_s": marks["seen"] - marks["changed"],
+        "write_s": marks["changed"] - marks["writing"],
+        "credentials": event.get("credentials"),
+        "without": window(marks["began"], marks["writing"]),
+        "during": window(marks["writing"], marks["seen"]),
+        "after": window(marks["seen"], marks["until"] + DEADLINE),
+        "all": window(marks["began"], marks["until"] + DEADLINE),
+        "added_code_before": before, "added_code_after": after,
+        "takes_effect": reloaded and before != "ACK" and after == "ACK",
+        "hwm_after": proc_status(server.pid, "VmHWM"),
+        "samples": len(sampler.samples),
+    }
 
 
 def environment(work: Path) -> dict[str, Any]:
@@ -597,6 +948,70 @@ def report(r: dict[str, Any], command: str) -> str:
         f"({gmax['NAK']:,} x NAK) | {gmax['p50_ms']:.2f} / {gmax['p99_ms']:.2f} | | | |",
     ]
 
+    steady, rs = r["steady_rss"], r["restarts"]
+    floor_steady = steady["floor"]["rss"]
+    per_code = (steady["gated_100k"]["rss"] - steady["gated_10"]["rss"]) / 99_990
+
+    def memory_row(name: str, label: str) -> str:
+        ratios = ("| | |" if name == "floor" else
+                  f"| {steady[name]['rss'] / floor_steady:.2f}x | "
+                  f"{rss[name] / rss['floor']:.2f}x |")
+        return (f"| {label} | {steady[name]['rss'] / mib:.1f} MiB "
+                f"({steady[name]['anon'] / mib:.1f} / {steady[name]['file'] / mib:.1f}) | "
+                f"{rss[name] / mib:.1f} MiB {ratios}")
+
+    memory_lines = [
+        "| resident memory | steady: idle after start (anonymous / file-backed) | "
+        "peak (VmHWM), whole run | steady / floor | peak / floor |",
+        "|---|---:|---:|---:|---:|",
+        memory_row("floor", "aiohttp floor"),
+        memory_row("gated_100k", "gated, 100,000 codes + 10,000 TOTP"),
+        memory_row("gated_10", "gated, 10 codes + 10,000 TOTP"),
+        f"| bytes per static code (running daemon) | {per_code:,.0f} | | | |",
+    ]
+
+    def first_answer(name: str) -> str:
+        wrong = rs[name]["not_ack_first"]
+        return "ACK" if not wrong else f"**{wrong} not ACK first**"
+
+    def start_row(name: str, label: str) -> str:
+        x = rs[name]
+        return (f"| {label} | {x['first_s']:.2f} s | {x['restart_s']:.2f} s | "
+                f"{first_answer(name)} | {x['stop_s']:.2f} s | "
+                f"{x['first_peak_with_children'] / mib:.1f} MiB "
+                f"({x['first_peak_with_children'] / floor_steady:.2f}x) |")
+
+    restart_lines = [
+        "| exec to the first valid call answered ACK | first start, fresh state | "
+        "restart, same config and state | first answer | stop (SIGTERM to exit) | "
+        "first start: peak RSS, server + children (/ floor steady) |",
+        "|---|---:|---:|---:|---:|---:|",
+        start_row("floor", "aiohttp floor"),
+        start_row("gated_100k", "gated, 100,000 codes + 10,000 TOTP"),
+        start_row("gated_10", "gated, 10 codes + 10,000 TOTP"),
+    ]
+
+    rl = rs["reload"]
+
+    def reload_row(key: str, label: str) -> str:
+        x = rl[key]
+        return (f"| {label} | {x['calls']:,} | {x['ack']:,} | {x['p50_ms']:.1f} | "
+                f"{x['p99_ms']:.1f} | {x['max_ms']:.1f} | "
+                f"{x['rss']['peak'] / mib:.1f} MiB ({x['rss']['peak'] / floor_steady:.2f}x) | "
+                f"{x['rss']['peak_with_children'] / mib:.1f} MiB "
+                f"({x['rss']['peak_with_children'] / floor_steady:.2f}x) |")
+
+    reload_lines = [
+        f"| gated 100k, {rl['rate']} valid calls/s, a new connection each | calls | ACK | "
+        "p50 ms | p99 ms | max ms | daemon RSS, peak (/ floor steady) | "
+        "daemon + children, peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        reload_row("without", f"without a reload (the {rl['without']['seconds']:.0f} s before)"),
+        reload_row("during", f"during the reload (from writing the file to "
+                             f"`config reloaded`: {rl['during']['seconds']:.1f} s)"),
+        reload_row("after", "after it"),
+    ]
+
     legit_p99 = junk["legit"]["p99_ms"]
     targets = [
         "| target | measured | |",
@@ -614,6 +1029,33 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{verdict(junk['legit']['success'] == 1.0)} |",
         f"| ... and their p99 < 10% of the {DEADLINE:.0f} s deadline | {legit_p99:.1f} ms | "
         f"{verdict(legit_p99 < DEADLINE * 100)} |",
+    ]
+    big_steady = steady["gated_100k"]["rss"] / floor_steady
+    big_restart = rs["gated_100k"]
+    restart_ok = big_restart["restart_s"] <= 2 and big_restart["not_ack_first"] == 0
+    everything = rl["all"]
+    all_ack = everything["ack"] == everything["calls"] and rl["outcome"] == "config reloaded"
+    targets += [
+        f"| RSS with 100k codes + 10k TOTP ≤ 1.6x floor (steady) | {big_steady:.2f}x | "
+        f"{verdict(big_steady <= 1.6)} |",
+        f"| peak ≤ 2x floor (VmHWM, each over the whole run) | "
+        f"{rss['gated_100k'] / rss['floor']:.2f}x | "
+        f"{verdict(rss['gated_100k'] <= 2 * rss['floor'])} |",
+        f"| (peak with the children that build the book, 100k: first start / reload, "
+        f"over the floor's steady RSS) | "
+        f"{big_restart['first_peak_with_children'] / floor_steady:.2f}x / "
+        f"{rl['during']['rss']['peak_with_children'] / floor_steady:.2f}x | |",
+        f"| bytes per static code above a 10-code site ≤ 70 (running daemon) | "
+        f"{per_code:,.0f} | {verdict(per_code <= 70)} |",
+        f"| restart to answering with 100k codes + 10k TOTP ≤ 2 s, right at once | "
+        f"{big_restart['restart_s']:.2f} s | {verdict(restart_ok)} |",
+        f"| every call answered ACK while the 100k file reloads (and before, after) | "
+        f"{everything['ack']:,}/{everything['calls']:,} | "
+        f"{verdict(all_ack)} |",
+        f"| the changed code takes effect after the reload | {rl['added_code_before']} → "
+        f"{rl['added_code_after']} | {verdict(rl['takes_effect'])} |",
+        f"| (worst call during the reload vs without, {rl['rate']} calls/s) | "
+        f"{rl['during']['max_ms'] / max(rl['without']['max_ms'], 1e-9):.2f}x | |",
     ]
     if "fixed_rate" in r:
         fr = r["fixed_rate"]
@@ -636,6 +1078,23 @@ def report(r: dict[str, Any], command: str) -> str:
            f"bytes, of which the code book {load['bytes_per_code_book']:.0f} and the parsed "
            f"config the rest (the daemon drops that once the book is built)."
            if "bytes_per_code_traced" in load else "."),
+        f"- Bytes per static code (running daemon): {per_code:,.0f} (steady RSS of the "
+        f"100,000-code site minus the 10-code site's, both with 10,000 TOTP users, each "
+        f"idle {SETTLE:.0f} s after start; anonymous "
+        f"{(steady['gated_100k']['anon'] - steady['gated_10']['anon']) / 99_990:,.0f}, "
+        f"file-backed "
+        f"{(steady['gated_100k']['file'] - steady['gated_10']['file']) / 99_990:,.0f}).",
+        f"- Reload of the 100,000-code file (one code added, the file replaced atomically, "
+        f"the daemon polling it every 2 s): `{rl['outcome']}` {rl['reload_s']:.2f} s after "
+        f"the rename; {rl['rate']} calls/s throughout, each on a new connection, "
+        f"{everything['ack']:,} of {everything['calls']:,} answered ACK; the added code "
+        f"answered {rl['added_code_before']} before and {rl['added_code_after']} after; "
+        f"VmHWM after it {rl['hwm_after'] / mib:.0f} MiB; child processes at once: at most "
+        f"{rl['during']['rss']['children_max']}, the largest one's own peak (VmHWM) "
+        f"{rl['during']['rss']['child_hwm'] / mib:.0f} MiB. "
+        f"A first start's children peaked at "
+        f"{rs['gated_100k']['first_child_hwm'] / mib:.0f} MiB (100,000 codes) and "
+        f"{rs['gated_10']['first_child_hwm'] / mib:.0f} MiB (10 codes).",
     ]
     memory.append(
         f"- Routes: a CSV of 100,000 rows loads in {load['routed']['load_s']:.2f} s "
@@ -669,7 +1128,8 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{plan['rounds']} alternating rounds of {plan['seconds']:.0f} s per server "
         f"(medians shown); every gated request is a valid code from one of 1,000 callers.",
         "",
-        table, "", *routed_lines, "", *flood_lines, "", *targets, "", *memory,
+        table, "", *routed_lines, "", *flood_lines, "", *memory_lines, "", *restart_lines, "",
+        *reload_lines, "", *targets, "", *memory,
         f"- The whole run took {r['bench_seconds']:.0f} s.", "",
     ])
 
