@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gated import __version__, manage
+from gated import __version__, compiler, manage
 from gated import config as config_mod
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gated.store import Entry
 
 
-def _writable_cwd(loaded: config_mod.Loaded) -> None:
+def _writable_cwd(loaded: compiler.Loaded) -> None:
     """Move to a writable folder: lgpio makes its notify pipe in the working directory.
 
     It does so when imported, so ``sudo -u gated gated pulse`` from a home
@@ -50,11 +50,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gated.daemon import Daemon, long_lived, release_memory
 
     with long_lived():
-        loaded = config_mod.load(args.config, create_key=True)
+        # Mapped from the state directory when nothing changed since it was
+        # compiled, else compiled by a child process first.
+        loaded = compiler.load_for_daemon(args.config)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
     _writable_cwd(loaded)
     # The daemon keeps only what it needs: no reference here to the full config.
-    daemon = Daemon(config_mod.without_credentials(loaded))
+    daemon = Daemon(compiler.without_credentials(loaded))
     del loaded
     release_memory()
     asyncio.run(daemon.run())
@@ -62,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    loaded = config_mod.load(args.file or args.config)
+    loaded = compiler.load(args.file or args.config)
     config, book = loaded.config, loaded.book
     print(f"{loaded.path}: OK")
     print(f"site      {config.site.id} ({config.site.timezone}, region {config.site.region})")
@@ -79,8 +81,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         auth = "signatures (auth_token)" if twiml.auth_token else "?token= as [server]"
         print(f"twiml     {twiml.public_url} -> http://{config.server.listen}{twiml.path}  "
               f"({auth}, {twiml.attempts} attempt(s), fallback {twiml.fallback or 'hang up'})")
-    print(f"codes     {len(book.codes)} static, "
-          f"{sum(len(t.users) for t in book.totp.values())} TOTP")
+    print(f"codes     {book.code_count} static, {book.totp_count} TOTP")
     if args.codes:
         for credential in book.credentials():
             gates = ",".join(sorted(credential.gates)) or "(route only)"
@@ -100,7 +101,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def routes_summary(loaded: config_mod.Loaded) -> str:
+def routes_summary(loaded: compiler.Loaded) -> str:
     """[[routes]]: how many, their callers, the lines they make and their files."""
     book = loaded.book
     table = book.routes
@@ -112,7 +113,7 @@ def routes_summary(loaded: config_mod.Loaded) -> str:
     return text
 
 
-def guessing_summary(loaded: config_mod.Loaded) -> str:
+def guessing_summary(loaded: compiler.Loaded) -> str:
     """What the lockout bounds a guesser to, against these codes."""
     from gated.daemon import policy
     from gated.lockout import guesses_per_year, hit_chance
@@ -138,7 +139,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     if args.twiml:
         from gated.pbx import twiml_player
 
-        platform = twiml_player.Platform.from_config(config_mod.load(args.config).config,
+        platform = twiml_player.Platform.from_config(compiler.load(args.config).config,
                                                      args.url, args.timeout)
         return twiml_player.play(platform, caller=getattr(args, "from"), called=args.to,
                                  callername=args.callername, codes=codes)
@@ -146,10 +147,10 @@ def cmd_call(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("one --code per VoIPGRID call (several: --twiml)")
     url = args.url
     token = args.token
-    loaded: config_mod.Loaded | None = None
+    loaded: compiler.Loaded | None = None
     # With a config the entry the call made can explain the answer.
     if url is None or token is None or args.config:
-        loaded = config_mod.load(args.config)
+        loaded = compiler.load(args.config)
         server = loaded.config.server
         url = url or f"http://{server.listen}{server.path}"
         token = token or server.tokens[0]
@@ -185,7 +186,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0 if word == "ACK" else 1
 
 
-def _explain(loaded: config_mod.Loaded, args: argparse.Namespace, since: float) -> None:
+def _explain(loaded: compiler.Loaded, args: argparse.Namespace, since: float) -> None:
     """Why, from this call's entry in the local store (when this user can read it)."""
     from gated.numbers import normalise
     from gated.store import read_entries
@@ -221,7 +222,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.db:
         path = Path(args.db)
     else:
-        loaded = config_mod.load(args.config)
+        loaded = compiler.load(args.config)
         path, tz = loaded.store_path, loaded.config.tz
     local = tz or dt.datetime.now().astimezone().tzinfo
     assert local is not None
@@ -248,7 +249,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_pulse(args: argparse.Namespace) -> int:
     from gated import actuators, statelock
 
-    loaded = config_mod.load(args.config)
+    loaded = compiler.load(args.config)
     gate = loaded.config.gates.get(args.gate)
     if gate is None:
         print(f"no gate {args.gate!r}; gates: {', '.join(loaded.config.gates)}", file=sys.stderr)

@@ -1,37 +1,40 @@
-"""The code book: gates, caller lists and credentials compiled for O(1) lookup.
+"""The code book: gates, caller lists and credentials, in the form lookups need.
 
 Static codes are looked up by a keyed hash of the digits (HMAC-SHA256), never
 by comparing digits: the lookup costs the same for 10 or 100,000 codes, and
-its timing tells a guesser nothing about how close a guess was. TOTP codes
-live in a table of the currently valid codes of every person, rebuilt once per
-time step, so a request costs one dict lookup, not one HMAC per person.
+its timing tells a guesser nothing about how close a guess was.
+
+The file's static codes are held compactly (``StaticCodes``): a sorted array
+of digests, one small record per code pointing into a table of the distinct
+policies (gates, validity, schedule, limits, answers) that thousands of codes
+share, and their names. A ``Credential`` is made for the one code a call
+matched. The arrays live in the compiled book (``gated.bookfile``), mapped
+from the state directory, so a large book costs tens of bytes a code and a
+restart reads nothing it does not need.
+
+TOTP codes live in one sorted array per time step of (code, user) pairs,
+built once per step, so a request costs a binary search, not one HMAC per
+person.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
+import array
+import bisect
 import hmac
 import os
 import re
+import struct
+import sys
+import zlib
 import zoneinfo
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-import pyotp
+from typing import Literal, overload
 
 from gated import sitekey
-from gated.errors import ConfigError, NumberError
-from gated.numbers import normalise
-from gated.routes import RouteTable, compile_routes
-from gated.schedule import Schedule, ScheduleError, parse_schedule
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from gated.config import CodeConfig, Config, TotpConfig
-    from gated.tomlpos import Key
+from gated.routes import RouteTable
+from gated.schedule import Schedule
 
 Kind = Literal["code", "totp", "visitor", "route"]
 CODE_RE = re.compile(r"[0-9]{4,16}")
@@ -67,66 +70,274 @@ class Credential:
         """Answers the PBX with a route but opens nothing."""
         return not self.gates
 
+    def named(self, credential_id: str, name: str) -> Credential:
+        """This policy as the credential of one code (a policy has no id or name)."""
+        return Credential(credential_id, name, self.kind, self.gates, self.valid_from,
+                          self.valid_until, self.schedule, self.max_uses, self.callers,
+                          self.callername, self.destination)
 
-@dataclass(slots=True)
+
+# One record per static code after the 8-byte prefix: the digest's other 24
+# bytes, the policy's index and where its names start.
+RECORD = struct.Struct("<24sII")
+NAME_LENGTH = struct.Struct("<H")
+# One record per TOTP user, ordered by period: where its key is in the keys
+# section, its policy, where its names start, the period, the key's length,
+# the digits, and the digest (an index into TOTP_DIGESTS).
+TOTP_RECORD = struct.Struct("<IIIHHBB")
+TOTP_DIGESTS = ("sha1", "sha256", "sha512")
+NOTHING = memoryview(b"")
+
+
+def id_hash(credential_id: str) -> int:
+    """32 bits of an id, for the sorted id index (a match is checked against the name)."""
+    return zlib.crc32(credential_id.encode())
+
+
+def digest_prefix(digest: bytes) -> int:
+    return int.from_bytes(digest[:8], "little")
+
+
+def as_u64(view: memoryview) -> Sequence[int]:
+    """An array of little-endian u64 read in place (copied only on a big-endian CPU)."""
+    if sys.byteorder == "little":
+        return view.cast("Q")
+    copy = array.array("Q", bytes(view))
+    copy.byteswap()
+    return copy
+
+
+class StaticCodes:
+    """The file's static codes, read in place from a compiled book.
+
+    ``prefixes``: the first 8 bytes of each digest as a little-endian u64,
+    sorted; ``records``: a ``RECORD`` for each, in the same order; ``ids``:
+    ``id_hash(id) << 32 | record``, sorted; ``names``: per code a u16 length
+    and the name, then a u8 length and the id (0: the id is the name).
+    Lookups are binary searches done in C (``bisect`` over the arrays).
+    """
+
+    __slots__ = ("_ids", "_keys", "_names", "_policies", "_prefixes", "_records", "_totp")
+
+    def __init__(self, prefixes: Sequence[int], records: memoryview, ids: Sequence[int],
+                 names: memoryview, policies: Sequence[Credential],
+                 totp: memoryview = NOTHING, keys: memoryview = NOTHING) -> None:
+        self._prefixes = prefixes
+        self._records = records
+        self._ids = ids
+        self._names = names
+        self._policies = policies
+        self._totp = totp
+        self._keys = keys
+
+    @classmethod
+    def empty(cls) -> StaticCodes:
+        return cls((), NOTHING, (), NOTHING, ())
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def index(self, digest: bytes) -> int:
+        """The record of ``digest``, or -1."""
+        prefixes = self._prefixes
+        key = digest_prefix(digest)
+        at = bisect.bisect_left(prefixes, key)
+        tail = digest[8:]
+        # Equal prefixes are a 1-in-2^64 chance per pair; the tail decides.
+        while at < len(prefixes) and prefixes[at] == key:
+            start = at * RECORD.size
+            if self._records[start:start + 24] == tail:
+                return at
+            at += 1
+        return -1
+
+    def get(self, digest: bytes) -> Credential | None:
+        at = self.index(digest)
+        return None if at < 0 else self.credential(at)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return self.index(digest) >= 0
+
+    def credential(self, at: int) -> Credential:
+        policy: int
+        names: int
+        _, policy, names = RECORD.unpack_from(self._records, at * RECORD.size)
+        credential_id, name = self._name(names)
+        return self._policies[policy].named(credential_id, name)
+
+    def digest(self, at: int) -> bytes:
+        tail: bytes = RECORD.unpack_from(self._records, at * RECORD.size)[0]
+        return self._prefixes[at].to_bytes(8, "little") + tail
+
+    def _name(self, at: int) -> tuple[str, str]:
+        names = self._names
+        (length,) = NAME_LENGTH.unpack_from(names, at)
+        at += NAME_LENGTH.size
+        name = bytes(names[at:at + length]).decode()
+        at += length
+        id_length = names[at]
+        credential_id = bytes(names[at + 1:at + 1 + id_length]).decode() if id_length else name
+        return credential_id, name
+
+    def has_id(self, credential_id: str) -> bool:
+        """Whether a code or TOTP user of the book has this id (the index holds
+        both: codes are records 0..n-1, TOTP users n and on)."""
+        ids = self._ids
+        key = id_hash(credential_id)
+        at = bisect.bisect_left(ids, key << 32)
+        codes = len(self._prefixes)
+        while at < len(ids) and ids[at] >> 32 == key:
+            record = ids[at] & 0xFFFF_FFFF
+            if record < codes:
+                names = RECORD.unpack_from(self._records, record * RECORD.size)[2]
+            else:
+                names = TOTP_RECORD.unpack_from(self._totp, (record - codes) * TOTP_RECORD.size)[2]
+            if self._name(names)[0] == credential_id:
+                return True
+            at += 1
+        return False
+
+    def totp_tables(self) -> dict[int, TotpTable]:
+        """The TOTP users, a table per period (the records are ordered by period)."""
+        tables: dict[int, TotpTable] = {}
+        count = len(self._totp) // TOTP_RECORD.size
+        start = 0
+        while start < count:
+            period = TOTP_RECORD.unpack_from(self._totp, start * TOTP_RECORD.size)[3]
+            end = start
+            while end < count and TOTP_RECORD.unpack_from(
+                    self._totp, end * TOTP_RECORD.size)[3] == period:
+                end += 1
+            tables[period] = TotpTable(users=CompiledUsers(self, start, end), period=period)
+            start = end
+        return tables
+
+    def totp_user(self, at: int) -> TotpUser:
+        key, length, digits, digest = self._totp_key(at)
+        policy: int
+        names: int
+        _, policy, names, *_ = TOTP_RECORD.unpack_from(self._totp, at * TOTP_RECORD.size)
+        credential_id, name = self._name(names)
+        return TotpUser(self._policies[policy].named(credential_id, name),
+                        bytes(self._keys[key:key + length]), digits, TOTP_DIGESTS[digest])
+
+    def _totp_key(self, at: int) -> tuple[int, int, int, int]:
+        key, _, _, _, length, digits, digest = TOTP_RECORD.unpack_from(
+            self._totp, at * TOTP_RECORD.size)
+        return key, length, digits, digest
+
+    def totp_codes(self, start: int, end: int, timecode: int) -> Iterator[int]:
+        """Each user's code for a time step, as an int (no credential is made)."""
+        counter = timecode.to_bytes(8, "big")
+        keys = self._keys
+        for at in range(start, end):
+            key, length, digits, digest = self._totp_key(at)
+            yield _truncate(hmac.digest(keys[key:key + length], counter,
+                                        TOTP_DIGESTS[digest]), digits)
+
+    def __iter__(self) -> Iterator[Credential]:
+        return (self.credential(at) for at in range(len(self)))
+
+
+@dataclass(frozen=True, slots=True)
 class TotpUser:
     credential: Credential
-    otp: pyotp.TOTP
-    # The decoded secret and the digest's name, so a table rebuild costs one
-    # one-shot HMAC per user and time step, not pyotp's base32 decode and
-    # HMAC object each time.
-    key: bytes = field(init=False, repr=False)
-    digest: str = field(init=False, repr=False)
+    # The decoded secret and the digest's name: a table build costs one
+    # one-shot HMAC per user and time step.
+    key: bytes = field(repr=False)
+    digits: int = 6
+    digest: str = "sha1"
 
-    def __post_init__(self) -> None:
-        self.key = self.otp.byte_secret()
-        self.digest = self.otp.digest().name
+    def code(self, timecode: int) -> str:
+        """RFC 6238's code for a time step (RFC 4226 truncation), as pyotp makes it."""
+        mac = hmac.digest(self.key, timecode.to_bytes(8, "big"), self.digest)
+        return str(_truncate(mac, self.digits)).zfill(self.digits)
 
 
-def _hotp(key: bytes, counter: bytes, digest: str, digits: int) -> str:
-    """The same digits as pyotp's ``generate_otp`` (RFC 4226 truncation)."""
-    mac = hmac.digest(key, counter, digest)
+def _truncate(mac: bytes, digits: int) -> int:
     offset = mac[-1] & 0x0F
     value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF
-    return str(value % 10**digits).zfill(digits)
+    modulus: int = 10**digits
+    return value % modulus
+
+
+class CompiledUsers(Sequence[TotpUser]):
+    """The TOTP users of one period in a compiled book, made one at a time on demand."""
+
+    __slots__ = ("_book", "_end", "_start")
+
+    def __init__(self, book: StaticCodes, start: int, end: int) -> None:
+        self._book = book
+        self._start = start
+        self._end = end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> TotpUser: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TotpUser]: ...
+
+    def __getitem__(self, index: int | slice) -> TotpUser | Sequence[TotpUser]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._book.totp_user(self._start + index % len(self))
+
+    def codes(self, timecode: int) -> Iterator[int]:
+        return self._book.totp_codes(self._start, self._end, timecode)
 
 
 @dataclass(slots=True)
 class TotpTable:
     """The codes every TOTP user may type, one table per time step.
 
-    A table is built once per step (one HMAC per user) and looked up by the
-    digits, so a request costs a few dict lookups however many users there are.
+    A step's table is a sorted array of ``int(code) << 32 | user`` (8 bytes a
+    user), built once per step (one HMAC per user): a lookup is a binary
+    search however many users there are. Codes of different lengths never
+    meet: a user's code is matched only when typed at that user's length.
     """
 
-    users: list[TotpUser]
+    users: Sequence[TotpUser]
     period: int = 30
-    steps: dict[int, dict[str, list[TotpUser]]] = field(default_factory=dict)
+    steps: dict[int, array.array[int]] = field(default_factory=dict)
 
     def lookup(self, code: str, now: float) -> list[tuple[Credential, int]]:
         step = int(now) // self.period
         found: list[tuple[Credential, int]] = []
+        value = int(code)
+        if value >= 1 << 31:
+            return found
         for timecode in range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1):
             table = self.steps.get(timecode)
             if table is None:
                 table = self.install(timecode, self.build(timecode))
-            found.extend((user.credential, timecode) for user in table.get(code, ()))
+            at = bisect.bisect_left(table, value << 32)
+            while at < len(table) and table[at] >> 32 == value:
+                user = self.users[table[at] & 0xFFFF_FFFF]
+                if user.digits == len(code):
+                    found.append((user.credential, timecode))
+                at += 1
         return found
 
-    def build(self, timecode: int) -> dict[str, list[TotpUser]]:
+    def build(self, timecode: int) -> array.array[int]:
         """The table for one step; touches no shared state, so it may run in a thread."""
-        table: dict[str, list[TotpUser]] = {}
-        counter = timecode.to_bytes(8, "big")
-        for user in self.users:
-            code = _hotp(user.key, counter, user.digest, user.otp.digits)
-            found = table.get(code)
-            if found is None:
-                table[code] = [user]
-            else:
-                found.append(user)
-        return table
+        users = self.users
+        codes = (users.codes(timecode) if isinstance(users, CompiledUsers)
+                 else (int(user.code(timecode)) for user in users))
+        return array.array("Q", sorted(code << 32 | index for index, code in enumerate(codes)))
 
-    def install(self, timecode: int, table: dict[str, list[TotpUser]]) -> dict[str, list[TotpUser]]:
+    def codes(self, timecode: int) -> dict[str, list[TotpUser]]:
+        """A step's codes and whose they are (for checks and tests, not for calls)."""
+        found: dict[str, list[TotpUser]] = {}
+        for entry in self.steps.get(timecode) or self.build(timecode):
+            user = self.users[entry & 0xFFFF_FFFF]
+            found.setdefault(str(entry >> 32).zfill(user.digits), []).append(user)
+        return found
+
+    def install(self, timecode: int, table: array.array[int]) -> array.array[int]:
         for old in [s for s in self.steps if abs(s - timecode) > 2 * TOTP_WINDOW + 1]:
             del self.steps[old]
         self.steps[timecode] = table
@@ -145,19 +356,21 @@ class CodeBook:
 
     gates: dict[str, Gate]
     by_number: dict[str, str]
-    codes: dict[bytes, Credential]
     totp: dict[int, TotpTable]  # by period
     tz: zoneinfo.ZoneInfo
     region: str
+    # The file's static codes, compiled (read only).
+    static: StaticCodes = field(default_factory=StaticCodes.empty)
     # Without a site key the book uses a throw-away one: lookups work the
     # same, but no code_hash can be checked.
     key: bytes = field(default_factory=lambda: os.urandom(32))
     site_key: bool = False
     # Codes issued at run time (`gated codes issue`), by digest.
     visitors: dict[bytes, Credential] = field(default_factory=dict)
-    # Static codes by credential id, so one can be replaced or removed at run
-    # time (codes managed over MQTT) without rebuilding the book.
-    code_ids: dict[str, bytes] = field(default_factory=dict)
+    # Codes managed over MQTT, by digest, and their digests by credential id,
+    # so one can be replaced or removed at run time without rebuilding the book.
+    managed: dict[bytes, Credential] = field(default_factory=dict)
+    managed_ids: dict[str, bytes] = field(default_factory=dict)
     # Smart routing by caller: [[routes]] and routes over MQTT.
     routes: RouteTable = field(default_factory=RouteTable)
 
@@ -179,11 +392,20 @@ class CodeBook:
     def digest(self, code: str) -> bytes:
         return sitekey.digest(self.key, code)
 
+    def code(self, digest: bytes) -> Credential | None:
+        """The static code (the file's, or one managed over MQTT) with this digest."""
+        managed = self.managed.get(digest)
+        return managed if managed is not None else self.static.get(digest)
+
+    def taken(self, digest: bytes) -> bool:
+        """Whether these digits are already some code's (static, managed or visitor)."""
+        return digest in self.managed or digest in self.visitors or digest in self.static
+
     def match(self, code: str, now: float) -> list[tuple[Credential, int | None]]:
         """Credentials that ``code`` is: static, then visitor, then TOTP."""
         found: list[tuple[Credential, int | None]] = []
         digest = self.digest(code)
-        static = self.codes.get(digest)
+        static = self.code(digest)
         if static is not None:
             found.append((static, None))
         visitor = self.visitors.get(digest)
@@ -194,35 +416,47 @@ class CodeBook:
         return found
 
     def has_id(self, credential_id: str) -> bool:
-        if credential_id in self.code_ids:
+        if credential_id in self.managed_ids or self.static.has_id(credential_id):
             return True
+        # TOTP users that are not in the compiled book (built by hand).
         return any(user.credential.id == credential_id
-                   for table in self.totp.values() for user in table.users)
+                   for table in self.totp.values() if not isinstance(table.users, CompiledUsers)
+                   for user in table.users)
 
     def add_code(self, credential: Credential, digest: bytes) -> None:
-        """Add one static code; CodeClash if its id or its digits are taken.
+        """Add one managed code; CodeClash if its id or its digits are taken.
 
         The clash message never names the other credential: whoever may add
         codes must not learn whose digits they guessed.
         """
         if self.has_id(credential.id):
             raise CodeClash(f"id {credential.id!r} is already used by another credential")
-        if digest in self.codes or digest in self.visitors:
+        if self.taken(digest):
             raise CodeClash("these digits are already another credential's code")
-        self.codes[digest] = credential
-        self.code_ids[credential.id] = digest
+        self.managed[digest] = credential
+        self.managed_ids[credential.id] = digest
 
     def remove_code(self, credential_id: str) -> Credential | None:
-        """Remove a static code by credential id; the credential, or None if absent."""
-        digest = self.code_ids.pop(credential_id, None)
-        return None if digest is None else self.codes.pop(digest, None)
+        """Remove a managed code by credential id; the credential, or None if absent."""
+        digest = self.managed_ids.pop(credential_id, None)
+        return None if digest is None else self.managed.pop(digest, None)
+
+    @property
+    def code_count(self) -> int:
+        """Static codes: the file's and the managed ones."""
+        return len(self.static) + len(self.managed)
+
+    @property
+    def totp_count(self) -> int:
+        return sum(len(t.users) for t in self.totp.values())
 
     @property
     def credential_count(self) -> int:
-        return len(self.codes) + sum(len(t.users) for t in self.totp.values())
+        return self.code_count + self.totp_count
 
-    def credentials(self) -> Iterable[Credential]:
-        yield from self.codes.values()
+    def credentials(self) -> Iterator[Credential]:
+        yield from self.static
+        yield from self.managed.values()
         for table in self.totp.values():
             for user in table.users:
                 yield user.credential
@@ -230,178 +464,3 @@ class CodeBook:
 
 class CodeClash(ValueError):
     """A code's id or digits are already another credential's."""
-
-
-ErrorFactory = Callable[["Key", str], ConfigError]
-NumberParser = Callable[[str, "Key"], str]
-
-
-def _plain_error(key: Key, message: str) -> ConfigError:
-    from gated.tomlpos import format_path
-
-    return ConfigError(message, path=format_path(key))
-
-
-def compile_book(config: Config, *, error: ErrorFactory = _plain_error,
-                 key: bytes | None = None, folder: Path | None = None) -> CodeBook:
-    """Build the code book, raising ``error(key_path, message)`` on the first problem.
-
-    ``folder``: where a route's ``file`` is looked up (the config file's folder).
-    """
-    tz = zoneinfo.ZoneInfo(config.site.timezone)
-    number = number_parser(config.site.region, error)
-
-    gates: dict[str, Gate] = {}
-    by_number: dict[str, str] = {}
-    for name, gate in config.gates.items():
-        numbers = []
-        for index, raw in enumerate(gate.numbers):
-            value = number(raw, ("gates", name, "numbers", index))
-            if value in by_number:
-                raise error(("gates", name, "numbers", index),
-                            f"{value} already selects gate {by_number[value]!r}")
-            by_number[value] = name
-            numbers.append(value)
-        callers = [number(raw, ("gates", name, "callers", i)) for i, raw in enumerate(gate.callers)]
-        gates[name] = Gate(name, frozenset(numbers), frozenset(callers))
-
-    book = CodeBook(gates=gates, by_number=by_number, codes={}, totp={}, tz=tz,
-                    region=config.site.region)
-    if key is not None:
-        book.key = key
-        book.site_key = True
-    ids: dict[str, Key] = {}
-
-    def claim_id(cred_id: str, where: Key) -> None:
-        if cred_id in ids:
-            raise error(where, f"id {cred_id!r} is used twice; give one an explicit id")
-        ids[cred_id] = where
-
-    for index, code in enumerate(config.codes):
-        where: Key = ("codes", index)
-        credential = compile_code(code, where, config, tz, number, error)
-        claim_id(credential.id, (*where, "name"))
-        digest = code_digest(book, code.code, code.code_hash, where, error)
-        if digest in book.codes:
-            raise error((*where, "code" if code.code is not None else "code_hash"),
-                        f"the same digits as code {book.codes[digest].name!r}")
-        book.codes[digest] = credential
-        book.code_ids[credential.id] = digest
-
-    for index, totp in enumerate(config.totp):
-        where = ("totp", index)
-        credential = compile_totp(totp, where, config, error)
-        claim_id(credential.id, (*where, "name"))
-        try:
-            otp = pyotp.TOTP(totp.secret, digits=totp.digits, interval=totp.period)
-            otp.generate_otp(0)
-        except (ValueError, TypeError) as exc:
-            raise error((*where, "secret"),
-                        f"not a usable base32 TOTP secret ({exc})") from None
-        table = book.totp.setdefault(totp.period, TotpTable(users=[], period=totp.period))
-        table.users.append(TotpUser(credential, otp))
-    if config.routes:
-        from gated.config import resolve_in
-
-        book.routes = compile_routes(
-            [(("routes", i), route, resolve_in(folder, route.file) if route.file else None)
-             for i, route in enumerate(config.routes)], number, error, config.site.region)
-    return book
-
-
-def code_digest(book: CodeBook, code: str | None, hashed: str | None, where: Key,
-                error: ErrorFactory) -> bytes:
-    """The lookup digest of a credential given as digits or as a keyed hash."""
-    if (code is None) == (hashed is None):
-        raise error((*where, "code"), "give exactly one of code and code_hash")
-    if code is not None:
-        if not CODE_RE.fullmatch(code):
-            raise error((*where, "code"), "a code is 4 to 16 digits")
-        return book.digest(code)
-    assert hashed is not None
-    digest = sitekey.parse_hash(hashed)
-    if digest is None:
-        raise error((*where, "code_hash"), "expected hmac-sha256: and 64 hex digits "
-                    "(made by `gated codes hash`)")
-    if not book.site_key:
-        raise error((*where, "code_hash"), "code_hash needs the site key file "
-                    "(see [site] key_file; `gated codes hash` creates it)")
-    return digest
-
-
-def number_parser(region: str, error: ErrorFactory) -> NumberParser:
-    """Normalise a configured phone number to E.164, or raise ``error`` at its key."""
-
-    def number(raw: str, where: Key) -> str:
-        try:
-            value = normalise(raw, region)
-        except NumberError as exc:
-            raise error(where, f"{exc}: {raw!r}") from None
-        if value is None:
-            raise error(where, f"not a phone number: {raw!r}")
-        return value
-
-    return number
-
-
-# Credentials by the thousand share a few gate sets, caller sets and
-# schedules: one shared immutable object each, not a copy per code (a
-# frozenset is 216 bytes even when empty, a two-window schedule ~700).
-# Bounded; a miss only costs the copy it would have made anyway.
-@functools.lru_cache(maxsize=4096)
-def _shared_set(items: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(items)
-
-
-@functools.lru_cache(maxsize=1024)
-def _shared_schedule(specs: tuple[str, ...]) -> Schedule:
-    return parse_schedule(specs)
-
-
-def _gates(names: list[str], where: Key, config: Config, error: ErrorFactory) -> frozenset[str]:
-    for index, name in enumerate(names):
-        if name not in config.gates:
-            raise error((*where, "gates", index), f"no gate named {name!r}")
-    return _shared_set(tuple(names))
-
-
-def _epoch(value: dt.datetime | None, tz: zoneinfo.ZoneInfo) -> float | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # times without an offset are site-local
-        value = value.replace(tzinfo=tz)
-    return value.timestamp()
-
-
-def compile_code(code: CodeConfig, where: Key, config: Config, tz: zoneinfo.ZoneInfo,
-                 number: Callable[[str, Key], str], error: ErrorFactory,
-                 kind: Kind = "code") -> Credential:
-    try:
-        schedule = _shared_schedule(tuple(code.schedule)) if code.schedule else None
-    except ScheduleError as exc:
-        raise error((*where, "schedule"), str(exc)) from None
-    valid_from = _epoch(code.valid_from, tz)
-    valid_until = _epoch(code.valid_until, tz)
-    if valid_from is not None and valid_until is not None and valid_until <= valid_from:
-        raise error((*where, "valid_until"), "must be after valid_from")
-    gates = _gates(code.gates, where, config, error)
-    if not gates and not (code.callername or code.destination):
-        raise error((*where, "gates"),
-                    "a code needs gates to open, or callername/destination to route")
-    callers = _shared_set(tuple(number(raw, (*where, "callers", i))
-                                for i, raw in enumerate(code.callers)))
-    return Credential(
-        id=code.id or code.name, name=code.name, kind=kind, gates=gates,
-        valid_from=valid_from, valid_until=valid_until, schedule=schedule,
-        max_uses=code.max_uses, callers=callers,
-        callername=code.callername, destination=code.destination,
-    )
-
-
-def compile_totp(totp: TotpConfig, where: Key, config: Config,
-                 error: ErrorFactory) -> Credential:
-    gates = _gates(totp.gates, where, config, error)
-    if not gates:
-        raise error((*where, "gates"), "a TOTP user needs at least one gate")
-    return Credential(id=totp.id or totp.name, name=totp.name, kind="totp", gates=gates,
-                      callername=totp.callername, destination=totp.destination)

@@ -7,16 +7,14 @@ not silently drop a setting.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import gc
 import importlib.util
 import ipaddress
 import os
 import re
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -28,8 +26,6 @@ from gated.errors import ConfigError
 
 if TYPE_CHECKING:
     import tomllib as toml
-
-    from gated.codes import CodeBook
 else:
     try:
         # tomllib is tomli's parser in pure Python; tomli's mypyc-compiled
@@ -331,43 +327,6 @@ class Config(_Table, kw_only=True, frozen=True):
         return f"gated/{self.site.id}"
 
 
-class Loaded(msgspec.Struct, frozen=True):
-    """A validated config, where it came from, and its compiled code book."""
-
-    config: Config
-    # The file as it was named (absolute, a symlink left a symlink): a reload
-    # reads what this names then, so `ln -sfn` to another file takes effect.
-    path: Path
-    book: CodeBook
-    # The file ``path`` named when this was read. Relative paths in the config
-    # are relative to its folder (the link's target's, not the link's).
-    source: Path
-
-    @property
-    def store_path(self) -> Path:
-        return resolve(self.source, self.config.log.path)
-
-    @property
-    def mqtt_ca_file(self) -> Path | None:
-        """``[mqtt] tls_ca``, resolved against the config file's folder."""
-        mqtt = self.config.mqtt
-        return resolve(self.source, mqtt.tls_ca) if mqtt is not None and mqtt.tls_ca else None
-
-    @property
-    def key_path(self) -> Path:
-        return key_path(self.source, self.config)
-
-
-def without_credentials(loaded: Loaded) -> Loaded:
-    """The same, minus the parsed [[codes]] and [[totp]] tables.
-
-    Once compiled into the code book they are only weight: with 100,000 codes
-    about 50 MB that a running daemon never reads again.
-    """
-    slim = msgspec.structs.replace(loaded.config, codes=[], totp=[])
-    return msgspec.structs.replace(loaded, config=slim)
-
-
 def key_path(config_path: Path, config: Config) -> Path:
     if config.site.key_file:
         return resolve(config_path, config.site.key_file)
@@ -390,62 +349,16 @@ def resolve_in(folder: Path | None, value: str) -> Path:
     return path if path.is_absolute() else ((folder or Path.cwd()) / path).resolve()
 
 
-def route_files(loaded: Loaded) -> list[Path]:
-    """The CSV files of [[routes]]: a reload follows them as it follows the config."""
-    return [resolve(loaded.source, route.file) for route in loaded.config.routes if route.file]
-
-
 def default_path() -> str:
     return os.environ.get("GATED_CONFIG", DEFAULT_PATH)
 
 
-def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Loaded:
-    """Read, parse and check a config file, or raise ConfigError naming key and line.
-
-    The code book is compiled with the site key; ``create_key`` makes one
-    when there is none yet (the daemon does, a read-only check does not).
-    None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
-    """
-    file = Path(path if path is not None else default_path())
-    source = file.resolve()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("not UTF-8 text", file=str(file)) from exc
-    from gated import sitekey
-
-    def site_key(config: Config) -> bytes | None:
-        where = key_path(source, config)
-        return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
-
-    config, book = parse(text, source=str(file), key=site_key)
-    # Absolute, so a reload still finds it after the daemon changed directory.
-    return Loaded(config=config, path=file.absolute(), book=book, source=source)
+ErrorFactory = Callable[[tomlpos.Key, str], ConfigError]
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a config is built.
-
-    Parsing makes millions of containers that all live on, and each full
-    collection while they pile up scans every one made so far: with 100,000
-    codes that was a third of the load time, for nothing collected.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@_gc_paused()
-def parse(text: str, *, source: str = "",
-          key: Callable[[Config], bytes | None] | None = None) -> tuple[Config, CodeBook]:
-    """Parse TOML text into a checked Config and the code book compiled from it."""
+def parse(text: str, *, source: str = "") -> tuple[Config, ErrorFactory]:
+    """Parse TOML text into a checked Config, and the error factory that names
+    a key's line in this text (for the checks the code book compiler makes)."""
     try:
         raw = toml.loads(text)
     except toml.TOMLDecodeError as exc:
@@ -466,14 +379,8 @@ def parse(text: str, *, source: str = "",
     # The plain dicts of a large file weigh more than the checked config they
     # became: free them before the code book is built, not after.
     del raw
-    _check(config, fail)
-    # Credentials, numbers and schedules are compiled by the code book, which
-    # reports its own key paths.
-    from gated.codes import compile_book
-
-    folder = Path(source).resolve().parent if source else None
-    return config, compile_book(config, error=fail, key=key(config) if key else None,
-                                folder=folder)
+    check(config, fail)
+    return config, fail
 
 
 def _convert(raw: dict[str, Any], fail: Any) -> Config:
@@ -508,7 +415,7 @@ def _convert_one(raw: Any, kind: type[_T], base: tomlpos.Key, fail: Any) -> _T:
         raise fail(key, message) from None
 
 
-def _check(config: Config, fail: Any) -> None:
+def check(config: Config, fail: Any) -> None:
     """Checks that span several fields, each naming the key it is about."""
     try:
         zoneinfo.ZoneInfo(config.site.timezone)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import gc
 import os
 import signal
@@ -29,12 +28,12 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
-from gated import alarms, statelock, visitors
-from gated import config as config_mod
+from gated import alarms, compiler, statelock, visitors
 from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.bridge import Bridge
 from gated.clock import Clock, SystemClock
-from gated.config import Loaded, ServerConfig, split_listen
+from gated.compiler import Loaded
+from gated.config import ServerConfig, split_listen
 from gated.errors import ConfigError, GatedError
 from gated.gatekeeper import Gatekeeper
 from gated.keys import TWIML, WEBHOOK
@@ -243,6 +242,7 @@ class Daemon:
                 tasks.create_task(self._watchdog(), name="watchdog")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
+                         book=self.loaded.origin,
                          store=str(gatekeeper.store.path))
                 notify("READY=1")
                 self.ready.set()
@@ -319,10 +319,9 @@ class Daemon:
         if gatekeeper is None:
             return False
         try:
-            # Parsing 100,000 codes takes a while: off the loop, so calls go on.
-            with long_lived():
-                loaded = await asyncio.to_thread(
-                    functools.partial(config_mod.load, self.loaded.path, create_key=True))
+            # A child process compiles the new book (parsing 100,000 codes takes
+            # seconds and hundreds of megabytes); this one maps the result.
+            loaded = await compiler.load_in_child(self.loaded.path)
         except ConfigError as exc:
             log.error("config reload refused; the old config keeps serving",
                       error=str(exc), trigger=why)
@@ -332,7 +331,7 @@ class Daemon:
             log.error("config reload refused: restart gated to apply these changes; "
                       "the old config keeps serving", changed=changed, trigger=why)
             return False
-        slim = config_mod.without_credentials(loaded)
+        slim = compiler.without_credentials(loaded)
         # Visitor codes first, so the managed codes' clash check sees them.
         loaded.book.visitors = gatekeeper.book.visitors
         if self.bridge is not None:
@@ -363,7 +362,7 @@ class Daemon:
     def _stamps(self) -> dict[Any, tuple[int, ...] | None]:
         """The config file and the routes' CSV files (a CRM export replaced is a reload)."""
         return {path: _stamp(path)
-                for path in (self.loaded.path, *config_mod.route_files(self.loaded))}
+                for path in (self.loaded.path, *compiler.route_files(self.loaded))}
 
     async def _housekeeping(self) -> None:
         """Once a second: visitor codes from other processes, pruning, TOTP

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gated import compiler
 from gated import config as config_mod
 from gated.config import (
     Config,
@@ -80,7 +81,7 @@ class PinUse:
 
 def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     try:
-        loaded = config_mod.load(config_path)
+        loaded = compiler.load(config_path)
     except ConfigError as exc:
         where = f" (line {exc.line})" if exc.line else ""
         return [Finding("problem", "config", str(exc),

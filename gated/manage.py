@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyotp
 
+from gated import compiler, sitekey, visitors
 from gated import config as config_mod
-from gated import sitekey, visitors
 from gated.codes import CODE_RE, Credential
 from gated.console import parse_duration, parse_time, print_table, split_names
 from gated.errors import ConfigError, StoreError
@@ -50,7 +50,7 @@ def _at_most(count: int) -> Callable[[str], str]:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    loaded = config_mod.load(args.config, create_key=True)
+    loaded = compiler.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
     now = time.time()
     start = (parse_time(args.start, config.tz, "--start").timestamp()
@@ -88,7 +88,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _issue_on_broker(args: argparse.Namespace, loaded: config_mod.Loaded,
+def _issue_on_broker(args: argparse.Namespace, loaded: compiler.Loaded,
                      start: float | None, until: float) -> int:
     """With [mqtt], a visitor code is a managed code like any other (id ``v-…``),
     published as a keyed hash, so every tool that lists the broker's codes sees it."""
@@ -114,7 +114,7 @@ def _issue_on_broker(args: argparse.Namespace, loaded: config_mod.Loaded,
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    loaded = config_mod.load(args.config, create_key=True)  # the book's key is the site key
+    loaded = compiler.load(args.config, create_key=True)  # the book's key is the site key
     code = args.code
     if code is None:
         code = getpass.getpass("code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
@@ -153,7 +153,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from gated import staff
 
         return staff.cmd_ls(args)
-    loaded = config_mod.load(args.config)
+    loaded = compiler.load(args.config)
     config, book = loaded.config, loaded.book
     uses: dict[str, int] = {}
     managed: list[Credential] = []
@@ -172,8 +172,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
     header = ("kind", "name", "gates", "valid", "uses left")
     rows: list[tuple[str, ...]] = [(*header, "code") if args.show_codes else header]
-    everything = [*book.codes.values(), *book.visitors.values(), *managed,
-                  *(u.credential for t in book.totp.values() for u in t.users)]
+    everything = [*book.credentials(), *book.visitors.values(), *managed]
     for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
         left = "-" if credential.max_uses is None else str(
             max(credential.max_uses - uses.get(credential.id, 0), 0))
@@ -199,7 +198,7 @@ def _checked(text: str, path: Path) -> None:
     def site_key(config: config_mod.Config) -> bytes | None:
         return sitekey.read_key(config_mod.key_path(path.resolve(), config))
 
-    config_mod.parse(text, source=str(path), key=site_key)
+    compiler.parse(text, source=str(path), key=site_key)
 
 
 def _totp_number(text: str, option: str, bounds: tuple[int, int]) -> int:
@@ -223,7 +222,7 @@ def cmd_totp_add(args: argparse.Namespace) -> int:
     qr_file = Path(args.qr) if args.qr else None
     if qr_file is not None:
         qr.check_file(qr_file)
-    loaded = config_mod.load(path)
+    loaded = compiler.load(path)
     gates = split_names([args.gates])
     unknown = [g for g in gates if g not in loaded.config.gates]
     if unknown or not gates:

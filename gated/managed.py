@@ -20,7 +20,8 @@ import msgspec
 
 from gated import config as config_mod
 from gated import sitekey
-from gated.codes import CODE_RE, CodeBook, CodeClash, Credential, compile_code, number_parser
+from gated.codes import CODE_RE, CodeBook, CodeClash, Credential
+from gated.compiler import compile_code, number_parser
 from gated.config import CodeConfig, Config
 from gated.errors import ConfigError
 from gated.tomlpos import Key, format_path

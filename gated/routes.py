@@ -37,7 +37,8 @@ from gated.printable import printable
 from gated.schedule import ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
-    from gated.codes import Credential, ErrorFactory, NumberParser
+    from gated.codes import Credential
+    from gated.compiler import ErrorFactory, NumberParser
     from gated.config import Config, RouteFields
     from gated.tomlpos import Key
 
@@ -366,7 +367,7 @@ def parse_managed(scope: str, route_id: str, body: bytes, config: Config) -> Man
     import msgspec
 
     from gated import config as config_mod
-    from gated.codes import number_parser
+    from gated.compiler import number_parser
     from gated.managed import ID_RE, MAX_BODY
     from gated.tomlpos import format_path
 

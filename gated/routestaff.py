@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from gated import config as config_mod
+from gated import compiler
 from gated.config import Config
 from gated.console import print_table, split_names
 from gated.routes import RouteError, parse_managed
@@ -67,8 +67,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_ls)
 
 
-def _site(args: argparse.Namespace) -> tuple[config_mod.Loaded, Config]:
-    loaded = config_mod.load(args.config)
+def _site(args: argparse.Namespace) -> tuple[compiler.Loaded, Config]:
+    loaded = compiler.load(args.config)
     if loaded.config.mqtt is None:
         raise StaffError(f"{loaded.path} has no [mqtt] table: routes over MQTT need a broker "
                          "(routes in the file: [[routes]])")
@@ -114,7 +114,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     if args.broker or args.fleet:
         return _ls_broker(args)
-    loaded = config_mod.load(args.config)
+    loaded = compiler.load(args.config)
     rows: list[tuple[str, ...]] = [("route", "numbers", "callers", "destination", "callername",
                                     "schedule")]
     files = iter(loaded.book.routes.files)

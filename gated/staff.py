@@ -17,8 +17,7 @@ import secrets
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from gated import config as config_mod
-from gated import sitekey
+from gated import compiler, sitekey
 from gated.config import Config
 from gated.console import parse_time, print_table, split_names
 from gated.errors import GatedError
@@ -72,8 +71,8 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_rm)
 
 
-def _site(args: argparse.Namespace) -> tuple[config_mod.Loaded, Config]:
-    loaded = config_mod.load(args.config)
+def _site(args: argparse.Namespace) -> tuple[compiler.Loaded, Config]:
+    loaded = compiler.load(args.config)
     if loaded.config.mqtt is None:
         raise StaffError(f"{loaded.path} has no [mqtt] table: codes live on the broker")
     return loaded, loaded.config
@@ -125,7 +124,7 @@ def cmd_put(args: argparse.Namespace) -> int:
                    show_code=made_up, wait=args.wait, plain=args.plain)
 
 
-def publish(loaded: config_mod.Loaded, scope: Scope, code_id: str, fields: dict[str, Any],
+def publish(loaded: compiler.Loaded, scope: Scope, code_id: str, fields: dict[str, Any],
             code: str, *, show_code: bool, wait: float, plain: bool = False) -> int:
     """Check a code here, publish it retained, and wait for gated's verdict.
 
@@ -238,7 +237,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return list_retained(args, loaded, config, "code", header, hide)
 
 
-def list_retained(args: argparse.Namespace, loaded: config_mod.Loaded, config: Config,
+def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Config,
                   noun: str, header: list[str], hide: Collection[str] = ()) -> int:
     """List the retained ``<noun>s/<id>`` of this site (and the fleet) and their refusals."""
     assert config.mqtt is not None

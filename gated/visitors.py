@@ -59,7 +59,7 @@ def make(book: CodeBook, *, name: str, gates: list[str], valid_from: float | Non
     for _ in range(MAX_TRIES):
         code = random_digits(length)
         digest = book.digest(code)
-        if digest in book.codes or digest in book.visitors or digest in taken:
+        if book.taken(digest) or digest in taken:
             continue
         if any(table.lookup(code, now) for table in book.totp.values()):
             continue

@@ -10,7 +10,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from gated import config as config_mod
+from gated import compiler
 from gated.daemon import Daemon
 
 from .broker import Mosquitto, Probe
@@ -87,7 +87,7 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
                     clock: Any = None, config: Path | None = None, **kwargs: Any) -> Running:
         """``config``: run on this file as it stands instead of writing gated.toml."""
         path = config or write_config(tmp_path, extra, **kwargs)
-        daemon = Daemon(config_mod.load(path, create_key=True), mock_factory=mock_factory,
+        daemon = Daemon(compiler.load(path, create_key=True), mock_factory=mock_factory,
                         install_signals=False)
         if clock is not None:
             daemon.clock = clock

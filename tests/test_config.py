@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import config as config_mod
+from gated import compiler
 from gated.config import GpioActuatorConfig, MockActuatorConfig
 from gated.errors import ConfigError
 
@@ -13,15 +13,15 @@ from .helpers import config_text
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_text(tmp_path: Path, text: str) -> config_mod.Loaded:
+def load_text(tmp_path: Path, text: str) -> compiler.Loaded:
     path = tmp_path / "gated.toml"
     path.write_text(text)
-    return config_mod.load(path)
+    return compiler.load(path)
 
 
 def test_example_config_is_valid() -> None:
     """The shipped example loads, uses mock pins and keeps an always-valid demo code."""
-    loaded = config_mod.load(ROOT / "config" / "gated.example.toml")
+    loaded = compiler.load(ROOT / "config" / "gated.example.toml")
     assert {g.actuator.__class__ for g in loaded.config.gates.values()} == {MockActuatorConfig}
     demo = [c for c in loaded.config.codes if c.code == "471123"]
     assert demo and not demo[0].schedule and demo[0].valid_until is None
@@ -43,12 +43,12 @@ def test_a_symlinked_config_keeps_its_name_and_relative_paths_follow_the_file(
     (release / "gated.toml").write_text(text)
     link = tmp_path / "gated.toml"
     link.symlink_to(release / "gated.toml")
-    loaded = config_mod.load(link)
+    loaded = compiler.load(link)
     assert loaded.path == link
     assert loaded.store_path == release / "db.sqlite3"
     assert loaded.key_path == release / "site.key"
     monkeypatch.chdir(tmp_path)  # named relative to the working directory: kept absolute
-    assert config_mod.load("gated.toml").path == link
+    assert compiler.load("gated.toml").path == link
 
 
 @pytest.mark.parametrize(

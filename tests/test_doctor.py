@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
+from gated import compiler, doctor
 from gated import config as config_mod
-from gated import doctor
 from gated.cli import main
 from gated.daemon import Daemon
 
@@ -43,7 +43,7 @@ def site_config(tmp_path: Path, extra: str = "", *, port: int | None = None) -> 
 async def running_site(tmp_path: Path, mock_factory: MockFactory) -> AsyncIterator[Path]:
     """A real daemon serving the webhook and /healthz on known ports; yields its config."""
     path = site_config(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n')
-    daemon = Daemon(config_mod.load(path), mock_factory=mock_factory, install_signals=False)
+    daemon = Daemon(compiler.load(path), mock_factory=mock_factory, install_signals=False)
     task = asyncio.create_task(daemon.run())
     while not daemon.metrics_listening and not task.done():  # noqa: ASYNC110 (no event to await)
         await asyncio.sleep(0.01)

@@ -19,8 +19,7 @@ import stamina
 from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
-from gated import config as config_mod
-from gated import sitekey
+from gated import compiler, sitekey
 from gated.cli import main
 from gated.errors import ConfigError
 from gated.forward.endpoints import pseudonym
@@ -277,7 +276,7 @@ def test_template_that_cannot_render_is_a_config_error(tmp_path: Path, body: str
     path = write_config(tmp_path, forward_table("https://ntfy.sh/gate", fmt="template",
                                                 extra=f"body = {json.dumps(body)}"))
     with pytest.raises(ConfigError) as caught:
-        config_mod.load(path)
+        compiler.load(path)
     assert caught.value.path == "forward[0].body"
     assert caught.value.line is not None and message in str(caught.value)
 
@@ -303,7 +302,7 @@ def test_bad_forward_tables_name_key_and_line(tmp_path: Path, table: str, path: 
     (it may hold a secret) is never echoed."""
     file = write_config(tmp_path, table)
     with pytest.raises(ConfigError) as caught:
-        config_mod.load(file)
+        compiler.load(file)
     assert caught.value.path == path and caught.value.line is not None
     assert message in str(caught.value)
     assert "x.example" not in str(caught.value)
@@ -405,7 +404,7 @@ def test_every_forward_in_the_docs_is_a_config_that_loads(tmp_path: Path) -> Non
                                              for line in example.splitlines()))
     assert len(blocks) == 5
     for block in blocks:
-        loaded = config_mod.load(write_config(tmp_path, block))
+        loaded = compiler.load(write_config(tmp_path, block))
         assert len(loaded.config.forward) == 1
 
 

@@ -23,9 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gated import config as config_mod
+from gated import compiler, sitekey
 from gated import daemon as daemon_mod
-from gated import sitekey
 from gated.cli import main
 from gated.clock import SystemClock
 from gated.daemon import Daemon
@@ -55,7 +54,7 @@ class ThreadedDaemon:
     def __init__(self, path: Path) -> None:
         self.factory = MockFactory()
         self.loop = asyncio.new_event_loop()
-        self.daemon = Daemon(config_mod.load(path, create_key=True), mock_factory=self.factory,
+        self.daemon = Daemon(compiler.load(path, create_key=True), mock_factory=self.factory,
                              install_signals=False)
         self.thread = threading.Thread(target=self.loop.run_until_complete,
                                        args=(self.daemon.run(),), daemon=True)
@@ -197,7 +196,7 @@ def test_code_hash_without_the_key_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "gated.toml"
     path.write_text(config_text(tmp_path, f'[[codes]]\nname = "H"\n{line}\ngates = ["door"]\n'))
     with pytest.raises(ConfigError, match=r"codes\[3\]\.code_hash: code_hash needs the site key"):
-        config_mod.load(path)
+        compiler.load(path)
 
 
 def test_site_key_readable_by_others_is_refused(tmp_path: Path) -> None:
@@ -297,7 +296,7 @@ async def test_a_full_buffer_never_drops_a_use_or_a_lock(tmp_path: Path) -> None
     but a spent single-use code stays spent and a locked caller stays locked, after
     recovery and across a restart."""
     config = write_config(tmp_path, SINGLE_USE + "[lockout]\nsite_failures = 1000\n")
-    loaded = config_mod.load(config, create_key=True)
+    loaded = compiler.load(config, create_key=True)
     policy = daemon_mod.policy(loaded)
     guesser = "+31687654321"
 

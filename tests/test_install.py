@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import config as config_mod
+from gated import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "systemd" / "install.sh"
@@ -37,7 +37,7 @@ def test_install_twice_into_a_scratch_root(tmp_path: Path) -> None:
     assert config.read_bytes() == written
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
     assert stat.S_IMODE(config.parent.stat().st_mode) == 0o750
-    loaded = config_mod.load(config)
+    loaded = compiler.load(config)
     (token,) = loaded.config.server.tokens
     assert len(token) >= 24 and not token.startswith("change-me")
     assert loaded.book.credential_count == 0  # no demo codes on a real gate

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gated.config import parse
+from gated.compiler import parse
 from gated.errors import ConfigError
 from gated.managed import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
 from gated.managed import parse as parse_code
@@ -366,7 +366,8 @@ def test_a_refused_replacement_keeps_the_previous_version(tmp_path: Any) -> None
     clash = parse_code("site", "v", body(code="5555", gates=["barrier"]), config)
     with pytest.raises(Rejected):
         codes.put(book, clash)
-    assert book.codes[book.digest("246810")].id == "v"
+    found = book.code(book.digest("246810"))
+    assert found is not None and found.id == "v"
     assert codes.get("site", "v") is first
 
 

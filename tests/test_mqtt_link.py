@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gated.config import parse
+from gated.compiler import parse
 from gated.errors import BrokerUnavailable, ConfigError
 from gated.mqtt import MqttLink, backoff
 

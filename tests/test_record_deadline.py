@@ -10,7 +10,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from gated import config as config_mod
+from gated import compiler
 from gated.clock import SystemClock
 from gated.decide import Ledger, Status
 from gated.gatekeeper import Gatekeeper, RawCall
@@ -31,7 +31,7 @@ class SlowStore(Store):
 async def test_a_slow_disk_costs_durability_at_answer_time_not_the_entry(
         tmp_path: Path) -> None:
     """Past the deadline the answer goes out marked not durable; the entry still lands."""
-    loaded = config_mod.load(write_config(tmp_path))
+    loaded = compiler.load(write_config(tmp_path))
     store = SlowStore.open(tmp_path / "entries.sqlite3")
     gatekeeper = Gatekeeper(loaded.book, Ledger.fresh(Policy()),
                             {"barrier": FakeActuator("barrier")}, store, SystemClock(),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import config as config_mod
+from gated import compiler
 from gated.codes import CodeBook
 from gated.decide import Changes, Decision, Ledger, Request, Status, decide
 from gated.errors import ConfigError, NumberError
@@ -82,10 +82,10 @@ def book(tmp_path: Path) -> CodeBook:
     (tmp_path / "accounts.csv").write_text(CSV)
     path = tmp_path / "gated.toml"
     path.write_text(config_text(tmp_path, ROUTES))
-    book = config_mod.load(path).book
+    book = compiler.load(path).book
     # Two routes over MQTT (after the file's, by id) on an exact number the
     # file's routes also name, and on one nobody else does.
-    config = config_mod.load(path).config
+    config = compiler.load(path).config
     for route_id, callers in (("zz", ["+31401234567", "+31201234567"]), ("aa", ["+31401234567"])):
         body = f'{{"callers": {callers!r}, "destination": "mqtt-{route_id}"}}'.replace("'", '"')
         book.routes.put(parse_managed("site", route_id, body.encode(), config).route)
@@ -212,7 +212,7 @@ destination = "+31501234510"
 [log]
 path = "{tmp_path / 'entries.sqlite3'}"
 """
-    _, book = config_mod.parse(text)
+    _, book = compiler.parse(text)
     ledger = Ledger.fresh(Policy())
     assert list(book.gates) == ["barrier"]
     assert call(book, ledger, "+31509999999", RESIDENT).reason == "granted_caller"
@@ -236,7 +236,7 @@ def test_route_schedules_follow_the_sites_wall_clock_across_dst(
         tmp_path: Path, moment: float, expected: str) -> None:
     """Route schedules are site-local wall-clock windows: the spring-forward hour never
     comes, the fall-back hour comes twice, 08:00 is 08:00 in both halves of the year."""
-    _, book = config_mod.parse(config_text(tmp_path, """
+    _, book = compiler.parse(config_text(tmp_path, """
         [[routes]]
         name = "Night"
         callers = ["+3120*"]
@@ -290,7 +290,7 @@ def test_a_bad_csv_row_is_a_config_error_naming_file_and_line(
         tmp_path: Path, csv: str, line: int, message: str) -> None:
     """The error names the CSV file and the line of the bad row, and why."""
     with pytest.raises(ConfigError) as raised:
-        config_mod.load(write(tmp_path, ONE_FILE, csv))
+        compiler.load(write(tmp_path, ONE_FILE, csv))
     assert raised.value.file == str(tmp_path / "accounts.csv")
     assert raised.value.line == line
     assert str(raised.value).startswith(f"{tmp_path / 'accounts.csv'}:{line}: routes[0].file: ")
@@ -317,7 +317,7 @@ def test_route_config_errors_name_key_and_line(tmp_path: Path, route: str, key: 
     or a file that is not there: a config error naming where."""
     path = write(tmp_path, route)
     with pytest.raises(ConfigError) as raised:
-        config_mod.load(path)
+        compiler.load(path)
     assert raised.value.path == key
     assert message in raised.value.detail
     if line is not None:
@@ -330,7 +330,7 @@ def test_csv_paths_are_relative_to_the_configs_folder(tmp_path: Path,
     """``file`` is found beside the config, wherever gated is started from."""
     path = write(tmp_path, ONE_FILE, "number\n+31201234567\n")
     monkeypatch.chdir("/")
-    table = config_mod.load(path).book.routes
+    table = compiler.load(path).book.routes
     assert (table.routes, table.rows, table.files) == (1, 1, [(str(tmp_path / "accounts.csv"),
                                                                1)])
 
@@ -338,7 +338,7 @@ def test_csv_paths_are_relative_to_the_configs_folder(tmp_path: Path,
 def test_a_crm_export_with_semicolons_a_bom_and_any_column_order_loads(tmp_path: Path) -> None:
     """Spreadsheets export with ';' and a byte-order mark; columns go by the header."""
     csv = "\ufeffCallername;Number;Destination\r\nAcme;06 1234 5678;+31501234599\r\n"
-    book = config_mod.load(write(tmp_path, ONE_FILE, csv)).book
+    book = compiler.load(write(tmp_path, ONE_FILE, csv)).book
     row = book.routes.find(DOOR, RESIDENT, WEDNESDAY_NOON, book.tz)
     assert row is not None and row[1:] == ("+31501234599", "Acme")
 
@@ -353,7 +353,7 @@ def test_100k_csv_rows_load_and_answer_each_caller(tmp_path: Path) -> None:
         shown = f"06{n}" if i % 3 == 0 else (f"+31 6 {n}" if i % 3 == 1 else f"+316{n}")
         lines.append(f"{shown},+3150{i % 100:07d},Customer {i}")
     lines.append("+3170*,+31501234000,The Hague")
-    book = config_mod.load(write(tmp_path, ONE_FILE, "\n".join(lines) + "\n")).book
+    book = compiler.load(write(tmp_path, ONE_FILE, "\n".join(lines) + "\n")).book
     assert book.routes.rows == 100_001
     for i in (0, 1, 2, 50_000, 99_999):
         row = book.routes.find(DOOR, f"+316{numbers[i]}", WEDNESDAY_NOON, book.tz)
@@ -398,10 +398,10 @@ def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
     path.write_text(config_text(tmp_path, ROUTES))
     script = (
         "import sys\n"
-        "from gated import config\n"
+        "from gated import compiler\n"
         "from gated.decide import Ledger, Request, decide\n"
         "from gated.lockout import Policy\n"
-        f"book = config.load({str(path)!r}).book\n"
+        f"book = compiler.load({str(path)!r}).book\n"
         f"d = decide(Request({LINE!r}, {ACME!r}), book, Ledger.fresh(Policy()), 0.0)\n"
         "assert d.reason == 'routed_caller', d\n"
         "print(sorted(m for m in ('aiohttp', 'paho', 'aiomqtt', 'gpiozero') "

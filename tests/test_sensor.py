@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gated import config as config_mod
+from gated import compiler
 from gated.cli import main
 from gated.errors import ConfigError
 from gated.store import Entry, read_entries
@@ -175,7 +175,7 @@ def test_sensor_config_errors_name_the_key(tmp_path: Path, extra: str, path: str
                                            message: str) -> None:
     """A sensor config mistake stops gated at start with its key path."""
     with pytest.raises(ConfigError) as error:
-        config_mod.parse(config_text(tmp_path, extra))
+        compiler.parse(config_text(tmp_path, extra))
     assert error.value.path == path
     assert message in str(error.value)
 
@@ -185,7 +185,7 @@ def test_metrics_never_share_the_webhook_port(tmp_path: Path) -> None:
     text = config_text(tmp_path, '[metrics]\nlisten = "127.0.0.1:8080"\n').replace(
         'listen = "127.0.0.1:0"', 'listen = "0.0.0.0:8080"')
     with pytest.raises(ConfigError, match="another port") as error:
-        config_mod.parse(text)
+        compiler.parse(text)
     assert error.value.path == "metrics.listen"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import config as config_mod
+from gated import compiler
 from gated.cli import main
 
 from .helpers import write_config
@@ -82,7 +82,7 @@ def test_parallel_totp_add_never_loses_the_config(tmp_path: Path) -> None:
                 added.add(f"{name}-{round_}")
             else:
                 assert_one_line_refusal(code, err)
-        users = {t.name for t in config_mod.load(config).config.totp}
+        users = {t.name for t in compiler.load(config).config.totp}
         assert users == added
         assert not config.with_name("gated.toml.lock").exists()
     assert added
@@ -247,4 +247,4 @@ def test_qr_file_holds_the_same_uri(tmp_path: Path, kind: str,
         assert result.stdout.strip() == uri
     else:
         assert decode(svg_modules(target), WHITE, tmp_path) == uri
-    assert any(t.name == "Flat 12" for t in config_mod.load(config).config.totp)
+    assert any(t.name == "Flat 12" for t in compiler.load(config).config.totp)

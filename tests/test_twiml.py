@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
-from gated import config as config_mod
+from gated import compiler
 from gated.cli import main
 from gated.errors import ConfigError
 from gated.store import MIGRATIONS, SCHEMA_VERSION, Store, read_entries
@@ -503,7 +503,7 @@ def test_call_box_and_twiml_settings_are_checked_at_load(tmp_path: Path, extra: 
     """A bad [twiml] table or dtmf gate stops gated at start, naming the key."""
     config = write_config(tmp_path, extra)
     with pytest.raises(ConfigError) as caught:
-        config_mod.load(config)
+        compiler.load(config)
     assert caught.value.path == path and message in caught.value.detail
 
 
@@ -528,7 +528,7 @@ async def test_twiml_texts_and_token_reload_and_its_path_needs_a_restart(
 def test_the_dtmf_digits_may_be_every_key_and_a_pause(tmp_path: Path) -> None:
     """0-9, * and # and w (half a second) are a tone; they load as written."""
     config = write_config(tmp_path, twiml_table().replace('"9w9"', '"0123456789*#w"'))
-    assert config_mod.load(config).config.gates["lobby"].actuator.digits == "0123456789*#w"  # type: ignore[union-attr]
+    assert compiler.load(config).config.gates["lobby"].actuator.digits == "0123456789*#w"  # type: ignore[union-attr]
 
 
 WITHOUT_TWILIO = "import sys; sys.modules['twilio'] = None; from gated.cli import main; " \
@@ -676,4 +676,4 @@ def test_the_example_config_documents_twiml(tmp_path: Path) -> None:
     text = config_text(tmp_path, "\n".join(block))
     path = tmp_path / "example.toml"
     path.write_text(text)
-    assert config_mod.load(path).config.twiml is not None
+    assert compiler.load(path).config.twiml is not None

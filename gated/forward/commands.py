@@ -6,14 +6,14 @@ import argparse
 import datetime as dt
 import time
 
-from gated import config as config_mod
+from gated import compiler
 from gated.console import print_table
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from gated.forward import outbox
 
-    loaded = config_mod.load(args.config)
+    loaded = compiler.load(args.config)
     tz = loaded.config.tz
     names = [f.name for f in loaded.config.forward]
     conn = outbox.open_store(loaded.store_path, readonly=True)
@@ -45,7 +45,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from gated.forward import outbox
 
-    loaded = config_mod.load(args.config)
+    loaded = compiler.load(args.config)
     names = [f.name for f in loaded.config.forward]
     if args.name not in names:
         print(f"no [[forward]] called {args.name!r}; endpoints: {', '.join(names) or 'none'}")

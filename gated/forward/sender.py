@@ -36,7 +36,7 @@ from gated.printable import printable
 from gated.store import Store, connect
 
 if TYPE_CHECKING:
-    from gated.config import Loaded
+    from gated.compiler import Loaded
 
 log = structlog.get_logger("gated.forward")
 
