@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gated import config as config_mod
+from gated import compiler
 from gated.app import make_app
 from gated.clock import SystemClock
 from gated.deadline import Deadline
@@ -60,7 +60,7 @@ class HangingActuator:
 async def gatekeeper_on(tmp_path: Path, actuator: Any, deadline: float,
                         kind: type[Gatekeeper] = Gatekeeper) -> AsyncIterator[Gatekeeper]:
     """A real Gatekeeper on a real store (its writer running) with a single-use code."""
-    loaded = config_mod.load(write_config(tmp_path, SINGLE_USE, deadline=deadline))
+    loaded = compiler.load(write_config(tmp_path, SINGLE_USE, deadline=deadline))
     store = Store.open(tmp_path / "entries.sqlite3")
     gatekeeper = kind(loaded.book, Ledger.fresh(Policy()), {"barrier": actuator}, store,
                       SystemClock(), deadline=deadline)
@@ -119,7 +119,7 @@ async def test_a_wait_the_gatekeeper_forgot_to_bound_is_still_answered_err(
         tmp_path: Path) -> None:
     """Even a wait no guard bounds ends at the call's deadline: the webhook answers ERR
     instead of leaving the PBX hanging."""
-    loaded = config_mod.load(write_config(tmp_path, deadline=0.2))
+    loaded = compiler.load(write_config(tmp_path, deadline=0.2))
     async with gatekeeper_on(tmp_path, FakeActuator("barrier"), 0.2,
                              kind=ForgetfulGatekeeper) as gatekeeper:
         server = TestServer(make_app(gatekeeper, loaded.config.server))

@@ -67,7 +67,6 @@ async def measure(calls: int, concurrency: int) -> dict[str, float | str]:
     from gpiozero.pins.mock import MockFactory
 
     import gated
-    from gated import config as config_mod
     from gated import logs
     from gated.actuators import build
     from gated.clock import SystemClock
@@ -80,7 +79,11 @@ async def measure(calls: int, concurrency: int) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "gated.toml"
         path.write_text(SITE.format(store=Path(folder) / "entries.sqlite3"))
-        loaded = config_mod.load(path)
+        try:
+            from gated.compiler import load
+        except ImportError:  # a tree from before the compiled code book
+            from gated.config import load
+        loaded = load(path)
         factory = MockFactory()
         actuators = {name: build(name, gate.actuator, mock_factory=factory)
                      for name, gate in loaded.config.gates.items()}
