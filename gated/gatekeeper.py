@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from gated import alarms
+from gated import alarms, logs
 from gated.actuators import Actuator
 from gated.actuators.dtmf import DtmfActuator
 from gated.clock import Clock
 from gated.codes import CodeBook
 from gated.config import MAX_CALLERNAME
+from gated.deadline import Deadline
 from gated.decide import (
     STORE_FAILING,
     Changes,
@@ -35,7 +37,7 @@ from gated.lockout import LockEvent
 from gated.numbers import normalise
 from gated.pbx import Answer
 from gated.printable import printable
-from gated.store import Entry, Store
+from gated.store import ENTRY_COLUMNS, Entry, Store
 
 log = structlog.get_logger("gated")
 
@@ -65,6 +67,11 @@ class RawCall:
     received: float | None = None
 
 
+# An entry's fields on its log line, the time aside (the line has its own);
+# read in one C call, not a dict of every field filtered after.
+_LOGGED = tuple(name for name in ENTRY_COLUMNS if name != "time")
+_logged = operator.attrgetter(*_LOGGED)
+
 EntryListener = Callable[[Entry], None]
 LockListener = Callable[[LockEvent], None]
 
@@ -91,8 +98,12 @@ class Gatekeeper:
         started = self.clock.monotonic() if raw.received is None else raw.received
         now = self.clock.now()
         request, decision = self._parse(raw)
+        # The call's one deadline, read once: what the clock says is left of
+        # it, as an instant of the loop's time (the timer's clock).
+        left = started + self.deadline - self.clock.monotonic()
+        when = asyncio.get_running_loop().time() + left
         changes: Changes | None = None
-        if decision is None and self.clock.monotonic() - started >= self.deadline:
+        if decision is None and left <= 0:
             # Its caller has given up: nothing is decided, spent or opened.
             gate = self.book.gate_for(request.did)
             decision = Decision(Status.ERR, "late", gate.name if gate else None)
@@ -103,26 +114,37 @@ class Gatekeeper:
             if raw.can_ask_for_code and decision.reason in ASK_FOR_A_CODE:
                 return Answer(decision.status, decision.reason, wants_code=True)
             changes = self.ledger.apply(request, decision, now)
-        if (decision.opens and changes is not None and (changes.uses or changes.totp)
-                and not await self._spent(changes, started)):
-            self._refund(decision, changes)
-            decision = dataclasses.replace(decision, status=Status.ERR, reason=STORE_FAILING,
-                                           opens=False)
-        status, result, tones = decision.status, "", ""
-        if decision.opens and decision.gate is not None:
-            status, result, tones = await self._open(decision.gate, started, raw.can_play_tones)
-            if status is Status.ERR and changes is not None:
+        deadline = Deadline(when)
+        try:
+            if (decision.opens and changes is not None and (changes.uses or changes.totp)
+                    and not await self._spent(changes, deadline)):
                 self._refund(decision, changes)
-        entry = Entry(
-            time=now, gate=decision.gate, caller=request.caller, did=request.did,
-            status=status.value, reason=decision.reason, callername=request.callername,
-            credential=decision.who, credential_id=decision.credential.id
-            if decision.credential else "", kind=decision.credential.kind
-            if decision.credential else "", actuator=result,
-            latency_ms=round((self.clock.monotonic() - started) * 1000, 3), source=raw.source,
-            call_id=raw.call_id,
-        )
-        await self._record(entry, changes, started)
+                decision = dataclasses.replace(decision, status=Status.ERR,
+                                               reason=STORE_FAILING, opens=False)
+            status, result, tones = decision.status, "", ""
+            if decision.opens and decision.gate is not None:
+                status, result, tones = await self._open(decision.gate, deadline,
+                                                         raw.can_play_tones)
+                if status is Status.ERR and changes is not None:
+                    self._refund(decision, changes)
+            entry = Entry(
+                time=now, gate=decision.gate, caller=request.caller, did=request.did,
+                status=status.value, reason=decision.reason, callername=request.callername,
+                credential=decision.who, credential_id=decision.credential.id
+                if decision.credential else "", kind=decision.credential.kind
+                if decision.credential else "", actuator=result,
+                latency_ms=round((self.clock.monotonic() - started) * 1000, 3),
+                source=raw.source, call_id=raw.call_id,
+            )
+            await self._record(entry, changes, deadline)
+        except asyncio.CancelledError:
+            if deadline.overran():
+                # Only a wait outside the deadline's ``with`` gets here (a bug):
+                # still an answer, ERR from the adapter, never a hung call.
+                raise TimeoutError("a wait of the call outlived its deadline") from None
+            raise
+        finally:
+            deadline.close()
         if changes is not None:
             for lock in changes.locks:
                 alarms.alarm(log, lock.kind, key=lock.key, seconds=lock.seconds)
@@ -151,7 +173,7 @@ class Gatekeeper:
             return request, Decision(Status.ACK, "granted_remote", raw.gate, opens=True)
         return request, None
 
-    async def _open(self, gate: str, started: float,
+    async def _open(self, gate: str, deadline: Deadline,
                     can_play_tones: bool) -> tuple[Status, str, str]:
         """(status, actuator result, tones the call must play for the open)."""
         actuator = self.actuators[gate]
@@ -159,12 +181,12 @@ class Gatekeeper:
         # that can play one may open it. (A concrete class check: a Protocol
         # isinstance costs ~16 us on every open.)
         tones = actuator.digits if isinstance(actuator, DtmfActuator) else ""
-        remaining = self.deadline - (self.clock.monotonic() - started)
         try:
             if tones and not can_play_tones:
                 raise NeedsCall(f"gate {gate!r} opens by a tone played into a call; "
                                 "this request cannot carry one")
-            async with asyncio.timeout(max(remaining, 0.0)):
+            # Past the deadline already, the actuator is not even asked.
+            with deadline:
                 return Status.ACK, await actuator.open(), tones
         except ActuatorError as exc:
             log.error("actuator failed", gate=gate, error=str(exc))
@@ -173,7 +195,7 @@ class Gatekeeper:
             log.error("actuator missed the answer deadline", gate=gate, deadline=self.deadline)
             return Status.ERR, "deadline", ""
 
-    async def _spent(self, changes: Changes, started: float) -> bool:
+    async def _spent(self, changes: Changes, deadline: Deadline) -> bool:
         """Make a use or TOTP step durable before the gate opens; False if the store can't.
 
         Written after the open, a spend the disk refused lives only in memory,
@@ -182,9 +204,8 @@ class Gatekeeper:
         the store is only known to fail once a write has failed.
         """
         durable = self.store.submit(None, changes, self.ledger)
-        remaining = self.deadline - (self.clock.monotonic() - started)
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
+            with deadline:
                 return await durable
         except TimeoutError:
             return False
@@ -199,25 +220,30 @@ class Gatekeeper:
 
     async def note(self, entry: Entry) -> None:
         """Record an entry no call produced (a sensor alarm) the way calls are recorded."""
-        await self._record(entry, None, self.clock.monotonic())
+        deadline = Deadline(asyncio.get_running_loop().time() + self.deadline)
+        try:
+            await self._record(entry, None, deadline)
+        finally:
+            deadline.close()
 
-    async def _record(self, entry: Entry, changes: Changes | None, started: float) -> None:
+    async def _record(self, entry: Entry, changes: Changes | None, deadline: Deadline) -> None:
         durable = self.store.submit(entry, changes, self.ledger)
-        remaining = self.deadline - (self.clock.monotonic() - started)
         stored = False
         # While the store is failing, entries wait in its buffer and the
         # caller is answered at once rather than at the deadline.
         if self.store.healthy:
             try:
-                async with asyncio.timeout(max(remaining, 0.0)):
+                with deadline:
                     # No shield: if the wait times out and cancels this future, the
                     # writer still commits the entry and just skips reporting it.
                     stored = await durable
             except TimeoutError:
                 pass
         # Empty fields say nothing; leaving them out keeps a console line short.
-        log.info("entry", **{k: v for k, v in entry.as_dict().items()
-                             if k != "time" and v not in ("", None)}, durable=stored)
+        fields = {k: v for k, v in zip(_LOGGED, _logged(entry), strict=True)
+                  if v != "" and v is not None}
+        fields["durable"] = stored
+        logs.entry(fields)
         for listener in self.listeners:
             try:
                 listener(entry)

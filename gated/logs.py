@@ -4,6 +4,9 @@ Records from aiohttp and asyncio pass a filter first: they name what failed,
 never what a client sent (a request line carries the token and the code), and
 a failure that repeats (an accept loop out of file handles) is shown once per
 ``REPEAT_WINDOW`` with a count, not thousands of times a second.
+
+Every call writes one line, its entry; ``entry()`` writes that line as JSON
+without structlog's generic chain, which cost more than the line itself.
 """
 
 from __future__ import annotations
@@ -125,6 +128,92 @@ def _json(event: dict[str, Any], default: Callable[[Any], Any]) -> str:
     return msgspec.json.encode(event, enc_hook=default).decode()
 
 
+# The date and time to the second, for the second it was last asked for.
+_second: tuple[int, str] = (-1, "")
+
+
+def iso_utc(ns: int) -> str:
+    """``TimeStamper(fmt="iso", utc=True)``'s text for epoch nanoseconds ``ns``.
+
+    datetime's isoformat: microseconds floored and left out when zero, the
+    offset as Z. A third of its cost: the part to the second is made once a
+    second.
+    """
+    global _second
+    seconds, micro = divmod(ns // 1000, 1_000_000)
+    second = _second
+    if second[0] != seconds:
+        second = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{second[1]}.{micro:06d}Z" if micro else f"{second[1]}Z"
+
+
+# Entry fields are str, float, bool: repr, structlog's fallback, is never reached.
+_ENTRY_JSON = msgspec.json.Encoder(enc_hook=repr)
+
+
+class _EntryLine:
+    """The JSON entry line, built the way the installed processors build it.
+
+    A dict in the order structlog builds it (the fields, event, level,
+    timestamp), the same values, the same printable check, rendered by msgspec
+    as the JSON renderer does and printed by the same PrintLogger, so the line
+    is the one ``log.info("entry", **fields)`` writes, without what that adds
+    per line: the bound logger's proxy and context copy, the loop over
+    processors, a scan of every context variable for bound ones (while none was
+    ever bound) and the exception renderer (an entry carries no exception).
+    """
+
+    __slots__ = ("factory", "printer", "processors", "render", "wrapper", "writes")
+
+    def __init__(self, processors: list[Any], render: Any, wrapper: Any,
+                 factory: Any, writes: bool) -> None:
+        self.processors = processors
+        self.render = render
+        self.wrapper = wrapper
+        self.factory = factory
+        self.printer = factory()  # the PrintLogger structlog writes with: same stream, same lock
+        self.writes = writes  # the configured level lets info lines through
+
+    def installed(self) -> bool:
+        """Whether structlog still runs on what configure() installed.
+
+        A test's ``capture_logs`` (which swaps the processors in place) or any
+        later ``structlog.configure`` gets the entry through structlog instead.
+        """
+        config = structlog.get_config()
+        processors = self.processors
+        return (config["processors"] is processors and processors[-1] is self.render
+                and config["wrapper_class"] is self.wrapper
+                and config["logger_factory"] is self.factory)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if not self.writes:
+            return
+        fields["event"] = "entry"
+        if _CONTEXT_VARS is None or _CONTEXT_VARS:
+            structlog.contextvars.merge_contextvars(None, "info", fields)
+        fields["level"] = "info"
+        fields["timestamp"] = iso_utc(time.time_ns())
+        _printable_values(None, "info", fields)
+        self.printer.msg(_ENTRY_JSON.encode(fields).decode())
+
+
+# structlog's register of context variables ever bound: while it is empty, no
+# line has any to merge. (None if structlog stops keeping it: always merge.)
+_CONTEXT_VARS: dict[str, Any] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+_entry_line: _EntryLine | None = None
+_log = structlog.get_logger("gated")
+
+
+def entry(fields: dict[str, Any]) -> None:
+    """Log one call's entry: the line ``log.info("entry", **fields)`` writes."""
+    line = _entry_line
+    if line is not None and line.installed():
+        line.write(fields)
+    else:
+        _log.info("entry", **fields)
+
+
 def configure(fmt: str = "auto", level: str = "info") -> None:
     """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -144,12 +233,19 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     shared.append(_printable_values)
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    processors = [*shared, renderer]
+    wrapper = structlog.make_filtering_bound_logger(numeric)
+    factory = structlog.PrintLoggerFactory(sys.stdout)
     structlog.configure(
-        processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        processors=processors,
+        wrapper_class=wrapper,
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    global _entry_line
+    # A console line keeps structlog's renderer (the entry is one line among many there).
+    _entry_line = (_EntryLine(processors, renderer, wrapper, factory,
+                              writes=numeric <= logging.INFO) if json_lines else None)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer,
