@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     # Loaded only on sites that use them: a site without a broker or metrics
     # does not carry paho and prometheus_client (~2.7 MB) in its memory.
     from gated.bridge import Bridge
+    from gated.codes import CodeBook
     from gated.metrics import Metrics
     from gated.mqtt import MqttLink
 
@@ -340,6 +341,10 @@ class Daemon:
                       "the old config keeps serving", changed=changed, trigger=why)
             return False
         slim = compiler.without_credentials(loaded)
+        # The new book's TOTP tables for now, built off the loop: else the
+        # first code typed after the swap would build them (10,000 HMACs a
+        # step) while its caller and everyone behind it waits.
+        await build_totp_steps(loaded.book, self.clock.now())
         # Visitor codes first, so the managed codes' clash check sees them.
         loaded.book.visitors = gatekeeper.book.visitors
         if self.bridge is not None:
@@ -353,7 +358,7 @@ class Daemon:
         self.loaded = slim
         # Nothing may keep the parsed tables (or the old book) alive past here.
         del loaded, old, new
-        release_memory()
+        await asyncio.to_thread(release_memory)
         log.info("config reloaded", credentials=gatekeeper.book.credential_count, trigger=why)
         return True
 
@@ -400,10 +405,7 @@ class Daemon:
             except sqlite3.Error as exc:
                 # The writer raises the store alarm; here it is enough to try again.
                 log.debug("housekeeping could not read the store", error=str(exc))
-            for table in gatekeeper.book.totp.values():
-                for step in table.missing(now):
-                    # 10,000 HMACs: built off the loop, installed on it.
-                    table.install(step, await asyncio.to_thread(table.build, step))
+            await build_totp_steps(gatekeeper.book, now)
             for key in gatekeeper.ledger.lockout.ended(now):
                 kind = "site_unlocked" if key == SITE else "caller_unlocked"
                 alarms.alarm(log, kind, key=key)
@@ -416,6 +418,14 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+async def build_totp_steps(book: CodeBook, now: float) -> None:
+    """Build the TOTP tables a lookup will soon need: 10,000 HMACs a step, built
+    off the loop and installed on it."""
+    for table in book.totp.values():
+        for step in table.missing(now):
+            table.install(step, await asyncio.to_thread(table.build, step))
 
 
 # [server] keys the webhook reads on every call, so a reload applies them (a

@@ -300,3 +300,18 @@ def test_a_restarted_daemon_answers_from_the_mapped_book(tmp_path: Path) -> None
         finally:
             assert daemon.stop() == 0
     assert origins == ["compiled", "mapped", "compiled"]
+
+
+async def test_a_reloaded_book_has_its_totp_tables_before_any_call(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """The swap brings TOTP tables already built for now: the first code typed after a
+    reload does not build them (thousands of HMACs) while callers wait."""
+    running = await start_daemon(TOTP_USER)
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text().replace('name = "Flat 1"', 'name = "Flat 2"'))
+    assert await running.daemon.reload("test")
+    book = running.daemon.gatekeeper.book
+    (table,) = book.totp.values()
+    assert table.users[0].credential.name == "Flat 2"
+    now = running.daemon.clock.now()
+    assert table.missing(now) == []
