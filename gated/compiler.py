@@ -57,7 +57,7 @@ from gated.codes import (
 from gated.config import CodeConfig, Config, LogConfig, TotpConfig
 from gated.errors import ConfigError, NumberError
 from gated.numbers import normalise
-from gated.routes import compile_routes
+from gated.routes import RouteTable, compile_routes
 from gated.schedule import Schedule, ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class _Compiled:
 
 
 def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
-             folder: Path | None) -> _Compiled:
+             folder: Path | None) -> tuple[_Compiled, RouteTable | None]:
     """Check every credential and gather the book's contents, raising ``fail(key, message)``
     on the first problem."""
     tz = zoneinfo.ZoneInfo(config.site.timezone)
@@ -248,9 +248,10 @@ def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
         compiled.totp.append(TotpRow(credential.name, credential.id,
                                      compiled.policy(credential, []), key, totp.digits,
                                      otp.digest().name, totp.period))
-    if config.routes:
-        _routes(config, folder, number, fail)
-    return compiled
+    # Built to check the routes' CSV files; a caller that builds the book in
+    # this process uses the table instead of reading them again.
+    routes = _routes(config, folder, number, fail) if config.routes else None
+    return compiled, routes
 
 
 def compile_gates(config: Config, number: NumberParser,
@@ -272,14 +273,15 @@ def compile_gates(config: Config, number: NumberParser,
 
 
 def _routes(config: Config, folder: Path | None, number: NumberParser,
-            fail: ErrorFactory) -> object:
+            fail: ErrorFactory) -> RouteTable:
     return compile_routes(
         [(("routes", i), route, config_mod.resolve_in(folder, route.file) if route.file else None)
          for i, route in enumerate(config.routes)], number, fail, config.site.region)
 
 
 def open_book(image: bookfile.Image, config: Config, *, key: bytes | None,
-              folder: Path | None, fail: ErrorFactory = _plain_error) -> CodeBook:
+              folder: Path | None, fail: ErrorFactory = _plain_error,
+              routes: RouteTable | None = None) -> CodeBook:
     """The code book over a compiled image; gates and routes come from ``config``."""
     tz = zoneinfo.ZoneInfo(config.site.timezone)
     number = number_parser(config.site.region, fail)
@@ -294,7 +296,7 @@ def open_book(image: bookfile.Image, config: Config, *, key: bytes | None,
         book.key = key
         book.site_key = True
     if config.routes:
-        book.routes = _routes(config, folder, number, fail)  # type: ignore[assignment]
+        book.routes = routes if routes is not None else _routes(config, folder, number, fail)
     return book
 
 
@@ -310,10 +312,12 @@ def _credential(policy: Policy) -> Credential:
 
 
 def compile_image(config: Config, fail: ErrorFactory, *, key: bytes, site_key: bool,
-                  folder: Path | None, sources: dict[str, tuple[str, bytes]]) -> bytes:
-    compiled = _compile(config, fail, key, site_key, folder)
+                  folder: Path | None, sources: dict[str, tuple[str, bytes]]
+                  ) -> tuple[bytes, RouteTable | None]:
+    """The compiled book's bytes, and the route table built while checking."""
+    compiled, routes = _compile(config, fail, key, site_key, folder)
     return bookfile.build(compiled.sections(config), codes=len(compiled.codes),
-                          sources=sources)
+                          sources=sources), routes
 
 
 def code_digest(key: bytes, site_key: bool, code: str | None, hashed: str | None,
@@ -451,9 +455,10 @@ def _parse(text: str, *, source: str, key: KeyReader | None,
     site_key = key(config) if key is not None else None
     folder = Path(source).resolve().parent if source else None
     lookup_key = site_key if site_key is not None else os.urandom(32)
-    data = compile_image(config, fail, key=lookup_key, site_key=site_key is not None,
-                         folder=folder, sources=sources or {})
-    book = open_book(bookfile.image(data), config, key=site_key, folder=folder, fail=fail)
+    data, routes = compile_image(config, fail, key=lookup_key, site_key=site_key is not None,
+                                 folder=folder, sources=sources or {})
+    book = open_book(bookfile.image(data), config, key=site_key, folder=folder, fail=fail,
+                     routes=routes)
     if site_key is None:
         book.key = lookup_key
     return config, book, data
@@ -633,8 +638,8 @@ def compile_to_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
         key_path = config_mod.key_path(source, config)
         key = sitekey.ensure_key(key_path)
         folder = source.parent
-        image = compile_image(config, fail, key=key, site_key=True, folder=folder,
-                              sources=_sources(source, data, config, key_path))
+        image, _ = compile_image(config, fail, key=key, site_key=True, folder=folder,
+                                 sources=_sources(source, data, config, key_path))
         target = bookfile.book_path(config_mod.resolve(source, config.log.path))
         del config, text
     files.make_dir(target.parent)

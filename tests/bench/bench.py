@@ -1067,13 +1067,16 @@ def report(r: dict[str, Any], command: str) -> str:
 
     dur = r["durability"]
     memory = [
-        f"- Config load, 100,000 codes + 10,000 TOTP: {load['big']['load_s']:.2f} s, "
+        f"- Compiling the book in one process (what the daemon's child process does at a "
+        f"first start and a reload, and `gated check-config` does), "
+        f"100,000 codes + 10,000 TOTP: {load['big']['load_s']:.2f} s, "
         f"peak RSS while loading {load['big']['hwm'] / mib:.0f} MiB; "
         f"10 codes + 10,000 TOTP: {load['small']['load_s'] * 1000:.0f} ms; "
         f"10 codes alone: {load['bare']['load_s'] * 1000:.0f} ms. "
         f"Importing gated: {load['bare']['import_s'] * 1000:.0f} ms.",
-        f"- Memory per static code (100,000 codes, RSS after load minus the 10-code site's): "
-        f"{load['bytes_per_code_rss']:.0f} bytes"
+        f"- Memory per static code in that process (100,000 codes, RSS after the compile "
+        f"minus the 10-code site's; the parsed TOML and what compiling leaves behind, "
+        f"none of it in the daemon): {load['bytes_per_code_rss']:.0f} bytes"
         + (f"; held by Python objects (tracemalloc): {load['bytes_per_code_traced']:.0f} "
            f"bytes, of which the code book {load['bytes_per_code_book']:.0f} and the parsed "
            f"config the rest (the daemon drops that once the book is built)."
