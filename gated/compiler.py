@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,22 +205,23 @@ class _Compiled:
 
 
 def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
-             folder: Path | None) -> tuple[_Compiled, RouteTable | None]:
+             folder: Path | None, codes: Iterable[CodeConfig] | None = None
+             ) -> tuple[_Compiled, RouteTable | None]:
     """Check every credential and gather the book's contents, raising ``fail(key, message)``
-    on the first problem."""
+    on the first problem. ``codes``: the [[codes]] when they are not in ``config``."""
     tz = zoneinfo.ZoneInfo(config.site.timezone)
     number = number_parser(config.site.region, fail)
     compile_gates(config, number, fail)
     compiled = _Compiled({}, [], [])
-    ids: dict[str, Key] = {}
+    ids: set[str] = set()
     digests: dict[bytes, str] = {}
 
     def claim_id(cred_id: str, where: Key) -> None:
         if cred_id in ids:
             raise fail(where, f"id {cred_id!r} is used twice; give one an explicit id")
-        ids[cred_id] = where
+        ids.add(cred_id)
 
-    for index, code in enumerate(config.codes):
+    for index, code in enumerate(config.codes if codes is None else codes):
         where: Key = ("codes", index)
         credential = compile_code(code, where, config, tz, number, fail)
         claim_id(credential.id, (*where, "name"))
@@ -312,10 +313,11 @@ def _credential(policy: Policy) -> Credential:
 
 
 def compile_image(config: Config, fail: ErrorFactory, *, key: bytes, site_key: bool,
-                  folder: Path | None, sources: dict[str, tuple[str, bytes]]
+                  folder: Path | None, sources: dict[str, tuple[str, bytes]],
+                  codes: Iterable[CodeConfig] | None = None
                   ) -> tuple[bytes, RouteTable | None]:
     """The compiled book's bytes, and the route table built while checking."""
-    compiled, routes = _compile(config, fail, key, site_key, folder)
+    compiled, routes = _compile(config, fail, key, site_key, folder, codes)
     return bookfile.build(compiled.sections(config), codes=len(compiled.codes),
                           sources=sources), routes
 
@@ -480,10 +482,10 @@ def _text(file: Path, data: bytes) -> str:
         raise ConfigError("not UTF-8 text", file=str(file)) from exc
 
 
-def _sources(source: Path, data: bytes, config: Config,
+def _sources(source: Path, config_digest: bytes, config: Config,
              key_path: Path) -> dict[str, tuple[str, bytes]]:
     return {
-        "config": (str(source), bookfile.sha256(data)),
+        "config": (str(source), config_digest),
         "key": (str(key_path), bookfile.file_digest(key_path)),
         "timezone": (config.site.timezone, bookfile.timezone_digest(config.site.timezone)),
         "compiler": ("", bookfile.compiler_digest()),
@@ -626,22 +628,25 @@ def compile_to_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
     file, source, data = _read(path)
     hinted = hinted_book(source, data)
     header = bookfile.peek(hinted)
-    if header is not None and _fresh(header, source, bookfile.sha256(data)):
+    config_digest = bookfile.sha256(data)
+    if header is not None and _fresh(header, source, config_digest):
         try:
             bookfile.map_file(hinted)  # whole, checksum and all
             return hinted, False
         except bookfile.BookError:
             pass  # damaged: compiled again below
     text = _text(file, data)
+    del data
     with _gc_paused():
-        config, fail = config_mod.parse(text, source=str(file))
+        config, fail, codes = config_mod.parse_streamed(text, source=str(file))
         key_path = config_mod.key_path(source, config)
         key = sitekey.ensure_key(key_path)
         folder = source.parent
         image, _ = compile_image(config, fail, key=key, site_key=True, folder=folder,
-                                 sources=_sources(source, data, config, key_path))
+                                 sources=_sources(source, config_digest, config, key_path),
+                                 codes=codes)
         target = bookfile.book_path(config_mod.resolve(source, config.log.path))
-        del config, text
+        del config, text, codes
     files.make_dir(target.parent)
     bookfile.write(target, image)
     return target, True

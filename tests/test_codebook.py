@@ -315,3 +315,25 @@ async def test_a_reloaded_book_has_its_totp_tables_before_any_call(
     assert table.users[0].credential.name == "Flat 2"
     now = running.daemon.clock.now()
     assert table.missing(now) == []
+
+
+@pytest.mark.parametrize("broken", [
+    '\n[[codes]]\nname = "A"\ncode = "12345"\ngates = ["barrier"]\ncolour = "red"\n',
+    '\n[[codes]]\ncode = "12345"\ngates = ["barrier"]\n',
+    '\n[[codes]]\nname = "A"\ncode = "12345"\ngates = ["garage"]\n',
+    '\n[[codes]]\nname = "A"\ncode = "5555"\ngates = ["barrier"]\n',
+    '\n[[codes]]\nname = "A"\ncode = 12345\ngates = ["barrier"]\n',
+    '\n[[codes]]\nname = "Demo"\ncode = "12345"\ngates = ["barrier"]\n',
+    '\n[[codes]]\nname = "A"\ncode = "12345"\nvalid_from = 2030-01-01T00:00:00\n'
+    'valid_until = 2020-01-01T00:00:00\ngates = ["barrier"]\n',
+])
+def test_the_child_refuses_a_file_as_check_config_does(tmp_path: Path, broken: str) -> None:
+    """The daemon's child checks codes one at a time (to keep its memory down); a bad
+    code is refused in the same one line, key and line, as `gated check-config` says."""
+    path = write_config(tmp_path, broken)
+    with pytest.raises(config_mod.ConfigError) as in_process:
+        compiler.load(path)
+    with pytest.raises(config_mod.ConfigError) as from_child:
+        compiler.load_for_daemon(path)
+    assert str(from_child.value) == str(in_process.value)
+    assert in_process.value.line is not None
