@@ -313,6 +313,8 @@ async def test_kill_9_with_forwards_pending_loses_none(tmp_path: Path,
     """The real daemon killed with -9 while its endpoint is down: after a restart with
     the endpoint up, every answered call's forward arrives at least once."""
     port = free_port()
+    while port == receiver.port:  # reserved by the receiver, not bound until it starts
+        port = free_port()
     config = write_config(tmp_path, forward_table(receiver.url, caller="number"))
     config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
     url = f"http://127.0.0.1:{port}/voipgrid"
