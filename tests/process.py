@@ -62,7 +62,9 @@ class DaemonProcess:
             self.events.append(event)
             if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
                 return event
-        raise AssertionError(f"no {name!r} event; saw {[e.get('event') for e in self.events]}")
+        said = [e["line"] for e in self.events if e.get("event") == "non-json"]
+        raise AssertionError(f"no {name!r} event; saw {[e.get('event') for e in self.events]}"
+                             + (f"; it said {said}" if said else ""))
 
     def drain(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         self._reader.join(timeout)
