@@ -614,7 +614,7 @@ def cached(path: str | os.PathLike[str] | None) -> Loaded | None:
         data.close()
     try:
         return _mapped(file, book_file)
-    except bookfile.BookError:
+    except (bookfile.BookError, OSError, ValueError):  # replaced or gone meanwhile
         return None
 
 
@@ -716,7 +716,7 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
     if isinstance(book_file, Path):
         try:
             return _mapped(file, book_file, "compiled")
-        except bookfile.BookError as exc:
+        except (bookfile.BookError, OSError, ValueError) as exc:
             # Changed again meanwhile, or damaged: compile here instead.
             reason = str(exc)
     else:
