@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gated import compiler
+from gated import bookfile, compiler
 from gated import config as config_mod
 from gated.config import (
     Config,
@@ -97,6 +97,7 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     findings += check_gpio(pins, dev)
     findings += check_state(loaded.store_path)
     findings += check_state_files(loaded.store_path, loaded.key_path)
+    findings.append(check_book(config_path, loaded.store_path))
     if config.mqtt is not None:
         findings.append(check_broker(config.mqtt, loaded.path))
     findings += check_webhook(config)
@@ -303,9 +304,10 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
         owner = directory.stat().st_uid
     except OSError:
         return []
-    # The store with its -wal and -shm files is one thing to fix.
+    # The store with its -wal and -shm files and the compiled book is one thing to fix.
     groups = [(f"{store}*", [store, store.with_name(store.name + "-wal"),
-                             store.with_name(store.name + "-shm")])]
+                             store.with_name(store.name + "-shm"),
+                             bookfile.book_path(store)])]
     if key.parent == directory:
         groups.append((str(key), [key]))
     findings = []
@@ -334,6 +336,22 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
         findings.append(Finding("ok", "state",
                                 f"store and key private, owned by {user_name(owner)}"))
     return findings
+
+
+def check_book(config_path: str, store: Path) -> Finding:
+    """Whether a restart will map the compiled code book or compile it first."""
+    path = bookfile.book_path(store)
+    header = bookfile.peek(path)
+    if header is None:
+        return Finding("info", "book", f"no compiled code book at {path} yet: the next start "
+                       "compiles it (a few seconds for 100,000 codes)")
+    if compiler.cached(config_path) is None:
+        return Finding("info", "book", f"{path} was compiled from another config, site key, "
+                       "time zone or version of gated (or is damaged): the next start or "
+                       "reload compiles it again")
+    size = path.stat().st_size
+    return Finding("ok", "book", f"{path} matches this config ({header.codes} static codes, "
+                   f"{size / 1e6:.1f} MB): a restart answers from it at once")
 
 
 def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:

@@ -189,3 +189,19 @@ def test_gpio_ioctl_answers_are_decoded() -> None:
     line = struct.pack("II32s32s", 17, doctor.GPIOLINE_FLAG_KERNEL | 2, b"GPIO17", b"lg")
     assert doctor.parse_line_info(line) == ("lg", True)
     assert doctor.parse_line_info(struct.pack("II32s32s", 6, 0, b"GPIO6", b"")) == ("", False)
+
+
+def test_the_compiled_book_is_reported_as_a_restart_will_find_it(tmp_path: Path) -> None:
+    """None yet, then matching (a restart maps it), then stale after an edit."""
+    path = site_config(tmp_path)
+
+    def book() -> doctor.Finding:
+        (finding,) = [f for f in doctor.diagnose(str(path), dev=tmp_path)
+                      if f.topic == "book"]
+        return finding
+
+    assert (book().level, "no compiled code book" in book().message) == ("info", True)
+    compiler.load_for_daemon(path)
+    assert book().level == "ok" and "matches this config (3 static codes" in book().message
+    path.write_text(path.read_text().replace('code = "5555"', 'code = "5556"'))
+    assert book().level == "info" and "compiles it again" in book().message
