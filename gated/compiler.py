@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import re
+import signal
 import subprocess
 import sys
 import zoneinfo
@@ -658,6 +659,11 @@ class CompileFailed(ConfigError):
     """The child could not compile (not a config error): crashed, killed, no memory."""
 
 
+# A reload's compile of 100,000 codes takes seconds here, half a minute on a
+# Pi Zero 2 W; one that takes ten minutes is stuck.
+RELOAD_COMPILE_TIMEOUT = 600.0
+
+
 def _command(path: Path) -> list[str]:
     return [sys.executable, "-m", "gated.compiler", str(path)]
 
@@ -676,8 +682,13 @@ def _outcome(file: Path, returncode: int, output: bytes) -> Path | str:
                           line=error.get("line"), file=error.get("file", str(file)))
     if "unwritten" in said:
         return str(said["unwritten"])
-    raise CompileFailed(f"compiling the code book failed (exit status {returncode})",
-                        file=str(file))
+    if returncode == -signal.SIGKILL:
+        why = "killed (out of memory?)"
+    elif returncode < 0:
+        why = f"killed by signal {-returncode}"
+    else:
+        why = f"exit status {returncode}"
+    raise CompileFailed(f"compiling the code book failed: {why}", file=str(file))
 
 
 def load_for_daemon(path: str | os.PathLike[str] | None) -> Loaded:
@@ -700,13 +711,27 @@ def load_for_daemon(path: str | os.PathLike[str] | None) -> Loaded:
     return _after_child(file, done.returncode, done.stdout)
 
 
-async def load_in_child(path: Path) -> Loaded:
-    """A reload: the child compiles (if anything changed), this process maps the result."""
+async def load_in_child(path: Path, *, within: float = RELOAD_COMPILE_TIMEOUT) -> Loaded:
+    """A reload: the child compiles (if anything changed), this process maps the result.
+
+    A child still compiling after ``within`` seconds is killed and the reload
+    refused: the reloads after it must not queue behind it for ever.
+    """
     try:
         child = await asyncio.create_subprocess_exec(*_command(path), stdout=subprocess.PIPE)
     except OSError:
         return await asyncio.to_thread(load, path, create_key=True)
-    output, _ = await child.communicate()
+    try:
+        async with asyncio.timeout(within):
+            output, _ = await child.communicate()
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        raise CompileFailed(f"compiling the code book took over {within:.0f} s; killed",
+                            file=str(path)) from None
+    except asyncio.CancelledError:  # the daemon stops: leave no compiler behind
+        child.kill()
+        raise
     assert child.returncode is not None
     return await asyncio.to_thread(_after_child, path, child.returncode, output)
 

@@ -337,3 +337,12 @@ def test_the_child_refuses_a_file_as_check_config_does(tmp_path: Path, broken: s
         compiler.load_for_daemon(path)
     assert str(from_child.value) == str(in_process.value)
     assert in_process.value.line is not None
+
+
+async def test_a_compile_that_hangs_is_killed_and_the_reload_refused(tmp_path: Path) -> None:
+    """A child that never finishes does not hold the reloads behind it for ever."""
+    # A config whose path is a FIFO: the child blocks reading it, as a stuck compile would.
+    fifo = tmp_path / "stuck.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(config_mod.ConfigError, match="took over 1 s; killed"):
+        await compiler.load_in_child(fifo, within=1.0)
