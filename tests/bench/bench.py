@@ -76,12 +76,16 @@ class Plan:
     connections: int
     tracemalloc: bool
     reload_baseline: float  # seconds of calls before the file changes, the reload's yardstick
+    # Back-to-back runs of the 100k and the 10-code site, for their ratio: the
+    # rounds put other servers (and up to a minute of machine noise) between them.
+    pairs: int = 6
+    pair_seconds: float = 4
 
 
 FULL = Plan(rounds=3, seconds=10, warmup=2, starts=2, fixed_rate=1000, flood_seconds=20,
             connections=32, tracemalloc=True, reload_baseline=8)
 QUICK = Plan(rounds=2, seconds=3, warmup=1, starts=1, fixed_rate=0, flood_seconds=6,
-             connections=32, tracemalloc=False, reload_baseline=3)
+             connections=32, tracemalloc=False, reload_baseline=3, pairs=2, pair_seconds=2)
 # Calls a second during the reload, each on a new connection as the PBX makes
 # them: far above a gate's real rate, low enough that the reload, not the
 # load, is what the latencies show.
@@ -465,6 +469,16 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
             order = order[1:] + order[:1]  # rotate: nobody always goes first
         results["throughput"] = {name: {"runs": r, **{key: median_of(r, key) for key in (
             "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms")}} for name, r in runs.items()}
+        say("100k against 10 codes, back to back")
+        ratios = []
+        for pair in range(plan.pairs):
+            # Alternating which goes first, so neither always gets the fresher machine.
+            names = ("gated_100k", "gated_10") if pair % 2 == 0 else ("gated_10", "gated_100k")
+            rps = {name: wrk(servers[name].port, "calls", plan.pair_seconds,
+                             connections=plan.connections, calls=calls[name])["rps"]
+                   for name in names}
+            ratios.append(rps["gated_100k"] / rps["gated_10"])
+        results["size_ratio"] = {"pairs": ratios, "median": statistics.median(ratios)}
         for name in servers:
             t = results["throughput"][name]
             t["answered_wrong"] = sum(r["NAK"] + r["ERR"] + r["forbidden"] + r["other"]
@@ -884,6 +898,7 @@ def report(r: dict[str, Any], command: str) -> str:
     env, t, plan = r["environment"], r["throughput"], r["plan"]
     floor, big, small = t["floor"], t["gated_100k"], t["gated_10"]
     rss, ready, load = r["peak_rss"], r["ready_s"], r["load"]
+    pairs, size_ratio = r["size_ratio"]["pairs"], r["size_ratio"]["median"]
     mib = 1024 * 1024
 
     def row(name: str, label: str) -> str:
@@ -903,7 +918,9 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{big['p50_ms'] / floor['p50_ms']:.2f}x | {big['p99_ms'] / floor['p99_ms']:.2f}x | "
         f"{big['p999_ms'] / floor['p999_ms']:.2f}x | {rss['gated_100k'] / rss['floor']:.2f}x "
         f"| | |",
-        f"| gated 100k / gated 10 | {big['rps'] / small['rps']:.2f}x | | | | | | |",
+        f"| gated 100k / gated 10 (median of {len(pairs)} back-to-back pairs; "
+        f"of the rounds' medians: {big['rps'] / small['rps']:.2f}x) | {size_ratio:.2f}x "
+        f"| | | | | | |",
     ]
     table = "\n".join(lines)
 
@@ -1020,8 +1037,8 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{verdict(big['rps'] >= 0.75 * floor['rps'])} |",
         f"| p99 ≤ 2x floor | {big['p99_ms'] / floor['p99_ms']:.2f}x | "
         f"{verdict(big['p99_ms'] <= 2 * floor['p99_ms'])} |",
-        f"| 100k codes ≥ 0.95x of 10 codes | {big['rps'] / small['rps']:.2f}x | "
-        f"{verdict(big['rps'] >= 0.95 * small['rps'])} |",
+        f"| 100k codes ≥ 0.95x of 10 codes (back-to-back pairs) | {size_ratio:.2f}x | "
+        f"{verdict(size_ratio >= 0.95)} |",
         f"| peak RSS, 100k codes ≤ 1.6x floor | {rss['gated_100k'] / rss['floor']:.2f}x | "
         f"{verdict(rss['gated_100k'] <= 1.6 * rss['floor'])} |",
         f"| legitimate calls during the junk flood: all right | "
