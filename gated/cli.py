@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # compiled, else compiled by a child process first.
         loaded = compiler.load_for_daemon(args.config)
     logs.configure(loaded.config.log.format, loaded.config.log.level)
+    compiler.warn_unkept(loaded)
     _writable_cwd(loaded)
     # The daemon keeps only what it needs: no reference here to the full config.
     daemon = Daemon(compiler.without_credentials(loaded))

@@ -90,6 +90,9 @@ class Loaded(msgspec.Struct, frozen=True):
     # How the book came to be: "parsed" here, "mapped" (compiled before, by
     # the same sources), "compiled" (by a child process just now).
     origin: str = "parsed"
+    # Why the daemon compiled it here instead of keeping it in the state
+    # directory ("" when it did not have to).
+    unkept: str = ""
 
     @property
     def store_path(self) -> Path:
@@ -746,9 +749,14 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
             reason = str(exc)
     else:
         reason = book_file
-    log.warning("code book not kept in the state directory; compiled in the daemon's "
-                "own process (a restart will compile it again)", reason=reason)
-    return load(file, create_key=True)
+    return msgspec.structs.replace(load(file, create_key=True), unkept=reason)
+
+
+def warn_unkept(loaded: Loaded) -> None:
+    """Log that the book could not be kept, once the log is set up."""
+    if loaded.unkept:
+        log.warning("code book not kept in the state directory; compiled in the daemon's "
+                    "own process (a restart will compile it again)", reason=loaded.unkept)
 
 
 def main(argv: list[str] | None = None) -> int:

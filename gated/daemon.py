@@ -331,6 +331,7 @@ class Daemon:
             # A child process compiles the new book (parsing 100,000 codes takes
             # seconds and hundreds of megabytes); this one maps the result.
             loaded = await compiler.load_in_child(self.loaded.path)
+            compiler.warn_unkept(loaded)
         except ConfigError as exc:
             log.error("config reload refused; the old config keeps serving",
                       error=str(exc), trigger=why)

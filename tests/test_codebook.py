@@ -192,6 +192,29 @@ def test_a_book_that_cannot_be_kept_still_starts_the_site(tmp_path: Path) -> Non
     decision = decide(Request(BARRIER, None, code="5555"), loaded.book,
                       Ledger.fresh(Policy()), 0.0)
     assert decision.reason == "granted_code"
+    assert "Is a directory" in loaded.unkept
+
+
+def test_the_real_daemon_says_in_its_log_why_the_book_was_not_kept(tmp_path: Path) -> None:
+    """The warning is a line of the configured log (JSON under systemd), not text
+    printed before the log was set up; the daemon answers anyway."""
+    from tests.process import DaemonProcess, free_port
+    from tests.test_process import call
+
+    port = free_port()
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    _book_file(tmp_path).mkdir(parents=True)
+    daemon = DaemonProcess(path)
+    try:
+        warning = daemon.wait_for("code book not kept in the state directory; compiled in "
+                                  "the daemon's own process (a restart will compile it again)")
+        assert warning["level"] == "warning" and "Is a directory" in warning["reason"]
+        assert daemon.wait_for("listening")["book"] == "parsed"
+        assert call(port, "5555") == "status=ACK"
+    finally:
+        assert daemon.stop() == 0
+    assert not [e for e in daemon.events if e.get("event") == "non-json"]
 
 
 def test_a_bad_file_is_refused_with_its_key_and_line_from_the_child(tmp_path: Path) -> None:
