@@ -47,8 +47,9 @@ def _writable_cwd(loaded: compiler.Loaded) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
-    from gated.daemon import Daemon, long_lived, release_memory
+    from gated.daemon import Daemon, claim_state, long_lived, release_memory
 
+    state = claim_state(args.config)
     with long_lived():
         # Mapped from the state directory when nothing changed since it was
         # compiled, else compiled by a child process first.
@@ -57,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     compiler.warn_unkept(loaded)
     _writable_cwd(loaded)
     # The daemon keeps only what it needs: no reference here to the full config.
-    daemon = Daemon(compiler.without_credentials(loaded))
+    daemon = Daemon(compiler.without_credentials(loaded), state_lock=state)
     del loaded
     release_memory()
     asyncio.run(daemon.run())

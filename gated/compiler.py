@@ -532,6 +532,21 @@ _TOP_LOG_PATH = re.compile(
     rb"""(?:"([^"\\\n]*)"|'([^'\n]*)')""", re.MULTILINE)
 
 
+def hinted_store(path: str | os.PathLike[str] | None) -> Path | None:
+    """Where the entry store of the config at ``path`` most likely is (None: unreadable)."""
+    file = Path(path if path is not None else config_mod.default_path())
+    try:
+        with file.open("rb") as opened:
+            data = mmap.mmap(opened.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        book = hinted_book(file.resolve(), data)
+    finally:
+        data.close()
+    return book.with_name(book.name.removesuffix(".book"))
+
+
 def hinted_book(source: Path, data: bytes | mmap.mmap) -> Path:
     """Where the compiled book of this config file most likely is."""
     first = _NEXT_TABLE.search(data)

@@ -33,7 +33,7 @@ from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.clock import Clock, SystemClock
 from gated.compiler import Loaded
 from gated.config import ServerConfig, split_listen
-from gated.errors import ConfigError, GatedError
+from gated.errors import ConfigError, GatedError, StoreError
 from gated.gatekeeper import Gatekeeper
 from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
@@ -124,7 +124,7 @@ class Daemon:
     _webhook: web.TCPSite | None = None
     _webhook_settings: LiveSettings | None = None
     _twiml_settings: LiveTwiml | None = None
-    _state_lock: statelock.StateLock | None = None
+    state_lock: statelock.StateLock | None = None
 
     @property
     def url(self) -> str:
@@ -134,8 +134,14 @@ class Daemon:
     async def assemble(self) -> Gatekeeper:
         config = self.loaded.config
         # First of all: a second daemon on this state stops here, before it
-        # touches a pin, the store or the broker.
-        self._state_lock = statelock.hold(self.loaded.store_path)
+        # touches a pin, the store or the broker (if ``claim_state`` did not
+        # stop it before it compiled anything).
+        lock = self.state_lock
+        if lock is None or lock.path != statelock.lock_path(self.loaded.store_path):
+            if lock is not None:
+                lock.release()
+            self.state_lock = None
+            self.state_lock = statelock.hold(self.loaded.store_path)
         built: dict[str, actuator_port.Actuator] = {}
         store: Store | None = None
         try:
@@ -170,7 +176,8 @@ class Daemon:
                 sensor.close()
             if store is not None:
                 store.close()
-            self._state_lock.release()
+            if self.state_lock is not None:
+                self.state_lock.release()
             raise
         return gatekeeper
 
@@ -282,8 +289,8 @@ class Daemon:
             if self.link is not None:
                 await self.link.close(within=0.5)
             gatekeeper.store.close()
-            if self._state_lock is not None:
-                self._state_lock.release()
+            if self.state_lock is not None:
+                self.state_lock.release()
             log.info("stopped")
 
     def problem(self) -> str | None:
@@ -473,6 +480,25 @@ def restart_needed(old: Loaded, new: Loaded) -> list[str]:
     if old.mqtt_ca_file != new.mqtt_ca_file and "mqtt" not in changed:
         changed.append("mqtt.tls_ca (now names another file)")
     return changed
+
+
+def claim_state(config_path: str | None) -> statelock.StateLock | None:
+    """The state lock, taken before the config is compiled, where its store will be.
+
+    A second daemon then stops before its compiler rewrites the running one's
+    code book. The place comes from a quick look at the file, so only another
+    holder is an error here; anything else (no such folder yet, a wrong
+    guess) waits for the real path, which ``assemble`` locks.
+    """
+    store = compiler.hinted_store(config_path)
+    if store is None or not store.parent.is_dir():
+        return None
+    try:
+        return statelock.hold(store)
+    except statelock.Held:
+        raise
+    except StoreError:
+        return None
 
 
 def make_link(loaded: Loaded) -> MqttLink | None:

@@ -23,6 +23,10 @@ def lock_path(store: Path) -> Path:
     return files.lock_path(store)
 
 
+class Held(StoreError):
+    """Another process holds the lock."""
+
+
 class StateLock:
     """Held until ``release`` (or the process ends)."""
 
@@ -54,8 +58,8 @@ def hold(store: Path) -> StateLock:
             holder = os.read(fd, 32).strip()
         os.close(fd)
         pid = f" (pid {holder.decode()})" if holder.isdigit() else ""
-        raise StoreError(f"another gated process{pid} holds {path} (one gated per state "
-                         "directory): stop it first") from None
+        raise Held(f"another gated process{pid} holds {path} (one gated per state "
+                   "directory): stop it first") from None
     except OSError as exc:
         os.close(fd)
         raise StoreError(f"cannot lock {path}: {exc.strerror}") from None

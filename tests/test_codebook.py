@@ -369,3 +369,32 @@ async def test_a_compile_that_hangs_is_killed_and_the_reload_refused(tmp_path: P
     os.mkfifo(fifo)
     with pytest.raises(config_mod.ConfigError, match="took over 1 s; killed"):
         await compiler.load_in_child(fifo, within=1.0)
+
+
+def test_a_second_daemon_stops_before_its_compiler_touches_the_running_ones_book(
+        tmp_path: Path) -> None:
+    """Another config on the same state (a copy being tried out): the second daemon
+    refuses on the state lock before compiling, so the running daemon's book is the
+    same file, unchanged, and a restart of the first still maps it."""
+    from tests.process import DaemonProcess, free_port
+
+    port = free_port()
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace('code = "5555"', 'code = "5556"')
+                     .replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+    first = DaemonProcess(path)
+    try:
+        first.wait_for("listening")
+        book = _book_file(tmp_path)
+        before = (book.stat().st_ino, book.stat().st_mtime_ns, book.read_bytes())
+        second = DaemonProcess(other)
+        assert second.proc.wait(30) == 2
+        second.stop()
+        (said,) = [e["line"] for e in second.events if e.get("event") == "non-json"]
+        assert "another gated process" in said and f"pid {first.proc.pid}" in said
+        assert (book.stat().st_ino, book.stat().st_mtime_ns, book.read_bytes()) == before
+    finally:
+        assert first.stop() == 0
+    assert _restart(path) is not None
