@@ -208,17 +208,6 @@ class ManagedCodes:
         if self.applied.pop(code_id, None) is not None:
             book.remove_code(code_id)
 
-    def rebase(self, book: CodeBook,
-               config: Config) -> list[tuple[ManagedCode, Rejected | NotHere]]:
-        """Apply every managed code to a freshly loaded book (a config reload).
-
-        Codes that no longer fit (a new file code took their digits or id, or
-        their gate is gone) are dropped and returned with the reason.
-        """
-        fresh, dropped = rebased(list(self.applied.values()), book, config)
-        self.applied = fresh.applied
-        return dropped
-
 
 Dropped = list[tuple[ManagedCode, "Rejected | NotHere"]]
 

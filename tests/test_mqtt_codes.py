@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
+import threading
 from typing import Any
 
 import pytest
@@ -251,6 +253,43 @@ async def test_reload_keeps_managed_codes_and_reports_new_clashes(
     assert error.json()["error"] == NOT_ACCEPTED
     assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
     assert await running.get(code="246810", did=DOOR) == (200, "status=ACK")
+
+
+async def test_codes_changed_while_a_reload_builds_its_book_are_in_the_new_one(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload compiles the managed codes for the new book in a thread; a code
+    changed, withdrawn or added meanwhile is as the broker says after the swap."""
+    from gated import bridge as bridge_mod
+
+    await probe.subscribe(ERRORS)
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    assert await put(probe, "a", body(code="246810", gates=["barrier"])) is None
+    assert await put(probe, "b", body(code="135791", gates=["barrier"])) is None
+    started, go_on = threading.Event(), threading.Event()
+    real = bridge_mod.rebased
+
+    def held(*args: Any) -> Any:  # the thread's work, held until the messages are in
+        started.set()
+        go_on.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(bridge_mod, "rebased", held)
+    reload = asyncio.create_task(running.daemon.reload("test"))
+    assert await asyncio.to_thread(started.wait, 10)
+    assert await put(probe, "a", body(code="246811", gates=["barrier"])) is None
+    await probe.publish(f"{PREFIX}/codes/b", b"", retain=True)
+    assert await put(probe, "c", body(code="97531", gates=["barrier"])) is None
+    bridge = running.daemon.bridge
+    await eventually(lambda: bridge.codes.get("site", "b") is None)
+    go_on.set()
+    assert await reload
+    assert sorted(bridge.codes.applied) == ["a", "c"]
+    assert await running.get(code="246811", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="97531", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="135791", did=BARRIER) == (200, "status=NAK")
 
 
 async def test_deleting_a_code_resets_its_uses(broker: Mosquitto, probe: Probe,
