@@ -28,11 +28,9 @@ compiler's own code. A book whose sources differ is compiled again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.resources
 import mmap
-import os
 import sys
 import zoneinfo
 from dataclasses import dataclass
@@ -225,9 +223,3 @@ def write(path: Path, data: bytes) -> None:
     """Replace the book atomically, readable by the daemon's user only
     (it holds TOTP secrets and the code digests)."""
     files.replace(path, data)
-
-
-def remove_stale(path: Path) -> None:
-    """A book the daemon could not use is removed, so nothing maps it again."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -247,11 +247,11 @@ def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
         except (ValueError, TypeError) as exc:
             raise fail((*where, "secret"),
                        f"not a usable base32 TOTP secret ({exc})") from None
-        key = otp.byte_secret()
-        if len(key) > 0xFFFF or otp.digest().name not in TOTP_DIGESTS:
+        secret = otp.byte_secret()
+        if len(secret) > 0xFFFF or otp.digest().name not in TOTP_DIGESTS:
             raise fail((*where, "secret"), "not a usable TOTP secret (too long)")
         compiled.totp.append(TotpRow(credential.name, credential.id,
-                                     compiled.policy(credential, []), key, totp.digits,
+                                     compiled.policy(credential, []), secret, totp.digits,
                                      otp.digest().name, totp.period))
     # Built to check the routes' CSV files; a caller that builds the book in
     # this process uses the table instead of reading them again.
@@ -284,10 +284,14 @@ def _routes(config: Config, folder: Path | None, number: NumberParser,
          for i, route in enumerate(config.routes)], number, fail, config.site.region)
 
 
-def open_book(image: bookfile.Image, config: Config, *, key: bytes | None,
+def open_book(image: bookfile.Image, config: Config, *, key: bytes, site_key: bool,
               folder: Path | None, fail: ErrorFactory = _plain_error,
               routes: RouteTable | None = None) -> CodeBook:
-    """The code book over a compiled image; gates and routes come from ``config``."""
+    """The code book over a compiled image; gates and routes come from ``config``.
+
+    ``key``: the key the image's digests were made with (the site key, or a
+    throw-away one when there is none: ``site_key`` False).
+    """
     tz = zoneinfo.ZoneInfo(config.site.timezone)
     number = number_parser(config.site.region, fail)
     gates, by_number = compile_gates(config, number, fail)
@@ -295,11 +299,8 @@ def open_book(image: bookfile.Image, config: Config, *, key: bytes | None,
     static = StaticCodes(as_u64(image.section("prefixes")), image.section("records"),
                          as_u64(image.section("ids")), image.section("names"), policies,
                          image.section("totp"), image.section("keys"))
-    book = CodeBook(gates=gates, by_number=by_number, totp=static.totp_tables(), tz=tz,
-                    region=config.site.region, static=static)
-    if key is not None:
-        book.key = key
-        book.site_key = True
+    book = CodeBook(gates=gates, by_number=by_number, totp=static.totp_tables(key), tz=tz,
+                    region=config.site.region, static=static, key=key, site_key=site_key)
     if config.routes:
         book.routes = routes if routes is not None else _routes(config, folder, number, fail)
     return book
@@ -447,27 +448,21 @@ KeyReader = Callable[[Config], bytes | None]
 
 
 @_gc_paused()
-def parse(text: str, *, source: str = "", key: KeyReader | None = None,
-          sources: dict[str, tuple[str, bytes]] | None = None) -> tuple[Config, CodeBook]:
-    """Parse TOML text into a checked Config and the code book compiled from it."""
-    config, book, _ = _parse(text, source=source, key=key, sources=sources)
-    return config, book
-
-
-def _parse(text: str, *, source: str, key: KeyReader | None,
-           sources: dict[str, tuple[str, bytes]] | None
-           ) -> tuple[Config, CodeBook, bytes]:
+def parse(text: str, *, source: str = "",
+          key: KeyReader | None = None) -> tuple[Config, CodeBook]:
+    """Parse TOML text into a checked Config and the code book compiled from it
+    (in memory: commands and tests; the daemon's goes through a file)."""
     config, fail = config_mod.parse(text, source=source)
     site_key = key(config) if key is not None else None
     folder = Path(source).resolve().parent if source else None
+    # Without a site key the book uses a throw-away one: lookups work the
+    # same, but no code_hash can be checked.
     lookup_key = site_key if site_key is not None else os.urandom(32)
     data, routes = compile_image(config, fail, key=lookup_key, site_key=site_key is not None,
-                                 folder=folder, sources=sources or {})
-    book = open_book(bookfile.image(data), config, key=site_key, folder=folder, fail=fail,
-                     routes=routes)
-    if site_key is None:
-        book.key = lookup_key
-    return config, book, data
+                                 folder=folder, sources={})
+    return config, open_book(bookfile.image(data), config, key=lookup_key,
+                             site_key=site_key is not None, folder=folder, fail=fail,
+                             routes=routes)
 
 
 def _read(path: str | os.PathLike[str] | None) -> tuple[Path, Path, bytes]:
@@ -532,19 +527,24 @@ _TOP_LOG_PATH = re.compile(
     rb"""(?:"([^"\\\n]*)"|'([^'\n]*)')""", re.MULTILINE)
 
 
-def hinted_store(path: str | os.PathLike[str] | None) -> Path | None:
-    """Where the entry store of the config at ``path`` most likely is (None: unreadable)."""
-    file = Path(path if path is not None else config_mod.default_path())
+def _hinted(file: Path) -> Path | None:
+    """``hinted_book`` of the file at ``file``, read mapped (None: unreadable or empty:
+    the full load says why)."""
     try:
         with file.open("rb") as opened:
             data = mmap.mmap(opened.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
     try:
-        book = hinted_book(file.resolve(), data)
+        return hinted_book(file.resolve(), data)
     finally:
         data.close()
-    return book.with_name(book.name.removesuffix(".book"))
+
+
+def hinted_store(path: str | os.PathLike[str] | None) -> Path | None:
+    """Where the entry store of the config at ``path`` most likely is (None: unreadable)."""
+    book = _hinted(Path(path if path is not None else config_mod.default_path()))
+    return None if book is None else book.with_name(book.name.removesuffix(".book"))
 
 
 def hinted_book(source: Path, data: bytes | mmap.mmap) -> Path:
@@ -598,7 +598,7 @@ def _mapped(file: Path, book_file: Path, origin: str = "mapped") -> Loaded:
     key = sitekey.read_key(Path(key_path))
     if key is None or bookfile.file_digest(Path(key_path)) != key_digest:
         raise bookfile.BookError("the site key changed")
-    book = open_book(image, config, key=key, folder=source.parent,
+    book = open_book(image, config, key=key, site_key=True, folder=source.parent,
                      fail=_located(str(file)))
     return Loaded(config=config, path=file.absolute(), book=book, source=source,
                   origin=origin)
@@ -616,33 +616,25 @@ def _located(file: str) -> ErrorFactory:
 def cached(path: str | os.PathLike[str] | None) -> Loaded | None:
     """The compiled book of an unchanged config, mapped; None when it must be compiled."""
     file = Path(path if path is not None else config_mod.default_path())
-    source = file.resolve()
-    try:
-        with file.open("rb") as opened:
-            data = mmap.mmap(opened.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):  # unreadable or empty: the full load says why
+    book_file = _hinted(file)
+    header = None if book_file is None else bookfile.peek(book_file)
+    # Hashed from a read buffer, not a mapping: mapped pages would count in
+    # this process's memory until unmapped.
+    if header is None or not _fresh(header, file.resolve(), bookfile.file_digest(file)):
         return None
-    try:
-        book_file = hinted_book(source, data)
-        header = bookfile.peek(book_file)
-        # Hashed from a read buffer, not the mapping: mapped pages would count
-        # in this process's memory until unmapped.
-        if header is None or not _fresh(header, source, bookfile.file_digest(file)):
-            return None
-    finally:
-        data.close()
+    assert book_file is not None
     try:
         return _mapped(file, book_file)
     except (bookfile.BookError, OSError, ValueError):  # replaced or gone meanwhile
         return None
 
 
-def compile_to_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
-    """Compile the config at ``path`` into its book file (the child's work).
+def compile_to_file(path: str | os.PathLike[str]) -> Path:
+    """Compile the config at ``path`` into its book file (the child's work), unless
+    the one there is fresh and whole; the book's path.
 
-    Returns the book's path and whether it was written now (False: it was
-    already fresh). Raises ConfigError for a bad config, OSError or
-    files.FileError when the book cannot be written.
+    Raises ConfigError for a bad config, OSError or files.FileError when the
+    book cannot be written.
     """
     file, source, data = _read(path)
     hinted = hinted_book(source, data)
@@ -651,7 +643,7 @@ def compile_to_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
     if header is not None and _fresh(header, source, config_digest):
         try:
             bookfile.map_file(hinted)  # whole, checksum and all
-            return hinted, False
+            return hinted
         except bookfile.BookError:
             pass  # damaged: compiled again below
     text = _text(file, data)
@@ -668,7 +660,7 @@ def compile_to_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
         del config, text, codes
     files.make_dir(target.parent)
     bookfile.write(target, image)
-    return target, True
+    return target
 
 
 # -- the child process --------------------------------------------------------
@@ -780,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         os.nice(5)  # the daemon's calls go first
     try:
-        book, _ = compile_to_file(args[0])
+        book = compile_to_file(args[0])
         said: dict[str, object] = {"book": str(book)}
         status = 0
     except ConfigError as exc:

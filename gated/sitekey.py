@@ -9,7 +9,6 @@ carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -24,7 +23,8 @@ KEY_BYTES = 32
 
 
 def digest(key: bytes, code: str) -> bytes:
-    return hmac.new(key, code.encode(), hashlib.sha256).digest()
+    # One-shot: half the cost of an hmac object, on every call and every TOTP table.
+    return hmac.digest(key, code.encode(), "sha256")
 
 
 def code_hash(key: bytes, code: str) -> str:

@@ -57,3 +57,18 @@ def test_the_table_holds_every_code_of_the_window_as_the_steps_move(
         window = range(step - TOTP_WINDOW, step + TOTP_WINDOW + 1)
         assert {(code, u.credential.id, t) for t in window
                 for code, found_ in table.codes(t).items() for u in found_} == expected
+
+
+def test_a_step_holds_keyed_digests_not_codes() -> None:
+    """A step's table is searched by the keyed digest of what was typed, as static codes
+    are: where a guess lands in it says nothing of how close its digits were."""
+    from gated import sitekey
+    from gated.codes import digest_prefix
+
+    users = [user(base64.b32encode(bytes([i]) * 20).decode(), name=f"u{i}") for i in range(50)]
+    table = TotpTable(users=users, period=30)
+    step = table.build(1_000)
+    expected = sorted(digest_prefix(sitekey.digest(table.key, one.code(1_000))) for one in users)
+    assert list(step.prefixes) == expected
+    assert sorted(users[i].credential.id for i in step.users) == sorted(u.credential.id
+                                                                        for u in users)
