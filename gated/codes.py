@@ -223,6 +223,14 @@ class StaticCodes:
             self._totp, at * TOTP_RECORD.size)
         return key, length, digits, digest
 
+    def totp_secrets(self, start: int, end: int) -> list[tuple[bytes, int, int]]:
+        """What makes each user's codes (secret, digits, digest), in order."""
+        size = TOTP_RECORD.size
+        keys = self._keys
+        return [(bytes(keys[key:key + length]), digits, digest)
+                for key, _, _, _, length, digits, digest in TOTP_RECORD.iter_unpack(
+                    self._totp[start * size:end * size])]
+
     def totp_codes(self, start: int, end: int, timecode: int) -> Iterator[str]:
         """Each user's code for a time step (no credential is made)."""
         counter = timecode.to_bytes(8, "big")
@@ -287,6 +295,13 @@ class CompiledUsers(Sequence[TotpUser]):
     def codes(self, timecode: int) -> Iterator[str]:
         return self._book.totp_codes(self._start, self._end, timecode)
 
+    def same_codes(self, other: Sequence[TotpUser]) -> bool:
+        """Whether ``other`` makes the same codes at the same places (names and gates
+        may differ: a step holds only codes and places)."""
+        return (isinstance(other, CompiledUsers) and len(other) == len(self)
+                and self._book.totp_secrets(self._start, self._end)
+                == other._book.totp_secrets(other._start, other._end))
+
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -350,6 +365,16 @@ class TotpTable:
         for user in self.users:
             found.setdefault(user.code(timecode), []).append(user)
         return found
+
+    def adopt(self, old: TotpTable) -> bool:
+        """Take over ``old``'s built steps when they hold exactly this table's codes
+        (a reload that changed no TOTP secret); touches only this table."""
+        if (old.key != self.key or old.period != self.period
+                or not isinstance(self.users, CompiledUsers)
+                or not self.users.same_codes(old.users)):
+            return False
+        self.steps.update(old.steps)
+        return True
 
     def install(self, timecode: int, table: Step) -> Step:
         for old in [s for s in self.steps if abs(s - timecode) > 2 * TOTP_WINDOW + 1]:

@@ -330,14 +330,24 @@ async def test_a_reloaded_book_has_its_totp_tables_before_any_call(
     """The swap brings TOTP tables already built for now: the first code typed after a
     reload does not build them (thousands of HMACs) while callers wait."""
     running = await start_daemon(TOTP_USER)
+    gatekeeper = running.daemon.gatekeeper
+    now = running.daemon.clock.now()
+    (old,) = gatekeeper.book.totp.values()
+    old.lookup("123456", now)  # the current steps, built
+    built = dict(old.steps)
     path = tmp_path / "gated.toml"
     path.write_text(path.read_text().replace('name = "Flat 1"', 'name = "Flat 2"'))
     assert await running.daemon.reload("test")
-    book = running.daemon.gatekeeper.book
-    (table,) = book.totp.values()
+    (table,) = gatekeeper.book.totp.values()
     assert table.users[0].credential.name == "Flat 2"
-    now = running.daemon.clock.now()
     assert table.missing(now) == []
+    # Renamed, same secret: the steps are taken over, not built again.
+    assert all(table.steps[step] is built[step] for step in built)
+    path.write_text(path.read_text().replace("JBSWY3DPEHPK3PXP", "KRSXG5DSNFXGOIDB", 1))
+    assert await running.daemon.reload("test")
+    (changed,) = gatekeeper.book.totp.values()
+    assert changed.missing(now) == []
+    assert not any(changed.steps[step] is built[step] for step in built)
 
 
 @pytest.mark.parametrize("broken", [
