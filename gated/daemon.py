@@ -441,7 +441,10 @@ async def build_totp_steps(book: CodeBook, now: float) -> None:
     off the loop and installed on it."""
     for table in book.totp.values():
         for step in table.missing(now):
-            table.install(step, await asyncio.to_thread(table.build, step))
+            built = await asyncio.to_thread(table.build, step)
+            # A lookup may have built it meanwhile: the one in use stays.
+            if step not in table.steps:
+                table.install(step, built)
 
 
 # [server] keys the webhook reads on every call, so a reload applies them (a
