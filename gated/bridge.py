@@ -307,6 +307,9 @@ class Bridge:
             self._rebasing.add(code_id)
         live = not message.retain
         if not message.payload:
+            if scope == "fleet" and self.fleetset is not None and self.fleetset.pending:
+                self.fleetset.deferred.add(code_id)
+                return
             self._withdraw(scope, code_id)
             return
         current = self.codes.get(scope, code_id)

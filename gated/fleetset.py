@@ -90,7 +90,11 @@ class FleetSet:
         self._alarmed = False
         self._check: asyncio.TimerHandle | None = None
         self._refused = 0
+        self.grace = GRACE
         self._said: tuple[bool, int | None] | None = None  # the state last published
+        # Deltas cleared while a new set is on its way (an import clears them
+        # after publishing the set that holds them): withdrawn once it is in.
+        self.deferred: set[str] = set()
 
     @property
     def base(self) -> str:
@@ -203,11 +207,16 @@ class FleetSet:
 
     # -- applying --------------------------------------------------------------------
 
+    @property
+    def pending(self) -> bool:
+        """A new set is arriving or being applied."""
+        return self._assembly is not None or self._installing is not None
+
     def _install(self, assembly: Assembly) -> None:
         if self._installing == assembly.manifest.version:
             return
+        self._assembly = None  # pending stays true through _installing
         self._installing = assembly.manifest.version
-        self._assembly = None
         self.bridge.link.spawn(self._installed(assembly.manifest, assembly.data),
                                "fleet-set-install")
 
@@ -231,6 +240,7 @@ class FleetSet:
         except (SetError, bookfile.BookError, files.FileError, OSError) as exc:
             log.warning("fleet code set not applied; keeping the one in force", error=str(exc))
             self._installing = None
+            self._withdraw_deferred()
             self._confirm_later()
             return
         finally:
@@ -251,6 +261,7 @@ class FleetSet:
             log.warning("some of the fleet's codes cannot apply at this site (a caller "
                         "number or schedule it cannot read)", policies=refused)
         self._apply_deltas(manifest)
+        self._withdraw_deferred()
         if old is not None and old.version != manifest.version:
             with contextlib.suppress(OSError):
                 set_path(self.store_path, old.version).unlink()
@@ -267,6 +278,13 @@ class FleetSet:
         self.manifest = manifest
         bridge.gatekeeper.store.save_code(*LOCAL, manifest.encode())
         self.confirm()
+
+    def _withdraw_deferred(self) -> None:
+        listed = self.manifest.deltas if self.manifest is not None else {}
+        for code_id in sorted(self.deferred):
+            if listed.get(code_id) is None:
+                self.bridge.withdraw_fleet(code_id)
+        self.deferred.clear()
 
     # -- confirming --------------------------------------------------------------------
 
@@ -311,7 +329,7 @@ class FleetSet:
     def _confirm_later(self) -> None:
         if self._check is not None:
             self._check.cancel()
-        self._check = asyncio.get_running_loop().call_later(GRACE, self.confirm, True)
+        self._check = asyncio.get_running_loop().call_later(self.grace, self.confirm, True)
 
     def confirm(self, final: bool = False) -> None:
         """Say whether this site holds the broker's set; ``final``: the grace is over."""

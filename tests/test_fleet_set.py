@@ -1,0 +1,213 @@
+"""The fleet's codes as one set on a real broker: published by staff, applied whole by a site."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gated import codeset, fleetstaff, sitekey
+from gated.codeset import Entry, SetPolicy
+from gated.mqtt import connect
+from gated.config import MqttConfig
+
+from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
+from .helpers import BARRIER, DOOR
+from .test_cli_codes import gated
+
+FLEET = "gated/fleet"
+FLEET_MQTT = f'fleet_prefix = "{FLEET}"'
+
+
+def fleet_key(tmp_path: Path) -> bytes:
+    """The fleet key where a site of tests/helpers.py's config looks: beside the site key."""
+    return sitekey.ensure_key(tmp_path / "state" / "fleet.key", "fleet key")
+
+
+def entries(key: bytes, count: int, *, start: int = 0, gates: tuple[str, ...] = ("*",),
+            prefix: str = "c") -> list[Entry]:
+    return [Entry(sitekey.digest(key, f"{n:08d}"), SetPolicy(gates=gates), f"Code {n}",
+                  f"{prefix}{n}") for n in range(start, start + count)]
+
+
+async def publish_set(broker: Mosquitto, key: bytes, codes: list[Entry]) -> codeset.Manifest:
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+    async with connect(settings, "staff-test") as client:
+        return await fleetstaff.replace_all(client, FLEET, "gated/staff/sync", key, codes)
+
+
+async def test_a_fleet_code_put_by_staff_opens_and_the_broker_never_sees_its_digits(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """put --fleet publishes a delta on the fleet's set: a hash under the fleet key, listed
+    in the manifest; the site opens with it; no message anywhere holds the digits; rm
+    --fleet takes it away; no site publishes an empty verdict for it."""
+    await probe.subscribe(f"{FLEET}/#")
+    config = str(tmp_path / "gated.toml")
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    code, out = await gated(capsys, "-c", config, "codes", "put", "--fleet", "courier",
+                            "--code", "80808080", "--gates", "*")
+    assert code == 2  # "error: no fleet key at …": nothing published
+    assert probe.on(f"{FLEET}/#") == []
+    code, out = await gated(capsys, "-c", config, "codes", "fleet-key", "--new")
+    assert code == 0 and "fingerprint" in out, out
+    await running.stop()
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))  # now with the fleet key
+    await mqtt_ready(running)
+
+    # The fleet's first code makes its set; the next one is a delta on it.
+    code, out = await gated(capsys, "-c", config, "codes", "put", "--fleet", "first",
+                            "--code", "70707070", "--gates", "barrier", "--wait", "0")
+    assert code == 0, out
+    code, out = await gated(capsys, "-c", config, "codes", "put", "--fleet", "courier",
+                            "--code", "80808080", "--gates", "*", "--wait", "0.5")
+    assert code == 0, out
+    assert "published gated/fleet/codes/courier in the fleet's set" in out
+    assert "no site refused it" in out
+    fleet = running.daemon.gatekeeper.book.fleet
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "courier") is not None)
+    assert await running.get(code="80808080", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="80808080", did=DOOR) == (200, "status=ACK")
+    assert await running.get(code="70707070", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="70707070", did=DOOR) == (200, "status=NAK")
+    manifest_message = probe.on(f"{FLEET}/set")[-1]
+    manifest = codeset.decode_manifest(manifest_message.payload)
+    body = probe.on(f"{FLEET}/codes/courier")[-1].payload
+    assert manifest.deltas == {"courier": hashlib.sha256(body).hexdigest()}
+    assert manifest.key == codeset.fingerprint(fleet.key)
+    assert "code_hash" in json.loads(body) and "code" not in json.loads(body)
+    everything = b"".join(m.payload for m in probe.received)
+    assert b"80808080" not in everything and b"70707070" not in everything
+    assert probe.on(f"{FLEET}/codes/courier/error/test") == []
+
+    code, out = await gated(capsys, "-c", config, "codes", "rm", "--fleet", "courier")
+    assert code == 0, out
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "courier") is None)
+    assert await running.get(code="80808080", did=BARRIER) == (200, "status=NAK")
+    assert probe.on(f"{FLEET}/codes/courier/error/test") == []
+
+
+async def test_a_large_set_arrives_whole_through_a_short_broker_queue(
+        tmp_path: Path, start_daemon: Any) -> None:
+    """20,000 fleet codes through a broker that queues at most 100 messages a client: the
+    set is a handful of chunks, so the site gets every code."""
+    broker = Mosquitto(tmp_path / "short-queue", listener="max_queued_messages 100\n")
+    broker.start()
+    try:
+        key = fleet_key(tmp_path)
+        codes = entries(key, 20_000, gates=("barrier",))
+        manifest = await publish_set(broker, key, codes)
+        assert manifest.chunks < 10
+        running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+        fleetset = running.daemon.bridge.fleetset
+        await eventually(lambda: fleetset.complete, within=20)
+        assert len(running.daemon.gatekeeper.book.fleet) == 20_000
+        for n in (0, 7_777, 19_999):
+            assert await running.get(code=f"{n:08d}", did=BARRIER) == (200, "status=ACK")
+        assert await running.get(code=f"{n:08d}", did=DOOR) == (200, "status=NAK")
+        assert await running.get(code="20000000", did=BARRIER) == (200, "status=NAK")
+    finally:
+        broker.stop()
+
+
+async def test_a_code_deleted_while_the_site_was_away_is_gone_when_it_returns(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A site that was down while a fleet code was deleted: at start it answers from its
+    local copy at once (the set mapped from its file), and the deletion is in force
+    within moments of connecting; the rest of the set is untouched."""
+    key = fleet_key(tmp_path)
+    await publish_set(broker, key, entries(key, 1_000))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    await running.stop()
+
+    config = str(tmp_path / "gated.toml")
+    code, out = await gated(capsys, "-c", config, "codes", "rm", "--fleet", "c5")
+    assert code == 0, out
+
+    broker.stop()
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    # No broker: the whole set from the local copy, the deletion not known yet.
+    assert len(running.daemon.gatekeeper.book.fleet) == 1_000
+    assert await running.get(code="00000005", did=BARRIER) == (200, "status=ACK")
+    broker.start()
+    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    assert await running.get(code="00000005", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="00000006", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_set_the_site_cannot_confirm_withdraws_nothing_and_raises_an_alarm(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """A manifest naming a set whose chunks are not all there, and one made with another
+    fleet key: the site keeps the codes it has, says it is incomplete (alarm and its
+    retained fleet state), and says so again once the set is whole."""
+    await probe.subscribe("gated/test/alarms", "gated/test/fleet")
+    key = fleet_key(tmp_path)
+    first = await publish_set(broker, key, entries(key, 5_000))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    fleetset.grace = 0.5
+    await eventually(lambda: fleetset.complete, within=10)
+
+    # A second set whose last chunk never reaches the broker.
+    bigger = codeset.build(entries(key, 8_000))
+    chunks = codeset.split(bigger)
+    await probe.publish(f"{FLEET}/set/0", chunks[0], retain=True)
+    manifest = codeset.Manifest(serial=first.serial + 1 << 16, version=codeset.version_of(bigger),
+                                size=len(bigger), chunks=len(chunks), codes=8_000,
+                                key=first.key)
+    await probe.publish(f"{FLEET}/set", manifest.encode(), retain=True)
+    alarms = await probe.wait_for("gated/test/alarms", 1, within=5)
+    assert json.loads(alarms[-1].payload)["alarm"] == "codes_incomplete"
+    assert json.loads(alarms[-1].payload)["missing_chunks"] == len(chunks) - 1
+    assert len(running.daemon.gatekeeper.book.fleet) == 5_000
+    assert await running.get(code="00004999", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="00007999", did=BARRIER) == (200, "status=NAK")
+    state = json.loads(probe.on("gated/test/fleet")[-1].payload)
+    assert state["complete"] is False and state["serial"] == first.serial
+
+    for index, chunk in enumerate(chunks[1:], 1):
+        await probe.publish(f"{FLEET}/set/{index}", chunk, retain=True)
+    alarms = await probe.wait_for("gated/test/alarms", 2, within=5)
+    assert json.loads(alarms[-1].payload)["alarm"] == "codes_complete"
+    assert await running.get(code="00007999", did=BARRIER) == (200, "status=ACK")
+
+    # Made with another key: not applied, and said.
+    other = codeset.build(entries(b"k" * 32, 10))
+    (chunk,) = codeset.split(other)
+    await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
+    await probe.publish(f"{FLEET}/set", codeset.Manifest(
+        serial=manifest.serial + 1 << 16, version=codeset.version_of(other), size=len(other),
+        chunks=1, codes=10, key=codeset.fingerprint(b"k" * 32)).encode(), retain=True)
+    alarms = await probe.wait_for("gated/test/alarms", 3, within=5)
+    assert json.loads(alarms[-1].payload) | {"time": None} == json.loads(alarms[-1].payload) | {
+        "time": None, "alarm": "codes_incomplete", "key_matches": False}
+    assert await running.get(code="00007999", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_damaged_chunk_is_never_applied(broker: Mosquitto, probe: Probe,
+                                                start_daemon: Any, tmp_path: Path) -> None:
+    """Chunks whose bytes do not make the set the manifest names (a flipped bit, a
+    mix of two publishes): nothing of them applies; the set in force stays."""
+    key = fleet_key(tmp_path)
+    first = await publish_set(broker, key, entries(key, 100))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete, within=10)
+    other = codeset.build(entries(key, 100, start=500))
+    (chunk,) = codeset.split(other)
+    damaged = chunk[:-1] + bytes([chunk[-1] ^ 1])
+    await probe.publish(f"{FLEET}/set/0", damaged, retain=True)
+    await probe.publish(f"{FLEET}/set", codeset.Manifest(
+        serial=first.serial + (1 << 16), version=codeset.version_of(other), size=len(other),
+        chunks=1, codes=100, key=first.key).encode(), retain=True)
+    await eventually(lambda: fleetset.newest is not None
+                     and fleetset.newest.version == codeset.version_of(other))
+    await eventually(lambda: not fleetset.pending)
+    assert fleetset.manifest is not None and fleetset.manifest.version == first.version
+    assert await running.get(code="00000001", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="00000501", did=BARRIER) == (200, "status=NAK")
