@@ -5,7 +5,9 @@ docs/mqtt.md:
 
 - ``events`` and ``gates/<gate>/event``: one JSON object per entry, not retained.
 - ``gates/<gate>/open``: a live, non-empty message opens the gate through the
-  gatekeeper, like a call (source ``mqtt``). A retained one, found there at
+  gatekeeper, like a call (source ``mqtt``), if it shows it is not late: a
+  time in its payload (``{"at": <unix time>}``) or a short MQTT 5 message
+  expiry; otherwise it is refused ``stale``. A retained one, found there at
   connect, is ignored: a stale command never opens anything.
 - ``codes/<id>``: managed codes (retained JSON; empty deletes); refusals go to
   ``codes/<id>/error`` (retained, cleared once a good version is applied).
@@ -28,11 +30,13 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 
 from gated import alarms, events, fleetset, hass
@@ -71,6 +75,9 @@ EVENT_TIMEOUT = 5.0
 MAX_PENDING_EVENTS = 1000
 # Remote opens being decided at once; more is a flood, not a reception button.
 MAX_PENDING_OPENS = 16
+# A remote open's payload is `{"at": <unix time>}`, a few dozen bytes; a longer
+# one is not read at all (and cannot show when it was sent).
+MAX_OPEN_PAYLOAD = 256
 
 
 class Bridge:
@@ -287,11 +294,14 @@ class Bridge:
             log.warning("remote open ignored: too many in progress", gate=gate)
             return
         self._pending_opens += 1
-        self.link.spawn(self._open(gate), f"mqtt-open-{gate}")
+        call = RawCall(gate=gate, source="mqtt", sent=sent_at(message.payload),
+                       expiry=message.expiry)
+        self.link.spawn(self._open(call), f"mqtt-open-{gate}")
 
-    async def _open(self, gate: str) -> None:
+    async def _open(self, call: RawCall) -> None:
+        gate = call.gate
         try:
-            answer = await self.gatekeeper.call(RawCall(gate=gate, source="mqtt"))
+            answer = await self.gatekeeper.call(call)
         finally:
             self._pending_opens -= 1
         log.info("remote open", gate=gate, status=answer.status.value, reason=answer.reason)
@@ -479,6 +489,22 @@ class Bridge:
             log.info("discovery not published", error=str(exc))
             return
         log.info("home assistant discovery published", entities=len(configs))
+
+
+class _Open(msgspec.Struct):
+    at: float | None = None
+
+
+def sent_at(payload: bytes) -> float | None:
+    """When a remote open says it was sent (``{"at": <unix time>}``), or None when it
+    does not say, or not in a form that can be read."""
+    if len(payload) > MAX_OPEN_PAYLOAD:
+        return None
+    try:
+        at = msgspec.json.decode(payload, type=_Open).at
+    except msgspec.DecodeError:  # not JSON, not an object, "at" not a number
+        return None
+    return at if at is not None and math.isfinite(at) else None
 
 
 def _detail(exc: Rejected | NotHere) -> str:
