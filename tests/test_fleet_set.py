@@ -11,8 +11,8 @@ import pytest
 
 from gated import codeset, fleetstaff, sitekey
 from gated.codeset import Entry, SetPolicy
-from gated.mqtt import connect
 from gated.config import MqttConfig
+from gated.mqtt import connect
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR

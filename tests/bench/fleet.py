@@ -155,7 +155,7 @@ async def main() -> None:
         broker = Mosquitto(work / "broker")
         broker.start()
         floor_port = free_port()
-        floor = subprocess.Popen([sys.executable, str(ROOT / "tests/bench/floor.py"), "--port",
+        floor = subprocess.Popen([sys.executable, str(ROOT / "tests/bench/floor.py"), "--port",  # noqa: ASYNC220
                                   str(floor_port)])
         try:
             config, port = site(work / "site", broker, fleet=True)
