@@ -230,8 +230,8 @@ class Assembly:
     def data(self) -> bytes:
         """The set's bytes, checked against the manifest; SetError when they differ."""
         data = b"".join(self._parts[i] for i in range(self.manifest.chunks))
+        self._parts.clear()  # megabytes: the joined copy is all that is needed now
         if len(data) != self.manifest.size or version_of(data) != self.manifest.version:
-            self._parts.clear()
             raise SetError("the chunks do not make the set the manifest names")
         return data
 

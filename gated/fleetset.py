@@ -27,6 +27,7 @@ from gated.codes import ELSEWHERE, Credential, FleetCodes, StaticCodes, as_u64
 from gated.codeset import Assembly, Manifest, SetError
 from gated.config import Config, fleet_key_path
 from gated.errors import ConfigError
+from gated.heap import release_memory
 from gated.managed import Rejected, compile_policy
 
 if TYPE_CHECKING:
@@ -265,6 +266,8 @@ class FleetSet:
         if old is not None and old.version != manifest.version:
             with contextlib.suppress(OSError):
                 set_path(self.store_path, old.version).unlink()
+        # The chunks and the joined set were megabytes of heap, now free.
+        await asyncio.to_thread(release_memory)
 
     def _apply_deltas(self, manifest: Manifest) -> None:
         """The manifest's word on deltas: deleted ones go, the rest hide the set's copy."""
