@@ -38,8 +38,10 @@ from gated import bookfile
 from gated.codes import NAME_LENGTH, RECORD, digest_prefix, id_hash
 
 CHUNK_BYTES = 256 * 1024
-# A million codes compile to about 70 MB; anything past this is not a set.
-MAX_SET_BYTES = 256 * 1024 * 1024
+# About 70 bytes a code: this is some 900,000 codes, and what a Pi can hold
+# twice (the set in force, the next one arriving).
+MAX_SET_BYTES = 64 * 1024 * 1024
+MAX_CHUNKS = MAX_SET_BYTES // CHUNK_BYTES
 MAX_DELTAS = 100
 CHUNK_MAGIC = b"GSC1"
 # Magic, the set's version (its digest's first 16 bytes), the index.

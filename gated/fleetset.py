@@ -42,7 +42,7 @@ LOCAL = ("fleetset", "manifest")
 # before the site says it cannot confirm it.
 GRACE = 30.0
 # Chunks that arrive before their manifest are kept for at most this many sets.
-EARLY_SETS = 2
+EARLY_SETS = 1
 
 
 def set_path(store_path: Path, version: str) -> Path:
@@ -201,8 +201,12 @@ class FleetSet:
             return
         if self.manifest is not None and self.manifest.version.startswith(prefix):
             return  # the set in force already
+        if self.newest is not None and not self.newest.version.startswith(prefix):
+            return  # neither the set in force nor the broker's latest: old, or foreign
+        # Before the manifest: kept, within what one set may weigh.
         early = self._early.setdefault(prefix, {})
-        early[index] = data
+        if len(data) <= codeset.CHUNK_BYTES and len(early) < codeset.MAX_CHUNKS:
+            early[index] = data
         while len(self._early) > EARLY_SETS:
             del self._early[next(iter(self._early))]
 
