@@ -69,6 +69,12 @@ def test_the_example_file_is_valid_against_the_example_config() -> None:
     assert {column for row in rows for column in row.fields} == set(csvcodes.FIELDS) - {"id"}
 
 
+def test_the_docs_example_is_the_example_file() -> None:
+    """docs/import.md shows config/codes.example.csv as it is."""
+    example = (ROOT / "config" / "codes.example.csv").read_text()
+    assert f"```csv\n{example}```" in (ROOT / "docs" / "import.md").read_text()
+
+
 @pytest.mark.parametrize(("line", "column", "message"), [
     ("Jan,12345678901234567,barrier", "code", "a code is 4 to 16 digits"),
     ("Jan,123,barrier", "code", "a code is 4 to 16 digits"),
