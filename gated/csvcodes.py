@@ -74,6 +74,8 @@ MAX_REPORTED = 20
 # A line's bytes: every field of a code at its longest (1,000 callers) fits.
 MAX_LINE = 64 * 1024
 CODE_RULE = "a code is 4 to 16 digits"
+HEADER_NEEDED = (f"expected a header line first: {','.join(FIELDS)} "
+                 "(or some of them, separated by , or ;)")
 # A derived id: the name's slug, "-", and this many hex digits of its hash.
 _SUFFIX = 6
 _SLUG_MAX = 64 - 1 - _SUFFIX
@@ -199,7 +201,7 @@ def _read(lines: _Lines, config: Config, scope: Scope, problems: _Problems) -> l
     try:
         first = lines.first()
         if first is None:
-            problems(1, "", f"expected a header line first: {','.join(FIELDS)}")
+            problems(1, "", HEADER_NEEDED)
             return rows
         delimiter = ";" if ";" in first and "," not in first else ","
         reader = csv.reader(lines, delimiter=delimiter, strict=True)
@@ -287,7 +289,7 @@ def _header(cells: list[str], problem: _Problems) -> list[str] | None:
     names = [cell.strip().lower() for cell in cells]
     if not set(names) & set(COLUMNS):
         # Never echoed: a file without its header starts with a code.
-        problem(1, "", f"expected a header line first: {','.join(FIELDS)}")
+        problem(1, "", HEADER_NEEDED)
         return None
     bad = False
     for name in names:
