@@ -28,16 +28,18 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import os
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gated import alarms, events, hass
+from gated import alarms, events, fleetset, hass
 from gated.config import Config, DtmfActuatorConfig
 from gated.decide import Changes
 from gated.errors import BrokerError
+from gated.fleetset import FleetSet
 from gated.gatekeeper import Gatekeeper, RawCall
 from gated.managed import (
     Clash,
@@ -72,7 +74,8 @@ MAX_PENDING_OPENS = 16
 
 
 class Bridge:
-    def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config) -> None:
+    def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config, *,
+                 fleet_key: tuple[bytes, bool] | None = None) -> None:
         assert config.mqtt is not None
         self.link = link
         self.gatekeeper = gatekeeper
@@ -95,6 +98,11 @@ class Bridge:
         self._closed = False
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
         self.routes = RouteChannel(self)
+        self.fleetset: FleetSet | None = None
+        if self.fleet is not None:
+            key, keyed = fleet_key if fleet_key is not None else (os.urandom(32), False)
+            self.fleetset = FleetSet(self, key=key, keyed=keyed)
+            gatekeeper.book.fleet = self.fleetset.codes()
 
     @property
     def closed(self) -> bool:
@@ -119,7 +127,9 @@ class Bridge:
         link.subscribe(f"{self.prefix}/codes/+/error",
                        functools.partial(self.verdicts.on_error, "site"))
         link.subscribe(f"{self.prefix}/codes/+", functools.partial(self._on_code, "site"))
-        if self.fleet is not None:
+        if self.fleetset is not None:
+            # The set before the deltas: a delta's id hides the set's copy.
+            self.fleetset.attach()
             link.subscribe(f"{self.fleet}/codes/+/error/{self.site}",
                            functools.partial(self.verdicts.on_error, "fleet"))
             link.subscribe(f"{self.fleet}/codes/+", functools.partial(self._on_code, "fleet"))
@@ -147,7 +157,12 @@ class Bridge:
     def load_local(self) -> None:
         """Apply the local copy of managed codes: the site works with the broker down."""
         store = self.gatekeeper.store
-        for scope_name, code_id, body in store.load_codes():
+        rows = store.load_codes()
+        if self.fleetset is not None:
+            self.fleetset.load_local(rows)
+        for scope_name, code_id, body in rows:
+            if scope_name == fleetset.LOCAL[0]:
+                continue
             scope: Scope = "fleet" if scope_name == "fleet" else "site"
             try:
                 if scope == "fleet" and self.fleet is None:
@@ -171,6 +186,8 @@ class Bridge:
         """
         self._rebasing = set()
         try:
+            if self.fleetset is not None:
+                book.fleet = await asyncio.to_thread(self.fleetset.rebased, config)
             fresh, dropped = await asyncio.to_thread(
                 rebased, list(self.codes.applied.values()), book, config)
             for code_id in self._rebasing:
@@ -207,6 +224,8 @@ class Bridge:
         # Runs before the first message of this connection is read.
         self._seen = {"site": set(), "fleet": set()}
         self.routes.connected()
+        if self.fleetset is not None:
+            self.fleetset.connected()
         self._sync_nonce = secrets.token_hex(8)
         self._synced = asyncio.Event()
         self.link.spawn(self._sync(self._sync_nonce), "mqtt-code-sync")
@@ -226,6 +245,14 @@ class Bridge:
         if nonce != self._sync_nonce:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
+            if scope == "fleet" and self.fleetset is not None and self.fleetset.newest is not None:
+                # The fleet's manifest says what is in force: a cut list of
+                # retained messages withdraws nothing it lists.
+                for code_id in sorted(self.fleetset.synced(self._seen["fleet"])):
+                    log.info("managed code withdrawn while gated was away", id=code_id,
+                             scope=scope)
+                    self._withdraw(scope, code_id)
+                continue
             gone = self.codes.ids(scope) - self._seen[scope]
             if gone and not self._seen[scope]:
                 # The broker holds none of them: deleted by staff, or a broker
@@ -286,7 +313,7 @@ class Bridge:
         if current is not None and current.body == message.payload:
             # In force already: a live sender waits for a word, and a refusal
             # left over from an earlier version must not stay on the broker.
-            self.verdicts.clear(scope, code_id, force=live)
+            self.verdicts.clear(scope, code_id, force=live and scope == "site")
             return
         try:
             code = parse(scope, code_id, message.payload, self.config)
@@ -311,7 +338,12 @@ class Bridge:
         self.gatekeeper.store.save_code(scope, code_id, code.body)
         log.info("managed code applied", id=code_id, scope=scope, name=code.credential.name,
                  gates=sorted(code.credential.gates), replaced=previous is not None)
-        self.verdicts.clear(scope, code_id, force=live)
+        # A live site code's sender waits for a word. Not so for the fleet's:
+        # a word from every site on every change (and again on every bridge
+        # reconnect, which delivers retained messages as live) is a storm.
+        self.verdicts.clear(scope, code_id, force=live and scope == "site")
+        if scope == "fleet" and self.fleetset is not None:
+            self.fleetset.confirm()
 
     def _clashed(self) -> None:
         watch = self._clashes
@@ -326,6 +358,9 @@ class Bridge:
             self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
         self.verdicts.clear(scope, code_id, force=False)
+
+    def withdraw_fleet(self, code_id: str) -> None:
+        self._withdraw("fleet", code_id)
 
     def _forget(self, scope: Scope, code_id: str) -> None:
         """Drop a withdrawn code's local copy and its use count."""

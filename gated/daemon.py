@@ -163,9 +163,12 @@ class Daemon:
             gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                     deadline=config.server.answer_deadline)
             if link is not None:
+                from gated import fleetset
                 from gated.bridge import Bridge
 
-                bridge = self.bridge = Bridge(link, gatekeeper, config)
+                fleet_key = (fleetset.load_key(self.loaded.source, config)
+                             if config.mqtt is not None and config.mqtt.fleet_prefix else None)
+                bridge = self.bridge = Bridge(link, gatekeeper, config, fleet_key=fleet_key)
                 bridge.attach()
                 bridge.load_local()
         except BaseException:
