@@ -201,9 +201,8 @@ class FleetSet:
             return
         if self.manifest is not None and self.manifest.version.startswith(prefix):
             return  # the set in force already
-        if self.newest is not None and not self.newest.version.startswith(prefix):
-            return  # neither the set in force nor the broker's latest: old, or foreign
-        # Before the manifest: kept, within what one set may weigh.
+        # A new set's chunks come before its manifest: kept, for one set, within
+        # what a set may weigh.
         early = self._early.setdefault(prefix, {})
         if len(data) <= codeset.CHUNK_BYTES and len(early) < codeset.MAX_CHUNKS:
             early[index] = data

@@ -211,3 +211,50 @@ async def test_a_damaged_chunk_is_never_applied(broker: Mosquitto, probe: Probe,
     assert fleetset.manifest is not None and fleetset.manifest.version == first.version
     assert await running.get(code="00000001", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="00000501", did=BARRIER) == (200, "status=NAK")
+
+
+async def test_import_publishes_a_csv_as_the_fleets_whole_set_and_ls_says_if_it_is_whole(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """import --fleet makes a CSV file the fleet's set: the site opens with its codes (and
+    the one for other sites' gates stays out); ls --broker --fleet lists them with no
+    digits and says the list is whole, or that it is not once a chunk is gone; a file
+    with a bad line publishes nothing."""
+    await probe.subscribe(f"{FLEET}/#")
+    fleet_key(tmp_path)
+    config = str(tmp_path / "gated.toml")
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    await mqtt_ready(running)
+    csv = tmp_path / "codes.csv"
+    csv.write_text("name,code,gates,max_uses\n"
+                   "Courier,51515151,*,\n"
+                   "Cleaner,52525252,door,3\n"
+                   "Elsewhere,53535353,zuid-gate,\n")
+    code, out = await gated(capsys, "-c", config, "codes", "import", "--fleet", str(csv))
+    assert code == 0, out
+    assert "published 3 codes" in out and "as the fleet's set" in out
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    assert await running.get(code="51515151", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="52525252", did=DOOR) == (200, "status=ACK")
+    assert await running.get(code="52525252", did=BARRIER) == (200, "status=NAK")
+    assert await running.get(code="53535353", did=BARRIER) == (200, "status=NAK")
+
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--fleet")
+    assert code == 0, out
+    assert "Courier" in out and "Cleaner" in out and "Elsewhere" in out
+    assert "complete (3 codes" in out
+    assert not {"51515151", "52525252", "53535353"} & set(out.split())
+    everything = b"".join(m.payload for m in probe.received)
+    assert b"5151" not in everything and b"5252" not in everything
+
+    serial = codeset.decode_manifest(probe.on(f"{FLEET}/set")[-1].payload).serial
+    csv.write_text("name,code,gates\nCourier,51515151,*\nBroken,12,*\n")
+    code, out = await gated(capsys, "-c", config, "codes", "import", "--fleet", str(csv))
+    assert code == 2
+    await probe.publish(f"{FLEET}/set/0", b"", retain=True)  # a chunk lost on the broker
+    code, out = await gated(capsys, "-c", config, "codes", "ls", "--broker", "--fleet")
+    assert code == 1 and "INCOMPLETE" in out and "chunks are not all on the broker" in out
+    assert codeset.decode_manifest(probe.on(f"{FLEET}/set")[-1].payload).serial == serial
+    # The site keeps what it has.
+    assert await running.get(code="51515151", did=BARRIER) == (200, "status=ACK")
