@@ -12,10 +12,13 @@ docs/mqtt.md:
 - ``codes/<id>``: managed codes (retained JSON; empty deletes); refusals go to
   ``codes/<id>/error`` (retained, cleared once a good version is applied).
   Under ``[mqtt] fleet_prefix`` the same, for codes valid at every site, with
-  refusals on ``<fleet>/codes/<id>/error/<site-id>``.
+  refusals on ``<fleet>/codes/<id>/error/<site-id>`` (and no word when one is
+  applied); those codes are deltas on the fleet's set, ``<fleet>/set`` and its
+  chunks (gated.fleetset), whose state this site says on ``fleet``.
 - ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
   their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
-  ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``), not retained.
+  ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``,
+  ``codes_incomplete``, ``codes_complete``), not retained.
 - ``routes/<id>``: routes managed the same way (gated.routebridge).
 - ``sync``: a marker gated sends itself after subscribing; when it comes
   back, every retained code and route has arrived, and those deleted while
