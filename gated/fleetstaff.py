@@ -10,9 +10,12 @@ No digits reach the broker: a fleet code's ``code_hash`` and the set's
 digests are made with the fleet key, which the staff machine must hold as
 every site does (``gated codes fleet-key``).
 
-Two staff machines publishing at once: MQTT has no compare-and-set, so after
-publishing its manifest a command reads it back; if another one replaced it
-meanwhile, it merges its change into that one and publishes again.
+Two staff machines publishing at once: MQTT has no compare-and-set, so a
+command reads the manifest again just before publishing its own and once
+after; if another one replaced it meanwhile, it merges its change into that
+one and publishes again. What the remaining window (milliseconds) can still
+lose is a put's listing, not its code: the code stays retained, sites apply it,
+and the next command lists it again (``adopted``).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def current(broker: Broker, key: bytes) -> dict[str, Entry]:
                              f"(serial {manifest.serial}); publish it again with `gated "
                              "codes import --fleet`")
         codes = {entry.id: entry for entry in codeset.entries(image)}
-        for code_id, digest in manifest.deltas.items():
+        for code_id, digest in adopted(broker).items():
             codes.pop(code_id, None)
             if digest is None:
                 continue
@@ -163,6 +166,21 @@ def current(broker: Broker, key: bytes) -> dict[str, Entry]:
         for code_id, body in broker.deltas.items():
             codes[code_id] = entry_of(code_id, body, key)
     return codes
+
+
+def adopted(broker: Broker) -> dict[str, str | None]:
+    """The manifest's deltas, plus any delta on the broker it does not list.
+
+    A put whose manifest another staff command replaced at the same moment
+    left its code retained but unlisted; sites apply it all the same, and the
+    next command lists it again instead of losing it.
+    """
+    manifest = broker.manifest
+    deltas: dict[str, str | None] = dict(manifest.deltas) if manifest is not None else {}
+    for code_id, body in broker.deltas.items():
+        if code_id not in deltas:
+            deltas[code_id] = codeset.body_digest(body)
+    return deltas
 
 
 def hashed_body(fields: dict[str, Any], code: str, key: bytes) -> bytes:
@@ -207,7 +225,7 @@ async def change(client: aiomqtt.Client, base: str, marker: str, key: bytes,
     for _ in range(ATTEMPTS):
         broker = await read(client, base, marker)
         manifest = broker.manifest
-        deltas = dict(manifest.deltas) if manifest is not None else {}
+        deltas = adopted(broker)
         if manifest is None or len(deltas | {code_id: None}) > codeset.MAX_DELTAS:
             codes = current(broker, key)
             codes.pop(code_id, None)
@@ -221,6 +239,8 @@ async def change(client: aiomqtt.Client, base: str, marker: str, key: bytes,
             deltas[code_id] = None if body is None else codeset.body_digest(body)
             published = msgspec.structs.replace(
                 manifest, serial=codeset.new_serial(manifest), deltas=deltas, time=_now())
+            if not await _still(client, base, marker, manifest):
+                continue  # replaced since it was read: start again from the new one
             await client.publish(f"{base}/set", published.encode(), qos=1, retain=True)
         if await _still(client, base, marker, published):
             return published

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -258,3 +259,56 @@ async def test_import_publishes_a_csv_as_the_fleets_whole_set_and_ls_says_if_it_
     assert codeset.decode_manifest(probe.on(f"{FLEET}/set")[-1].payload).serial == serial
     # The site keeps what it has.
     assert await running.get(code="51515151", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_two_staff_commands_at_once_lose_neither_code(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
+    """Four fleet puts at the same moment, each reading and replacing the one manifest:
+    every code opens at the site, and the manifest lists them all."""
+    key = fleet_key(tmp_path)
+    await publish_set(broker, key, entries(key, 10))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+
+    async def put(n: int) -> codeset.Manifest:
+        body = fleetstaff.hashed_body({"name": f"Racer {n}", "gates": ["*"]},
+                                      f"9{n}9{n}9{n}9{n}", key)
+        async with connect(settings, f"staff-{n}") as client:
+            return await fleetstaff.change(client, FLEET, f"gated/staff/sync/{n}", key,
+                                           f"racer-{n}", body)
+
+    await asyncio.gather(*(put(n) for n in range(4)))
+    await eventually(lambda: fleetset.complete and fleetset.newest is not None
+                     and len(fleetset.newest.deltas) == 4)
+    for n in range(4):
+        assert await running.get(code=f"9{n}9{n}9{n}9{n}", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_delta_whose_listing_was_lost_is_listed_again_by_the_next_command(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """A put whose manifest another command replaced in the same instant leaves its code
+    retained but unlisted: sites apply it, and the next command lists it again (and a
+    later whole set keeps it) instead of dropping it."""
+    key = fleet_key(tmp_path)
+    first = await publish_set(broker, key, entries(key, 10))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    orphan = fleetstaff.hashed_body({"name": "Orphan", "gates": ["*"]}, "41414141", key)
+    await probe.publish(f"{FLEET}/codes/orphan", orphan, retain=True)
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "orphan") is not None)
+    assert await running.get(code="41414141", did=BARRIER) == (200, "status=ACK")
+
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+    async with connect(settings, "staff-next") as client:
+        manifest = await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "next",
+                                           fleetstaff.hashed_body({"gates": ["*"]},
+                                                                  "42424242", key))
+    assert set(manifest.deltas) == {"orphan", "next"}
+    assert manifest.deltas["orphan"] == hashlib.sha256(orphan).hexdigest()
+    async with connect(settings, "staff-fold") as client:
+        broker_now = await fleetstaff.read(client, FLEET, "gated/staff/sync")
+    assert {"orphan", "next"} <= set(fleetstaff.current(broker_now, key))
+    assert first.serial < manifest.serial
