@@ -138,6 +138,13 @@ class FleetSet:
             fleet.hidden = set(manifest.deltas)
             log.info("fleet code set loaded from the local copy", codes=len(fleet.static),
                      serial=manifest.serial)
+        # Sets (and their write locks) a crash left behind: this daemon holds
+        # the state lock, so nothing else is writing them.
+        keep = set_path(self.store_path, self.manifest.version) if self.manifest else None
+        for stale in self.store_path.parent.glob(f"{self.store_path.name}.fleet-*"):
+            if stale != keep:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def connected(self) -> None:
         self.newest = None

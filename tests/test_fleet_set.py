@@ -312,3 +312,22 @@ async def test_a_delta_whose_listing_was_lost_is_listed_again_by_the_next_comman
         broker_now = await fleetstaff.read(client, FLEET, "gated/staff/sync")
     assert {"orphan", "next"} <= set(fleetstaff.current(broker_now, key))
     assert first.serial < manifest.serial
+
+
+async def test_sets_a_crash_left_behind_are_cleared_at_start(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
+    """A set file written but never recorded as in force, and a write lock of a killed
+    daemon, are removed at start; the set in force stays and is mapped."""
+    key = fleet_key(tmp_path)
+    await publish_set(broker, key, entries(key, 10))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    await running.stop()
+    state = tmp_path / "state"
+    (kept,) = state.glob("entries.sqlite3.fleet-*")
+    (state / "entries.sqlite3.fleet-0123456789abcdef").write_bytes(b"half")
+    (state / "entries.sqlite3.fleet-0123456789abcdef.lock").write_bytes(b"")
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    assert list(state.glob("entries.sqlite3.fleet-*")) == [kept]
+    assert await running.get(code="00000003", did=BARRIER) == (200, "status=ACK")
