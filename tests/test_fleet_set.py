@@ -16,7 +16,7 @@ from gated.config import MqttConfig
 from gated.mqtt import connect
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
-from .helpers import BARRIER, DOOR
+from .helpers import BARRIER, DOOR, config_text
 from .test_cli_codes import gated
 
 FLEET = "gated/fleet"
@@ -331,3 +331,32 @@ async def test_sets_a_crash_left_behind_are_cleared_at_start(
     running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
     assert list(state.glob("entries.sqlite3.fleet-*")) == [kept]
     assert await running.get(code="00000003", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_reload_keeps_the_fleets_set_and_deltas(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """A reload of the site's file builds a new book: the fleet's set and its deltas are
+    carried over (policies compiled again for the new config), a delta still hides the
+    set's copy of its id."""
+    key = fleet_key(tmp_path)
+    await publish_set(broker, key, entries(key, 100))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+    async with connect(settings, "staff") as client:
+        await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "c7",
+                                fleetstaff.hashed_body({"name": "Moved", "gates": ["door"]},
+                                                       "77007700", key))
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "c7") is not None)
+    extra = (mqtt_table(broker, FLEET_MQTT)
+             + '[[codes]]\nname = "New"\ncode = "112233"\ngates = ["door"]\n')
+    (tmp_path / "gated.toml").write_text(config_text(tmp_path, extra))
+    before = running.daemon.gatekeeper.book
+    assert await running.daemon.reload("test")
+    assert running.daemon.gatekeeper.book is not before
+    assert await running.get(code="112233", did=DOOR) == (200, "status=ACK")
+    assert running.daemon.gatekeeper.book.fleet is not None
+    assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="77007700", did=DOOR) == (200, "status=ACK")
+    assert await running.get(code="00000007", did=BARRIER) == (200, "status=NAK")
