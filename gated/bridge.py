@@ -118,6 +118,15 @@ class Bridge:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def retained_in(self) -> bool:
+        """This connection's retained messages have all arrived (the sync came back)."""
+        return self._synced.is_set()
+
+    def seen(self, scope: Scope) -> set[str]:
+        """Ids of the codes this connection has had a message for."""
+        return self._seen[scope]
+
     # -- topics -------------------------------------------------------------------
 
     def code_topic(self, scope: Scope, code_id: str) -> str:
@@ -255,10 +264,20 @@ class Bridge:
         if nonce != self._sync_nonce:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
-            if scope == "fleet" and self.fleetset is not None and self.fleetset.newest is not None:
+            fleet = self.fleetset
+            if scope == "fleet" and fleet is not None and fleet.manifest is not None and (
+                    fleet.newest is None):
+                # A broker without the manifest this site had (an edge replaced
+                # with an empty store, a bridge not up yet): it cannot say what
+                # was deleted. Withdraw nothing; say so if it lasts.
+                log.warning("the broker holds no fleet manifest; keeping the fleet's codes "
+                            "this site has")
+                fleet.confirm_later()
+                continue
+            if scope == "fleet" and fleet is not None and fleet.newest is not None:
                 # The fleet's manifest says what is in force: a cut list of
                 # retained messages withdraws nothing it lists.
-                for code_id in sorted(self.fleetset.synced(self._seen["fleet"])):
+                for code_id in sorted(fleet.synced(self._seen["fleet"])):
                     log.info("managed code withdrawn while gated was away", id=code_id,
                              scope=scope)
                     self._withdraw(scope, code_id)

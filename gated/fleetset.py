@@ -174,7 +174,7 @@ class FleetSet:
             return  # an older one, late
         self.newest = manifest
         if not self.keyed or manifest.key != self.fingerprint:
-            self._confirm_later()
+            self.confirm_later()
             log.error("the fleet's code set is made with another fleet key than this "
                       "site's; keeping what this site has", set_key=manifest.key,
                       site_key=self.fingerprint or "none")
@@ -190,7 +190,7 @@ class FleetSet:
         for index, data in self._early.pop(assembly.prefix, {}).items():
             assembly.add(index, data)
         self._early.clear()
-        self._confirm_later()
+        self.confirm_later()
         if assembly.complete:
             self._install(assembly)
 
@@ -252,7 +252,7 @@ class FleetSet:
             log.warning("fleet code set not applied; keeping the one in force", error=str(exc))
             self._installing = None
             self._withdraw_deferred()
-            self._confirm_later()
+            self.confirm_later()
             return
         finally:
             if self._installing == manifest.version:
@@ -286,6 +286,12 @@ class FleetSet:
         assert fleet is not None
         for code_id, digest in manifest.deltas.items():
             if digest is None:
+                bridge.withdraw_fleet(code_id)
+        if bridge.retained_in and self.newest is manifest:
+            # After this connection's retained messages: a delta neither listed
+            # nor on the broker was dropped from the set (a whole set published
+            # again without it).
+            for code_id in self.unlisted(bridge.seen("fleet")):
                 bridge.withdraw_fleet(code_id)
         fleet.hidden = set(manifest.deltas) | set(fleet.managed_ids)
         self.manifest = manifest
@@ -329,17 +335,19 @@ class FleetSet:
                 and self.newest.key == self.fingerprint)
 
     def synced(self, seen: set[str]) -> list[str]:
-        """After the connection's retained messages are in: the deltas to withdraw
-        (this site's, neither listed in the manifest nor on the broker now)."""
+        """After the connection's retained messages are in: the deltas to withdraw."""
+        self.confirm_later()
+        return self.unlisted(seen)
+
+    def unlisted(self, seen: set[str]) -> list[str]:
+        """This site's deltas neither listed in the broker's manifest nor on the broker."""
         newest = self.newest
         assert newest is not None
         listed = {code_id for code_id, digest in newest.deltas.items() if digest is not None}
-        gone = [code_id for code_id in self.bridge.codes.ids("fleet")
+        return [code_id for code_id in self.bridge.codes.ids("fleet")
                 if code_id not in listed and code_id not in seen]
-        self._confirm_later()
-        return gone
 
-    def _confirm_later(self) -> None:
+    def confirm_later(self) -> None:
         if self._check is not None:
             self._check.cancel()
         self._check = asyncio.get_running_loop().call_later(self.grace, self.confirm, True)
@@ -356,13 +364,17 @@ class FleetSet:
             self._alarmed = False
             alarms.alarm(log, "codes_complete", "the fleet's code set is complete here again",
                          level="info", serial=self.newest.serial if self.newest else None)
-        elif not complete and final and not self._alarmed and self.newest is not None:
+        elif not complete and final and not self._alarmed and (
+                self.newest is not None or self.manifest is not None):
             self._alarmed = True
             chunks, deltas = self.missing()
+            newest = self.newest
             alarms.alarm(log, "codes_incomplete", "cannot confirm the fleet's code set; "
-                         "keeping the codes this site has", serial=self.newest.serial,
+                         "keeping the codes this site has",
+                         serial=newest.serial if newest else None,
                          missing_chunks=chunks, missing_deltas=len(deltas),
-                         key_matches=self.newest.key == self.fingerprint)
+                         key_matches=newest.key == self.fingerprint if newest else None,
+                         manifest_on_broker=newest is not None)
         self.publish_state()
 
     def publish_state(self) -> None:

@@ -360,3 +360,46 @@ async def test_a_reload_keeps_the_fleets_set_and_deltas(
     assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="77007700", did=DOOR) == (200, "status=ACK")
     assert await running.get(code="00000007", did=BARRIER) == (200, "status=NAK")
+
+
+async def test_a_broker_that_lost_the_manifest_withdraws_no_fleet_code(
+        tmp_path: Path, start_daemon: Any) -> None:
+    """A site whose broker comes back empty (replaced, its store lost): the fleet's set and
+    its deltas stay in force, and the site raises codes_incomplete; once the manifest is
+    published again, codes_complete."""
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    try:
+        key = fleet_key(tmp_path)
+        await publish_set(broker, key, entries(key, 50))
+        settings = MqttConfig(host="127.0.0.1", port=broker.port)
+        async with connect(settings, "staff") as client:
+            await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "delta",
+                                    fleetstaff.hashed_body({"gates": ["*"]}, "31313131", key))
+        running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+        bridge = running.daemon.bridge
+        bridge.fleetset.grace = 0.5
+        await eventually(lambda: bridge.fleetset.complete)
+        await eventually(lambda: bridge.codes.get("fleet", "delta") is not None)
+        connections = bridge.synced_connections
+        broker.stop()
+        for stored in broker.dir.glob("mosquitto.db*"):
+            stored.unlink()
+        broker.start()
+        probe = await Probe(broker.port).connect()
+        await probe.subscribe("gated/test/alarms")
+        await eventually(lambda: bridge.synced_connections > connections, within=10)
+        (alarm,) = await probe.wait_for("gated/test/alarms", 1, within=5)
+        assert alarm.json()["alarm"] == "codes_incomplete"
+        assert alarm.json()["manifest_on_broker"] is False
+        assert await running.get(code="31313131", did=BARRIER) == (200, "status=ACK")
+        assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
+        # Published again, without the delta: in force as published, the delta gone.
+        await publish_set(broker, key, entries(key, 50))
+        alarms = await probe.wait_for("gated/test/alarms", 2, within=5)
+        assert alarms[-1].json()["alarm"] == "codes_complete"
+        assert await running.get(code="31313131", did=BARRIER) == (200, "status=NAK")
+        assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
+        await probe.disconnect()
+    finally:
+        broker.stop()
