@@ -17,10 +17,14 @@ import contextlib
 import itertools
 import re
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .broker import Mosquitto, Probe, eventually, free_port
 
@@ -186,15 +190,19 @@ class Fleet:
             await client.disconnect()
             self.probes.remove(client)
 
-    async def settled(self, client: Probe) -> None:
+    async def settled(self, client: Probe, *, within: float = 10.0) -> None:
         """Wait until ``client`` has every message its broker had queued for it so far.
 
         A marker ``client`` sends itself comes after them (gated's own sync).
         """
         marker = f"fleet-test/settle/{next(self._markers)}"
         await client.subscribe(marker)
-        await client.publish(marker, b"")
-        await client.wait_for(marker)
+        async with asyncio.timeout(within):
+            # A full queue drops the marker too: send it until one comes back.
+            while not client.on(marker):
+                await client.publish(marker, b"")
+                with contextlib.suppress(TimeoutError):
+                    await client.wait_for(marker, within=0.2)
 
     async def cut_seen(self, *, attempts: int = 1, within: float = 5.0) -> None:
         """Wait until ``edge2``'s bridge has tried ``attempts`` more times and been turned away."""
@@ -263,3 +271,52 @@ def start_fleet(directory: Path, *, extra: dict[str, str] | None = None,
             link.close()
         raise
     return Fleet(central, edges[0], edges[1], link)
+
+
+def publish_retained(port: int, messages: Iterable[tuple[str, bytes]]) -> None:
+    """Publish retained QoS 1 messages, as fast as the broker acknowledges them.
+
+    paho directly: a bulk of thousands through aiomqtt takes seconds longer.
+    """
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        sent = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
+        for info in sent:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def new_subscriber_gets(port: int, topic_filter: str, *, within: float = 30.0) -> int:
+    """How many messages a new clean-session subscriber to ``topic_filter`` is sent.
+
+    A marker the subscriber sends itself comes after them all; a full queue
+    drops the marker too, so it is sent until one comes back.
+    """
+    got: list[str] = []
+    back = threading.Event()
+    marker = f"fleet-test/count/{port}"
+
+    def on_message(_client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == marker:
+            back.set()
+        else:
+            got.append(message.topic)
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.subscribe([(topic_filter, 1), (marker, 1)])
+        deadline = time.monotonic() + within
+        while not back.wait(0.2):
+            assert time.monotonic() < deadline, f"no marker back within {within}s"
+            client.publish(marker, b"", qos=1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(got)
