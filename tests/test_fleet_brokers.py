@@ -9,8 +9,10 @@ an open late, or put a code deleted at central back.
 
 from __future__ import annotations
 
-from .broker import eventually
-from .fleet import BRIDGE_FILE, Fleet, bridge_topics
+from pathlib import Path
+
+from .broker import Mosquitto, eventually
+from .fleet import BRIDGE_FILE, Fleet, bridge_topics, new_subscriber_gets, publish_retained
 
 CODE = "gated/fleet/codes/visitor-1"
 SITE_CODE = "gated/zuid/codes/visitor-1"
@@ -164,3 +166,43 @@ async def test_a_replaced_edge_starts_empty_and_gets_centrals_retained_messages_
     # that topic only travels out).
     assert back.on("gated/noord/codes/+/error") == []
 
+
+
+def _crash(broker: Mosquitto) -> None:
+    """kill -9: no orderly shutdown, so no save of the in-memory database."""
+    assert broker.process is not None
+    broker.process.kill()
+    broker.process.wait()
+    assert broker.process.stderr is not None
+    broker.process.stderr.close()
+    broker.process = None
+
+
+async def test_default_mosquitto_loses_retained_messages_since_its_last_save_on_a_crash(
+        tmp_path: Path) -> None:
+    """Persistence is written at shutdown and every autosave_interval (30 min)."""
+    broker = Mosquitto(tmp_path / "default")
+    broker.start()
+    try:
+        publish_retained(broker.port, [(CODE, b"lost")])
+        _crash(broker)
+        broker.start()
+        assert new_subscriber_gets(broker.port, CODE) == 0
+    finally:
+        broker.stop()
+
+
+async def test_a_broker_saving_on_every_change_keeps_retained_messages_through_a_crash(
+        tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "saving",
+                       listener="autosave_on_changes true\nautosave_interval 1\n")
+    broker.start()
+    try:
+        saves = broker.log().count("Saving in-memory database")
+        publish_retained(broker.port, [(CODE, b"kept")])
+        await eventually(lambda: broker.log().count("Saving in-memory database") > saves)
+        _crash(broker)
+        broker.start()
+        assert new_subscriber_gets(broker.port, CODE) == 1
+    finally:
+        broker.stop()
