@@ -128,6 +128,8 @@ class Probe:
     port: int
     client_id: str | None = None
     persistent: bool = False  # keep the session (and the messages queued for it) across reconnects
+    username: str | None = None
+    password: str | None = None
     received: list[Received] = field(default_factory=list)
     answers: list[tuple[str, Callable[[Received], tuple[str, bytes] | None]]] = field(
         default_factory=list)
@@ -139,6 +141,7 @@ class Probe:
     async def connect(self) -> Probe:
         self._client = aiomqtt.Client(
             "127.0.0.1", self.port, identifier=self.client_id,
+            username=self.username, password=self.password,
             clean_session=not self.persistent, timeout=5,
             # Answer like a device with no Nagle delay, so timings are gated's own.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])

@@ -151,6 +151,7 @@ class Fleet:
     edge1: Mosquitto
     edge2: Mosquitto
     link: Forwarder
+    logins: dict[int, tuple[str, str]] = field(default_factory=dict)  # the probes' own, by port
     probes: list[Probe] = field(default_factory=list)
     _markers: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -164,7 +165,9 @@ class Fleet:
     async def probe(self, broker: Mosquitto, *filters: str, client_id: str | None = None,
                     persistent: bool = False) -> Probe:
         """A connected test client on ``broker``, subscribed to ``filters``; closed after."""
-        client = await Probe(broker.port, client_id=client_id, persistent=persistent).connect()
+        user, password = self.logins.get(broker.port, (None, None))
+        client = await Probe(broker.port, client_id=client_id, persistent=persistent,
+                             username=user, password=password).connect()
         self.probes.append(client)
         if filters:
             await client.subscribe(*filters)
@@ -232,14 +235,17 @@ class Fleet:
 def start_fleet(directory: Path, *, extra: dict[str, str] | None = None,
                 users: dict[str, dict[str, str]] | None = None,
                 acl: dict[str, Path] | None = None,
-                logins: dict[str, tuple[str, str]] | None = None) -> Fleet:
+                logins: dict[str, tuple[str, str]] | None = None,
+                probe_logins: dict[str, tuple[str, str]] | None = None) -> Fleet:
     """Start central, the forwarder and both edges; stop whatever started if one fails.
 
     ``extra``: config lines per broker name (``central``, ``edge1``, ``edge2``);
     ``users`` and ``acl``: a password file and an ``acl_file`` for that broker;
-    ``logins``: the user and password an edge's bridge logs in to central with.
+    ``logins``: the user and password an edge's bridge logs in to central with;
+    ``probe_logins``: those the tests' own clients log in to a broker with.
     """
     extra, users, acl, logins = extra or {}, users or {}, acl or {}, logins or {}
+    probe_logins = probe_logins or {}
     started: list[Mosquitto] = []
     link: Forwarder | None = None
 
@@ -270,7 +276,9 @@ def start_fleet(directory: Path, *, extra: dict[str, str] | None = None,
         if link is not None:
             link.close()
         raise
-    return Fleet(central, edges[0], edges[1], link)
+    ports = {"central": central.port, "edge1": edges[0].port, "edge2": edges[1].port}
+    return Fleet(central, edges[0], edges[1], link,
+                 logins={ports[name]: login for name, login in probe_logins.items()})
 
 
 def publish_retained(port: int, messages: Iterable[tuple[str, bytes]]) -> None:

@@ -215,3 +215,17 @@ def test_an_anonymous_client_is_refused(broker: Broker) -> None:
         assert answer == [NOT_AUTHORIZED]
     finally:
         client.loop_stop()
+
+
+def test_an_edge_bridge_carries_only_its_own_sites_reports_to_central(broker: Broker) -> None:
+    """What edge-noord may publish on central: what the site reports, never codes or opens."""
+    _refused(broker, "edge-noord", [
+        "gated/noord/codes/visitor-1", "gated/noord/gates/barrier/open",
+        "gated/fleet/codes/visitor-1", "gated/fleet/set/chunk-1", "gated/zuid/status",
+        "gated/fleet/codes/visitor-1/error/zuid", "homeassistant/status",
+        "homeassistant/button/gated_zuid/barrier_open/config"])
+    _granted(broker, "edge-noord", [
+        "gated/noord/status", "gated/noord/events", "gated/noord/gates/barrier/event",
+        "gated/noord/alarms", "gated/noord/codes/visitor-1/error",
+        "gated/fleet/codes/visitor-1/error/noord",
+        "homeassistant/button/gated_noord/barrier_open/config"])

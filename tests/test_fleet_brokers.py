@@ -9,10 +9,20 @@ an open late, or put a code deleted at central back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .broker import Mosquitto, eventually
-from .fleet import BRIDGE_FILE, Fleet, bridge_topics, new_subscriber_gets, publish_retained
+from .fleet import (
+    ACL_FILE,
+    BRIDGE_FILE,
+    PING,
+    Fleet,
+    bridge_topics,
+    new_subscriber_gets,
+    publish_retained,
+)
 
 CODE = "gated/fleet/codes/visitor-1"
 SITE_CODE = "gated/zuid/codes/visitor-1"
@@ -95,6 +105,40 @@ async def test_an_open_published_while_the_link_is_cut_never_reaches_the_edge(
 
     await button.publish("gated/zuid/gates/barrier/open", b"now", qos=1)
     assert [m.payload for m in await site.wait_for("gated/zuid/gates/+/open")] == [b"now"]
+
+
+async def test_the_bridges_work_through_centrals_acl(
+        make_fleet: Callable[..., Any], tmp_path: Path) -> None:
+    """Each edge logs in to central as its own bridge user, under config/mosquitto/acl."""
+    acl = tmp_path / "acl"
+    acl.write_text(ACL_FILE.read_text() + "\nuser tester\ntopic readwrite #\ntopic read $SYS/#\n"
+                   + "".join(f"user edge-{site}\ntopic read {PING.format(site=site)}/+\n"
+                             for site in ("noord", "zuid")))
+    logins = {"edge1": ("edge-noord", "pw-noord"), "edge2": ("edge-zuid", "pw-zuid")}
+    fleet = await make_fleet(
+        users={"central": {"tester": "pw-tester", **dict(logins.values())}},
+        acl={"central": acl}, logins=logins, probe_logins={"central": ("tester", "pw-tester")})
+    staff = await fleet.probe(fleet.central, "gated/noord/#", "gated/fleet/codes/+/error/+",
+                              "homeassistant/+/+/+/config", "$SYS/broker/connection/+/state")
+    sites = [await fleet.probe(edge, "gated/#", "homeassistant/status") for edge in fleet.edges]
+    await staff.publish(CODE, b"{}", retain=True)
+    await staff.publish("homeassistant/status", b"online")
+    await staff.publish("gated/noord/gates/barrier/open", b"open", qos=0)
+    for site in sites:
+        await site.wait_for(CODE)
+        await site.wait_for("homeassistant/status")
+    await sites[0].wait_for("gated/noord/gates/barrier/open")
+
+    reports = ["gated/noord/status", "gated/noord/events", "gated/noord/gates/barrier/event",
+               "gated/noord/alarms", "gated/noord/codes/visitor-1/error",
+               "gated/fleet/codes/visitor-1/error/noord",
+               "homeassistant/button/gated_noord/barrier_open/config"]
+    for topic in reports:
+        await sites[0].publish(topic, b"x")
+    for topic in reports:
+        await staff.wait_for(topic)
+    assert [m.payload for m in await staff.wait_for("$SYS/broker/connection/edge-noord/state")
+            ][-1:] == [b"1"]
 
 
 def test_every_bridged_topic_travels_one_way() -> None:
