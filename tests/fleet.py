@@ -39,8 +39,12 @@ SITES = {"edge1": "noord", "edge2": "zuid"}
 PING = "fleet-test/{site}/ping"
 
 
-def bridge_config(site: str, port: int, *, login: tuple[str, str] | None = None) -> str:
-    """bridge-noord.conf for ``site``, bridged to 127.0.0.1:``port``."""
+def bridge_config(site: str, port: int, *, login: tuple[str, str] | None = None,
+                  settings: dict[str, str] | None = None) -> str:
+    """bridge-noord.conf for ``site``, bridged to 127.0.0.1:``port``.
+
+    ``settings``: other values for the file's settings (``{"cleansession": "true"}``).
+    """
     local: dict[str, str | None] = {
         "address": f"address 127.0.0.1:{port}",
         # Mosquitto 2.0.11 ignores a single value here and keeps its default
@@ -50,6 +54,7 @@ def bridge_config(site: str, port: int, *, login: tuple[str, str] | None = None)
         "remote_username": f"remote_username {login[0]}" if login else None,
         "remote_password": f"remote_password {login[1]}" if login else None,
     }
+    local.update({key: f"{key} {value}" for key, value in (settings or {}).items()})
     lines = []
     for line in BRIDGE_FILE.read_text().replace("noord", site).splitlines():
         key = line.split(" ", 1)[0]
@@ -236,13 +241,15 @@ def start_fleet(directory: Path, *, extra: dict[str, str] | None = None,
                 users: dict[str, dict[str, str]] | None = None,
                 acl: dict[str, Path] | None = None,
                 logins: dict[str, tuple[str, str]] | None = None,
-                probe_logins: dict[str, tuple[str, str]] | None = None) -> Fleet:
+                probe_logins: dict[str, tuple[str, str]] | None = None,
+                bridge: dict[str, str] | None = None) -> Fleet:
     """Start central, the forwarder and both edges; stop whatever started if one fails.
 
     ``extra``: config lines per broker name (``central``, ``edge1``, ``edge2``);
     ``users`` and ``acl``: a password file and an ``acl_file`` for that broker;
     ``logins``: the user and password an edge's bridge logs in to central with;
-    ``probe_logins``: those the tests' own clients log in to a broker with.
+    ``probe_logins``: those the tests' own clients log in to a broker with;
+    ``bridge``: other values for settings of both edges' bridges.
     """
     extra, users, acl, logins = extra or {}, users or {}, acl or {}, logins or {}
     probe_logins = probe_logins or {}
@@ -266,7 +273,7 @@ def start_fleet(directory: Path, *, extra: dict[str, str] | None = None,
             edge = make(name)
             # The bridge section comes last: every line after `connection` is its own.
             edge.conf.write_text(edge.conf.read_text() + "\n" + bridge_config(
-                SITES[name], port, login=logins.get(name)))
+                SITES[name], port, login=logins.get(name), settings=bridge))
             edge.start()
             started.append(edge)
             edges.append(edge)

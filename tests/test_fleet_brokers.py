@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .broker import Mosquitto, eventually
+from .broker import Mosquitto, Probe, eventually
 from .fleet import (
     ACL_FILE,
     BRIDGE_FILE,
@@ -70,10 +70,8 @@ async def test_nothing_reaches_a_cut_edge_and_the_retained_code_arrives_after_re
     await eventually(lambda: [m.payload for m in link.received][-1:] == [b"1"])
 
 
-async def test_a_delete_at_central_during_a_cut_reaches_the_edge_after_restore(
-        fleet: Fleet) -> None:
-    """The bridge's session on central (cleansession false) keeps the delete for
-    the edge, and the edge's old copy does not travel back to central."""
+async def _delete_during_a_cut(fleet: Fleet) -> tuple[list[bytes], list[bytes]]:
+    """A site code deleted at central while edge2's link is cut: what edge2, then central, hold."""
     staff = await fleet.probe(fleet.central)
     await staff.publish(SITE_CODE, b"valid", retain=True)
     await (await fleet.probe(fleet.edge2, SITE_CODE)).wait_for(SITE_CODE)
@@ -81,18 +79,30 @@ async def test_a_delete_at_central_during_a_cut_reaches_the_edge_after_restore(
     await staff.publish(SITE_CODE, b"", retain=True)
     fleet.link.restore()
     await fleet.linked(fleet.edge2)
+    held = []
+    for broker in (fleet.edge2, fleet.central):
+        subscriber = await fleet.probe(broker, SITE_CODE)
+        await fleet.settled(subscriber)
+        held.append([m.payload for m in subscriber.on(SITE_CODE)])
+    return held[0], held[1]
 
-    after = await fleet.probe(fleet.edge2, SITE_CODE)
-    await fleet.settled(after)
-    assert after.on(SITE_CODE) == []  # nothing retained left to send: the delete arrived
-    again = await fleet.probe(fleet.central, SITE_CODE)
-    await fleet.settled(again)
-    assert again.on(SITE_CODE) == []  # and the edge did not send the old code back
 
-
-async def test_an_open_published_while_the_link_is_cut_never_reaches_the_edge(
+async def test_a_delete_at_central_during_a_cut_reaches_the_edge_after_restore(
         fleet: Fleet) -> None:
-    """Opens are bridged at QoS 0: central keeps none for a link that is down."""
+    """The bridge's session on central (cleansession false) keeps the delete for
+    the edge, and the edge's old copy does not travel back to central."""
+    assert await _delete_during_a_cut(fleet) == ([], [])
+
+
+async def test_a_bridge_with_a_clean_session_misses_a_delete_made_during_a_cut(
+        make_fleet: Callable[..., Any]) -> None:
+    """Why the bridge file says cleansession false: central has nothing left to send."""
+    fleet = await make_fleet(bridge={"cleansession": "true"})
+    assert await _delete_during_a_cut(fleet) == ([b"valid"], [])
+
+
+async def _open_during_a_cut(fleet: Fleet) -> tuple[Probe, list[bytes]]:
+    """An open pressed at central while edge2's link is cut: what reaches edge2 after restore."""
     site = await fleet.probe(fleet.edge2, "gated/zuid/gates/+/open")
     fleet.link.cut()
     button = await fleet.probe(fleet.central)
@@ -101,10 +111,40 @@ async def test_an_open_published_while_the_link_is_cut_never_reaches_the_edge(
     fleet.link.restore()
     await fleet.linked(fleet.edge2)
     await fleet.settled(site)
-    assert site.on("gated/zuid/gates/+/open") == []
+    return site, [m.payload for m in site.on("gated/zuid/gates/+/open")]
 
+
+async def test_an_open_published_while_the_link_is_cut_never_reaches_the_edge(
+        fleet: Fleet) -> None:
+    """Opens are bridged at QoS 0: central keeps none for a link that is down."""
+    site, opened = await _open_during_a_cut(fleet)
+    assert opened == []
+    button = await fleet.probe(fleet.central)
     await button.publish("gated/zuid/gates/barrier/open", b"now", qos=1)
     assert [m.payload for m in await site.wait_for("gated/zuid/gates/+/open")] == [b"now"]
+
+
+async def test_queue_qos0_messages_on_central_delivers_an_open_late(
+        make_fleet: Callable[..., Any]) -> None:
+    """Why central must keep Mosquitto's default queue_qos0_messages false."""
+    fleet = await make_fleet(extra={"central": "queue_qos0_messages true\n"})
+    _, opened = await _open_during_a_cut(fleet)
+    assert opened == [b"open"]
+
+
+async def test_a_bridge_without_try_private_does_not_keep_codes_retained_at_the_edge(
+        make_fleet: Callable[..., Any]) -> None:
+    """Why the bridge file says try_private true: a code published while the link
+    is up reaches the edge as an ordinary message, and a gated connecting later
+    never sees it."""
+    fleet = await make_fleet(bridge={"try_private": "false"})
+    live = await fleet.probe(fleet.edge1, CODE)
+    await (await fleet.probe(fleet.central)).publish(CODE, b"{}", retain=True)
+    [got] = await live.wait_for(CODE)
+    assert got.retain is False
+    later = await fleet.probe(fleet.edge1, CODE)
+    await fleet.settled(later)
+    assert later.on(CODE) == []
 
 
 async def test_the_bridges_work_through_centrals_acl(
