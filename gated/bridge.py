@@ -5,15 +5,20 @@ docs/mqtt.md:
 
 - ``events`` and ``gates/<gate>/event``: one JSON object per entry, not retained.
 - ``gates/<gate>/open``: a live, non-empty message opens the gate through the
-  gatekeeper, like a call (source ``mqtt``). A retained one, found there at
+  gatekeeper, like a call (source ``mqtt``), if it shows it is not late: a
+  time in its payload (``{"at": <unix time>}``) or a short MQTT 5 message
+  expiry; otherwise it is refused ``stale``. A retained one, found there at
   connect, is ignored: a stale command never opens anything.
 - ``codes/<id>``: managed codes (retained JSON; empty deletes); refusals go to
   ``codes/<id>/error`` (retained, cleared once a good version is applied).
   Under ``[mqtt] fleet_prefix`` the same, for codes valid at every site, with
-  refusals on ``<fleet>/codes/<id>/error/<site-id>``.
+  refusals on ``<fleet>/codes/<id>/error/<site-id>`` (and no word when one is
+  applied); those codes are deltas on the fleet's set, ``<fleet>/set`` and its
+  chunks (gated.fleetset), whose state this site says on ``fleet``.
 - ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
   their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
-  ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``), not retained.
+  ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``,
+  ``codes_incomplete``, ``codes_complete``), not retained.
 - ``routes/<id>``: routes managed the same way (gated.routebridge).
 - ``sync``: a marker gated sends itself after subscribing; when it comes
   back, every retained code and route has arrived, and those deleted while
@@ -28,16 +33,20 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import math
+import os
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 
-from gated import alarms, events, hass
+from gated import alarms, events, fleetset, hass
 from gated.config import Config, DtmfActuatorConfig
 from gated.decide import Changes
 from gated.errors import BrokerError
+from gated.fleetset import FleetSet
 from gated.gatekeeper import Gatekeeper, RawCall
 from gated.managed import (
     Clash,
@@ -69,10 +78,14 @@ EVENT_TIMEOUT = 5.0
 MAX_PENDING_EVENTS = 1000
 # Remote opens being decided at once; more is a flood, not a reception button.
 MAX_PENDING_OPENS = 16
+# A remote open's payload is `{"at": <unix time>}`, a few dozen bytes; a longer
+# one is not read at all (and cannot show when it was sent).
+MAX_OPEN_PAYLOAD = 256
 
 
 class Bridge:
-    def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config) -> None:
+    def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config, *,
+                 fleet_key: tuple[bytes, bool] | None = None) -> None:
         assert config.mqtt is not None
         self.link = link
         self.gatekeeper = gatekeeper
@@ -95,10 +108,24 @@ class Bridge:
         self._closed = False
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
         self.routes = RouteChannel(self)
+        self.fleetset: FleetSet | None = None
+        if self.fleet is not None:
+            key, keyed = fleet_key if fleet_key is not None else (os.urandom(32), False)
+            self.fleetset = FleetSet(self, key=key, keyed=keyed)
+            gatekeeper.book.fleet = self.fleetset.codes()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def retained_in(self) -> bool:
+        """This connection's retained messages have all arrived (the sync came back)."""
+        return self._synced.is_set()
+
+    def seen(self, scope: Scope) -> set[str]:
+        """Ids of the codes this connection has had a message for."""
+        return self._seen[scope]
 
     # -- topics -------------------------------------------------------------------
 
@@ -119,7 +146,9 @@ class Bridge:
         link.subscribe(f"{self.prefix}/codes/+/error",
                        functools.partial(self.verdicts.on_error, "site"))
         link.subscribe(f"{self.prefix}/codes/+", functools.partial(self._on_code, "site"))
-        if self.fleet is not None:
+        if self.fleetset is not None:
+            # The set before the deltas: a delta's id hides the set's copy.
+            self.fleetset.attach()
             link.subscribe(f"{self.fleet}/codes/+/error/{self.site}",
                            functools.partial(self.verdicts.on_error, "fleet"))
             link.subscribe(f"{self.fleet}/codes/+", functools.partial(self._on_code, "fleet"))
@@ -147,7 +176,12 @@ class Bridge:
     def load_local(self) -> None:
         """Apply the local copy of managed codes: the site works with the broker down."""
         store = self.gatekeeper.store
-        for scope_name, code_id, body in store.load_codes():
+        rows = store.load_codes()
+        if self.fleetset is not None:
+            self.fleetset.load_local(rows)
+        for scope_name, code_id, body in rows:
+            if scope_name == fleetset.LOCAL[0]:
+                continue
             scope: Scope = "fleet" if scope_name == "fleet" else "site"
             try:
                 if scope == "fleet" and self.fleet is None:
@@ -171,6 +205,8 @@ class Bridge:
         """
         self._rebasing = set()
         try:
+            if self.fleetset is not None:
+                book.fleet = await asyncio.to_thread(self.fleetset.rebased, config)
             fresh, dropped = await asyncio.to_thread(
                 rebased, list(self.codes.applied.values()), book, config)
             for code_id in self._rebasing:
@@ -207,6 +243,8 @@ class Bridge:
         # Runs before the first message of this connection is read.
         self._seen = {"site": set(), "fleet": set()}
         self.routes.connected()
+        if self.fleetset is not None:
+            self.fleetset.connected()
         self._sync_nonce = secrets.token_hex(8)
         self._synced = asyncio.Event()
         self.link.spawn(self._sync(self._sync_nonce), "mqtt-code-sync")
@@ -226,6 +264,24 @@ class Bridge:
         if nonce != self._sync_nonce:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
+            fleet = self.fleetset
+            if scope == "fleet" and fleet is not None and fleet.manifest is not None and (
+                    fleet.newest is None):
+                # A broker without the manifest this site had (an edge replaced
+                # with an empty store, a bridge not up yet): it cannot say what
+                # was deleted. Withdraw nothing; say so if it lasts.
+                log.warning("the broker holds no fleet manifest; keeping the fleet's codes "
+                            "this site has")
+                fleet.confirm_later()
+                continue
+            if scope == "fleet" and fleet is not None and fleet.newest is not None:
+                # The fleet's manifest says what is in force: a cut list of
+                # retained messages withdraws nothing it lists.
+                for code_id in sorted(fleet.synced(self._seen["fleet"])):
+                    log.info("managed code withdrawn while gated was away", id=code_id,
+                             scope=scope)
+                    self._withdraw(scope, code_id)
+                continue
             gone = self.codes.ids(scope) - self._seen[scope]
             if gone and not self._seen[scope]:
                 # The broker holds none of them: deleted by staff, or a broker
@@ -260,11 +316,14 @@ class Bridge:
             log.warning("remote open ignored: too many in progress", gate=gate)
             return
         self._pending_opens += 1
-        self.link.spawn(self._open(gate), f"mqtt-open-{gate}")
+        call = RawCall(gate=gate, source="mqtt", sent=sent_at(message.payload),
+                       expiry=message.expiry)
+        self.link.spawn(self._open(call), f"mqtt-open-{gate}")
 
-    async def _open(self, gate: str) -> None:
+    async def _open(self, call: RawCall) -> None:
+        gate = call.gate
         try:
-            answer = await self.gatekeeper.call(RawCall(gate=gate, source="mqtt"))
+            answer = await self.gatekeeper.call(call)
         finally:
             self._pending_opens -= 1
         log.info("remote open", gate=gate, status=answer.status.value, reason=answer.reason)
@@ -280,13 +339,16 @@ class Bridge:
             self._rebasing.add(code_id)
         live = not message.retain
         if not message.payload:
+            if scope == "fleet" and self.fleetset is not None and self.fleetset.pending:
+                self.fleetset.deferred.add(code_id)
+                return
             self._withdraw(scope, code_id)
             return
         current = self.codes.get(scope, code_id)
         if current is not None and current.body == message.payload:
             # In force already: a live sender waits for a word, and a refusal
             # left over from an earlier version must not stay on the broker.
-            self.verdicts.clear(scope, code_id, force=live)
+            self.verdicts.clear(scope, code_id, force=live and scope == "site")
             return
         try:
             code = parse(scope, code_id, message.payload, self.config)
@@ -311,7 +373,12 @@ class Bridge:
         self.gatekeeper.store.save_code(scope, code_id, code.body)
         log.info("managed code applied", id=code_id, scope=scope, name=code.credential.name,
                  gates=sorted(code.credential.gates), replaced=previous is not None)
-        self.verdicts.clear(scope, code_id, force=live)
+        # A live site code's sender waits for a word. Not so for the fleet's:
+        # a word from every site on every change (and again on every bridge
+        # reconnect, which delivers retained messages as live) is a storm.
+        self.verdicts.clear(scope, code_id, force=live and scope == "site")
+        if scope == "fleet" and self.fleetset is not None:
+            self.fleetset.confirm()
 
     def _clashed(self) -> None:
         watch = self._clashes
@@ -326,6 +393,9 @@ class Bridge:
             self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
         self.verdicts.clear(scope, code_id, force=False)
+
+    def withdraw_fleet(self, code_id: str) -> None:
+        self._withdraw("fleet", code_id)
 
     def _forget(self, scope: Scope, code_id: str) -> None:
         """Drop a withdrawn code's local copy and its use count."""
@@ -441,6 +511,22 @@ class Bridge:
             log.info("discovery not published", error=str(exc))
             return
         log.info("home assistant discovery published", entities=len(configs))
+
+
+class _Open(msgspec.Struct):
+    at: float | None = None
+
+
+def sent_at(payload: bytes) -> float | None:
+    """When a remote open says it was sent (``{"at": <unix time>}``), or None when it
+    does not say, or not in a form that can be read."""
+    if len(payload) > MAX_OPEN_PAYLOAD:
+        return None
+    try:
+        at = msgspec.json.decode(payload, type=_Open).at
+    except msgspec.DecodeError:  # not JSON, not an object, "at" not a number
+        return None
+    return at if at is not None and math.isfinite(at) else None
 
 
 def _detail(exc: Rejected | NotHere) -> str:

@@ -47,7 +47,8 @@ def _writable_cwd(loaded: compiler.Loaded) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gated import logs
-    from gated.daemon import Daemon, claim_state, long_lived, release_memory
+    from gated.daemon import Daemon, claim_state, long_lived
+    from gated.heap import release_memory
 
     state = claim_state(args.config)
     with long_lived():

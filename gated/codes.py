@@ -158,6 +158,11 @@ class StaticCodes:
     def __contains__(self, digest: bytes) -> bool:
         return self.index(digest) >= 0
 
+    def policy_at(self, at: int) -> Credential:
+        """The policy of record ``at`` (shared: no id or name)."""
+        policy: int = RECORD.unpack_from(self._records, at * RECORD.size)[1]
+        return self._policies[policy]
+
     def credential(self, at: int) -> Credential:
         policy: int
         names: int
@@ -389,6 +394,57 @@ class TotpTable:
                 if t not in self.steps]
 
 
+# The policy of a fleet code meant for other sites' gates: never admits here.
+ELSEWHERE = Credential(id="", name="", kind="visitor", gates=frozenset())
+
+
+@dataclass(slots=True)
+class FleetCodes:
+    """The fleet's codes at this site, looked up by the fleet key's digest.
+
+    ``static``: the set in force (``gated.codeset``), whose policies this
+    site compiled (``ELSEWHERE`` for a code for other sites' gates);
+    ``hidden``: ids of the set that deltas replaced or deleted; ``managed``:
+    the deltas, by digest, as for a site's managed codes.
+    """
+
+    key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    static: StaticCodes = field(default_factory=StaticCodes.empty)
+    hidden: set[str] = field(default_factory=set)
+    managed: dict[bytes, Credential] = field(default_factory=dict)
+    managed_ids: dict[str, bytes] = field(default_factory=dict)
+
+    def digest(self, code: str) -> bytes:
+        return sitekey.digest(self.key, code)
+
+    def get(self, digest: bytes) -> Credential | None:
+        managed = self.managed.get(digest)
+        if managed is not None:
+            return managed
+        at = self.static.index(digest)
+        if at < 0 or self.static.policy_at(at) is ELSEWHERE:
+            return None
+        credential = self.static.credential(at)
+        return None if credential.id in self.hidden else credential
+
+    def owner(self, digest: bytes) -> str | None:
+        """The id of the fleet code with these digits, for clash checks."""
+        credential = self.get(digest)
+        return None if credential is None else credential.id
+
+    def __len__(self) -> int:
+        return len(self.static) + len(self.managed)
+
+    def credentials(self) -> Iterator[Credential]:
+        static = self.static
+        for at in range(len(static)):
+            if static.policy_at(at) is not ELSEWHERE:
+                credential = static.credential(at)
+                if credential.id not in self.hidden:
+                    yield credential
+        yield from self.managed.values()
+
+
 @dataclass(slots=True)
 class CodeBook:
     """Everything decide() needs to know about gates and credentials."""
@@ -412,6 +468,8 @@ class CodeBook:
     managed_ids: dict[str, bytes] = field(default_factory=dict)
     # Smart routing by caller: [[routes]] and routes over MQTT.
     routes: RouteTable = field(default_factory=RouteTable)
+    # With [mqtt] fleet_prefix: the fleet's codes, under the fleet key.
+    fleet: FleetCodes | None = None
 
     def gate_for(self, did: str | None) -> Gate | None:
         """The gate a called number selects; a one-gate site may omit numbers
@@ -450,6 +508,11 @@ class CodeBook:
         visitor = self.visitors.get(digest)
         if visitor is not None:
             found.append((visitor, None))
+        fleet = self.fleet
+        if fleet is not None:
+            shared = fleet.get(fleet.digest(code))
+            if shared is not None:
+                found.append((shared, None))
         for table in self.totp.values():
             found.extend(table.lookup(code, now, digest))
         return found
@@ -480,10 +543,34 @@ class CodeBook:
         digest = self.managed_ids.pop(credential_id, None)
         return None if digest is None else self.managed.pop(digest, None)
 
+    def add_fleet_code(self, credential: Credential, digest: bytes) -> None:
+        """Add one fleet delta (its digest under the fleet key); CodeClash as add_code.
+
+        It takes the place of the set's code of the same id. Its digits are
+        checked against the fleet's other codes only: the site's own are
+        digests under another key (the site's own code wins a call).
+        """
+        fleet = self.fleet
+        assert fleet is not None
+        if self.has_id(credential.id):
+            raise CodeClash(f"id {credential.id!r} is already used by another credential")
+        owner = fleet.owner(digest)
+        if owner is not None and owner != credential.id:
+            raise CodeClash("these digits are already another credential's code")
+        fleet.managed[digest] = credential
+        fleet.managed_ids[credential.id] = digest
+        fleet.hidden.add(credential.id)
+
+    def remove_fleet_code(self, credential_id: str) -> Credential | None:
+        fleet = self.fleet
+        assert fleet is not None
+        digest = fleet.managed_ids.pop(credential_id, None)
+        return None if digest is None else fleet.managed.pop(digest, None)
+
     @property
     def code_count(self) -> int:
-        """Static codes: the file's and the managed ones."""
-        return len(self.static) + len(self.managed)
+        """Static codes: the file's, the managed ones and the fleet's."""
+        return len(self.static) + len(self.managed) + (len(self.fleet) if self.fleet else 0)
 
     @property
     def totp_count(self) -> int:
@@ -496,6 +583,8 @@ class CodeBook:
     def credentials(self) -> Iterator[Credential]:
         yield from self.static
         yield from self.managed.values()
+        if self.fleet is not None:
+            yield from self.fleet.credentials()
         for table in self.totp.values():
             for user in table.users:
                 yield user.credential

@@ -238,6 +238,9 @@ class MqttConfig(_Table, kw_only=True, frozen=True):
     protocol: Literal["5", "3.1.1"] = "5"
     prefix: str | None = None
     fleet_prefix: str | None = None
+    # The key fleet codes' digests are made with, shared by the fleet's sites
+    # (default: fleet.key beside the site key).
+    fleet_key_file: str | None = None
     client_id: str | None = None
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     reconnect_min: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
@@ -331,6 +334,13 @@ def key_path(config_path: Path, config: Config) -> Path:
     if config.site.key_file:
         return resolve(config_path, config.site.key_file)
     return resolve(config_path, config.log.path).parent / "site.key"
+
+
+def fleet_key_path(config_path: Path, config: Config) -> Path:
+    mqtt = config.mqtt
+    if mqtt is not None and mqtt.fleet_key_file:
+        return resolve(config_path, mqtt.fleet_key_file)
+    return key_path(config_path, config).with_name("fleet.key")
 
 
 def resolve(config_path: Path, value: str) -> Path:

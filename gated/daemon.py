@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import os
 import signal
@@ -35,6 +34,7 @@ from gated.compiler import Loaded
 from gated.config import ServerConfig, split_listen
 from gated.errors import ConfigError, GatedError, StoreError
 from gated.gatekeeper import Gatekeeper
+from gated.heap import release_memory
 from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.notify import notify, watchdog_interval
@@ -78,17 +78,6 @@ def long_lived() -> Iterator[None]:
     finally:
         gc.freeze()
         gc.enable()
-
-
-def release_memory() -> None:
-    """Hand the heap freed after a large load back to the system (glibc only).
-
-    Loading or reloading 100,000 codes frees tens of megabytes that glibc
-    would otherwise keep mapped for the life of the daemon; on a 512 MB Pi
-    that matters.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _Stop(Exception):
@@ -163,9 +152,12 @@ class Daemon:
             gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                     deadline=config.server.answer_deadline)
             if link is not None:
+                from gated import fleetset
                 from gated.bridge import Bridge
 
-                bridge = self.bridge = Bridge(link, gatekeeper, config)
+                fleet_key = (fleetset.load_key(self.loaded.source, config)
+                             if config.mqtt is not None and config.mqtt.fleet_prefix else None)
+                bridge = self.bridge = Bridge(link, gatekeeper, config, fleet_key=fleet_key)
                 bridge.attach()
                 bridge.load_local()
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 from dataclasses import dataclass, field
 
 from gated.codes import TYPED_RE, CodeBook, Credential
@@ -63,6 +64,17 @@ GUESS_REASONS = frozenset({
 STORE_FAILING = "store_failing"
 # A call without a code answered by a route (§11): ACK, opens nothing.
 ROUTED = "routed_caller"
+# A remote open that cannot show it was sent within the answer deadline (§9: a
+# command never fires late). A bridge or a broker may have queued it for as
+# long as a link was down, and the button was pressed for whoever stood there
+# then, not whoever stands there now.
+STALE = "stale"
+# How far ahead of the site's clock a sender's time may be. NTP keeps two
+# clocks within milliseconds; this only spares a sender with a rougher sync.
+# Kept small because a sender's clock running ahead widens the window for late
+# opens by as much: one more than 2 s ahead shows up at once as refused opens
+# ("in the future"), rather than quietly letting old ones through.
+CLOCK_SKEW = 2.0
 
 
 def nak(reason: str, gate: str | None = None) -> Decision:
@@ -123,6 +135,26 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
             refusal = Decision(status, reason, name, credential, timecode)
     assert refusal is not None
     return refusal
+
+
+def staleness(sent: float | None, expiry: int | None, now: float,
+              deadline: float) -> str | None:
+    """Why a remote open cannot show it is not late, or None when it can.
+
+    ``sent``: the time its sender put in it (epoch seconds); it decides when
+    there is one, however short the expiry. ``expiry``: the MQTT 5 message
+    expiry interval left on it, which the broker counted down while it waited;
+    at most the deadline (in whole seconds, as MQTT has them) bounds its age.
+    """
+    if sent is not None:
+        if sent < now - deadline:
+            return "too old"
+        if sent > now + CLOCK_SKEW:
+            return "in the future"
+        return None
+    if expiry is not None and 0 < expiry <= math.ceil(deadline):
+        return None  # 0 would be a broker's "no expiry"
+    return "no time"
 
 
 def refuse(credential: Credential, timecode: int | None, gate: str | None, request: Request,

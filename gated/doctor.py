@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gated import bookfile, compiler
+from gated import bookfile, codeset, compiler, sitekey
 from gated import config as config_mod
 from gated.config import (
     Config,
@@ -32,6 +32,7 @@ from gated.config import (
     GpioSensorConfig,
     MockActuatorConfig,
     MqttConfig,
+    fleet_key_path,
     split_listen,
 )
 from gated.errors import ConfigError
@@ -100,6 +101,8 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     findings.append(check_book(config_path, loaded.store_path))
     if config.mqtt is not None:
         findings.append(check_broker(config.mqtt, loaded.path))
+        if config.mqtt.fleet_prefix is not None:
+            findings.append(check_fleet_key(fleet_key_path(loaded.source, config)))
     findings += check_webhook(config)
     if os.geteuid() == 0:
         findings.append(Finding(
@@ -336,6 +339,20 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
         findings.append(Finding("ok", "state",
                                 f"store and key private, owned by {user_name(owner)}"))
     return findings
+
+
+def check_fleet_key(path: Path) -> Finding:
+    """The fleet key: its fingerprint, to compare with the other sites' and the set's."""
+    try:
+        key = sitekey.read_key(path, "fleet key")
+    except ConfigError as exc:
+        return Finding("problem", "fleet", str(exc), f"chmod 600 {path}, owned by gated")
+    if key is None:
+        return Finding("problem", "fleet", f"no fleet key at {path}: this site cannot check "
+                       "the fleet's codes", "copy the fleet's key there (mode 0600); "
+                       "`gated codes fleet-key` shows its fingerprint")
+    return Finding("ok", "fleet", f"fleet key {path}: fingerprint {codeset.fingerprint(key)} "
+                   "(the same at every site of the fleet)")
 
 
 def check_book(config_path: str, store: Path) -> Finding:

@@ -23,6 +23,7 @@ from gated.codes import CodeBook
 from gated.config import MAX_CALLERNAME
 from gated.deadline import Deadline
 from gated.decide import (
+    STALE,
     STORE_FAILING,
     Changes,
     Decision,
@@ -31,6 +32,7 @@ from gated.decide import (
     Status,
     decide,
     nak,
+    staleness,
 )
 from gated.errors import ActuatorError, NeedsCall, NumberError
 from gated.lockout import LockEvent
@@ -65,6 +67,10 @@ class RawCall:
     call_id: str = ""  # the platform's id of the call, for finding it in its logs
     # When it reached gated (the clock's monotonic time), if earlier than the call.
     received: float | None = None
+    # A remote open's proof that it is not late (decide.staleness): the time its
+    # sender says it sent it, and the MQTT 5 message expiry left on it.
+    sent: float | None = None
+    expiry: int | None = None
 
 
 # An entry's fields on its log line, the time aside (the line has its own);
@@ -97,7 +103,7 @@ class Gatekeeper:
         """Decide and act on one call; never raises, always answers within the deadline."""
         started = self.clock.monotonic() if raw.received is None else raw.received
         now = self.clock.now()
-        request, decision = self._parse(raw)
+        request, decision = self._parse(raw, now)
         # The call's one deadline, read once: what the clock says is left of
         # it, as an instant of the loop's time (the timer's clock).
         left = started + self.deadline - self.clock.monotonic()
@@ -155,7 +161,7 @@ class Gatekeeper:
                         log.exception("lock listener failed", listener=repr(on_lock))
         return Answer(status, decision.reason, decision.callername, decision.destination, tones)
 
-    def _parse(self, raw: RawCall) -> tuple[Request, Decision | None]:
+    def _parse(self, raw: RawCall, now: float) -> tuple[Request, Decision | None]:
         """Normalise the numbers; a refusal when the input itself is bad."""
         callername = printable(raw.callername or "")[:MAX_CALLERNAME]
         code = (raw.code or "").strip().removesuffix("#") or None
@@ -170,6 +176,12 @@ class Gatekeeper:
             # ACLs authorised it, so there is no code to check.
             if raw.gate not in self.book.gates:
                 return request, nak("unknown_gate")
+            why = staleness(raw.sent, raw.expiry, now, self.deadline)
+            if why is not None:
+                log.warning("remote open refused: it cannot show it is not late", gate=raw.gate,
+                            why=why, age=None if raw.sent is None else round(now - raw.sent, 3),
+                            expiry=raw.expiry, deadline=self.deadline)
+                return request, nak(STALE, raw.gate)
             return request, Decision(Status.ACK, "granted_remote", raw.gate, opens=True)
         return request, None
 

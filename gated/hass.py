@@ -1,8 +1,8 @@
 """Home Assistant MQTT discovery: the site as one device, nothing to write in YAML.
 
 Per gate an ``event`` entity (granted / denied / failed, fed by the gate's
-event topic) and a ``button`` that publishes to the gate's open topic (not for
-a call box's gate, which only a call can open); per site
+event topic) and a ``button`` that publishes to the gate's open topic, with the
+time it was pressed (not for a call box's gate, which only a call can open); per site
 a sensor showing the last entry. All share the site's availability topic, so
 Home Assistant greys them out when the last will says ``offline``.
 
@@ -29,6 +29,12 @@ def gate_event_topic(prefix: str, gate: str) -> str:
 
 def gate_open_topic(prefix: str, gate: str) -> str:
     return f"{prefix}/gates/{gate}/open"
+
+
+# What a press sends: the time of the press, rendered by Home Assistant (a
+# float). A remote open that cannot show it is fresh opens nothing, so a press
+# held up in a bridge's or a broker's queue arrives as a refused `stale` entry.
+OPEN_TEMPLATE = '{"at": {{ as_timestamp(now()) }}}'
 
 
 def node_id(site: str) -> str:
@@ -77,6 +83,7 @@ def configs(*, site: str, prefix: str, discovery_prefix: str,
             "unique_id": f"{node}_{gate}_open",
             "command_topic": gate_open_topic(prefix, gate),
             "payload_press": "open",
+            "command_template": OPEN_TEMPLATE,
             "qos": 1,
             "retain": False,
             "icon": "mdi:gate-open",

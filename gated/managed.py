@@ -20,7 +20,7 @@ import msgspec
 
 from gated import config as config_mod
 from gated import sitekey
-from gated.codes import CODE_RE, CodeBook, CodeClash, Credential
+from gated.codes import CODE_RE, ELSEWHERE, CodeBook, CodeClash, Credential
 from gated.compiler import compile_code, number_parser
 from gated.config import CodeConfig, Config
 from gated.errors import ConfigError
@@ -70,7 +70,11 @@ class ManagedCode:
     code_hash: bytes | None = field(default=None, repr=False)  # or the keyed hash
 
     def digest(self, book: CodeBook) -> bytes:
+        """The lookup digest: under the site key, or the fleet key for a fleet code
+        (whose ``code_hash`` is made with the fleet key)."""
         if self.code is not None:
+            if self.scope == "fleet" and book.fleet is not None:
+                return book.fleet.digest(self.code)
             return book.digest(self.code)
         assert self.code_hash is not None
         return self.code_hash
@@ -104,6 +108,25 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
         raise Rejected("id: must be the id in the topic, or left out")
     raw["id"] = code_id
     raw.setdefault("name", code_id)
+    code, credential = _check(scope, raw, config)
+    hashed = None if code.code_hash is None else sitekey.parse_hash(code.code_hash)
+    return ManagedCode(scope, code_id, body, credential, code.code, hashed)
+
+
+def compile_policy(fields: dict[str, Any], config: Config) -> Credential:
+    """A fleet set's policy as this site applies it (``ELSEWHERE``: for other sites).
+
+    Raises Rejected when this site cannot apply it (a caller number its
+    region cannot read, say); the set's other codes still apply.
+    """
+    raw = {**fields, "name": "policy", "code_hash": sitekey.PREFIX + "0" * 64}
+    try:
+        return _check("fleet", raw, config)[1]
+    except NotHere:
+        return ELSEWHERE
+
+
+def _check(scope: Scope, raw: dict[str, Any], config: Config) -> tuple[CodeConfig, Credential]:
     gates = raw.get("gates")
     if isinstance(gates, list) and all(isinstance(g, str) for g in gates):
         if ALL_GATES in gates:
@@ -118,17 +141,16 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
         code = config_mod.convert(raw, CodeConfig, (), _fail)
         if (code.code is None) == (code.code_hash is None):
             raise _fail(("code",), "give exactly one of code and code_hash")
-        hashed = None if code.code_hash is None else sitekey.parse_hash(code.code_hash)
         if code.code is not None and not CODE_RE.fullmatch(code.code):
             raise _fail(("code",), "a code is 4 to 16 digits")
-        if code.code_hash is not None and hashed is None:
+        if code.code_hash is not None and sitekey.parse_hash(code.code_hash) is None:
             raise _fail(("code_hash",), "expected hmac-sha256: and 64 hex digits")
         credential = compile_code(code, (), config, config.tz,
                                   number_parser(config.site.region, _fail), _fail,
                                   kind="visitor")
     except ConfigError as exc:
         raise Rejected(str(exc)) from None
-    return ManagedCode(scope, code_id, body, credential, code.code, hashed)
+    return code, credential
 
 
 @dataclass
@@ -182,14 +204,14 @@ class ManagedCodes:
         if previous is not None and previous.scope != code.scope:
             raise Rejected(f"id {code.id!r} is already used by a {previous.scope} code")
         if previous is not None:
-            book.remove_code(previous.id)
+            _remove(book, previous.scope, previous.id)
         try:
-            book.add_code(code.credential, code.digest(book))
+            _add(book, code)
         except CodeClash as exc:
             # Ids are names staff choose, not secrets: an id clash is said plainly.
             taken_id = book.has_id(code.id)
             if previous is not None:
-                book.add_code(previous.credential, previous.digest(book))
+                _add(book, previous)
             raise (Rejected(str(exc)) if taken_id else Clash(str(exc))) from None
         self.applied[code.id] = code
         return previous
@@ -199,14 +221,29 @@ class ManagedCodes:
         code = self.get(scope, code_id)
         if code is None:
             return None
-        book.remove_code(code_id)
+        _remove(book, scope, code_id)
         del self.applied[code_id]
         return code
 
     def discard(self, book: CodeBook, code_id: str) -> None:
         """Take a code out, whatever its scope (nothing if it is not in force)."""
-        if self.applied.pop(code_id, None) is not None:
-            book.remove_code(code_id)
+        code = self.applied.pop(code_id, None)
+        if code is not None:
+            _remove(book, code.scope, code_id)
+
+
+def _add(book: CodeBook, code: ManagedCode) -> None:
+    if code.scope == "fleet" and book.fleet is not None:
+        book.add_fleet_code(code.credential, code.digest(book))
+    else:
+        book.add_code(code.credential, code.digest(book))
+
+
+def _remove(book: CodeBook, scope: Scope, code_id: str) -> None:
+    if scope == "fleet" and book.fleet is not None:
+        book.remove_fleet_code(code_id)
+    else:
+        book.remove_code(code_id)
 
 
 Dropped = list[tuple[ManagedCode, "Rejected | NotHere"]]

@@ -76,11 +76,15 @@ OFFLINE_TIMEOUT = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """A message as gated sees it; ``retain`` is set only for one the broker kept."""
+    """A message as gated sees it; ``retain`` is set only for one the broker kept.
+
+    ``expiry``: the MQTT 5 message expiry interval left on it (seconds), if it has one.
+    """
 
     topic: str
     payload: bytes
     retain: bool
+    expiry: int | None = None
 
 
 Handler = Callable[[Incoming], None]
@@ -413,7 +417,10 @@ class MqttLink:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            incoming = Incoming(message.topic.value, bytes(message.payload), message.retain)
+            properties = message.properties
+            incoming = Incoming(message.topic.value, bytes(message.payload), message.retain,
+                                None if properties is None
+                                else getattr(properties, "MessageExpiryInterval", None))
             for sub in self._subscriptions:
                 if message.topic.matches(sub.topic_filter):
                     try:

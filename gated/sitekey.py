@@ -37,7 +37,7 @@ def parse_hash(text: str) -> bytes | None:
     return bytes.fromhex(match.group(1)) if match else None
 
 
-def read_key(path: Path) -> bytes | None:
+def read_key(path: Path, what: str = "site key") -> bytes | None:
     """The key in ``path``, None when there is no such file; refuses a readable-by-all file."""
     try:
         text = path.read_text(encoding="ascii").strip()
@@ -47,24 +47,24 @@ def read_key(path: Path) -> bytes | None:
     except PermissionError as exc:
         # Typically made by a staff command run as root before the daemon's
         # first start: say whose it is and how to hand it over.
-        raise ConfigError(f"cannot read the site key {path}: {exc.strerror}; "
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; "
                           f"{files.chown_fix(path)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the site key {path}: {exc}") from exc
+        raise ConfigError(f"cannot read the {what} {path}: {exc}") from exc
     if mode & 0o077:
-        raise ConfigError(f"the site key {path} is readable by others; chmod 600 it")
+        raise ConfigError(f"the {what} {path} is readable by others; chmod 600 it")
     try:
         key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) != KEY_BYTES:
-        raise ConfigError(f"the site key {path} is not {KEY_BYTES * 2} hex digits")
+        raise ConfigError(f"the {what} {path} is not {KEY_BYTES * 2} hex digits")
     return key
 
 
-def ensure_key(path: Path) -> bytes:
+def ensure_key(path: Path, what: str = "site key") -> bytes:
     """Read the key, or create a new one (mode 0600) when there is none."""
-    key = read_key(path)
+    key = read_key(path, what)
     if key is not None:
         return key
     try:
@@ -72,14 +72,14 @@ def ensure_key(path: Path) -> bytes:
         # Under the key's lock: if two processes create it at once, the second
         # waits, then reads the key the first one made.
         with files.replacing(path) as replacement:
-            existing = read_key(path)
+            existing = read_key(path, what)
             if existing is not None:
                 return existing
             key = secrets.token_bytes(KEY_BYTES)
             replacement.commit((key.hex() + "\n").encode("ascii"))
     except files.FileError as exc:
-        raise ConfigError(f"cannot create the site key: {exc}") from exc
+        raise ConfigError(f"cannot create the {what}: {exc}") from exc
     except OSError as exc:
-        raise ConfigError(f"cannot create the site key {path}: {exc.strerror} "
+        raise ConfigError(f"cannot create the {what} {path}: {exc.strerror} "
                           "(is the state directory writable?)") from exc
     return key

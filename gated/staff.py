@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import secrets
 from collections.abc import Collection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gated import compiler, sitekey
+from gated import compiler, fleetstaff, sitekey
 from gated.config import Config
 from gated.console import parse_time, print_table, split_names
 from gated.errors import GatedError
@@ -69,6 +71,20 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p = action("rm", "delete a code from the broker (an empty retained message)")
     p.add_argument("id")
     p.set_defaults(func=cmd_rm)
+
+    p = action("import", "publish the codes of a CSV file (with --fleet: as the fleet's "
+                         "whole set, replacing the one on the broker)")
+    p.add_argument("file", help="CSV with the header name,code,gates,... (docs/import.md)")
+    p.set_defaults(func=cmd_import)
+
+    p = actions.add_parser("fleet-key", parents=[common],
+                           help="show the fleet key's fingerprint, or make the fleet's first key",
+                           description="show the fleet key's fingerprint (compare it across "
+                                       "sites), or make the fleet's first key with --new")
+    p.add_argument("--new", action="store_true",
+                   help="make a new fleet key (only where there is none); copy it to every "
+                        "site and staff machine, mode 0600")
+    p.set_defaults(func=cmd_fleet_key)
 
 
 def _site(args: argparse.Namespace) -> tuple[compiler.Loaded, Config]:
@@ -129,8 +145,9 @@ def publish(loaded: compiler.Loaded, scope: Scope, code_id: str, fields: dict[st
     """Check a code here, publish it retained, and wait for gated's verdict.
 
     A site code goes out as a keyed hash when this machine holds the site key:
-    the broker, its backups and everyone subscribed never see the digits.
-    (A fleet code must carry the digits: every site has its own key.)
+    the broker, its backups and everyone subscribed never see the digits. A
+    fleet code goes out as a hash under the fleet key, as a delta on the
+    fleet's set (``gated.fleetstaff``).
     """
     config = loaded.config
     _scope, base = _base(config, scope == "fleet")
@@ -142,6 +159,9 @@ def publish(loaded: compiler.Loaded, scope: Scope, code_id: str, fields: dict[st
         return 2
     except NotHere:
         print(f"note: no gate of that name at site {config.site.id}; other sites may have one")
+    if scope == "fleet":
+        return _publish_fleet(loaded, code_id, fleetstaff.hashed_body(
+            fields, code, fleetstaff.fleet_key(loaded)), code if show_code else None, wait)
     book = loaded.book
     hashed_here = scope == "site" and book.site_key  # the book's key is the site key
     if scope == "site" and not hashed_here and not plain:
@@ -195,7 +215,116 @@ async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: 
     return 0
 
 
+def _publish_fleet(loaded: compiler.Loaded, code_id: str, body: bytes | None,
+                   shown: str | None, wait: float) -> int:
+    """A fleet code put (``body``) or deleted (None): a delta on the fleet's set.
+
+    No site answers an applied fleet code (a word from every site on every
+    change is a storm); refusals are retained on ``…/error/<site>``, so this
+    waits ``wait`` seconds for them and says which sites refused.
+    """
+    config = loaded.config
+    _scope, base = _base(config, True)
+    key = fleetstaff.fleet_key(loaded)
+    topic = f"{base}/codes/{code_id}"
+
+    async def run() -> int:
+        from gated.mqtt import connect
+
+        assert config.mqtt is not None
+        client_id = _client_id(config)
+        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
+            await client.subscribe(f"{topic}/error/+", qos=1)
+            manifest = await fleetstaff.change(
+                client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, code_id, body)
+            verb = "published" if body is not None else "deleted"
+            print(f"{verb} {topic} in the fleet's set (serial {manifest.serial}, "
+                  f"{manifest.codes} codes in the set, {len(manifest.deltas)} deltas; "
+                  "digits as the fleet key's hash)")
+            if shown is not None:
+                print(f"code: {shown}")
+            if body is None or wait <= 0:
+                return 0
+            refused = await _refusals(client, f"{topic}/error/", wait)
+        for site, reason in sorted(refused.items()):
+            print(f"refused by gated at site {site}: {reason}")
+        if not refused:
+            print(f"no site refused it within {wait:g}s (sites say nothing when they apply "
+                  "a fleet code)")
+        return 1 if refused else 0
+
+    return asyncio.run(run())
+
+
+async def _refusals(client: aiomqtt.Client, prefix: str, wait: float) -> dict[str, str]:
+    refused: dict[str, str] = {}
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            async for message in client.messages:
+                topic = message.topic.value
+                if message.retain or not message.payload or not topic.startswith(prefix):
+                    continue
+                try:
+                    reason = json.loads(bytes(message.payload))["error"]
+                except (ValueError, TypeError, KeyError):
+                    reason = bytes(message.payload).decode(errors="replace")
+                refused[topic.removeprefix(prefix)] = str(reason)
+    return refused
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gated import csvcodes
+
+    loaded, config = _site(args)
+    scope, base = _base(config, args.fleet)
+    rows = csvcodes.read(Path(args.file), config, scope=scope)
+    if scope == "fleet":
+        key = fleetstaff.fleet_key(loaded)
+        entries = [fleetstaff.entry_of(row.id, fleetstaff.hashed_body(
+            row.fields, row.fields["code"], key), key) for row in rows]
+    elif not loaded.book.site_key:
+        raise StaffError(f"no site key at {loaded.key_path}, so the digits would go to the "
+                         "broker in clear; run this where gated runs")
+
+    async def run() -> int:
+        from gated.mqtt import connect
+
+        assert config.mqtt is not None
+        client_id = _client_id(config)
+        async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
+            if scope == "fleet":
+                manifest = await fleetstaff.replace_all(
+                    client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, entries)
+                print(f"published {len(entries)} codes from {args.file} as the fleet's set "
+                      f"(serial {manifest.serial}, {manifest.chunks} chunks of "
+                      f"{manifest.size} bytes; digits as the fleet key's hash)")
+                return 0
+            for row in rows:
+                fields = {k: v for k, v in row.fields.items() if k != "code"}
+                fields["code_hash"] = sitekey.code_hash(loaded.book.key, row.fields["code"])
+                await client.publish(f"{base}/codes/{row.id}",
+                                     json.dumps(fields, ensure_ascii=False).encode(),
+                                     qos=1, retain=True)
+        print(f"published {len(rows)} codes from {args.file} under {base}/codes (as keyed "
+              "hashes); `gated codes ls --broker` shows any gated refused")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_fleet_key(args: argparse.Namespace) -> int:
+    loaded = compiler.load(args.config)
+    print(fleetstaff.describe_key(loaded, loaded.config, args.new))
+    return 0
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
+    if args.fleet:
+        if not ID_RE.fullmatch(args.id):
+            raise StaffError(f"no code {args.id!r}: a code id is 1 to 64 letters, digits, "
+                             "'_', '.' or '-'")
+        loaded, _config = _site(args)
+        return _publish_fleet(loaded, args.id, None, None, 0)
     return remove(args, "code")
 
 
@@ -254,12 +383,31 @@ def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Con
         client_id = _client_id(config)
         filters = [f"{base}/{noun}s/{suffix}" for _, base in bases
                    for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
+        if noun == "code" and config.mqtt.fleet_prefix is not None and any(
+                scope == "fleet" for scope, _ in bases):
+            filters += [f"{config.mqtt.fleet_prefix}/set", f"{config.mqtt.fleet_prefix}/set/+"]
         async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             return await read_retained(client, filters,
                                        marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
 
     found, complete = asyncio.run(run())
     rows = _rows(found, bases, noun, hide)
+    said = ""
+    fleet_base = config.mqtt.fleet_prefix
+    if noun == "code" and fleet_base is not None and any(
+            m.topic == f"{fleet_base}/set" for m in found):
+        # The fleet's codes as its set says, not one message each.
+        broker = fleetstaff._broker(found, fleet_base, complete)
+        fleet_rows, whole, said = fleetstaff.rows(broker, config.tz)
+        for row in fleet_rows:
+            for hidden in hide:
+                row.pop(hidden, None)
+        refused = {(r["scope"], r["id"]): r["refused"] for r in rows if "refused" in r}
+        for row in fleet_rows:
+            if ("fleet", row["id"]) in refused:
+                row["refused"] = refused[("fleet", row["id"])]
+        rows = [r for r in rows if r["scope"] != "fleet"] + fleet_rows
+        complete = complete and whole
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
@@ -267,8 +415,11 @@ def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Con
         print(f"no {noun}s on the broker")
     else:
         _print_table(rows, header)
+    if said:
+        print(said)
     if not complete:
-        print("(the broker did not confirm the end of the list; it may be incomplete)")
+        print("(the list is incomplete: what is shown is not all the broker should hold)")
+        return 1
     return 0
 
 

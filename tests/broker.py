@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gated.store import read_entries
 
@@ -128,6 +130,7 @@ class Probe:
     port: int
     client_id: str | None = None
     persistent: bool = False  # keep the session (and the messages queued for it) across reconnects
+    mqtt5: bool = False  # MQTT 5, to publish with properties (a message expiry)
     username: str | None = None
     password: str | None = None
     received: list[Received] = field(default_factory=list)
@@ -142,7 +145,8 @@ class Probe:
         self._client = aiomqtt.Client(
             "127.0.0.1", self.port, identifier=self.client_id,
             username=self.username, password=self.password,
-            clean_session=not self.persistent, timeout=5,
+            clean_session=None if self.mqtt5 else not self.persistent, timeout=5,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.mqtt5 else None,
             # Answer like a device with no Nagle delay, so timings are gated's own.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         await self._client.__aenter__()
@@ -167,9 +171,16 @@ class Probe:
         await self._client.subscribe([(f, 1) for f in filters])
 
     async def publish(self, topic: str, payload: bytes | str = b"", *, retain: bool = False,
-                      qos: int = 1) -> None:
+                      qos: int = 1, expiry: int | None = None) -> None:
+        """``expiry``: an MQTT 5 message expiry interval, seconds (needs ``mqtt5``)."""
         assert self._client is not None
-        await self._client.publish(topic, payload, qos=qos, retain=retain)
+        properties = None
+        if expiry is not None:
+            assert self.mqtt5, "a message expiry needs an MQTT 5 probe"
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.MessageExpiryInterval = expiry
+        await self._client.publish(topic, payload, qos=qos, retain=retain,
+                                   properties=properties)
 
     def answer(self, topic_filter: str,
                reply: Callable[[Received], tuple[str, bytes] | None]) -> None:
@@ -261,6 +272,11 @@ async def mqtt_ready(running: Any, connections: int = 1) -> None:
     bridge = running.daemon.bridge
     await eventually(lambda: bridge.synced_connections >= connections
                      and running.daemon.link.connected)
+
+
+def open_payload(when: float | None = None) -> bytes:
+    """A remote open that says it was sent at ``when`` (now by default)."""
+    return json.dumps({"at": time.time() if when is None else when}).encode()
 
 
 def entries(running: Any) -> list[Any]:

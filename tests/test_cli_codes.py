@@ -176,3 +176,28 @@ async def test_put_without_the_site_key_refuses_to_send_digits(
     assert code == 0 and "keyed hash" not in out
     (sent,) = await probe.wait_for("gated/test/codes/+", 1)
     assert b"246810" in sent.payload
+
+
+async def test_import_publishes_a_csvs_codes_as_keyed_hashes(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path, probe: Probe,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """import (no --fleet) publishes each line as a site code, hashed with the site key;
+    the site opens with them; the broker never holds the digits."""
+    await probe.subscribe("gated/test/codes/#")
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    csv = tmp_path / "codes.csv"
+    csv.write_text("\ufeffname;code;gates;schedule\r\n"
+                   "Cleaner;61616161;door;mon-sun 00:00-23:59\r\n"
+                   "Flat 12;62626262;barrier;\r\n")
+    code, out = await gated(capsys, "-c", str(tmp_path / "gated.toml"), "codes", "import",
+                            str(csv))
+    assert code == 0, out
+    assert "published 2 codes" in out
+    bridge = running.daemon.bridge
+    await eventually(lambda: len(bridge.codes.ids("site")) == 2)
+    assert await running.get(code="61616161", did=DOOR) == (200, "status=ACK")
+    assert await running.get(code="62626262", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="62626262", did=DOOR) == (200, "status=NAK")
+    everything = b"".join(m.payload for m in probe.received)
+    assert b"61616161" not in everything and b"62626262" not in everything

@@ -9,7 +9,7 @@ import pytest
 
 from gated import compiler
 from gated.codes import CodeBook
-from gated.decide import Changes, Decision, Ledger, Request, Status, decide
+from gated.decide import Changes, Decision, Ledger, Request, Status, decide, staleness
 from gated.lockout import Policy
 
 from .helpers import BARRIER, DOOR, RESIDENT, config_text, local
@@ -275,3 +275,17 @@ def test_totp_lookup_is_per_step_table(book: CodeBook) -> None:
     table.lookup("000001", now + 1)
     assert table.steps == built
     assert len(built) == 3
+
+
+@pytest.mark.parametrize(("sent", "expiry", "why"), [
+    (1000.0, None, None), (998.5, None, None), (1002.0, None, None),
+    (998.49, None, "too old"), (1002.01, None, "in the future"),
+    (None, 2, None), (None, 1, None), (None, 3, "no time"), (None, 0, "no time"),
+    (None, None, "no time"),
+    (940.0, 1, "too old"),  # the time in the payload decides, however short the expiry
+])
+def test_a_remote_open_is_fresh_only_within_the_deadline(
+        sent: float | None, expiry: int | None, why: str | None) -> None:
+    """With a 1.5 s deadline at t=1000: a sent time from 998.5 to 1002 (2 s of clock
+    skew), or else an MQTT 5 expiry of 1 or 2 s (1.5 rounded up) left on the message."""
+    assert staleness(sent, expiry, 1000.0, 1.5) == why

@@ -8,7 +8,7 @@ import pytest
 import yarl
 
 from gated import errors
-from gated.decide import GUESS_REASONS, ROUTED, STORE_FAILING
+from gated.decide import GUESS_REASONS, ROUTED, STALE, STORE_FAILING
 
 from .helpers import BARRIER, TOKEN
 
@@ -20,7 +20,7 @@ def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
     """Each reason and actuator result the code can record has a row in docs/dialplan.md."""
     table = (ROOT / "docs" / "dialplan.md").read_text().split("## 4.")[1]
     refusals = (set(re.findall(r'nak\("(\w+)"', SOURCES)) | set(GUESS_REASONS)
-                | set(re.findall(r'Status\.ERR, "(\w+)"', SOURCES))) | {STORE_FAILING}
+                | set(re.findall(r'Status\.ERR, "(\w+)"', SOURCES))) | {STORE_FAILING, STALE}
     grants = {f"granted_{kind}" for kind in ("code", "totp", "caller", "route", "remote")}
     grants.add(ROUTED)
     failures = {cls.reason for cls in vars(errors).values()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gated import compiler, doctor
+from gated import codeset, compiler, doctor, sitekey
 from gated import config as config_mod
 from gated.cli import main
 from gated.daemon import Daemon
@@ -205,3 +205,21 @@ def test_the_compiled_book_is_reported_as_a_restart_will_find_it(tmp_path: Path)
     assert book().level == "ok" and "matches this config (3 static codes" in book().message
     path.write_text(path.read_text().replace('code = "5555"', 'code = "5556"'))
     assert book().level == "info" and "compiles it again" in book().message
+
+
+def test_the_fleet_key_is_reported_by_its_fingerprint(tmp_path: Path) -> None:
+    """With a fleet prefix: no fleet key is a problem with its fix; a key is shown by its
+    fingerprint (never its bytes), to compare across sites."""
+    path = site_config(tmp_path, '[mqtt]\nport = 1\nfleet_prefix = "gated/fleet"\n')
+
+    def fleet() -> doctor.Finding:
+        (finding,) = [f for f in doctor.diagnose(str(path), dev=tmp_path) if f.topic == "fleet"]
+        return finding
+
+    missing = fleet()
+    assert missing.level == "problem" and "no fleet key" in missing.message
+    assert "fleet-key" in missing.fix
+    key = sitekey.ensure_key(tmp_path / "state" / "fleet.key", "fleet key")
+    found = fleet()
+    assert found.level == "ok" and codeset.fingerprint(key) in found.message
+    assert key.hex() not in found.message

@@ -211,12 +211,14 @@ async def test_code_deleted_while_away_is_withdrawn_on_reconnect(
 async def test_fleet_codes_open_at_every_site(broker: Mosquitto, probe: Probe,
                                               start_daemon: Any) -> None:
     """A code under the fleet prefix applies here too; one for other sites' gates does not;
-    a site code may not take a fleet code's id."""
+    a site code may not take a fleet code's id. An applied fleet code is not answered
+    with an empty verdict: from every site on every change, that is a storm."""
     fleet = "gated/fleet"
     await probe.subscribe(ERRORS, f"{fleet}/codes/+/error/test")
     running = await start_daemon(mqtt_table(broker, f'fleet_prefix = "{fleet}"'))
     await mqtt_ready(running)
-    assert await put(probe, "courier", body(code="808080", gates=["*"]), topic=fleet) is None
+    await probe.publish(f"{fleet}/codes/courier", body(code="808080", gates=["*"]), retain=True)
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "courier") is not None)
     assert await running.get(code="808080", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="808080", did=DOOR) == (200, "status=ACK")
 
@@ -229,6 +231,7 @@ async def test_fleet_codes_open_at_every_site(broker: Mosquitto, probe: Probe,
     assert await running.get(code="909090", did=BARRIER) == (200, "status=NAK")
     assert running.daemon.bridge.codes.get("fleet", "elsewhere") is None
     assert probe.on(f"{fleet}/codes/elsewhere/error/test") == []
+    assert probe.on(f"{fleet}/codes/courier/error/test") == []
 
 
 async def test_reload_keeps_managed_codes_and_reports_new_clashes(

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
-from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table, states
+from .broker import (
+    Mosquitto,
+    Probe,
+    entries,
+    eventually,
+    mqtt_ready,
+    mqtt_table,
+    open_payload,
+    states,
+)
 from .helpers import BARRIER, DOOR, RESIDENT
 
 PREFIX = "gated/test"
@@ -50,7 +60,7 @@ async def test_every_entry_is_an_event_with_the_documented_fields(
 async def test_retained_open_at_start_opens_nothing(broker: Mosquitto, probe: Probe,
                                                     start_daemon: Any) -> None:
     """An open left retained on the broker is stale: at connect it opens nothing."""
-    await probe.publish(f"{PREFIX}/gates/barrier/open", b"open", retain=True)
+    await probe.publish(f"{PREFIX}/gates/barrier/open", open_payload(), retain=True)
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)  # every retained message has been handled by now
     await running.daemon.gatekeeper.store.flush()
@@ -67,8 +77,8 @@ async def test_live_open_opens_and_is_recorded(broker: Mosquitto, probe: Probe,
     await mqtt_ready(running)
     barrier, door = running.pin(17), running.pin(27)
     await probe.publish(f"{PREFIX}/gates/barrier/open", b"")
-    await probe.publish(f"{PREFIX}/gates/barrier/open", b"open")
-    await probe.publish(f"{PREFIX}/gates/nowhere/open", b"open")
+    await probe.publish(f"{PREFIX}/gates/barrier/open", open_payload())
+    await probe.publish(f"{PREFIX}/gates/nowhere/open", open_payload())
     events = await probe.wait_for(f"{PREFIX}/events", 2)
     await eventually(lambda: not barrier.state)
     assert states(barrier) == [False, True, False]
@@ -128,6 +138,8 @@ async def test_home_assistant_discovery(broker: Mosquitto, probe: Probe,
     button = configs["homeassistant/button/gated_test/door_open/config"]
     assert (button["command_topic"], button["payload_press"], button["retain"]) == (
         f"{PREFIX}/gates/door/open", "open", False)
+    # A press sends the time it was pressed, so that a late delivery opens nothing.
+    assert button["command_template"] == '{"at": {{ as_timestamp(now()) }}}'
     sensor = configs["homeassistant/sensor/gated_test/last_entry/config"]
     assert sensor["state_topic"] == sensor["json_attributes_topic"] == f"{PREFIX}/events"
     assert "value_json.result" in sensor["value_template"]
@@ -136,7 +148,9 @@ async def test_home_assistant_discovery(broker: Mosquitto, probe: Probe,
     assert len(await probe.wait_for("homeassistant/+/+/+/config", 10)) == 10
 
     door = running.pin(27)
-    await probe.publish(button["command_topic"], button["payload_press"])
+    # What Home Assistant renders from the template (a float: seconds and a fraction).
+    pressed = button["command_template"].replace("{{ as_timestamp(now()) }}", str(time.time()))
+    await probe.publish(button["command_topic"], pressed)
     await eventually(lambda: len(states(door)) == 4)
     assert states(door) == [False, True, False, True]
     await eventually(lambda: len(entries(running)) == 1)

@@ -26,7 +26,7 @@ from gated.cli import main
 from gated.errors import ConfigError
 from gated.store import MIGRATIONS, SCHEMA_VERSION, Store, read_entries
 
-from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
+from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table, open_payload
 from .helpers import BARRIER, RESIDENT, TOKEN, FakeActuator, config_text, write_config
 
 AUTH = "0123456789abcdef0123456789abcdef"
@@ -464,7 +464,7 @@ async def test_a_call_box_gate_opened_remotely_is_err_needs_call(
     """A remote open over MQTT has no call to play a tone into: ERR needs_call."""
     running = await start_daemon(mqtt_table(broker) + twiml_table())
     await mqtt_ready(running)
-    await probe.publish("gated/test/gates/lobby/open", b"open")
+    await probe.publish("gated/test/gates/lobby/open", open_payload())
     await eventually(lambda: bool(entries(running)))
     assert [(e.gate, e.source, e.status, e.reason, e.actuator) for e in entries(running)] == [
         ("lobby", "mqtt", "ERR", "granted_remote", "needs_call")]
