@@ -153,12 +153,14 @@ def test_a_site_cannot_write_another_sites_topics_or_discovery_configs(broker: B
 def test_a_site_reads_fleet_codes_but_cannot_publish_them(broker: Broker) -> None:
     site = broker.client("gated-noord")
     site.subscribe("gated/fleet/codes/+", "gated/fleet/set/#")
-    _granted(broker, "staff", ["gated/fleet/codes/visitor-1", "gated/fleet/set/chunk-1"])
-    assert [t for t, _ in site.received] == ["gated/fleet/codes/visitor-1",
-                                             "gated/fleet/set/chunk-1"]
+    _granted(broker, "staff", ["gated/fleet/codes/visitor-1", "gated/fleet/set",
+                               "gated/fleet/set/0"])
+    assert [t for t, _ in site.received] == ["gated/fleet/codes/visitor-1", "gated/fleet/set",
+                                             "gated/fleet/set/0"]
 
     _refused(broker, "gated-noord", [
-        "gated/fleet/codes/visitor-2", "gated/fleet/routes/route-1", "gated/fleet/set/chunk-2",
+        "gated/fleet/codes/visitor-2", "gated/fleet/routes/route-1", "gated/fleet/set",
+        "gated/fleet/set/1",
         "gated/fleet/codes/visitor-1/error/zuid", "gated/fleet/codes/visitor-1/error"])
     _granted(broker, "gated-noord", ["gated/fleet/codes/visitor-1/error/noord",
                                      "gated/fleet/routes/route-1/error/noord"])
@@ -182,7 +184,8 @@ def test_home_assistant_cannot_rewrite_a_sites_discovery_config(broker: Broker) 
 def test_staff_can_publish_codes_but_not_open_gates(broker: Broker) -> None:
     _granted(broker, "staff", [
         "gated/noord/codes/visitor-1", "gated/zuid/routes/route-1", "gated/fleet/codes/visitor-1",
-        "gated/fleet/routes/route-1", "gated/noord/sync/staff-1", "gated/fleet/set/chunk-1"])
+        "gated/fleet/routes/route-1", "gated/noord/sync/staff-1", "gated/fleet/set",
+        "gated/fleet/set/0"])
     _refused(broker, "staff", [
         "gated/noord/gates/barrier/open", "gated/noord/status", "gated/noord/events",
         "homeassistant/button/gated_noord/barrier_open/config", "homeassistant/status"])
@@ -221,11 +224,11 @@ def test_an_edge_bridge_carries_only_its_own_sites_reports_to_central(broker: Br
     """What edge-noord may publish on central: what the site reports, never codes or opens."""
     _refused(broker, "edge-noord", [
         "gated/noord/codes/visitor-1", "gated/noord/gates/barrier/open",
-        "gated/fleet/codes/visitor-1", "gated/fleet/set/chunk-1", "gated/zuid/status",
+        "gated/fleet/codes/visitor-1", "gated/fleet/set", "gated/zuid/status",
         "gated/fleet/codes/visitor-1/error/zuid", "homeassistant/status",
         "homeassistant/button/gated_zuid/barrier_open/config"])
     _granted(broker, "edge-noord", [
         "gated/noord/status", "gated/noord/events", "gated/noord/gates/barrier/event",
-        "gated/noord/alarms", "gated/noord/codes/visitor-1/error",
+        "gated/noord/alarms", "gated/noord/fleet", "gated/noord/codes/visitor-1/error",
         "gated/fleet/codes/visitor-1/error/noord",
         "homeassistant/button/gated_noord/barrier_open/config"])

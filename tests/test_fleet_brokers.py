@@ -162,15 +162,17 @@ async def test_the_bridges_work_through_centrals_acl(
                               "homeassistant/+/+/+/config", "$SYS/broker/connection/+/state")
     sites = [await fleet.probe(edge, "gated/#", "homeassistant/status") for edge in fleet.edges]
     await staff.publish(CODE, b"{}", retain=True)
+    await staff.publish("gated/fleet/set", b"{}", retain=True)  # the manifest
+    await staff.publish("gated/fleet/set/0", b"chunk", retain=True)
     await staff.publish("homeassistant/status", b"online")
     await staff.publish("gated/noord/gates/barrier/open", b"open", qos=0)
     for site in sites:
-        await site.wait_for(CODE)
-        await site.wait_for("homeassistant/status")
+        for topic in (CODE, "gated/fleet/set", "gated/fleet/set/0", "homeassistant/status"):
+            await site.wait_for(topic)
     await sites[0].wait_for("gated/noord/gates/barrier/open")
 
     reports = ["gated/noord/status", "gated/noord/events", "gated/noord/gates/barrier/event",
-               "gated/noord/alarms", "gated/noord/codes/visitor-1/error",
+               "gated/noord/alarms", "gated/noord/fleet", "gated/noord/codes/visitor-1/error",
                "gated/fleet/codes/visitor-1/error/noord",
                "homeassistant/button/gated_noord/barrier_open/config"]
     for topic in reports:
