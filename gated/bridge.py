@@ -392,6 +392,8 @@ class Bridge:
         if removed is not None:
             self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
+            if scope == "fleet" and self.fleetset is not None:
+                self.fleetset.rehide()
         self.verdicts.clear(scope, code_id, force=False)
 
     def withdraw_fleet(self, code_id: str) -> None:

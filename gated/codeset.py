@@ -19,8 +19,9 @@ A site knows from the manifest alone what it should have, so it never
 mistakes a cut list for deletions, applies a new set only when every chunk is
 in and its digest matches (all or nothing), and says so while it cannot. A
 connect costs one message for the manifest, one per chunk (256 KiB, about
-3,500 codes) and one per delta; ``gated codes`` folds the deltas into a new
-set once there are more than ``MAX_DELTAS``.
+3,800 codes; larger past 64 chunks) and one per delta; ``gated codes`` folds
+the deltas into a new set once there are more than ``MAX_DELTAS``: at most 97
+messages for any set.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ import msgspec
 from gated import bookfile
 from gated.codes import NAME_LENGTH, RECORD, digest_prefix, id_hash
 
+# A chunk is 256 KiB, or larger for a set that would need more than
+# MAX_CHUNKS of them: a connect costs at most 1 + MAX_CHUNKS + MAX_DELTAS
+# messages (97), whatever the number of codes.
 CHUNK_BYTES = 256 * 1024
+MAX_CHUNKS = 64
 # About 70 bytes a code: this is some 900,000 codes, and what a Pi can hold
 # twice (the set in force, the next one arriving).
 MAX_SET_BYTES = 64 * 1024 * 1024
-MAX_CHUNKS = MAX_SET_BYTES // CHUNK_BYTES
-MAX_DELTAS = 100
+MAX_CHUNK_BYTES = MAX_SET_BYTES // MAX_CHUNKS
+MAX_DELTAS = 32
 CHUNK_MAGIC = b"GSC1"
 # Magic, the set's version (its digest's first 16 bytes), the index.
 CHUNK_HEAD = struct.Struct("<4s16sI")
@@ -127,8 +132,14 @@ def version_of(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def chunk_bytes(size: int) -> int:
+    """How large the chunks of a set of ``size`` bytes are (the last may be shorter)."""
+    spread = -(-size // MAX_CHUNKS)
+    return max(CHUNK_BYTES, spread + (-spread % 4096))
+
+
 def chunk_count(size: int) -> int:
-    return -(-size // CHUNK_BYTES)
+    return -(-size // chunk_bytes(size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +206,9 @@ def entries(image: bookfile.Image) -> Iterator[Entry]:
 def split(data: bytes) -> list[bytes]:
     """The chunks of a set, each with the set's version and its index."""
     version = bytes.fromhex(version_of(data))[:16]
-    return [CHUNK_HEAD.pack(CHUNK_MAGIC, version, index) + data[start:start + CHUNK_BYTES]
-            for index, start in enumerate(range(0, len(data), CHUNK_BYTES))]
+    step = chunk_bytes(len(data))
+    return [CHUNK_HEAD.pack(CHUNK_MAGIC, version, index) + data[start:start + step]
+            for index, start in enumerate(range(0, len(data), step))]
 
 
 def read_chunk(payload: bytes) -> tuple[str, int, bytes]:
@@ -217,7 +229,7 @@ class Assembly:
 
     def add(self, index: int, data: bytes) -> bool:
         """Keep a chunk of this set; True once all are in."""
-        if 0 <= index < self.manifest.chunks and len(data) <= CHUNK_BYTES:
+        if 0 <= index < self.manifest.chunks and len(data) <= chunk_bytes(self.manifest.size):
             self._parts[index] = data
         return self.complete
 

@@ -211,7 +211,7 @@ class FleetSet:
         # A new set's chunks come before its manifest: kept, for one set, within
         # what a set may weigh.
         early = self._early.setdefault(prefix, {})
-        if len(data) <= codeset.CHUNK_BYTES and len(early) < codeset.MAX_CHUNKS:
+        if len(data) <= codeset.MAX_CHUNK_BYTES and len(early) < codeset.MAX_CHUNKS:
             early[index] = data
         while len(self._early) > EARLY_SETS:
             del self._early[next(iter(self._early))]
@@ -264,8 +264,8 @@ class FleetSet:
         old = self.manifest
         # One step on the loop: no call sees the new set without its deltas' ids hidden.
         fleet.static = static
-        fleet.hidden = set(manifest.deltas) | set(fleet.managed_ids)
         self.manifest, self.image, self._refused = manifest, image, refused
+        self.rehide()
         log.info("fleet code set applied", codes=len(static), serial=manifest.serial,
                  chunks=manifest.chunks, refused_policies=refused)
         if refused:
@@ -293,10 +293,19 @@ class FleetSet:
             # again without it).
             for code_id in self.unlisted(bridge.seen("fleet")):
                 bridge.withdraw_fleet(code_id)
-        fleet.hidden = set(manifest.deltas) | set(fleet.managed_ids)
         self.manifest = manifest
+        self.rehide()
         bridge.gatekeeper.store.save_code(*LOCAL, manifest.encode())
         self.confirm()
+
+    def rehide(self) -> None:
+        """The set's codes that deltas replace or delete: those the manifest lists and
+        those a delta here replaces. A delta withdrawn that the manifest does not
+        list gives the set's own copy of its id back (the set is what is in force)."""
+        fleet = self.bridge.gatekeeper.book.fleet
+        assert fleet is not None
+        listed = self.manifest.deltas if self.manifest is not None else {}
+        fleet.hidden = set(listed) | set(fleet.managed_ids)
 
     def _withdraw_deferred(self) -> None:
         listed = self.manifest.deltas if self.manifest is not None else {}

@@ -235,13 +235,19 @@ async def change(client: aiomqtt.Client, base: str, marker: str, key: bytes,
         else:
             # The set itself must be whole before anything is laid over it.
             current(broker, key)
-            await client.publish(f"{base}/codes/{code_id}", body or b"", qos=1, retain=True)
             deltas[code_id] = None if body is None else codeset.body_digest(body)
             published = msgspec.structs.replace(
                 manifest, serial=codeset.new_serial(manifest), deltas=deltas, time=_now())
             if not await _still(client, base, marker, manifest):
                 continue  # replaced since it was read: start again from the new one
+            # A put: the code, then the manifest that lists it. A delete: the
+            # manifest first, so no site ever goes back to the set's own copy.
+            delta = f"{base}/codes/{code_id}"
+            if body is not None:
+                await client.publish(delta, body, qos=1, retain=True)
             await client.publish(f"{base}/set", published.encode(), qos=1, retain=True)
+            if body is None:
+                await client.publish(delta, b"", qos=1, retain=True)
         if await _still(client, base, marker, published):
             return published
         # Someone published another manifest meanwhile: do it again on theirs.

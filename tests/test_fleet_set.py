@@ -403,3 +403,31 @@ async def test_a_broker_that_lost_the_manifest_withdraws_no_fleet_code(
         await probe.disconnect()
     finally:
         broker.stop()
+
+
+async def test_deltas_past_the_limit_are_folded_into_a_new_set(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """The 33rd delta makes the command publish a whole new set holding every code and
+    clear the deltas: a connect never costs more than 97 messages; the site has them all."""
+    key = fleet_key(tmp_path)
+    await publish_set(broker, key, entries(key, 20))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete)
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+    manifests = []
+    async with connect(settings, "staff") as client:
+        for n in range(codeset.MAX_DELTAS + 1):
+            manifests.append(await fleetstaff.change(
+                client, FLEET, "gated/staff/sync", key, f"d{n}",
+                fleetstaff.hashed_body({"gates": ["*"]}, f"{n:04d}1111", key)))
+    assert len(manifests[-2].deltas) == codeset.MAX_DELTAS
+    assert manifests[-1].deltas == {} and manifests[-1].codes == 20 + codeset.MAX_DELTAS + 1
+    await eventually(lambda: fleetset.complete and fleetset.manifest is not None
+                     and fleetset.manifest.serial == manifests[-1].serial)
+    for n in (0, codeset.MAX_DELTAS):
+        assert await running.get(code=f"{n:04d}1111", did=BARRIER) == (200, "status=ACK")
+    assert await running.get(code="00000019", did=BARRIER) == (200, "status=ACK")
+    await probe.subscribe(f"{FLEET}/codes/+")
+    await asyncio.sleep(0.2)
+    assert [m for m in probe.on(f"{FLEET}/codes/+") if m.payload] == []
