@@ -131,6 +131,8 @@ class Probe:
     client_id: str | None = None
     persistent: bool = False  # keep the session (and the messages queued for it) across reconnects
     mqtt5: bool = False  # MQTT 5, to publish with properties (a message expiry)
+    username: str | None = None
+    password: str | None = None
     received: list[Received] = field(default_factory=list)
     answers: list[tuple[str, Callable[[Received], tuple[str, bytes] | None]]] = field(
         default_factory=list)
@@ -142,6 +144,7 @@ class Probe:
     async def connect(self) -> Probe:
         self._client = aiomqtt.Client(
             "127.0.0.1", self.port, identifier=self.client_id,
+            username=self.username, password=self.password,
             clean_session=None if self.mqtt5 else not self.persistent, timeout=5,
             protocol=aiomqtt.ProtocolVersion.V5 if self.mqtt5 else None,
             # Answer like a device with no Nagle delay, so timings are gated's own.

@@ -14,6 +14,7 @@ from gated import compiler
 from gated.daemon import Daemon
 
 from .broker import Mosquitto, Probe
+from .fleet import Fleet, start_fleet
 from .helpers import TOKEN, write_config
 
 
@@ -110,3 +111,25 @@ async def start_daemon(tmp_path: Path, mock_factory: MockFactory
         await session.close()
         daemon.stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def make_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start central + two bridged edges (tests/fleet.py), linked; all stopped after."""
+    fleets: list[Fleet] = []
+
+    async def make(**options: Any) -> Fleet:
+        fleet = start_fleet(tmp_path / f"fleet{len(fleets)}", **options)
+        fleets.append(fleet)
+        await asyncio.gather(*(fleet.linked(edge) for edge in fleet.edges))
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        await fleet.close()
+
+
+@pytest.fixture
+async def fleet(make_fleet: Callable[..., Any]) -> Fleet:
+    """Central + edge1 (noord) + edge2 (zuid, behind a link a test can cut), default settings."""
+    return await make_fleet()  # type: ignore[no-any-return]

@@ -65,3 +65,52 @@ async def test_a_trailing_hash_in_the_code_loses_no_parameter(start_daemon: Any,
     url = yarl.URL(running.url).with_query(sent.query)
     async with running.session.get(url) as response:
         assert (response.status, (await response.text()).split("&")[0]) == (200, "status=ACK"), page
+
+
+def _code_blocks(page: str) -> list[str]:
+    """The text of each fenced block without a language (config files) in ``page``."""
+    blocks: list[str] = []
+    block: list[str] | None = None
+    fence = ""
+    for line in (ROOT / "docs" / page).read_text().splitlines(keepends=True):
+        if block is None and line.startswith("```"):
+            fence, block = line.strip(), []
+        elif block is not None and line.strip() == "```":
+            if fence == "```":
+                blocks.append("".join(block))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
+
+
+def _user_blocks(text: str) -> dict[str, list[str]]:
+    """An acl_file's lines per ``user``, comments and blank lines left out."""
+    blocks: dict[str, list[str]] = {}
+    user = ""
+    for line in text.splitlines():
+        if line.startswith("user "):
+            user = line.split(" ", 1)[1]
+        if line and not line.startswith("#"):
+            blocks.setdefault(user, []).append(line)
+    return blocks
+
+
+def test_the_fleet_guide_shows_the_broker_files_as_they_are() -> None:
+    """docs/fleet.md shows config/mosquitto/acl whole and the bridge file's settings."""
+    acl = (ROOT / "config" / "mosquitto" / "acl").read_text()
+    bridge = (ROOT / "config" / "mosquitto" / "bridge-noord.conf").read_text()
+    blocks = _code_blocks("fleet.md")
+    assert acl in blocks
+    settings = [line for line in bridge.splitlines() if line and not line.startswith("#")]
+    assert any([line for line in block.splitlines() if line] == settings for block in blocks)
+
+
+def test_the_acl_in_the_mqtt_guide_is_the_files() -> None:
+    """Each user block docs/mqtt.md shows is that user's block in config/mosquitto/acl."""
+    acl = _user_blocks((ROOT / "config" / "mosquitto" / "acl").read_text())
+    [shown] = [b for b in _code_blocks("mqtt.md") if b.startswith("user ")]
+    users = _user_blocks(shown)
+    assert set(users) == {"gated-noord", "staff", "homeassistant"}
+    for user, lines in users.items():
+        assert lines == acl[user], user
