@@ -13,29 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gated import codeset, fleetstaff, sitekey
 from gated.codeset import Entry, SetPolicy
 from gated.config import MqttConfig
 from gated.mqtt import connect
 
 from .broker import Mosquitto, eventually
-from .fleet import FLEET, Fleet, start_fleet
+from .fleet import FLEET, Fleet
 from .helpers import BARRIER, config_text
 
 PINS = {"noord": (5, 6), "zuid": (12, 13), "oost": (19, 26)}
-
-
-@pytest.fixture
-async def fleet(tmp_path: Path) -> Any:
-    brokers = start_fleet(tmp_path / "brokers")
-    try:
-        for edge in brokers.edges:
-            await brokers.linked(edge)
-        yield brokers
-    finally:
-        await brokers.close()
 
 
 def site_config(root: Path, site: str, broker: Mosquitto) -> Path:
@@ -99,7 +86,7 @@ async def test_fifty_thousand_fleet_codes_reach_every_site_through_default_broke
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     for name, site in sites.items():
         fleetset = site.daemon.bridge.fleetset
-        await eventually(lambda: fleetset.complete, within=30)
+        await eventually(lambda fleetset=fleetset: fleetset.complete, within=30)
         assert len(site.daemon.gatekeeper.book.fleet) == 50_000, name
         for n in (0, 31_337, 49_999):
             assert await answers(site, f"{n:08d}") == "status=ACK", name
@@ -126,7 +113,7 @@ async def test_a_code_deleted_while_an_edge_was_cut_is_gone_when_the_link_return
                 fleetstaff.hashed_body({"gates": ["*"]}, "24682468", key))
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     for site in sites.values():
-        await eventually(lambda: site.daemon.bridge.fleetset.complete, within=15)
+        await eventually(lambda site=site: site.daemon.bridge.fleetset.complete, within=15)
         assert await answers(site, "24682468") == "status=ACK"
 
     fleet.link.cut()
@@ -137,7 +124,8 @@ async def test_a_code_deleted_while_an_edge_was_cut_is_gone_when_the_link_return
             {"code_hash": sitekey.PREFIX + f"{n:064x}", "gates": ["barrier"]}), retain=True)
     await staff(fleet.central, key, "courier", None)
     for name in ("noord", "oost"):
-        await eventually(lambda: sites[name].daemon.bridge.fleetset.manifest.deltas.get(
+        fleetset = sites[name].daemon.bridge.fleetset
+        await eventually(lambda fleetset=fleetset: fleetset.manifest.deltas.get(
             "courier", "") is None)
         assert await answers(sites[name], "24682468") == "status=NAK", name
     assert await answers(sites["zuid"], "24682468") == "status=ACK"
