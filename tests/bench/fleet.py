@@ -16,7 +16,10 @@ codes import --fleet`` publishes it. Reported:
   and the same site with no fleet codes;
 - a changed set (every code new) published while calls arrive at a steady
   rate: the worst answer while it applies against the p99 of the quiet
-  seconds before.
+  seconds before;
+- the same codes the way they travelled before there were sets (``--per-code``):
+  one retained message each, with digits, through a broker whose queue was
+  raised to hold them all: a fresh site, a restart, RSS.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from gated.codeset import Entry, SetPolicy  # noqa: E402
 from gated.config import MqttConfig  # noqa: E402
 from gated.mqtt import connect, read_retained  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
+from tests.fleet import publish_retained  # noqa: E402
 from tests.helpers import BARRIER, TOKEN, write_config  # noqa: E402
 from tests.process import DaemonProcess, free_port  # noqa: E402
 
@@ -145,10 +149,47 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
+async def per_code(work: Path, count: int, floor_rss: int, empty_rss: int) -> None:
+    """The codes as one retained message each, digits in clear (the way before sets)."""
+    broker = Mosquitto(work / "per-code-broker", listener=f"max_queued_messages {count * 2}\n")
+    broker.start()
+    try:
+        started = time.perf_counter()
+        await asyncio.to_thread(publish_retained, broker.port, (
+            (f"{FLEET}/codes/c{n}", json.dumps({"code": f"3{n:08d}", "gates": ["barrier"]})
+             .encode()) for n in range(count)))
+        print(f"per code: publish {count:,} retained messages: "
+              f"{time.perf_counter() - started:.2f} s")
+        print(f"per code: messages per connect: {await retained_count(broker.port)}")
+        config, port = site(work / "per-code-site", broker, fleet=True)
+        last = f"3{count - 1:08d}"
+        started = time.monotonic()
+        process = DaemonProcess(config)
+        await asyncio.to_thread(process.wait_for, "mqtt connected", 30)
+        connected = time.monotonic()
+        await first_ack(port, last, within=300)
+        print(f"per code: fresh site, the last code ACK: {time.monotonic() - started:.2f} s "
+              f"from start, {time.monotonic() - connected:.2f} s from connecting")
+        process.stop()
+        started = time.monotonic()
+        process = DaemonProcess(config)
+        await first_ack(port, last, within=300)
+        print(f"per code: restart to the last code's ACK: {time.monotonic() - started:.2f} s")
+        rss = await steady_rss(process, port, last)
+        process.stop()
+        print(f"per code: steady RSS after a restart: {rss / 1024:.1f} MiB = "
+              f"{rss / floor_rss:.2f}x the floor; {(rss - empty_rss) * 1024 / count:.0f} "
+              "bytes a code above the site with no fleet")
+    finally:
+        broker.stop()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--codes", type=int, default=50_000)
     parser.add_argument("--calls-per-second", type=float, default=100.0)
+    parser.add_argument("--per-code", action="store_true",
+                        help="also measure one retained message per code, as before sets")
     parser.add_argument("--publish", nargs=2, metavar=("PORT", "KEY"),
                         help=argparse.SUPPRESS)  # the changed set, from another process
     args = parser.parse_args()
@@ -242,7 +283,8 @@ async def main() -> None:
                       f"= {rss / floor_rss:.2f}x the floor ({floor_rss / 1024:.1f} MiB); "
                       f"{(rss - empty_rss) * 1024 / args.codes:.0f} bytes a fleet code above "
                       f"the same site with no fleet ({empty_rss / 1024:.1f} MiB)")
-            print(json.dumps({"codes": args.codes}))
+            if args.per_code:
+                await per_code(work, args.codes, floor_rss, empty_rss)
         finally:
             floor.terminate()
             floor.wait()
