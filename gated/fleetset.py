@@ -76,6 +76,16 @@ def view(image: bookfile.Image, config: Config) -> tuple[StaticCodes, int]:
                        as_u64(image.section("ids")), image.section("names"), policies), refused
 
 
+def _let_go(outgoing: list[object], stale: Path | None) -> None:
+    """Drop the last references to an old set (its mapping goes with them), remove
+    its file, and hand the heap the new one's chunks used back to the system."""
+    outgoing.clear()
+    if stale is not None:
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    release_memory()
+
+
 class FleetSet:
     def __init__(self, bridge: Bridge, *, key: bytes, keyed: bool) -> None:
         self.bridge = bridge
@@ -262,6 +272,9 @@ class FleetSet:
         fleet = self.bridge.gatekeeper.book.fleet
         assert fleet is not None
         old = self.manifest
+        # The old set, to let go of in a thread: unmapping it and unlinking its
+        # file take milliseconds a call should not wait for.
+        outgoing: list[object] = [fleet.static, self.image]
         # One step on the loop: no call sees the new set without its deltas' ids hidden.
         fleet.static = static
         self.manifest, self.image, self._refused = manifest, image, refused
@@ -273,11 +286,10 @@ class FleetSet:
                         "number or schedule it cannot read)", policies=refused)
         self._apply_deltas(manifest)
         self._withdraw_deferred()
-        if old is not None and old.version != manifest.version:
-            with contextlib.suppress(OSError):
-                set_path(self.store_path, old.version).unlink()
-        # The chunks and the joined set were megabytes of heap, now free.
-        await asyncio.to_thread(release_memory)
+        stale = (set_path(self.store_path, old.version)
+                 if old is not None and old.version != manifest.version else None)
+        del static, image
+        await asyncio.to_thread(_let_go, outgoing, stale)
 
     def _apply_deltas(self, manifest: Manifest) -> None:
         """The manifest's word on deltas: deleted ones go, the rest hide the set's copy."""
