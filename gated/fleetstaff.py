@@ -194,17 +194,22 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-async def publish_set(client: aiomqtt.Client, base: str, entries: Iterable[Entry],
-                      broker: Broker, key: bytes) -> Manifest:
-    """Publish a whole set: chunks, then the manifest, then clear what it replaces."""
+def compile_set(entries: Iterable[Entry], previous: Manifest | None,
+                key: bytes) -> tuple[list[bytes], Manifest]:
+    """A whole set's chunks and the manifest that names them."""
     data = codeset.build(entries)
     chunks = codeset.split(data)
+    return chunks, Manifest(serial=codeset.new_serial(previous),
+                            version=codeset.version_of(data), size=len(data),
+                            chunks=len(chunks), codes=bookfile.read_header(data)[0].codes,
+                            key=codeset.fingerprint(key), time=_now())
+
+
+async def send_set(client: aiomqtt.Client, base: str, chunks: list[bytes], manifest: Manifest,
+                   broker: Broker) -> None:
+    """Chunks, then the manifest, then clear what it replaces."""
     for index, chunk in enumerate(chunks):
         await client.publish(f"{base}/set/{index}", chunk, qos=1, retain=True)
-    manifest = Manifest(serial=codeset.new_serial(broker.manifest),
-                        version=codeset.version_of(data), size=len(data), chunks=len(chunks),
-                        codes=bookfile.read_header(data)[0].codes,
-                        key=codeset.fingerprint(key), time=_now())
     await client.publish(f"{base}/set", manifest.encode(), qos=1, retain=True)
     # After the manifest: a site that reads the broker meanwhile finds the
     # old deltas still there for the old manifest.
@@ -216,6 +221,13 @@ async def publish_set(client: aiomqtt.Client, base: str, entries: Iterable[Entry
     for code_id in sorted(set(broker.deltas) | set(
             broker.manifest.deltas if broker.manifest is not None else ())):
         await client.publish(f"{base}/codes/{code_id}", b"", qos=1, retain=True)
+
+
+async def publish_set(client: aiomqtt.Client, base: str, entries: Iterable[Entry],
+                      broker: Broker, key: bytes) -> Manifest:
+    """Publish a whole set (compiled here)."""
+    chunks, manifest = compile_set(entries, broker.manifest, key)
+    await send_set(client, base, chunks, manifest, broker)
     return manifest
 
 
