@@ -98,6 +98,18 @@ def digest_prefix(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def read_name(names: memoryview, at: int) -> tuple[str, str]:
+    """(id, name) of the names section's entry at ``at``: a u16 length and the name,
+    then a u8 length and the id (0: the id is the name)."""
+    (length,) = NAME_LENGTH.unpack_from(names, at)
+    at += NAME_LENGTH.size
+    name = bytes(names[at:at + length]).decode()
+    at += length
+    id_length = names[at]
+    credential_id = bytes(names[at + 1:at + 1 + id_length]).decode() if id_length else name
+    return credential_id, name
+
+
 def as_u64(view: memoryview) -> Sequence[int]:
     """An array of little-endian u64 read in place (copied only on a big-endian CPU)."""
     if sys.byteorder == "little":
@@ -171,14 +183,7 @@ class StaticCodes:
         return self._policies[policy].named(credential_id, name)
 
     def _name(self, at: int) -> tuple[str, str]:
-        names = self._names
-        (length,) = NAME_LENGTH.unpack_from(names, at)
-        at += NAME_LENGTH.size
-        name = bytes(names[at:at + length]).decode()
-        at += length
-        id_length = names[at]
-        credential_id = bytes(names[at + 1:at + 1 + id_length]).decode() if id_length else name
-        return credential_id, name
+        return read_name(self._names, at)
 
     def has_id(self, credential_id: str) -> bool:
         """Whether a code or TOTP user of the book has this id (the index holds

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from gated import bookfile
-from gated.codes import NAME_LENGTH, RECORD, digest_prefix, id_hash
+from gated.codes import NAME_LENGTH, RECORD, digest_prefix, id_hash, read_name
 
 # A chunk is 256 KiB, or larger for a set that would need more than
 # MAX_CHUNKS of them: a connect costs at most 1 + MAX_CHUNKS + MAX_DELTAS
@@ -193,12 +193,7 @@ def entries(image: bookfile.Image) -> Iterator[Entry]:
     names = image.section("names")
     for index in range(len(prefixes) // 8):
         tail, policy, at = RECORD.unpack_from(records, index * RECORD.size)
-        (length,) = NAME_LENGTH.unpack_from(names, at)
-        at += NAME_LENGTH.size
-        name = bytes(names[at:at + length]).decode()
-        at += length
-        own = names[at]
-        code_id = bytes(names[at + 1:at + 1 + own]).decode() if own else name
+        code_id, name = read_name(names, at)
         yield Entry(bytes(prefixes[index * 8:index * 8 + 8]) + tail, table[policy], name,
                     code_id)
 

@@ -40,6 +40,18 @@ async def publish_set(broker: Mosquitto, key: bytes, codes: list[Entry]) -> code
         return await fleetstaff.replace_all(client, FLEET, "gated/staff/sync", key, codes)
 
 
+async def site_with_set(broker: Mosquitto, start_daemon: Any, tmp_path: Path,
+                        count: int) -> tuple[bytes, codeset.Manifest, Any, Any]:
+    """A set of ``count`` codes published, and a site that holds it whole:
+    (the fleet key, the manifest, the running site, its FleetSet)."""
+    key = fleet_key(tmp_path)
+    manifest = await publish_set(broker, key, entries(key, count))
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    fleetset = running.daemon.bridge.fleetset
+    await eventually(lambda: fleetset.complete, within=10)
+    return key, manifest, running, fleetset
+
+
 async def test_a_fleet_code_put_by_staff_opens_and_the_broker_never_sees_its_digits(
         broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,11 +206,7 @@ async def test_a_damaged_chunk_is_never_applied(broker: Mosquitto, probe: Probe,
                                                 start_daemon: Any, tmp_path: Path) -> None:
     """Chunks whose bytes do not make the set the manifest names (a flipped bit, a
     mix of two publishes): nothing of them applies; the set in force stays."""
-    key = fleet_key(tmp_path)
-    first = await publish_set(broker, key, entries(key, 100))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete, within=10)
+    key, first, running, fleetset = await site_with_set(broker, start_daemon, tmp_path, 100)
     other = codeset.build(entries(key, 100, start=500))
     (chunk,) = codeset.split(other)
     damaged = chunk[:-1] + bytes([chunk[-1] ^ 1])
@@ -265,11 +273,7 @@ async def test_two_staff_commands_at_once_lose_neither_code(
         broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
     """Four fleet puts at the same moment, each reading and replacing the one manifest:
     every code opens at the site, and the manifest lists them all."""
-    key = fleet_key(tmp_path)
-    await publish_set(broker, key, entries(key, 10))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete)
+    key, _, running, fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
 
     async def put(n: int) -> codeset.Manifest:
@@ -291,11 +295,7 @@ async def test_a_delta_whose_listing_was_lost_is_listed_again_by_the_next_comman
     """A put whose manifest another command replaced in the same instant leaves its code
     retained but unlisted: sites apply it, and the next command lists it again (and a
     later whole set keeps it) instead of dropping it."""
-    key = fleet_key(tmp_path)
-    first = await publish_set(broker, key, entries(key, 10))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete)
+    key, first, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
     orphan = fleetstaff.hashed_body({"name": "Orphan", "gates": ["*"]}, "41414141", key)
     await probe.publish(f"{FLEET}/codes/orphan", orphan, retain=True)
     await eventually(lambda: running.daemon.bridge.codes.get("fleet", "orphan") is not None)
@@ -318,11 +318,7 @@ async def test_sets_a_crash_left_behind_are_cleared_at_start(
         broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
     """A set file written but never recorded as in force, and a write lock of a killed
     daemon, are removed at start; the set in force stays and is mapped."""
-    key = fleet_key(tmp_path)
-    await publish_set(broker, key, entries(key, 10))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete)
+    _key, _, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
     await running.stop()
     state = tmp_path / "state"
     (kept,) = state.glob("entries.sqlite3.fleet-*")
@@ -338,11 +334,7 @@ async def test_a_reload_keeps_the_fleets_set_and_deltas(
     """A reload of the site's file builds a new book: the fleet's set and its deltas are
     carried over (policies compiled again for the new config), a delta still hides the
     set's copy of its id."""
-    key = fleet_key(tmp_path)
-    await publish_set(broker, key, entries(key, 100))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete)
+    key, _, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 100)
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     async with connect(settings, "staff") as client:
         await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "c7",
@@ -409,11 +401,7 @@ async def test_deltas_past_the_limit_are_folded_into_a_new_set(
         broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
     """The 33rd delta makes the command publish a whole new set holding every code and
     clear the deltas: a connect never costs more than 97 messages; the site has them all."""
-    key = fleet_key(tmp_path)
-    await publish_set(broker, key, entries(key, 20))
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete)
+    key, _, running, fleetset = await site_with_set(broker, start_daemon, tmp_path, 20)
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     manifests = []
     async with connect(settings, "staff") as client:
