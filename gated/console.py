@@ -64,3 +64,8 @@ def print_table(rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 chunk``, ``2 chunks``: a count with its noun."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

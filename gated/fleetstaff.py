@@ -34,6 +34,7 @@ import msgspec
 from gated import bookfile, codeset, sitekey
 from gated.codeset import Entry, Manifest, SetError, SetPolicy
 from gated.config import Config, fleet_key_path
+from gated.console import counted
 from gated.errors import GatedError
 from gated.mqtt import Incoming
 
@@ -305,8 +306,9 @@ def rows(broker: Broker, tz: Any) -> tuple[list[dict[str, Any]], bool, str]:
     whole = image is not None and not missing
     expected = manifest.codes + sum(1 for d in manifest.deltas.values() if d is not None)
     if whole:
-        line = (f"fleet set serial {manifest.serial}: complete ({len(listed)} codes, "
-                f"{manifest.chunks} chunks, {len(manifest.deltas)} deltas)")
+        line = (f"fleet set serial {manifest.serial}: complete ({counted(len(listed), 'code')}, "
+                f"{counted(manifest.chunks, 'chunk')}, "
+                f"{counted(len(manifest.deltas), 'delta')})")
     else:
         parts = []
         if image is None:

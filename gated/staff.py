@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gated import compiler, fleetstaff, sitekey
 from gated.config import Config
-from gated.console import parse_time, print_table, split_names
+from gated.console import counted, parse_time, print_table, split_names
 from gated.errors import GatedError
 from gated.managed import ID_RE, NotHere, Rejected, Scope, parse
 
@@ -239,7 +239,8 @@ def _publish_fleet(loaded: compiler.Loaded, code_id: str, body: bytes | None,
                 client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, code_id, body)
             verb = "published" if body is not None else "deleted"
             print(f"{verb} {topic} in the fleet's set (serial {manifest.serial}, "
-                  f"{manifest.codes} codes in the set, {len(manifest.deltas)} deltas; "
+                  f"{counted(manifest.codes, 'code')} in the set, "
+                  f"{counted(len(manifest.deltas), 'delta')}; "
                   "digits as the fleet key's hash)")
             if shown is not None:
                 print(f"code: {shown}")
@@ -295,9 +296,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             if scope == "fleet":
                 manifest = await fleetstaff.replace_all(
                     client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, entries)
-                print(f"published {len(entries)} codes from {args.file} as the fleet's set "
-                      f"(serial {manifest.serial}, {manifest.chunks} chunks of "
-                      f"{manifest.size} bytes; digits as the fleet key's hash)")
+                print(f"published {counted(len(entries), 'code')} from {args.file} as the "
+                      f"fleet's set (serial {manifest.serial}, {manifest.size:,} bytes in "
+                      f"{counted(manifest.chunks, 'chunk')}; digits as the fleet key's hash)")
                 return 0
             for row in rows:
                 fields = {k: v for k, v in row.fields.items() if k != "code"}
@@ -305,8 +306,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                 await client.publish(f"{base}/codes/{row.id}",
                                      json.dumps(fields, ensure_ascii=False).encode(),
                                      qos=1, retain=True)
-        print(f"published {len(rows)} codes from {args.file} under {base}/codes (as keyed "
-              "hashes); `gated codes ls --broker` shows any gated refused")
+        print(f"published {counted(len(rows), 'code')} from {args.file} under {base}/codes "
+              "(as keyed hashes); `gated codes ls --broker` shows any gated refused")
         return 0
 
     return asyncio.run(run())
