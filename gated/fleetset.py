@@ -102,6 +102,7 @@ class FleetSet:
         self._check: asyncio.TimerHandle | None = None
         self._refused = 0
         self.grace = GRACE
+        self._retry: tuple[Manifest, bytes] | None = None  # a checked set not yet written
         self._said: tuple[bool, int | None] | None = None  # the state last published
         # Deltas cleared while a new set is on its way (an import clears them
         # after publishing the set that holds them): withdrawn once it is in.
@@ -249,10 +250,12 @@ class FleetSet:
         config = self.bridge.config
         path = set_path(self.store_path, manifest.version)
 
+        checked: list[bytes] = []
+
         def prepare() -> tuple[bookfile.Image, StaticCodes, int]:
             # All off the loop: checking, writing and mapping 3 MB, and the policies.
-            whole = data()
-            files.replace(path, whole)
+            checked.append(data())
+            files.replace(path, checked[0])
             image = bookfile.map_file(path)
             return (image, *view(image, config))
 
@@ -261,6 +264,9 @@ class FleetSet:
         except (SetError, bookfile.BookError, files.FileError, OSError) as exc:
             log.warning("fleet code set not applied; keeping the one in force", error=str(exc))
             self._installing = None
+            # Whole and checked, but not written (a full disk): tried again when
+            # the grace runs out, and after it, until it is or a newer set comes.
+            self._retry = (manifest, checked[0]) if checked else None
             self._withdraw_deferred()
             self.confirm_later()
             return
@@ -377,6 +383,11 @@ class FleetSet:
         """Say whether this site holds the broker's set; ``final``: the grace is over."""
         if self.bridge.closed:
             return
+        retry = self._retry
+        if final and retry is not None:
+            self._retry = None
+            if not self.pending and self.newest == retry[0]:
+                self._install_bytes(*retry)
         complete = self.complete
         if complete and self._check is not None:
             self._check.cancel()

@@ -419,3 +419,32 @@ async def test_deltas_past_the_limit_are_folded_into_a_new_set(
     await probe.subscribe(f"{FLEET}/codes/+")
     await asyncio.sleep(0.2)
     assert [m for m in probe.on(f"{FLEET}/codes/+") if m.payload] == []
+
+
+async def test_a_set_that_cannot_be_written_is_kept_out_and_tried_again(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """A new set arriving while the state directory cannot take its file (a full disk):
+    the set in force stays, the site says it is incomplete, and once the disk has room
+    the checked set is written and applied without the broker sending it again."""
+    await probe.subscribe("gated/test/alarms")
+    key, first, running, fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
+    fleetset.grace = 0.5
+    state = tmp_path / "state"
+    bigger = codeset.build(entries(key, 20))
+    blocker = state / f"entries.sqlite3.fleet-{codeset.version_of(bigger)[:16]}.lock"
+    blocker.mkdir()  # the write's lock file cannot be made: as good as a full disk
+    try:
+        (chunk,) = codeset.split(bigger)
+        await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
+        await probe.publish(f"{FLEET}/set", codeset.Manifest(
+            serial=first.serial + (1 << 16), version=codeset.version_of(bigger),
+            size=len(bigger), chunks=1, codes=20, key=first.key).encode(), retain=True)
+        (alarm,) = await probe.wait_for("gated/test/alarms", 1, within=5)
+        assert alarm.json()["alarm"] == "codes_incomplete"
+        assert await running.get(code="00000009", did=BARRIER) == (200, "status=ACK")
+        assert await running.get(code="00000019", did=BARRIER) == (200, "status=NAK")
+    finally:
+        blocker.rmdir()
+    alarms = await probe.wait_for("gated/test/alarms", 2, within=5)
+    assert alarms[-1].json()["alarm"] == "codes_complete"
+    assert await running.get(code="00000019", did=BARRIER) == (200, "status=ACK")
