@@ -431,8 +431,8 @@ async def test_a_set_that_cannot_be_written_is_kept_out_and_tried_again(
     fleetset.grace = 0.5
     state = tmp_path / "state"
     bigger = codeset.build(entries(key, 20))
-    blocker = state / f"entries.sqlite3.fleet-{codeset.version_of(bigger)[:16]}.lock"
-    blocker.mkdir()  # the write's lock file cannot be made: as good as a full disk
+    blocker = state / f"entries.sqlite3.fleet-{codeset.version_of(bigger)[:16]}"
+    blocker.mkdir()  # the file cannot take its place: as good as a full disk
     try:
         (chunk,) = codeset.split(bigger)
         await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
