@@ -179,12 +179,16 @@ def read_header(data: bytes | memoryview | mmap.mmap) -> tuple[Header, int]:
     return header, _aligned(at + HEADER_LENGTH + size)
 
 
-def image(data: bytes | mmap.mmap) -> Image:
-    """Check a whole book (header and checksum) and return it for reading."""
+def image(data: bytes | mmap.mmap, *, checksum: bool = True) -> Image:
+    """Check a whole book (header and checksum) and return it for reading.
+
+    ``checksum`` False: the caller checks a digest of the whole file itself (a
+    fleet set, named by its SHA-256), so the body is not hashed twice.
+    """
     header, body = read_header(data)
     view = memoryview(data)
     problem = None
-    if sha256(view[body:]) != header.checksum:
+    if checksum and sha256(view[body:]) != header.checksum:
         problem = "checksum mismatch: the file is damaged"
     elif any(offset < body or offset + length > len(view)
              for offset, length in header.sections.values()):
@@ -208,12 +212,12 @@ def peek(path: Path) -> Header | None:
         return None
 
 
-def map_file(path: Path) -> Image:
+def map_file(path: Path, *, checksum: bool = True) -> Image:
     """Map a book read-only and check it whole."""
     with path.open("rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return image(mapped)
+        return image(mapped, checksum=checksum)
     except BookError:
         mapped.close()
         raise

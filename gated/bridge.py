@@ -265,19 +265,10 @@ class Bridge:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
             fleet = self.fleetset
-            if scope == "fleet" and fleet is not None and fleet.manifest is not None and (
-                    fleet.newest is None):
-                # A broker without the manifest this site had (an edge replaced
-                # with an empty store, a bridge not up yet): it cannot say what
-                # was deleted. Withdraw nothing; say so if it lasts.
-                log.warning("the broker holds no fleet manifest; keeping the fleet's codes "
-                            "this site has")
-                fleet.confirm_later()
-                continue
-            if scope == "fleet" and fleet is not None and fleet.newest is not None:
-                # The fleet's manifest says what is in force: a cut list of
-                # retained messages withdraws nothing it lists.
-                for code_id in sorted(fleet.synced(self._seen["fleet"])):
+            if scope == "fleet" and fleet is not None and fleet.has_set:
+                # The manifest, not the list of retained messages, says what is
+                # in force: a cut list withdraws nothing it lists.
+                for code_id in fleet.synced(self._seen["fleet"]):
                     log.info("managed code withdrawn while gated was away", id=code_id,
                              scope=scope)
                     self._withdraw(scope, code_id)
@@ -392,8 +383,6 @@ class Bridge:
         if removed is not None:
             self._forget(scope, code_id)
             log.info("managed code removed", id=code_id, scope=scope)
-            if scope == "fleet" and self.fleetset is not None:
-                self.fleetset.rehide()
         self.verdicts.clear(scope, code_id, force=False)
 
     def withdraw_fleet(self, code_id: str) -> None:

@@ -409,13 +409,14 @@ class FleetCodes:
 
     ``static``: the set in force (``gated.codeset``), whose policies this
     site compiled (``ELSEWHERE`` for a code for other sites' gates);
-    ``hidden``: ids of the set that deltas replaced or deleted; ``managed``:
-    the deltas, by digest, as for a site's managed codes.
+    ``managed``: the deltas, by digest, as for a site's managed codes. A code
+    of the set is out of force when a delta here has its id, or the manifest
+    lists its id (``listed``: replaced or deleted since the set was made).
     """
 
     key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     static: StaticCodes = field(default_factory=StaticCodes.empty)
-    hidden: set[str] = field(default_factory=set)
+    listed: frozenset[str] = frozenset()
     managed: dict[bytes, Credential] = field(default_factory=dict)
     managed_ids: dict[str, bytes] = field(default_factory=dict)
 
@@ -430,12 +431,10 @@ class FleetCodes:
         if at < 0 or self.static.policy_at(at) is ELSEWHERE:
             return None
         credential = self.static.credential(at)
-        return None if credential.id in self.hidden else credential
+        return None if self._replaced(credential.id) else credential
 
-    def owner(self, digest: bytes) -> str | None:
-        """The id of the fleet code with these digits, for clash checks."""
-        credential = self.get(digest)
-        return None if credential is None else credential.id
+    def _replaced(self, credential_id: str) -> bool:
+        return credential_id in self.listed or credential_id in self.managed_ids
 
     def __len__(self) -> int:
         return len(self.static) + len(self.managed)
@@ -445,7 +444,7 @@ class FleetCodes:
         for at in range(len(static)):
             if static.policy_at(at) is not ELSEWHERE:
                 credential = static.credential(at)
-                if credential.id not in self.hidden:
+                if not self._replaced(credential.id):
                     yield credential
         yield from self.managed.values()
 
@@ -559,12 +558,11 @@ class CodeBook:
         assert fleet is not None
         if self.has_id(credential.id):
             raise CodeClash(f"id {credential.id!r} is already used by another credential")
-        owner = fleet.owner(digest)
-        if owner is not None and owner != credential.id:
+        taken = fleet.get(digest)
+        if taken is not None and taken.id != credential.id:
             raise CodeClash("these digits are already another credential's code")
         fleet.managed[digest] = credential
         fleet.managed_ids[credential.id] = digest
-        fleet.hidden.add(credential.id)
 
     def remove_fleet_code(self, credential_id: str) -> Credential | None:
         fleet = self.fleet

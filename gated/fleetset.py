@@ -100,7 +100,6 @@ class FleetSet:
         self._installing: str | None = None
         self._alarmed = False
         self._check: asyncio.TimerHandle | None = None
-        self._refused = 0
         self.grace = GRACE
         self._retry: tuple[Manifest, bytes] | None = None  # a checked set not yet written
         self._said: tuple[bool, int | None] | None = None  # the state last published
@@ -137,16 +136,19 @@ class FleetSet:
                 continue
             try:
                 manifest = codeset.decode_manifest(body)
-                image = bookfile.map_file(set_path(self.store_path, manifest.version))
+                # The manifest names the set by the SHA-256 of all its bytes: that
+                # one check covers what the book's own checksum would.
+                image = bookfile.map_file(set_path(self.store_path, manifest.version),
+                                          checksum=False)
                 if codeset.version_of(image.buffer) != manifest.version:
                     raise SetError("the file is not the set the manifest names")
-                fleet.static, self._refused = view(image, self.bridge.config)
+                fleet.static, _ = view(image, self.bridge.config)
             except (SetError, bookfile.BookError, OSError) as exc:
                 log.warning("local copy of the fleet's code set unusable; waiting for the "
                             "broker's", error=str(exc))
                 continue
             self.manifest, self.image = manifest, image
-            fleet.hidden = set(manifest.deltas)
+            fleet.listed = frozenset(manifest.deltas)
             log.info("fleet code set loaded from the local copy", codes=len(fleet.static),
                      serial=manifest.serial)
         # Sets (and their write locks) a crash left behind: this daemon holds
@@ -168,7 +170,7 @@ class FleetSet:
         fleet = FleetCodes(key=self.key)
         if self.image is not None and self.manifest is not None:
             fleet.static, _ = view(self.image, config)
-            fleet.hidden = set(self.manifest.deltas)
+            fleet.listed = frozenset(self.manifest.deltas)
         return fleet
 
     # -- messages --------------------------------------------------------------------
@@ -254,9 +256,9 @@ class FleetSet:
 
         def prepare() -> tuple[bookfile.Image, StaticCodes, int]:
             # All off the loop: checking, writing and mapping 3 MB, and the policies.
-            checked.append(data())
+            checked.append(data())  # its SHA-256 checked against the manifest
             files.replace(path, checked[0])
-            image = bookfile.map_file(path)
+            image = bookfile.map_file(path, checksum=False)
             return (image, *view(image, config))
 
         try:
@@ -281,10 +283,10 @@ class FleetSet:
         # The old set, to let go of in a thread: unmapping it and unlinking its
         # file take milliseconds a call should not wait for.
         outgoing: list[object] = [fleet.static, self.image]
-        # One step on the loop: no call sees the new set without its deltas' ids hidden.
-        fleet.static = static
-        self.manifest, self.image, self._refused = manifest, image, refused
-        self.rehide()
+        # One step on the loop: no call sees the new set with the manifest's
+        # replaced or deleted codes still in force.
+        fleet.static, fleet.listed = static, frozenset(manifest.deltas)
+        self.manifest, self.image = manifest, image
         log.info("fleet code set applied", codes=len(static), serial=manifest.serial,
                  chunks=manifest.chunks, refused_policies=refused)
         if refused:
@@ -312,18 +314,9 @@ class FleetSet:
             for code_id in self.unlisted(bridge.seen("fleet")):
                 bridge.withdraw_fleet(code_id)
         self.manifest = manifest
-        self.rehide()
+        fleet.listed = frozenset(manifest.deltas)
         bridge.gatekeeper.store.save_code(*LOCAL, manifest.encode())
         self.confirm()
-
-    def rehide(self) -> None:
-        """The set's codes that deltas replace or delete: those the manifest lists and
-        those a delta here replaces. A delta withdrawn that the manifest does not
-        list gives the set's own copy of its id back (the set is what is in force)."""
-        fleet = self.bridge.gatekeeper.book.fleet
-        assert fleet is not None
-        listed = self.manifest.deltas if self.manifest is not None else {}
-        fleet.hidden = set(listed) | set(fleet.managed_ids)
 
     def _withdraw_deferred(self) -> None:
         listed = self.manifest.deltas if self.manifest is not None else {}
@@ -355,16 +348,27 @@ class FleetSet:
 
     @property
     def complete(self) -> bool:
-        if self.newest is None:
-            return False
-        chunks, deltas = self.missing()
-        return (not chunks and not deltas and self.keyed
+        return self._complete(*self.missing())
+
+    def _complete(self, chunks: int, deltas: list[str]) -> bool:
+        return (self.newest is not None and not chunks and not deltas and self.keyed
                 and self.newest.key == self.fingerprint)
+
+    @property
+    def has_set(self) -> bool:
+        """A manifest is in force here or on the broker: withdrawals go by it."""
+        return self.manifest is not None or self.newest is not None
 
     def synced(self, seen: set[str]) -> list[str]:
         """After the connection's retained messages are in: the deltas to withdraw."""
         self.confirm_later()
-        return self.unlisted(seen)
+        if self.newest is None:
+            # A broker without the manifest this site had (an edge replaced with
+            # an empty store, a bridge not up yet) cannot say what was deleted.
+            log.warning("the broker holds no fleet manifest; keeping the fleet's codes "
+                        "this site has")
+            return []
+        return sorted(self.unlisted(seen))
 
     def unlisted(self, seen: set[str]) -> list[str]:
         """This site's deltas neither listed in the broker's manifest nor on the broker."""
@@ -388,7 +392,8 @@ class FleetSet:
             self._retry = None
             if not self.pending and self.newest == retry[0]:
                 self._install_bytes(*retry)
-        complete = self.complete
+        chunks, deltas = self.missing()
+        complete = self._complete(chunks, deltas)
         if complete and self._check is not None:
             self._check.cancel()
             self._check = None
@@ -399,7 +404,6 @@ class FleetSet:
         elif not complete and final and not self._alarmed and (
                 self.newest is not None or self.manifest is not None):
             self._alarmed = True
-            chunks, deltas = self.missing()
             newest = self.newest
             alarms.alarm(log, "codes_incomplete", "cannot confirm the fleet's code set; "
                          "keeping the codes this site has",
@@ -407,19 +411,18 @@ class FleetSet:
                          missing_chunks=chunks, missing_deltas=len(deltas),
                          key_matches=newest.key == self.fingerprint if newest else None,
                          manifest_on_broker=newest is not None)
-        self.publish_state()
+        self._publish_state(complete, chunks, deltas)
 
-    def publish_state(self) -> None:
+    def _publish_state(self, complete: bool, chunks: int, deltas: list[str]) -> None:
         """``<prefix>/fleet`` (retained), when what it says changed: not per delta."""
         bridge = self.bridge
-        said = (self.complete, self.manifest.serial if self.manifest else None)
+        said = (complete, self.manifest.serial if self.manifest else None)
         if not bridge.link.connected or said == self._said:
             return
         self._said = said
-        chunks, deltas = self.missing()
         fleet = bridge.gatekeeper.book.fleet
         state = {
-            "site": bridge.site, "complete": self.complete,
+            "site": bridge.site, "complete": complete,
             "serial": self.manifest.serial if self.manifest else None,
             "broker_serial": self.newest.serial if self.newest else None,
             "codes": len(fleet) if fleet is not None else 0,

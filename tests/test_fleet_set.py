@@ -448,3 +448,22 @@ async def test_a_set_that_cannot_be_written_is_kept_out_and_tried_again(
     alarms = await probe.wait_for("gated/test/alarms", 2, within=5)
     assert alarms[-1].json()["alarm"] == "codes_complete"
     assert await running.get(code="00000019", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_damaged_local_set_is_never_read(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
+    """A bit flipped in the set's file (an SD card): at start the site uses none of it,
+    and takes the set from the broker again."""
+    _key, _, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 100)
+    await running.stop()
+    (path,) = (tmp_path / "state").glob("entries.sqlite3.fleet-*")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1
+    path.write_bytes(bytes(data))
+    broker.stop()
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    assert len(running.daemon.gatekeeper.book.fleet) == 0
+    assert await running.get(code="00000042", did=BARRIER) == (200, "status=NAK")
+    broker.start()
+    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
