@@ -32,16 +32,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gated import bookfile, codeset, sitekey
+from gated.codes import CODE_RE
 from gated.codeset import Entry, Manifest, SetError, SetPolicy
-from gated.config import Config, fleet_key_path
+from gated.config import CodeConfig, Config, fleet_key_path
 from gated.console import counted
 from gated.errors import GatedError
-from gated.mqtt import Incoming
 
 if TYPE_CHECKING:
     import aiomqtt
 
     from gated import compiler
+    from gated.mqtt import Incoming
 
 # How often a command merges and publishes again when others keep replacing the manifest.
 ATTEMPTS = 5
@@ -68,7 +69,6 @@ class Broker:
     manifest: Manifest | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
     deltas: dict[str, bytes] = field(default_factory=dict)  # retained codes/<id>
-    listed_complete: bool = False  # the broker confirmed the end of its list
 
     def image(self) -> bookfile.Image | None:
         """The set the manifest names, None when the broker does not hold it whole."""
@@ -107,11 +107,13 @@ async def read(client: aiomqtt.Client, base: str, marker: str, *,
     if with_set:
         filters.insert(0, f"{base}/set/+")
     found, complete = await read_retained(client, filters, marker_topic=marker, within=15.0)
-    return _broker(found, base, complete)
+    del complete  # a cut list shows as a set or delta missing, which is refused
+    return from_messages(found, base)
 
 
-def _broker(found: list[Incoming], base: str, complete: bool) -> Broker:
-    broker = Broker(listed_complete=complete)
+def from_messages(found: list[Incoming], base: str) -> Broker:
+    """What the retained messages under ``base`` (the fleet prefix) say."""
+    broker = Broker()
     for message in found:
         rest = message.topic.removeprefix(f"{base}/")
         if rest == "set":
@@ -129,15 +131,38 @@ def _broker(found: list[Incoming], base: str, complete: bool) -> Broker:
 
 
 def entry_of(code_id: str, body: bytes, key: bytes) -> Entry:
-    """A delta's message as an entry of the set (digits, if any, are keyed here)."""
-    fields: dict[str, Any] = json.loads(body)
-    if "code_hash" in fields:
-        digest = sitekey.parse_hash(fields["code_hash"])
-        if digest is None:
-            raise FleetError(f"code {code_id!r}: its code_hash cannot be read")
-    else:
-        digest = sitekey.digest(key, str(fields["code"]))
-    return Entry(digest, SetPolicy.of(fields), str(fields.get("name", code_id)), code_id)
+    """A delta's message as an entry of the set (digits, if any, are keyed here);
+    FleetError, in one line, for a message that is no fleet code."""
+    try:
+        fields = msgspec.json.decode(body)
+        if not isinstance(fields, dict):
+            raise TypeError("not a JSON object")
+        if "code_hash" in fields:
+            digest = sitekey.parse_hash(str(fields["code_hash"]))
+            if digest is None:
+                raise ValueError("its code_hash cannot be read")
+        elif isinstance(fields.get("code"), str) and CODE_RE.fullmatch(fields["code"]):
+            digest = sitekey.digest(key, fields["code"])
+        else:
+            raise ValueError("it has neither code nor code_hash")
+        # The fields' types as every site checks them (a code's own gates and
+        # numbers are each site's to check): a message of the wrong shape is
+        # refused here, not listed for sites that would wait for it forever.
+        msgspec.convert({"name": code_id, **fields}, CodeConfig)
+        policy = SetPolicy.of(fields)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise FleetError(f"the fleet code {code_id!r} on the broker is not one gated can "
+                         f"read ({exc}); delete it with `gated codes rm --fleet "
+                         f"{code_id}`") from None
+    return Entry(digest, policy, str(fields.get("name", code_id)), code_id)
+
+
+def readable(code_id: str, body: bytes, key: bytes) -> bool:
+    try:
+        entry_of(code_id, body, key)
+    except FleetError:
+        return False
+    return True
 
 
 def current(broker: Broker, key: bytes) -> dict[str, Entry]:
@@ -151,7 +176,7 @@ def current(broker: Broker, key: bytes) -> dict[str, Entry]:
                              f"(serial {manifest.serial}); publish it again with `gated "
                              "codes import --fleet`")
         codes = {entry.id: entry for entry in codeset.entries(image)}
-        for code_id, digest in adopted(broker).items():
+        for code_id, digest in adopted(broker, key).items():
             codes.pop(code_id, None)
             if digest is None:
                 continue
@@ -163,14 +188,16 @@ def current(broker: Broker, key: bytes) -> dict[str, Entry]:
             codes[code_id] = entry_of(code_id, body, key)
     else:
         # Codes published one message each before there was a set: taken in,
-        # digits hashed with the fleet key, and cleared from the broker.
+        # digits hashed with the fleet key, and cleared from the broker (a
+        # message that is no code goes too: no site applies it).
         for code_id, body in broker.deltas.items():
-            codes[code_id] = entry_of(code_id, body, key)
+            if readable(code_id, body, key):
+                codes[code_id] = entry_of(code_id, body, key)
     return codes
 
 
-def adopted(broker: Broker) -> dict[str, str | None]:
-    """The manifest's deltas, plus any delta on the broker it does not list.
+def adopted(broker: Broker, key: bytes) -> dict[str, str | None]:
+    """The manifest's deltas, plus any readable code on the broker it does not list.
 
     A put whose manifest another staff command replaced at the same moment
     left its code retained but unlisted; sites apply it all the same, and the
@@ -179,7 +206,7 @@ def adopted(broker: Broker) -> dict[str, str | None]:
     manifest = broker.manifest
     deltas: dict[str, str | None] = dict(manifest.deltas) if manifest is not None else {}
     for code_id, body in broker.deltas.items():
-        if code_id not in deltas:
+        if code_id not in deltas and readable(code_id, body, key):
             deltas[code_id] = codeset.body_digest(body)
     return deltas
 
@@ -238,7 +265,7 @@ async def change(client: aiomqtt.Client, base: str, marker: str, key: bytes,
     for _ in range(ATTEMPTS):
         broker = await read(client, base, marker)
         manifest = broker.manifest
-        deltas = adopted(broker)
+        deltas = adopted(broker, key)
         if manifest is None or len(deltas | {code_id: None}) > codeset.MAX_DELTAS:
             codes = current(broker, key)
             codes.pop(code_id, None)
@@ -299,7 +326,10 @@ def rows(broker: Broker, tz: Any) -> tuple[list[dict[str, Any]], bool, str]:
         body = broker.deltas.get(code_id)
         if digest is None or body is None or codeset.body_digest(body) != digest:
             continue
-        fields = json.loads(body)
+        try:
+            fields = msgspec.json.decode(body, type=dict[str, Any])
+        except msgspec.DecodeError:
+            fields = {"unreadable": True}
         fields.pop("code_hash", None)
         fields.pop("code", None)
         listed[code_id] = {"scope": "fleet", "id": code_id, "name": code_id, **fields}

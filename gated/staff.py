@@ -398,7 +398,7 @@ def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Con
     if noun == "code" and fleet_base is not None and any(
             m.topic == f"{fleet_base}/set" for m in found):
         # The fleet's codes as its set says, not one message each.
-        broker = fleetstaff._broker(found, fleet_base, complete)
+        broker = fleetstaff.from_messages(found, fleet_base)
         fleet_rows, whole, said = fleetstaff.rows(broker, config.tz)
         for row in fleet_rows:
             for hidden in hide:

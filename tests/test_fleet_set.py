@@ -467,3 +467,27 @@ async def test_a_damaged_local_set_is_never_read(
     broker.start()
     await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
     assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
+
+
+async def test_a_message_that_is_no_code_under_the_fleet_prefix_breaks_no_staff_command(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are no fleet code, retained under the fleet's codes: a put lists none of
+    them in the manifest (sites would wait for them forever); a whole set made from the
+    broker's leaves them out; nothing fails with a traceback."""
+    key, _, running, fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
+    for code_id, junk in [("junk", b"\xff\x00not json"), ("list", b"[1, 2]"),
+                          ("nocode", b'{"gates": ["*"]}'), ("types", b'{"code": "1234", '
+                                                                     b'"gates": "barrier"}')]:
+        await probe.publish(f"{FLEET}/codes/{code_id}", junk, retain=True)
+    config = str(tmp_path / "gated.toml")
+    code, out = await gated(capsys, "-c", config, "codes", "put", "--fleet", "good",
+                            "--code", "64646464", "--gates", "*", "--wait", "0")
+    assert code == 0, out
+    await eventually(lambda: fleetset.complete and fleetset.manifest is not None
+                     and set(fleetset.manifest.deltas) == {"good"})
+    assert await running.get(code="64646464", did=BARRIER) == (200, "status=ACK")
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+    async with connect(settings, "staff-fold") as client:
+        on_broker = await fleetstaff.read(client, FLEET, "gated/staff/sync")
+    assert set(fleetstaff.current(on_broker, key)) == {f"c{n}" for n in range(10)} | {"good"}
