@@ -202,11 +202,7 @@ async def _verdict(client: aiomqtt.Client, error_topic: str, wait: float, site: 
                 if not payload:
                     print(f"applied by gated at site {site}")
                     return 0
-                try:
-                    reason = json.loads(payload)["error"]
-                except (ValueError, TypeError, KeyError):
-                    reason = payload.decode(errors="replace")
-                print(f"refused by gated at site {site}: {reason}")
+                print(f"refused by gated at site {site}: {_reason(payload)}")
                 return 1
     except TimeoutError:
         pass
@@ -257,6 +253,14 @@ def _publish_fleet(loaded: compiler.Loaded, code_id: str, body: bytes | None,
     return asyncio.run(run())
 
 
+def _reason(payload: bytes) -> str:
+    """What a refusal on an error topic says."""
+    try:
+        return str(json.loads(payload)["error"])
+    except (ValueError, TypeError, KeyError):
+        return payload.decode(errors="replace")
+
+
 async def _refusals(client: aiomqtt.Client, prefix: str, wait: float) -> dict[str, str]:
     refused: dict[str, str] = {}
     with contextlib.suppress(TimeoutError):
@@ -265,11 +269,7 @@ async def _refusals(client: aiomqtt.Client, prefix: str, wait: float) -> dict[st
                 topic = message.topic.value
                 if message.retain or not message.payload or not topic.startswith(prefix):
                     continue
-                try:
-                    reason = json.loads(bytes(message.payload))["error"]
-                except (ValueError, TypeError, KeyError):
-                    reason = bytes(message.payload).decode(errors="replace")
-                refused[topic.removeprefix(prefix)] = str(reason)
+                refused[topic.removeprefix(prefix)] = _reason(bytes(message.payload))
     return refused
 
 
