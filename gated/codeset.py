@@ -251,5 +251,3 @@ def new_serial(previous: Manifest | None) -> int:
     base = 0 if previous is None else previous.serial
     return (base >> 16) + 1 << 16 | secrets.randbelow(1 << 16)
 
-
-EMPTY = build(())

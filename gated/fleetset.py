@@ -195,10 +195,6 @@ class FleetSet:
         if self.manifest is not None and manifest.version == self.manifest.version:
             self._apply_deltas(manifest)
             return
-        if manifest.size == len(codeset.EMPTY) and manifest.version == codeset.version_of(
-                codeset.EMPTY):
-            self._install_bytes(manifest, codeset.EMPTY)
-            return
         assembly = self._assembly = Assembly(manifest)
         for index, data in self._early.pop(assembly.prefix, {}).items():
             assembly.add(index, data)

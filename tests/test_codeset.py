@@ -78,7 +78,7 @@ def test_a_manifest_that_does_not_add_up_is_refused(payload: bytes) -> None:
 
 
 def test_a_serial_always_grows() -> None:
-    data = codeset.EMPTY
+    data = codeset.build(())
     previous = manifest_of(data)
     for _ in range(100):
         serial = codeset.new_serial(previous)
