@@ -14,7 +14,10 @@ docs/mqtt.md:
   Under ``[mqtt] fleet_prefix`` the same, for codes valid at every site, with
   refusals on ``<fleet>/codes/<id>/error/<site-id>`` (and no word when one is
   applied); those codes are deltas on the fleet's set, ``<fleet>/set`` and its
-  chunks (gated.fleetset), whose state this site says on ``fleet``.
+  chunks (gated.setchannel), whose state this site says on ``fleet``, and are
+  applied only as the set's signed manifest lists them. The site's own set
+  (``gated codes import``) is ``set`` and its chunks under the site prefix,
+  its state on ``codeset``.
 - ``alarms``: one JSON message per alarm (``site_locked``, ``caller_locked``,
   their ``*_unlocked`` ends, ``store_failing``, ``store_recovered``,
   ``relay_stuck``, ``held_open``, ``forced_open``, ``code_clashes``,
@@ -42,11 +45,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from gated import alarms, events, fleetset, hass
+from gated import alarms, events, hass, setchannel, signing
 from gated.config import Config, DtmfActuatorConfig
 from gated.decide import Changes
 from gated.errors import BrokerError
-from gated.fleetset import FleetSet
 from gated.gatekeeper import Gatekeeper, RawCall
 from gated.managed import (
     Clash,
@@ -61,6 +63,7 @@ from gated.managed import (
 )
 from gated.mqtt import Incoming, MqttLink
 from gated.routebridge import RouteChannel
+from gated.setchannel import SetChannel
 from gated.verdicts import Verdicts
 
 if TYPE_CHECKING:
@@ -85,7 +88,9 @@ MAX_OPEN_PAYLOAD = 256
 
 class Bridge:
     def __init__(self, link: MqttLink, gatekeeper: Gatekeeper, config: Config, *,
-                 fleet_key: tuple[bytes, bool] | None = None) -> None:
+                 fleet_key: tuple[bytes, bool] | None = None,
+                 fleet_trust: signing.Trust | None = None,
+                 site_trust: signing.Trust | None = None) -> None:
         assert config.mqtt is not None
         self.link = link
         self.gatekeeper = gatekeeper
@@ -108,11 +113,18 @@ class Bridge:
         self._closed = False
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
         self.routes = RouteChannel(self)
-        self.fleetset: FleetSet | None = None
+        self.fleetset: SetChannel | None = None
         if self.fleet is not None:
             key, keyed = fleet_key if fleet_key is not None else (os.urandom(32), False)
-            self.fleetset = FleetSet(self, key=key, keyed=keyed)
+            self.fleetset = SetChannel(
+                self, scope="fleet", base=self.fleet, key=key, keyed=keyed,
+                trust=fleet_trust or signing.Trust(gatekeeper.store.path.with_name("none")))
             gatekeeper.book.fleet = self.fleetset.codes()
+        book = gatekeeper.book
+        self.siteset = SetChannel(
+            self, scope="site", base=self.prefix, key=book.key, keyed=book.site_key,
+            trust=site_trust or signing.Trust(gatekeeper.store.path.with_name("none")))
+        book.siteset = self.siteset.codes(book.managed_ids)
 
     @property
     def closed(self) -> bool:
@@ -126,6 +138,9 @@ class Bridge:
     def seen(self, scope: Scope) -> set[str]:
         """Ids of the codes this connection has had a message for."""
         return self._seen[scope]
+
+    def channel(self, scope: Scope) -> SetChannel | None:
+        return self.siteset if scope == "site" else self.fleetset
 
     # -- topics -------------------------------------------------------------------
 
@@ -145,6 +160,8 @@ class Bridge:
         # order, so a known refusal is on record before its code arrives.
         link.subscribe(f"{self.prefix}/codes/+/error",
                        functools.partial(self.verdicts.on_error, "site"))
+        # The set before its deltas: a delta's id hides the set's copy.
+        self.siteset.attach()
         link.subscribe(f"{self.prefix}/codes/+", functools.partial(self._on_code, "site"))
         if self.fleetset is not None:
             # The set before the deltas: a delta's id hides the set's copy.
@@ -177,10 +194,12 @@ class Bridge:
         """Apply the local copy of managed codes: the site works with the broker down."""
         store = self.gatekeeper.store
         rows = store.load_codes()
+        self.siteset.load_local(rows)
         if self.fleetset is not None:
             self.fleetset.load_local(rows)
+        manifests = {local[0] for local in setchannel.LOCAL.values()}
         for scope_name, code_id, body in rows:
-            if scope_name == fleetset.LOCAL[0]:
+            if scope_name in manifests:
                 continue
             scope: Scope = "fleet" if scope_name == "fleet" else "site"
             try:
@@ -207,6 +226,8 @@ class Bridge:
         try:
             if self.fleetset is not None:
                 book.fleet = await asyncio.to_thread(self.fleetset.rebased, config)
+            book.siteset = await asyncio.to_thread(self.siteset.rebased, config,
+                                                   book.managed_ids)
             fresh, dropped = await asyncio.to_thread(
                 rebased, list(self.codes.applied.values()), book, config)
             for code_id in self._rebasing:
@@ -243,6 +264,7 @@ class Bridge:
         # Runs before the first message of this connection is read.
         self._seen = {"site": set(), "fleet": set()}
         self.routes.connected()
+        self.siteset.connected()
         if self.fleetset is not None:
             self.fleetset.connected()
         self._sync_nonce = secrets.token_hex(8)
@@ -264,11 +286,11 @@ class Bridge:
         if nonce != self._sync_nonce:
             return  # a newer connection took over
         for scope in ("site", "fleet"):
-            fleet = self.fleetset
-            if scope == "fleet" and fleet is not None and fleet.has_set:
+            channel = self.channel(scope)
+            if channel is not None and channel.has_set:
                 # The manifest, not the list of retained messages, says what is
                 # in force: a cut list withdraws nothing it lists.
-                for code_id in fleet.synced(self._seen["fleet"]):
+                for code_id in channel.synced(self._seen[scope]):
                     log.info("managed code withdrawn while gated was away", id=code_id,
                              scope=scope)
                     self._withdraw(scope, code_id)
@@ -328,21 +350,33 @@ class Bridge:
         self._seen[scope].add(code_id)
         if self._rebasing is not None:
             self._rebasing.add(code_id)
-        live = not message.retain
+        channel = self.channel(scope)
         if not message.payload:
-            if scope == "fleet" and self.fleetset is not None and self.fleetset.pending:
-                self.fleetset.deferred.add(code_id)
+            if channel is not None and channel.pending:
+                channel.deferred.add(code_id)
                 return
+            if scope == "fleet" and channel is not None:
+                channel.waiting.pop(code_id, None)
             self._withdraw(scope, code_id)
             return
+        if scope == "fleet" and channel is not None and not channel.admits(
+                code_id, message.payload):
+            # Not (yet) in the signed manifest: applied when a manifest lists it
+            # as it is, never on the word of whoever could publish it.
+            log.info("fleet code waits for the set's manifest to list it", id=code_id)
+            return
+        self.apply(scope, code_id, message.payload, live=not message.retain)
+
+    def apply(self, scope: Scope, code_id: str, payload: bytes, *, live: bool) -> None:
+        """Apply one managed code's message (its set's manifest, if any, agrees)."""
         current = self.codes.get(scope, code_id)
-        if current is not None and current.body == message.payload:
+        if current is not None and current.body == payload:
             # In force already: a live sender waits for a word, and a refusal
             # left over from an earlier version must not stay on the broker.
             self.verdicts.clear(scope, code_id, force=live and scope == "site")
             return
         try:
-            code = parse(scope, code_id, message.payload, self.config)
+            code = parse(scope, code_id, payload, self.config)
         except NotHere as exc:
             log.info("fleet code not for this site", id=code_id, reason=str(exc))
             self._withdraw(scope, code_id)
@@ -368,8 +402,9 @@ class Bridge:
         # a word from every site on every change (and again on every bridge
         # reconnect, which delivers retained messages as live) is a storm.
         self.verdicts.clear(scope, code_id, force=live and scope == "site")
-        if scope == "fleet" and self.fleetset is not None:
-            self.fleetset.confirm()
+        channel = self.channel(scope)
+        if channel is not None and channel.has_set:
+            channel.confirm()
 
     def _clashed(self) -> None:
         watch = self._clashes
@@ -385,12 +420,16 @@ class Bridge:
             log.info("managed code removed", id=code_id, scope=scope)
         self.verdicts.clear(scope, code_id, force=False)
 
-    def withdraw_fleet(self, code_id: str) -> None:
-        self._withdraw("fleet", code_id)
+    def withdraw(self, scope: Scope, code_id: str) -> None:
+        self._withdraw(scope, code_id)
 
     def _forget(self, scope: Scope, code_id: str) -> None:
-        """Drop a withdrawn code's local copy and its use count."""
+        """Drop a withdrawn code's local copy and its use count (kept where the code
+        goes on in its set: a delta folded into a new set is the same code)."""
         self.gatekeeper.store.save_code(scope, code_id, None)
+        channel = self.channel(scope)
+        if channel is not None and channel.holds(code_id):
+            return
         # A code issued again under the same id starts with no uses spent.
         if self.gatekeeper.ledger.uses.pop(code_id, None) is not None:
             self.gatekeeper.store.submit(None, Changes(uses={code_id: 0}), None)

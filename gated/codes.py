@@ -474,6 +474,9 @@ class CodeBook:
     routes: RouteTable = field(default_factory=RouteTable)
     # With [mqtt] fleet_prefix: the fleet's codes, under the fleet key.
     fleet: FleetCodes | None = None
+    # With [mqtt]: the site's own code set (``gated codes import``), under the
+    # site key; its deltas are the managed codes above (``managed_ids`` shared).
+    siteset: FleetCodes | None = None
 
     def gate_for(self, did: str | None) -> Gate | None:
         """The gate a called number selects; a one-gate site may omit numbers
@@ -494,13 +497,23 @@ class CodeBook:
         return sitekey.digest(self.key, code)
 
     def code(self, digest: bytes) -> Credential | None:
-        """The static code (the file's, or one managed over MQTT) with this digest."""
+        """The static code (the file's, one managed over MQTT, or the site's set) with
+        this digest."""
         managed = self.managed.get(digest)
-        return managed if managed is not None else self.static.get(digest)
+        if managed is not None:
+            return managed
+        found = self.static.get(digest)
+        if found is None and self.siteset is not None:
+            found = self.siteset.get(digest)
+        return found
 
-    def taken(self, digest: bytes) -> bool:
-        """Whether these digits are already some code's (static, managed or visitor)."""
-        return digest in self.managed or digest in self.visitors or digest in self.static
+    def taken(self, digest: bytes, by: str | None = None) -> bool:
+        """Whether these digits are already some code's (static, managed, visitor, or
+        the site set's, unless that one is ``by``'s own copy in the set)."""
+        if digest in self.managed or digest in self.visitors or digest in self.static:
+            return True
+        in_set = self.siteset.get(digest) if self.siteset is not None else None
+        return in_set is not None and in_set.id != by
 
     def match(self, code: str, now: float) -> list[tuple[Credential, int | None]]:
         """Credentials that ``code`` is: static, then visitor, then TOTP."""
@@ -537,7 +550,7 @@ class CodeBook:
         """
         if self.has_id(credential.id):
             raise CodeClash(f"id {credential.id!r} is already used by another credential")
-        if self.taken(digest):
+        if self.taken(digest, credential.id):
             raise CodeClash("these digits are already another credential's code")
         self.managed[digest] = credential
         self.managed_ids[credential.id] = digest
@@ -572,8 +585,9 @@ class CodeBook:
 
     @property
     def code_count(self) -> int:
-        """Static codes: the file's, the managed ones and the fleet's."""
-        return len(self.static) + len(self.managed) + (len(self.fleet) if self.fleet else 0)
+        """Static codes: the file's, the managed ones, the site set's and the fleet's."""
+        return (len(self.static) + len(self.managed) + (len(self.fleet) if self.fleet else 0)
+                + (len(self.siteset) if self.siteset else 0))
 
     @property
     def totp_count(self) -> int:
@@ -586,6 +600,8 @@ class CodeBook:
     def credentials(self) -> Iterator[Credential]:
         yield from self.static
         yield from self.managed.values()
+        if self.siteset is not None:
+            yield from self.siteset.credentials()
         if self.fleet is not None:
             yield from self.fleet.credentials()
         for table in self.totp.values():

@@ -10,7 +10,11 @@ as:
   SHA-256 of its bytes), in how many chunks, how many codes, the fingerprint
   of the fleet key its digests are made with, a serial that grows with every
   change, and the deltas laid over it: code id -> SHA-256 of that code's
-  message, or null for a code deleted since the set was made.
+  message, or null for a code deleted since the set was made. It is signed
+  with staff's Ed25519 key (``gated.signing``) and names the prefix it is for,
+  so whoever can write to the broker can neither forge nor move a set, nor
+  change one chunk or delta of it; a site takes a serial only above the one
+  in force (a replayed older set is refused).
 - ``<fleet>/set/<n>``: chunk ``n`` of the set (retained): a compiled code
   book (``gated.bookfile``) holding keyed digests only, never digits.
 - ``<fleet>/codes/<id>``: a delta, the retained message of one code as before.
@@ -27,15 +31,15 @@ messages for any set.
 from __future__ import annotations
 
 import hashlib
-import secrets
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from gated import bookfile
+from gated import bookfile, signing
 from gated.codes import NAME_LENGTH, RECORD, digest_prefix, id_hash, read_name
 
 # A chunk is 256 KiB, or larger for a set that would need more than
@@ -98,12 +102,38 @@ class Manifest(msgspec.Struct, kw_only=True, frozen=True):
     size: int
     chunks: int
     codes: int
-    key: str              # fingerprint of the fleet key (fingerprint())
+    key: str              # fingerprint of the HMAC key its digests are made with
     deltas: dict[str, str | None] = {}
     time: str = ""
+    prefix: str = ""      # the topic prefix it is for: a set cannot be moved to another
+    signer: str = ""      # fingerprint of the public key that checks the signature
+    signature: str = ""   # Ed25519 over signed_part(), hex
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
+
+    def signed_part(self) -> bytes:
+        """What the signature covers: every field but the signature, in one order."""
+        return msgspec.json.encode(msgspec.structs.replace(self, signature=""), order="sorted")
+
+    def signed(self, signer: signing.Signer) -> Manifest:
+        unsigned = msgspec.structs.replace(self, signer=signer.fingerprint, signature="")
+        return msgspec.structs.replace(unsigned, signature=signer.sign(unsigned.signed_part()))
+
+    def check(self, trust: signing.Trust, prefix: str) -> str | None:
+        """Why this manifest is not one to take (None: signed by a trusted key, for
+        ``prefix``)."""
+        if not self.signature:
+            return "unsigned"
+        if self.prefix != prefix:
+            return f"signed for another prefix ({self.prefix!r})"
+        if not trust.keys:
+            return (f"no public signing key at {trust.path}" +
+                    (f" ({trust.error})" if trust.error else ""))
+        if not trust.verify(self.signer, self.signature, self.signed_part()):
+            return ("signed by a key this site does not trust" if self.signer not in trust.keys
+                    else "its signature does not match")
+        return None
 
 
 def decode_manifest(payload: bytes) -> Manifest:
@@ -128,7 +158,7 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def version_of(data: bytes | memoryview) -> str:
+def version_of(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -215,7 +245,12 @@ def read_chunk(payload: bytes) -> tuple[str, int, bytes]:
 
 
 class Assembly:
-    """The chunks of one set as they arrive; whole once every one is in."""
+    """The chunks of one set as they arrive; whole once every one is in.
+
+    Only a signed manifest starts one, so its size is staff's word, within
+    ``MAX_SET_BYTES``; the joined set is built in place of the chunks (each let
+    go as it is copied), so a set costs its size once, not twice.
+    """
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -224,7 +259,9 @@ class Assembly:
 
     def add(self, index: int, data: bytes) -> bool:
         """Keep a chunk of this set; True once all are in."""
-        if 0 <= index < self.manifest.chunks and len(data) <= chunk_bytes(self.manifest.size):
+        step = chunk_bytes(self.manifest.size)
+        expected = min(step, self.manifest.size - index * step)
+        if 0 <= index < self.manifest.chunks and len(data) == expected:
             self._parts[index] = data
         return self.complete
 
@@ -236,18 +273,23 @@ class Assembly:
     def missing(self) -> int:
         return self.manifest.chunks - len(self._parts)
 
-    def data(self) -> bytes:
+    def data(self) -> bytearray:
         """The set's bytes, checked against the manifest; SetError when they differ."""
-        data = b"".join(self._parts[i] for i in range(self.manifest.chunks))
-        self._parts.clear()  # megabytes: the joined copy is all that is needed now
-        if len(data) != self.manifest.size or version_of(data) != self.manifest.version:
+        data = bytearray(self.manifest.size)
+        at = 0
+        for index in range(self.manifest.chunks):
+            part = self._parts.pop(index)
+            data[at:at + len(part)] = part
+            at += len(part)
+            del part
+        if at != self.manifest.size or version_of(data) != self.manifest.version:
             raise SetError("the chunks do not make the set the manifest names")
         return data
 
 
-def new_serial(previous: Manifest | None) -> int:
-    # Several staff machines may publish: a serial only has to grow, and
-    # a random low part keeps two publishers from writing the same one.
-    base = 0 if previous is None else previous.serial
-    return (base >> 16) + 1 << 16 | secrets.randbelow(1 << 16)
+def new_serial(*known: int) -> int:
+    """A serial above every one in ``known``: microseconds since 1970, so a staff
+    machine that knows nothing of earlier sets (a forged manifest ignored, a
+    broker restored from an old backup) still publishes one above what sites hold."""
+    return max(time.time_ns() // 1000, max(known, default=0) + 1)
 

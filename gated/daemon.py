@@ -152,12 +152,16 @@ class Daemon:
             gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                     deadline=config.server.answer_deadline)
             if link is not None:
-                from gated import fleetset
+                from gated import setchannel, signing
                 from gated.bridge import Bridge
 
-                fleet_key = (fleetset.load_key(self.loaded.source, config)
-                             if config.mqtt is not None and config.mqtt.fleet_prefix else None)
-                bridge = self.bridge = Bridge(link, gatekeeper, config, fleet_key=fleet_key)
+                fleet = config.mqtt is not None and config.mqtt.fleet_prefix is not None
+                bridge = self.bridge = Bridge(
+                    link, gatekeeper, config,
+                    fleet_key=setchannel.load_key(self.loaded.source, config) if fleet else None,
+                    fleet_trust=setchannel.fleet_trust(self.loaded.source, config)
+                    if fleet else None,
+                    site_trust=signing.Trust(signing.public_path(self.loaded.key_path)))
                 bridge.attach()
                 bridge.load_local()
         except BaseException:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gated import bookfile, codeset, compiler, sitekey
+from gated import bookfile, codeset, compiler, signing, sitekey
 from gated import config as config_mod
 from gated.config import (
     Config,
@@ -103,6 +103,7 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
         findings.append(check_broker(config.mqtt, loaded.path))
         if config.mqtt.fleet_prefix is not None:
             findings.append(check_fleet_key(fleet_key_path(loaded.source, config)))
+            findings.append(check_signing(fleet_key_path(loaded.source, config), "fleet"))
     findings += check_webhook(config)
     if os.geteuid() == 0:
         findings.append(Finding(
@@ -353,6 +354,24 @@ def check_fleet_key(path: Path) -> Finding:
                        "`gated codes fleet-key` shows its fingerprint")
     return Finding("ok", "fleet", f"fleet key {path}: fingerprint {codeset.fingerprint(key)} "
                    "(the same at every site of the fleet)")
+
+
+def check_signing(hmac_path: Path, scope: str) -> Finding:
+    """The public keys a set must be signed with, and whether the signing key itself is
+    here (it belongs on staff machines only)."""
+    public, private = signing.public_path(hmac_path), signing.private_path(hmac_path)
+    try:
+        trusted = signing.read_public(public) if public.exists() else {}
+    except ConfigError as exc:
+        return Finding("problem", scope, str(exc), f"copy the {scope}'s {public.name} again")
+    if not trusted:
+        return Finding("problem", scope, f"no public signing key at {public}: this site "
+                       f"refuses every {scope} code set (they are signed by staff)",
+                       f"copy {public.name} from the staff machine (`gated codes fleet-key "
+                       "--new` makes it there)")
+    where = (f"; the signing key {private} is here too (fine on a staff machine, not on a "
+             "site)" if private.exists() else "")
+    return Finding("ok", scope, f"{scope} sets must be signed by: {', '.join(trusted)}{where}")
 
 
 def check_book(config_path: str, store: Path) -> Finding:

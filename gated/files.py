@@ -101,7 +101,7 @@ class Replacement:
         self._fd = fd
         self.committed = False
 
-    def commit(self, data: bytes) -> None:
+    def commit(self, data: bytes | bytearray) -> None:
         """Write ``data`` as the file's new content, atomically and durably."""
         try:
             self._keep_owner_and_mode()
@@ -174,7 +174,7 @@ def replacing(path: Path, *, wait: float | None = None) -> Iterator[Replacement]
                 lock.unlink()
 
 
-def replace(path: Path, data: bytes) -> None:
+def replace(path: Path, data: bytes | bytearray) -> None:
     """Replace (or create) ``path`` with ``data`` under its lock."""
     with replacing(path) as replacement:
         replacement.commit(data)

@@ -203,6 +203,9 @@ class ManagedCodes:
         previous = self.applied.get(code.id)
         if previous is not None and previous.scope != code.scope:
             raise Rejected(f"id {code.id!r} is already used by a {previous.scope} code")
+        if code.scope == "site" and book.fleet is not None and book.fleet.static.has_id(code.id):
+            # Uses are counted by id: a site code must not share one with the fleet's set.
+            raise Rejected(f"id {code.id!r} is already used by a fleet code")
         if previous is not None:
             _remove(book, previous.scope, previous.id)
         try:

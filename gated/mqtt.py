@@ -72,6 +72,7 @@ _NO_DELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # Connect and the clean-shutdown handshake; a broker slower than this is down.
 CONNECT_TIMEOUT = 10.0
 OFFLINE_TIMEOUT = 2.0
+SUBSCRIBE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,18 @@ class MqttLink:
             raise RuntimeError("subscribe before the link runs")
         aiomqtt.Wildcard(topic_filter)  # raises ValueError on a malformed filter
         self._subscriptions.append(_Subscription(topic_filter, handler, qos, no_local))
+
+    async def resubscribe(self, topic_filter: str) -> None:
+        """Subscribe again to a registered filter, so the broker sends its retained
+        messages again (a set's chunks that arrived before anyone vouched for them)."""
+        session = self._session
+        if session is None or session.lost.done():
+            return
+        topics = _subscribe_topics(self.settings, [sub for sub in self._subscriptions
+                                                   if sub.topic_filter == topic_filter])
+        if topics:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await session.client.subscribe(topics, timeout=SUBSCRIBE_TIMEOUT)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` after each connect, once subscribed and ``online`` is published."""

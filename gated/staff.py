@@ -19,8 +19,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gated import compiler, fleetstaff, sitekey
-from gated.config import Config
+from gated import compiler, setstaff, signing, sitekey
+from gated.config import Config, fleet_key_path
 from gated.console import counted, parse_time, print_table, split_names
 from gated.errors import GatedError
 from gated.managed import ID_RE, NotHere, Rejected, Scope, parse
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import aiomqtt
 
 DEFAULT_WAIT = 5.0
+# A set of 100,000 codes takes a site a few seconds to check, write and map.
+IMPORT_WAIT = 60.0
 
 
 class StaffError(GatedError):
@@ -72,18 +74,27 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.set_defaults(func=cmd_rm)
 
-    p = action("import", "publish the codes of a CSV file (with --fleet: as the fleet's "
-                         "whole set, replacing the one on the broker)")
+    p = action("import", "publish the codes of a CSV file as a signed code set: laid over "
+                         "the site's set (with --replace: the file is the whole set), or with "
+                         "--fleet as the fleet's whole set; then wait for gated's word")
     p.add_argument("file", help="CSV with the header name,code,gates,... (docs/import.md)")
+    p.add_argument("--replace", action="store_true",
+                   help="the file is the site's whole set: codes of the set it does not "
+                        "name are withdrawn")
+    p.add_argument("--wait", type=float, default=IMPORT_WAIT,
+                   help="seconds to wait for the site to say it applied the set (0: do "
+                        "not wait)")
     p.set_defaults(func=cmd_import)
 
     p = actions.add_parser("fleet-key", parents=[common],
-                           help="show the fleet key's fingerprint, or make the fleet's first key",
-                           description="show the fleet key's fingerprint (compare it across "
-                                       "sites), or make the fleet's first key with --new")
+                           help="show the fleet's keys, or make them",
+                           description="show the fleet key's fingerprint and the signing "
+                                       "keys (compare them across sites), or make the fleet's "
+                                       "keys with --new")
     p.add_argument("--new", action="store_true",
-                   help="make a new fleet key (only where there is none); copy it to every "
-                        "site and staff machine, mode 0600")
+                   help="make the fleet key and the staff's signing key where missing; copy "
+                        "fleet.key and fleet-signing.pub to every site (mode 0600), and keep "
+                        "fleet-signing.key on staff machines only")
     p.set_defaults(func=cmd_fleet_key)
 
 
@@ -147,7 +158,7 @@ def publish(loaded: compiler.Loaded, scope: Scope, code_id: str, fields: dict[st
     A site code goes out as a keyed hash when this machine holds the site key:
     the broker, its backups and everyone subscribed never see the digits. A
     fleet code goes out as a hash under the fleet key, as a delta on the
-    fleet's set (``gated.fleetstaff``).
+    fleet's set (``gated.setstaff``).
     """
     config = loaded.config
     _scope, base = _base(config, scope == "fleet")
@@ -160,8 +171,8 @@ def publish(loaded: compiler.Loaded, scope: Scope, code_id: str, fields: dict[st
     except NotHere:
         print(f"note: no gate of that name at site {config.site.id}; other sites may have one")
     if scope == "fleet":
-        return _publish_fleet(loaded, code_id, fleetstaff.hashed_body(
-            fields, code, fleetstaff.fleet_key(loaded)), code if show_code else None, wait)
+        return _publish_fleet(loaded, code_id, setstaff.hashed_body(
+            fields, code, setstaff.fleet_key(loaded)), code if show_code else None, wait)
     book = loaded.book
     hashed_here = scope == "site" and book.site_key  # the book's key is the site key
     if scope == "site" and not hashed_here and not plain:
@@ -221,7 +232,7 @@ def _publish_fleet(loaded: compiler.Loaded, code_id: str, body: bytes | None,
     """
     config = loaded.config
     _scope, base = _base(config, True)
-    key = fleetstaff.fleet_key(loaded)
+    keys = setstaff.fleet_keys(loaded)
     topic = f"{base}/codes/{code_id}"
 
     async def run() -> int:
@@ -231,8 +242,8 @@ def _publish_fleet(loaded: compiler.Loaded, code_id: str, body: bytes | None,
         client_id = _client_id(config)
         async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             await client.subscribe(f"{topic}/error/+", qos=1)
-            manifest = await fleetstaff.change(
-                client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, code_id, body)
+            manifest = await setstaff.change(
+                client, keys, f"{config.mqtt_prefix}/sync/{client_id}", code_id, body)
             verb = "published" if body is not None else "deleted"
             print(f"{verb} {topic} in the fleet's set (serial {manifest.serial}, "
                   f"{counted(manifest.codes, 'code')} in the set, "
@@ -277,46 +288,70 @@ def cmd_import(args: argparse.Namespace) -> int:
     from gated import csvcodes
 
     loaded, config = _site(args)
-    scope, base = _base(config, args.fleet)
+    scope, _base_topic = _base(config, args.fleet)
     rows = csvcodes.read(Path(args.file), config, scope=scope)
-    if scope == "fleet":
-        key = fleetstaff.fleet_key(loaded)
-        entries = [fleetstaff.entry_of(row.id, fleetstaff.hashed_body(
-            row.fields, row.fields["code"], key), key) for row in rows]
-    elif not loaded.book.site_key:
-        raise StaffError(f"no site key at {loaded.key_path}, so the digits would go to the "
-                         "broker in clear; run this where gated runs")
+    if args.replace and scope == "fleet":
+        raise StaffError("--replace is for a site's set: a fleet import always replaces")
+    keys = setstaff.fleet_keys(loaded) if scope == "fleet" else setstaff.site_keys(loaded)
+    entries = [setstaff.entry_of(row.id, setstaff.hashed_body(
+        row.fields, row.fields["code"], keys.hmac), keys.hmac) for row in rows]
+    state_topic = f"{config.mqtt_prefix}/{'fleet' if scope == 'fleet' else 'codeset'}"
 
     async def run() -> int:
         from gated.mqtt import connect
 
         assert config.mqtt is not None
         client_id = _client_id(config)
+        marker = f"{config.mqtt_prefix}/sync/{client_id}"
         async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
-            if scope == "fleet":
-                manifest = await fleetstaff.replace_all(
-                    client, base, f"{config.mqtt_prefix}/sync/{client_id}", key, entries)
-                print(f"published {counted(len(entries), 'code')} from {args.file} as the "
-                      f"fleet's set (serial {manifest.serial}, {manifest.size:,} bytes in "
-                      f"{counted(manifest.chunks, 'chunk')}; digits as the fleet key's hash)")
+            await client.subscribe(state_topic, qos=1)
+            if scope == "fleet" or args.replace:
+                manifest, replaced = await setstaff.replace_all(client, keys, marker, entries)
+                if replaced is not None:
+                    print(f"note: replaced what was on the broker: {replaced}")
+            else:
+                manifest = await setstaff.merge(client, keys, marker, entries)
+            what = "the fleet's set" if scope == "fleet" else f"site {config.site.id}'s set"
+            print(f"published {counted(len(entries), 'code')} from {args.file} into {what} "
+                  f"(serial {manifest.serial}: {counted(manifest.codes, 'code')}, "
+                  f"{manifest.size:,} bytes in {counted(manifest.chunks, 'chunk')}; digits as "
+                  f"the {'fleet' if scope == 'fleet' else 'site'} key's hash)")
+            if args.wait <= 0:
                 return 0
-            for row in rows:
-                fields = {k: v for k, v in row.fields.items() if k != "code"}
-                fields["code_hash"] = sitekey.code_hash(loaded.book.key, row.fields["code"])
-                await client.publish(f"{base}/codes/{row.id}",
-                                     json.dumps(fields, ensure_ascii=False).encode(),
-                                     qos=1, retain=True)
-        print(f"published {counted(len(rows), 'code')} from {args.file} under {base}/codes "
-              "(as keyed hashes); `gated codes ls --broker` shows any gated refused")
-        return 0
+            return await _applied(client, state_topic, manifest.serial, args.wait,
+                                  config.site.id)
 
     return asyncio.run(run())
 
 
+async def _applied(client: aiomqtt.Client, topic: str, serial: int, wait: float,
+                   site: str) -> int:
+    """Wait for the site's word that it holds the set of ``serial``, and say it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            async for message in client.messages:
+                if message.topic.value != topic or not message.payload:
+                    continue
+                try:
+                    state = json.loads(message.payload)
+                except ValueError:
+                    continue
+                if not isinstance(state, dict) or state.get("serial") != serial:
+                    continue
+                print(f"applied by gated at site {site}: {state.get('codes')} codes in force "
+                      f"from its sets ({'complete' if state.get('complete') else 'INCOMPLETE'})")
+                return 0 if state.get("complete") else 1
+    print(f"no word from gated at site {site} within {wait:g}s; the set is retained on the "
+          "broker and applied when gated connects (`gated codes ls --broker` says if it is "
+          "whole)")
+    return 0
+
+
 def cmd_fleet_key(args: argparse.Namespace) -> int:
     loaded = compiler.load(args.config)
-    print(fleetstaff.describe_key(loaded, loaded.config, args.new))
-    return 0
+    said, whole = setstaff.describe_key(loaded, loaded.config, args.new)
+    print(said)
+    return 0 if whole else 1
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -384,30 +419,37 @@ def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Con
         client_id = _client_id(config)
         filters = [f"{base}/{noun}s/{suffix}" for _, base in bases
                    for suffix in ("+", "+/error", f"+/error/{config.site.id}")]
-        if noun == "code" and config.mqtt.fleet_prefix is not None and any(
-                scope == "fleet" for scope, _ in bases):
-            filters += [f"{config.mqtt.fleet_prefix}/set", f"{config.mqtt.fleet_prefix}/set/+"]
+        if noun == "code":
+            filters += [f"{base}/{tail}" for _, base in bases for tail in ("set", "set/+")]
         async with connect(config.mqtt, client_id, ca_file=loaded.mqtt_ca_file) as client:
             return await read_retained(client, filters,
                                        marker_topic=f"{config.mqtt_prefix}/sync/{client_id}")
 
     found, complete = asyncio.run(run())
     rows = _rows(found, bases, noun, hide)
-    said = ""
-    fleet_base = config.mqtt.fleet_prefix
-    if noun == "code" and fleet_base is not None and any(
-            m.topic == f"{fleet_base}/set" for m in found):
-        # The fleet's codes as its set says, not one message each.
-        broker = fleetstaff.from_messages(found, fleet_base)
-        fleet_rows, whole, said = fleetstaff.rows(broker, config.tz)
-        for row in fleet_rows:
+    said = []
+    for scope, base in bases if noun == "code" else []:
+        if not any(m.topic == f"{base}/set" for m in found):
+            continue
+        # A set's codes as its signed manifest says, not one message each.
+        trust = (signing.Trust(signing.public_path(fleet_key_path(loaded.source, config)))
+                 if scope == "fleet" else signing.Trust(signing.public_path(loaded.key_path)))
+        broker = setstaff.from_messages(found, base, trust)
+        set_rows, whole, line = setstaff.rows(broker, config.tz, scope)
+        for row in set_rows:
             for hidden in hide:
                 row.pop(hidden, None)
-        refused = {(r["scope"], r["id"]): r["refused"] for r in rows if "refused" in r}
-        for row in fleet_rows:
-            if ("fleet", row["id"]) in refused:
-                row["refused"] = refused[("fleet", row["id"])]
-        rows = [r for r in rows if r["scope"] != "fleet"] + fleet_rows
+        own = {r["id"]: r for r in rows if r["scope"] == scope}
+        refused = {r["id"]: r["refused"] for r in own.values() if "refused" in r}
+        for row in set_rows:
+            if row["id"] in refused:
+                row["refused"] = refused[row["id"]]
+        if scope == "fleet":
+            rows = [r for r in rows if r["scope"] != scope] + set_rows
+        else:
+            # A site code published on its own takes the place of the set's copy.
+            rows = rows + [r for r in set_rows if r["id"] not in own]
+        said.append(line)
         complete = complete and whole
     if args.json:
         for row in rows:
@@ -416,8 +458,8 @@ def list_retained(args: argparse.Namespace, loaded: compiler.Loaded, config: Con
         print(f"no {noun}s on the broker")
     else:
         _print_table(rows, header)
-    if said:
-        print(said)
+    for line in said:
+        print(line)
     if not complete:
         print("(the list is incomplete: what is shown is not all the broker should hold)")
         return 1

@@ -181,9 +181,10 @@ async def test_put_without_the_site_key_refuses_to_send_digits(
 async def test_import_publishes_a_csvs_codes_as_keyed_hashes(
         broker: Mosquitto, start_daemon: Any, tmp_path: Path, probe: Probe,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """import (no --fleet) publishes each line as a site code, hashed with the site key;
-    the site opens with them; the broker never holds the digits."""
-    await probe.subscribe("gated/test/codes/#")
+    """import (no --fleet) publishes the file as the site's signed set, hashed with the site
+    key, and says the site applied it; the site opens with them; the broker never holds
+    the digits."""
+    await probe.subscribe("gated/test/#")
     running = await start_daemon(mqtt_table(broker))
     await mqtt_ready(running)
     csv = tmp_path / "codes.csv"
@@ -193,9 +194,8 @@ async def test_import_publishes_a_csvs_codes_as_keyed_hashes(
     code, out = await gated(capsys, "-c", str(tmp_path / "gated.toml"), "codes", "import",
                             str(csv))
     assert code == 0, out
-    assert "published 2 codes" in out
-    bridge = running.daemon.bridge
-    await eventually(lambda: len(bridge.codes.ids("site")) == 2)
+    assert "published 2 codes" in out and "applied by gated at site test: 2 codes" in out
+    assert len(running.daemon.gatekeeper.book.siteset) == 2
     assert await running.get(code="61616161", did=DOOR) == (200, "status=ACK")
     assert await running.get(code="62626262", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="62626262", did=DOOR) == (200, "status=NAK")

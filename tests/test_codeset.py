@@ -78,10 +78,13 @@ def test_a_manifest_that_does_not_add_up_is_refused(payload: bytes) -> None:
 
 
 def test_a_serial_always_grows() -> None:
+    """Above every serial known, even one far in the future (a staff clock set wrong)."""
     data = codeset.build(())
     previous = manifest_of(data)
+    future = codeset.new_serial() + 10**12
+    assert codeset.new_serial(future) == future + 1
     for _ in range(100):
-        serial = codeset.new_serial(previous)
+        serial = codeset.new_serial(previous.serial)
         assert serial > previous.serial
         previous = Manifest(serial=serial, version=previous.version, size=previous.size,
                             chunks=previous.chunks, codes=0, key="k")

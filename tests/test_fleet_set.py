@@ -10,40 +10,45 @@ from typing import Any
 
 import pytest
 
-from gated import codeset, fleetstaff, sitekey
+from gated import codeset, setstaff, sitekey
 from gated.codeset import Entry, SetPolicy
 from gated.config import MqttConfig
 from gated.mqtt import connect
+from gated.setstaff import SetKeys
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, config_text
+from .setkeys import make_keys, signed
 from .test_cli_codes import gated
 
 FLEET = "gated/fleet"
 FLEET_MQTT = f'fleet_prefix = "{FLEET}"'
 
 
-def fleet_key(tmp_path: Path) -> bytes:
-    """The fleet key where a site of tests/helpers.py's config looks: beside the site key."""
-    return sitekey.ensure_key(tmp_path / "state" / "fleet.key", "fleet key")
+def fleet_key(tmp_path: Path) -> SetKeys:
+    """The fleet's keys where a site of tests/helpers.py's config looks: beside the site
+    key (the signing key there too, as on a site that is also the staff machine)."""
+    return make_keys(tmp_path / "state" / "fleet.key", FLEET)
 
 
-def entries(key: bytes, count: int, *, start: int = 0, gates: tuple[str, ...] = ("*",),
+def entries(keys: SetKeys | bytes, count: int, *, start: int = 0, gates: tuple[str, ...] = ("*",),
             prefix: str = "c") -> list[Entry]:
+    key = keys.hmac if isinstance(keys, SetKeys) else keys
     return [Entry(sitekey.digest(key, f"{n:08d}"), SetPolicy(gates=gates), f"Code {n}",
                   f"{prefix}{n}") for n in range(start, start + count)]
 
 
-async def publish_set(broker: Mosquitto, key: bytes, codes: list[Entry]) -> codeset.Manifest:
+async def publish_set(broker: Mosquitto, keys: SetKeys,
+                      codes: list[Entry]) -> codeset.Manifest:
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     async with connect(settings, "staff-test") as client:
-        return await fleetstaff.replace_all(client, FLEET, "gated/staff/sync", key, codes)
+        return (await setstaff.replace_all(client, keys, "gated/staff/sync", codes))[0]
 
 
 async def site_with_set(broker: Mosquitto, start_daemon: Any, tmp_path: Path,
-                        count: int) -> tuple[bytes, codeset.Manifest, Any, Any]:
+                        count: int) -> tuple[SetKeys, codeset.Manifest, Any, Any]:
     """A set of ``count`` codes published, and a site that holds it whole:
-    (the fleet key, the manifest, the running site, its FleetSet)."""
+    (the fleet's keys, the manifest, the running site, its fleet channel)."""
     key = fleet_key(tmp_path)
     manifest = await publish_set(broker, key, entries(key, count))
     running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
@@ -173,7 +178,7 @@ async def test_a_set_the_site_cannot_confirm_withdraws_nothing_and_raises_an_ala
     manifest = codeset.Manifest(serial=first.serial + 1 << 16, version=codeset.version_of(bigger),
                                 size=len(bigger), chunks=len(chunks), codes=8_000,
                                 key=first.key)
-    await probe.publish(f"{FLEET}/set", manifest.encode(), retain=True)
+    await probe.publish(f"{FLEET}/set", signed(key, manifest), retain=True)
     alarms = await probe.wait_for("gated/test/alarms", 1, within=5)
     assert json.loads(alarms[-1].payload)["alarm"] == "codes_incomplete"
     assert json.loads(alarms[-1].payload)["missing_chunks"] == len(chunks) - 1
@@ -193,9 +198,9 @@ async def test_a_set_the_site_cannot_confirm_withdraws_nothing_and_raises_an_ala
     other = codeset.build(entries(b"k" * 32, 10))
     (chunk,) = codeset.split(other)
     await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
-    await probe.publish(f"{FLEET}/set", codeset.Manifest(
+    await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
         serial=manifest.serial + 1 << 16, version=codeset.version_of(other), size=len(other),
-        chunks=1, codes=10, key=codeset.fingerprint(b"k" * 32)).encode(), retain=True)
+        chunks=1, codes=10, key=codeset.fingerprint(b"k" * 32))), retain=True)
     alarms = await probe.wait_for("gated/test/alarms", 3, within=5)
     assert json.loads(alarms[-1].payload) | {"time": None} == json.loads(alarms[-1].payload) | {
         "time": None, "alarm": "codes_incomplete", "key_matches": False}
@@ -211,9 +216,9 @@ async def test_a_damaged_chunk_is_never_applied(broker: Mosquitto, probe: Probe,
     (chunk,) = codeset.split(other)
     damaged = chunk[:-1] + bytes([chunk[-1] ^ 1])
     await probe.publish(f"{FLEET}/set/0", damaged, retain=True)
-    await probe.publish(f"{FLEET}/set", codeset.Manifest(
+    await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
         serial=first.serial + (1 << 16), version=codeset.version_of(other), size=len(other),
-        chunks=1, codes=100, key=first.key).encode(), retain=True)
+        chunks=1, codes=100, key=first.key)), retain=True)
     await eventually(lambda: fleetset.newest is not None
                      and fleetset.newest.version == codeset.version_of(other))
     await eventually(lambda: not fleetset.pending)
@@ -241,7 +246,7 @@ async def test_import_publishes_a_csv_as_the_fleets_whole_set_and_ls_says_if_it_
                    "Elsewhere,53535353,zuid-gate,\n")
     code, out = await gated(capsys, "-c", config, "codes", "import", "--fleet", str(csv))
     assert code == 0, out
-    assert "published 3 codes" in out and "as the fleet's set" in out
+    assert "published 3 codes" in out and "into the fleet's set" in out
     fleetset = running.daemon.bridge.fleetset
     await eventually(lambda: fleetset.complete)
     assert await running.get(code="51515151", did=BARRIER) == (200, "status=ACK")
@@ -277,10 +282,10 @@ async def test_two_staff_commands_at_once_lose_neither_code(
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
 
     async def put(n: int) -> codeset.Manifest:
-        body = fleetstaff.hashed_body({"name": f"Racer {n}", "gates": ["*"]},
-                                      f"9{n}9{n}9{n}9{n}", key)
+        body = setstaff.hashed_body({"name": f"Racer {n}", "gates": ["*"]},
+                                      f"9{n}9{n}9{n}9{n}", key.hmac)
         async with connect(settings, f"staff-{n}") as client:
-            return await fleetstaff.change(client, FLEET, f"gated/staff/sync/{n}", key,
+            return await setstaff.change(client, key, f"gated/staff/sync/{n}",
                                            f"racer-{n}", body)
 
     await asyncio.gather(*(put(n) for n in range(4)))
@@ -290,28 +295,32 @@ async def test_two_staff_commands_at_once_lose_neither_code(
         assert await running.get(code=f"9{n}9{n}9{n}9{n}", did=BARRIER) == (200, "status=ACK")
 
 
-async def test_a_delta_whose_listing_was_lost_is_listed_again_by_the_next_command(
+async def test_a_fleet_code_no_signed_manifest_lists_never_opens_nor_enters_a_set(
         broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
-    """A put whose manifest another command replaced in the same instant leaves its code
-    retained but unlisted: sites apply it, and the next command lists it again (and a
-    later whole set keeps it) instead of dropping it."""
-    key, first, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
-    orphan = fleetstaff.hashed_body({"name": "Orphan", "gates": ["*"]}, "41414141", key)
+    """A fleet code published by someone who can write the fleet's topics but holds no
+    signing key (a copied code_hash under a new id): no site applies it, and the next
+    staff command neither lists it nor takes it into a set; once staff publish a code of
+    that id themselves, it applies."""
+    key, _first, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 10)
+    orphan = setstaff.hashed_body({"name": "Orphan", "gates": ["*"]}, "41414141", key.hmac)
     await probe.publish(f"{FLEET}/codes/orphan", orphan, retain=True)
-    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "orphan") is not None)
-    assert await running.get(code="41414141", did=BARRIER) == (200, "status=ACK")
-
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     async with connect(settings, "staff-next") as client:
-        manifest = await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "next",
-                                           fleetstaff.hashed_body({"gates": ["*"]},
-                                                                  "42424242", key))
-    assert set(manifest.deltas) == {"orphan", "next"}
-    assert manifest.deltas["orphan"] == hashlib.sha256(orphan).hexdigest()
+        manifest = await setstaff.change(client, key, "gated/staff/sync", "next",
+                                         setstaff.hashed_body({"gates": ["*"]},
+                                                              "42424242", key.hmac))
+    assert set(manifest.deltas) == {"next"}
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "next") is not None)
+    assert running.daemon.bridge.codes.get("fleet", "orphan") is None
+    assert await running.get(code="41414141", did=BARRIER) == (200, "status=NAK")
     async with connect(settings, "staff-fold") as client:
-        broker_now = await fleetstaff.read(client, FLEET, "gated/staff/sync")
-    assert {"orphan", "next"} <= set(fleetstaff.current(broker_now, key))
-    assert first.serial < manifest.serial
+        broker_now = await setstaff.read(client, key, "gated/staff/sync")
+    assert set(setstaff.current(broker_now, key)) == {f"c{n}" for n in range(10)} | {"next"}
+
+    async with connect(settings, "staff-orphan") as client:
+        await setstaff.change(client, key, "gated/staff/sync", "orphan", orphan)
+    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "orphan") is not None)
+    assert await running.get(code="41414141", did=BARRIER) == (200, "status=ACK")
 
 
 async def test_sets_a_crash_left_behind_are_cleared_at_start(
@@ -337,9 +346,9 @@ async def test_a_reload_keeps_the_fleets_set_and_deltas(
     key, _, running, _fleetset = await site_with_set(broker, start_daemon, tmp_path, 100)
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     async with connect(settings, "staff") as client:
-        await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "c7",
-                                fleetstaff.hashed_body({"name": "Moved", "gates": ["door"]},
-                                                       "77007700", key))
+        await setstaff.change(client, key, "gated/staff/sync", "c7",
+                                setstaff.hashed_body({"name": "Moved", "gates": ["door"]},
+                                                       "77007700", key.hmac))
     await eventually(lambda: running.daemon.bridge.codes.get("fleet", "c7") is not None)
     extra = (mqtt_table(broker, FLEET_MQTT)
              + '[[codes]]\nname = "New"\ncode = "112233"\ngates = ["door"]\n')
@@ -366,8 +375,8 @@ async def test_a_broker_that_lost_the_manifest_withdraws_no_fleet_code(
         await publish_set(broker, key, entries(key, 50))
         settings = MqttConfig(host="127.0.0.1", port=broker.port)
         async with connect(settings, "staff") as client:
-            await fleetstaff.change(client, FLEET, "gated/staff/sync", key, "delta",
-                                    fleetstaff.hashed_body({"gates": ["*"]}, "31313131", key))
+            await setstaff.change(client, key, "gated/staff/sync", "delta",
+                                    setstaff.hashed_body({"gates": ["*"]}, "31313131", key.hmac))
         running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
         bridge = running.daemon.bridge
         bridge.fleetset.grace = 0.5
@@ -406,9 +415,9 @@ async def test_deltas_past_the_limit_are_folded_into_a_new_set(
     manifests = []
     async with connect(settings, "staff") as client:
         for n in range(codeset.MAX_DELTAS + 1):
-            manifests.append(await fleetstaff.change(
-                client, FLEET, "gated/staff/sync", key, f"d{n}",
-                fleetstaff.hashed_body({"gates": ["*"]}, f"{n:04d}1111", key)))
+            manifests.append(await setstaff.change(
+                client, key, "gated/staff/sync", f"d{n}",
+                setstaff.hashed_body({"gates": ["*"]}, f"{n:04d}1111", key.hmac)))
     assert len(manifests[-2].deltas) == codeset.MAX_DELTAS
     assert manifests[-1].deltas == {} and manifests[-1].codes == 20 + codeset.MAX_DELTAS + 1
     await eventually(lambda: fleetset.complete and fleetset.manifest is not None
@@ -436,9 +445,9 @@ async def test_a_set_that_cannot_be_written_is_kept_out_and_tried_again(
     try:
         (chunk,) = codeset.split(bigger)
         await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
-        await probe.publish(f"{FLEET}/set", codeset.Manifest(
+        await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
             serial=first.serial + (1 << 16), version=codeset.version_of(bigger),
-            size=len(bigger), chunks=1, codes=20, key=first.key).encode(), retain=True)
+            size=len(bigger), chunks=1, codes=20, key=first.key)), retain=True)
         (alarm,) = await probe.wait_for("gated/test/alarms", 1, within=5)
         assert alarm.json()["alarm"] == "codes_incomplete"
         assert await running.get(code="00000009", did=BARRIER) == (200, "status=ACK")
@@ -489,5 +498,5 @@ async def test_a_message_that_is_no_code_under_the_fleet_prefix_breaks_no_staff_
     assert await running.get(code="64646464", did=BARRIER) == (200, "status=ACK")
     settings = MqttConfig(host="127.0.0.1", port=broker.port)
     async with connect(settings, "staff-fold") as client:
-        on_broker = await fleetstaff.read(client, FLEET, "gated/staff/sync")
-    assert set(fleetstaff.current(on_broker, key)) == {f"c{n}" for n in range(10)} | {"good"}
+        on_broker = await setstaff.read(client, key, "gated/staff/sync")
+    assert set(setstaff.current(on_broker, key)) == {f"c{n}" for n in range(10)} | {"good"}

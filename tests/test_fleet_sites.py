@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gated import codeset, fleetstaff, sitekey
+from gated import codeset, setstaff, signing, sitekey
 from gated.codeset import Entry, SetPolicy
 from gated.config import MqttConfig
 from gated.mqtt import connect
+from gated.setstaff import SetKeys
 
 from .broker import Mosquitto, eventually
 from .fleet import FLEET, Fleet
 from .helpers import BARRIER, config_text
+from .setkeys import make_keys
 
 PINS = {"noord": (5, 6), "zuid": (12, 13), "oost": (19, 26)}
 
@@ -38,34 +40,35 @@ def site_config(root: Path, site: str, broker: Mosquitto) -> Path:
     return path
 
 
-def install_key(root: Path, key: bytes) -> None:
-    """The fleet key, copied to each site at install (0600)."""
+def install_key(root: Path, keys: SetKeys) -> None:
+    """The fleet key and the public signing key, copied to each site at install (0600)."""
     for site in PINS:
         state = root / site / "state"
         state.mkdir(parents=True, exist_ok=True)
         target = state / "fleet.key"
-        target.write_text(key.hex() + "\n")
+        target.write_text(keys.hmac.hex() + "\n")
         target.chmod(0o600)
+        signing.trust(signing.public_path(target), keys.signer.public)
 
 
-def entries(key: bytes, count: int) -> list[Entry]:
-    return [Entry(sitekey.digest(key, f"{n:08d}"), SetPolicy(gates=("barrier",)), f"Code {n}",
+def entries(keys: SetKeys, count: int) -> list[Entry]:
+    return [Entry(sitekey.digest(keys.hmac, f"{n:08d}"), SetPolicy(gates=("barrier",)), f"Code {n}",
                   f"c{n}") for n in range(count)]
 
 
-async def staff(broker: Mosquitto, key: bytes, code_id: str | None = None,
+async def staff(broker: Mosquitto, key: SetKeys, code_id: str | None = None,
                 body: bytes | None = None, *, codes: list[Entry] | None = None
                 ) -> codeset.Manifest:
     """Publish at ``broker`` as `gated codes` does: a whole set, or one change."""
     async with connect(MqttConfig(host="127.0.0.1", port=broker.port), "staff") as client:
         if codes is not None:
-            return await fleetstaff.replace_all(client, FLEET, "staff/sync", key, codes)
+            return (await setstaff.replace_all(client, key, "staff/sync", codes))[0]
         assert code_id is not None
-        return await fleetstaff.change(client, FLEET, "staff/sync", key, code_id, body)
+        return await setstaff.change(client, key, "staff/sync", code_id, body)
 
 
 async def start_sites(fleet: Fleet, root: Path, start_daemon: Any,
-                      key: bytes) -> dict[str, Any]:
+                      key: SetKeys) -> dict[str, Any]:
     install_key(root, key)
     where = {"noord": fleet.edge1, "zuid": fleet.edge2, "oost": fleet.central}
     return {site: await start_daemon(config=site_config(root, site, broker))
@@ -81,7 +84,7 @@ async def test_fifty_thousand_fleet_codes_reach_every_site_through_default_broke
     """50,000 fleet codes published at central reach all three sites whole, through
     bridges and brokers with Mosquitto's default queues; a site restarted answers from its
     local copy at once and confirms the set again; nothing is withdrawn."""
-    key = sitekey.ensure_key(tmp_path / "staff" / "fleet.key", "fleet key")
+    key = make_keys(tmp_path / "staff" / "fleet.key", FLEET)
     manifest = await staff(fleet.central, key, codes=entries(key, 50_000))
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     for name, site in sites.items():
@@ -107,10 +110,10 @@ async def test_a_code_deleted_while_an_edge_was_cut_is_gone_when_the_link_return
     messages that overflow central's queue for the bridge: the sites that are linked
     drop it at once; zuid keeps it while cut off (it cannot know) and drops it within
     seconds of the link coming back; the rest of the set stays."""
-    key = sitekey.ensure_key(tmp_path / "staff" / "fleet.key", "fleet key")
+    key = make_keys(tmp_path / "staff" / "fleet.key", FLEET)
     await staff(fleet.central, key, codes=entries(key, 1_000))
     await staff(fleet.central, key, "courier",
-                fleetstaff.hashed_body({"gates": ["*"]}, "24682468", key))
+                setstaff.hashed_body({"gates": ["*"]}, "24682468", key.hmac))
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     for site in sites.values():
         await eventually(lambda site=site: site.daemon.bridge.fleetset.complete, within=15)
@@ -144,7 +147,7 @@ async def test_an_open_pressed_during_a_cut_never_fires_late(
     """An open pressed at central while zuid's link is cut, QoS 1 as Home Assistant
     publishes it: when the link is back (after the answer deadline) the relay does not
     move; noord's, pressed the same way while linked, opens."""
-    key = sitekey.ensure_key(tmp_path / "staff" / "fleet.key", "fleet key")
+    key = make_keys(tmp_path / "staff" / "fleet.key", FLEET)
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     for site in sites.values():
         await site.daemon.bridge.link.wait_connected(5)
@@ -169,10 +172,10 @@ async def test_an_edge_replaced_with_an_empty_store_withdraws_nothing(
     """edge1 replaced by a broker with an empty store: noord sees no manifest for a while
     and keeps every fleet code (delta included); the bridge brings the set back from
     central and noord confirms it, having withdrawn nothing."""
-    key = sitekey.ensure_key(tmp_path / "staff" / "fleet.key", "fleet key")
+    key = make_keys(tmp_path / "staff" / "fleet.key", FLEET)
     await staff(fleet.central, key, codes=entries(key, 5_000))
     await staff(fleet.central, key, "courier",
-                fleetstaff.hashed_body({"gates": ["*"]}, "13571357", key))
+                setstaff.hashed_body({"gates": ["*"]}, "13571357", key.hmac))
     sites = await start_sites(fleet, tmp_path / "sites", start_daemon, key)
     noord = sites["noord"]
     bridge = noord.daemon.bridge

@@ -7,19 +7,24 @@ import json
 import re
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from gated import setstaff
 from gated.compiler import parse
+from gated.config import MqttConfig
 from gated.errors import ConfigError
 from gated.managed import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
 from gated.managed import parse as parse_code
+from gated.mqtt import connect
 from gated.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, FakeClock, config_text
+from .setkeys import make_keys
 
 PREFIX = "gated/test"
 ERRORS = f"{PREFIX}/codes/+/error"
@@ -209,21 +214,29 @@ async def test_code_deleted_while_away_is_withdrawn_on_reconnect(
 
 
 async def test_fleet_codes_open_at_every_site(broker: Mosquitto, probe: Probe,
-                                              start_daemon: Any) -> None:
-    """A code under the fleet prefix applies here too; one for other sites' gates does not;
-    a site code may not take a fleet code's id. An applied fleet code is not answered
-    with an empty verdict: from every site on every change, that is a storm."""
+                                              start_daemon: Any, tmp_path: Path) -> None:
+    """A code under the fleet prefix (published by staff, listed in the signed set)
+    applies here too; one for other sites' gates does not; a site code may not take a
+    fleet code's id. An applied fleet code is not answered with an empty verdict: from
+    every site on every change, that is a storm."""
     fleet = "gated/fleet"
+    keys = make_keys(tmp_path / "state" / "fleet.key", fleet)
     await probe.subscribe(ERRORS, f"{fleet}/codes/+/error/test")
     running = await start_daemon(mqtt_table(broker, f'fleet_prefix = "{fleet}"'))
     await mqtt_ready(running)
-    await probe.publish(f"{fleet}/codes/courier", body(code="808080", gates=["*"]), retain=True)
-    await eventually(lambda: running.daemon.bridge.codes.get("fleet", "courier") is not None)
+    settings = MqttConfig(host="127.0.0.1", port=broker.port)
+
+    async def staff(code_id: str, payload: bytes) -> None:
+        async with connect(settings, "staff") as client:
+            await setstaff.change(client, keys, "gated/staff/sync", code_id, payload)
+
+    await staff("courier", body(code="808080", gates=["*"]))  # the fleet's first: a set
+    fleet = running.daemon.bridge.fleetset
+    await eventually(lambda: fleet.complete and len(running.daemon.gatekeeper.book.fleet) == 1)
     assert await running.get(code="808080", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="808080", did=DOOR) == (200, "status=ACK")
 
-    await probe.publish(f"{fleet}/codes/elsewhere", body(code="717171", gates=["zuid-gate"]),
-                        retain=True)
+    await staff("elsewhere", body(code="717171", gates=["zuid-gate"]))
     # Handled in order: by the time this verdict arrives, "elsewhere" was seen.
     error = await put(probe, "courier", body(code="909090", gates=["barrier"]))
     assert error["error"] == "id 'courier' is already used by a fleet code"

@@ -41,7 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gated import codeset, fleetstaff, sitekey  # noqa: E402
+from gated import codeset, setstaff, signing, sitekey  # noqa: E402
 from gated.codeset import Entry, SetPolicy  # noqa: E402
 from gated.config import MqttConfig  # noqa: E402
 from gated.mqtt import connect, read_retained  # noqa: E402
@@ -60,28 +60,38 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def staff_keys(hmac_path: Path) -> setstaff.SetKeys:
+    """The fleet's keys at ``hmac_path`` (made where missing), as staff hold them."""
+    key = sitekey.ensure_key(hmac_path, "fleet key")
+    signer, _ = signing.make_keys(hmac_path)
+    return setstaff.SetKeys("fleet", FLEET, key, signer,
+                            signing.Trust(signing.public_path(hmac_path)),
+                            signing.private_path(hmac_path).with_suffix(".serial"))
+
+
 def entries(key: bytes, count: int, salt: int) -> list[Entry]:
     return [Entry(sitekey.digest(key, f"{salt}{n:08d}"), SetPolicy(gates=("barrier",)),
                   f"Code {n}", f"c{n}") for n in range(count)]
 
 
-async def publish(port: int, key: bytes, codes: list[Entry]) -> tuple[float, codeset.Manifest]:
+async def publish(port: int, key: setstaff.SetKeys,
+                  codes: list[Entry]) -> tuple[float, codeset.Manifest]:
     started = time.perf_counter()
     async with connect(MqttConfig(host="127.0.0.1", port=port), "bench-staff") as client:
-        manifest = await fleetstaff.replace_all(client, FLEET, "gated/bench/sync", key, codes)
+        manifest, _ = await setstaff.replace_all(client, key, "gated/bench/sync", codes)
     return time.perf_counter() - started, manifest
 
 
-async def publish_when_told(port: int, key: bytes, count: int) -> None:
+async def publish_when_told(port: int, key: setstaff.SetKeys, count: int) -> None:
     """Compile a changed set, say ``ready``, publish it on a line from stdin: the
     compiling (staff's CPU) stays out of the time the calls are measured in."""
     settings = MqttConfig(host="127.0.0.1", port=port)
     async with connect(settings, "bench-staff-2") as client:
-        broker = await fleetstaff.read(client, FLEET, "gated/bench/sync")
-        chunks, manifest = fleetstaff.compile_set(entries(key, count, 2), broker.manifest, key)
+        broker = await setstaff.read(client, key, "gated/bench/sync")
+        chunks, manifest = setstaff.compile_set(entries(key.hmac, count, 2), broker, key)
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
-        await fleetstaff.send_set(client, FLEET, chunks, manifest, broker)
+        await setstaff.send_set(client, key, chunks, manifest, broker, broker.deltas)
 
 
 async def retained_count(port: int) -> int:
@@ -229,7 +239,7 @@ async def main() -> None:
                         help=argparse.SUPPRESS)  # the changed set, from another process
     args = parser.parse_args()
     if args.publish:
-        await publish_when_told(int(args.publish[0]), bytes.fromhex(args.publish[1]),
+        await publish_when_told(int(args.publish[0]), staff_keys(Path(args.publish[1])),
                                 args.codes)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,8 +251,9 @@ async def main() -> None:
                                   str(floor_port)])
         try:
             config, port = site(work / "site", broker, fleet=True)
-            key = sitekey.ensure_key(work / "site" / "state" / "fleet.key", "fleet key")
-            took, manifest = await publish(broker.port, key, entries(key, args.codes, 1))
+            key_path = work / "site" / "state" / "fleet.key"
+            key = staff_keys(key_path)
+            took, manifest = await publish(broker.port, key, entries(key.hmac, args.codes, 1))
             print(f"publish {args.codes:,} codes: {took:.2f} s; {manifest.chunks} chunks, "
                   f"{manifest.size / 1e6:.1f} MB ({manifest.size / args.codes:.0f} bytes a code)")
             print(f"messages per connect (retained, all the site's code filters): "
@@ -278,7 +289,7 @@ async def main() -> None:
             change = asyncio.Event()
 
             publisher = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--publish", str(broker.port), key.hex(),
+                sys.executable, __file__, "--publish", str(broker.port), str(key_path),
                 "--codes", str(args.codes), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE)
             assert publisher.stdin is not None and publisher.stdout is not None
