@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gated import codeset, compiler, doctor, sitekey
+from gated import codeset, compiler, doctor, signing, sitekey
 from gated import config as config_mod
 from gated.cli import main
 from gated.daemon import Daemon
@@ -208,18 +208,25 @@ def test_the_compiled_book_is_reported_as_a_restart_will_find_it(tmp_path: Path)
 
 
 def test_the_fleet_key_is_reported_by_its_fingerprint(tmp_path: Path) -> None:
-    """With a fleet prefix: no fleet key is a problem with its fix; a key is shown by its
-    fingerprint (never its bytes), to compare across sites."""
+    """With a fleet prefix: no fleet key, or no public signing key, is a problem with its
+    fix; keys are shown by their fingerprints (never their bytes), to compare across
+    sites; a signing key on the machine is said (it belongs on staff machines only)."""
     path = site_config(tmp_path, '[mqtt]\nport = 1\nfleet_prefix = "gated/fleet"\n')
 
-    def fleet() -> doctor.Finding:
-        (finding,) = [f for f in doctor.diagnose(str(path), dev=tmp_path) if f.topic == "fleet"]
-        return finding
+    def fleet() -> list[doctor.Finding]:
+        return [f for f in doctor.diagnose(str(path), dev=tmp_path) if f.topic == "fleet"]
 
-    missing = fleet()
+    missing, unsigned = fleet()
     assert missing.level == "problem" and "no fleet key" in missing.message
     assert "fleet-key" in missing.fix
-    key = sitekey.ensure_key(tmp_path / "state" / "fleet.key", "fleet key")
-    found = fleet()
+    assert unsigned.level == "problem" and "refuses every fleet code set" in unsigned.message
+    key_path = tmp_path / "state" / "fleet.key"
+    key = sitekey.ensure_key(key_path, "fleet key")
+    signer, _ = signing.make_keys(key_path)
+    found, trusted = fleet()
     assert found.level == "ok" and codeset.fingerprint(key) in found.message
     assert key.hex() not in found.message
+    assert trusted.level == "ok" and signer.fingerprint in trusted.message
+    assert "is here too" in trusted.message
+    signing.private_path(key_path).unlink()
+    assert "is here too" not in fleet()[1].message
