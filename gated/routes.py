@@ -395,12 +395,33 @@ def parse_managed(scope: str, route_id: str, body: bytes, config: Config) -> Man
         fields = config_mod.convert(raw, config_mod.RouteFields, (), fail)
         number = number_parser(config.site.region, fail)
         route = compile_route(fields, (), (1, route_id), route_id, number, fail)
+        if route.numbers:
+            # A number the route names becomes a line unless a gate has it: on a
+            # one-gate site without numbers it would take the gate's calls (codes
+            # refused, residents routed). Only the site's file makes lines (§15).
+            known = site_numbers(config, number)
+            for i, raw_number in enumerate(fields.numbers):
+                if number(raw_number, ("numbers", i)) not in known:
+                    raise fail(("numbers", i), f"{raw_number!r} is no line of this site: a "
+                               "route over MQTT answers only on its gates' numbers and the "
+                               "lines its file's [[routes]] name")
         keys = tuple(dict.fromkeys(caller_key(text, ("callers", i), number, fail)
                                    for i, text in enumerate(fields.callers)))
     except ConfigError as exc:
         raise RouteError(str(exc)) from None
     return ManagedRoute(scope, route_id, body,
                         Route(route.credential, route.numbers, route.order, keys))
+
+
+def site_numbers(config: Config, number: NumberParser) -> frozenset[str]:
+    """The called numbers the site's file answers on by name: its gates' and the lines
+    its [[routes]] name."""
+    named: list[tuple[Key, str]] = [
+        (("gates", gate, "numbers", i), raw) for gate, table in config.gates.items()
+        for i, raw in enumerate(table.numbers)]
+    named += [(("routes", r, "numbers", i), raw) for r, route in enumerate(config.routes)
+              for i, raw in enumerate(route.numbers)]
+    return frozenset(number(raw, where) for where, raw in named)
 
 
 @dataclass

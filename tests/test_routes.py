@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,30 @@ def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("numbers", "refused"), [
+    ([LINE], None),
+    (["0501234501"], None),  # the file's other line, in national form
+    ([BARRIER, DOOR], None),  # a gate's own numbers stay the gate's: routes answer beside it
+    (["+31509999999"], "numbers[0]"),  # a number of neither would become a new line
+    ([LINE, "+31509999999"], "numbers[1]"),
+])
+def test_a_route_over_mqtt_answers_only_on_numbers_the_sites_file_gives_it(
+        tmp_path: Path, numbers: list[str], refused: str | None) -> None:
+    """A route over MQTT may name the lines of the site's file and its gates' numbers, never
+    a number of neither: that would make it a line the file does not have."""
+    import json
+
+    from gated.routes import RouteError
+
+    (tmp_path / "accounts.csv").write_text(CSV)
+    config = compiler.load(write(tmp_path, ROUTES)).config
+    message = json.dumps({"callers": ["+3120*"], "numbers": numbers,
+                          "destination": "+31501234510"}).encode()
+    if refused is None:
+        route = parse_managed("fleet", "r", message, config).route
+        assert route.numbers == frozenset(normalise(n, "NL") for n in numbers)
+    else:
+        with pytest.raises(RouteError, match=rf"^{re.escape(refused)}: "):
+            parse_managed("fleet", "r", message, config)
