@@ -161,7 +161,8 @@ def refuse(credential: Credential, timecode: int | None, gate: str | None, reque
            book: CodeBook, ledger: Ledger, now: float) -> str | None:
     """Why ``credential`` does not admit this call, or None when it does (``gate``
     None: a line, where only route-only credentials apply)."""
-    if not credential.route_only and (gate is None or gate not in credential.gates):
+    elsewhere = not credential.route_only and (gate is None or gate not in credential.gates)
+    if elsewhere and gate is not None:
         return "wrong_gate"
     if credential.valid_from is not None and now < credential.valid_from:
         return "not_yet_valid"
@@ -179,6 +180,10 @@ def refuse(credential: Credential, timecode: int | None, gate: str | None, reque
         last = ledger.totp_last.get(credential.id)
         if last is not None and timecode <= last:
             return "replayed"
+    if elsewhere:
+        # A gate's code on a line, checked as its gate would check it first: only
+        # one good there now is wrong_gate here, which is no guess (Ledger.apply).
+        return "wrong_gate"
     return None
 
 
@@ -220,6 +225,9 @@ class Ledger:
                 # sales line's, known to many) typed between guesses must not
                 # keep a guesser under the per-caller lock.
                 changes.strikes = self.lockout.success(request.caller)
-        elif decision.reason in GUESS_REASONS:
+        elif decision.reason in GUESS_REASONS and not (
+                decision.gate is None and decision.reason == "wrong_gate"):
+            # On a line (no gate) wrong_gate is a real gate's code, dialled on the
+            # wrong number: whoever typed it knows a code, and guesses nothing.
             changes.strikes, changes.locks = self.lockout.failure(request.caller, now)
         return changes

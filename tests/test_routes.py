@@ -164,13 +164,27 @@ def test_route_precedence(book: CodeBook, ledger: Ledger, did: str, caller: str 
 def test_a_line_takes_route_only_codes_and_counts_wrong_ones(book: CodeBook,
                                                               ledger: Ledger) -> None:
     """On a line a route-only code routes; a gate's code is wrong_gate and an unknown one
-    unknown_code, both counted as guesses; nothing opens there."""
+    unknown_code; only the unknown one is counted as a guess; nothing opens there."""
     routed = call(book, ledger, LINE, UNKNOWN, code="9000")
     assert (routed.status, routed.reason, routed.opens, routed.gate) == (
         Status.ACK, "granted_route", False, None)
     assert call(book, ledger, LINE, UNKNOWN, code="5555").reason == "wrong_gate"
     assert call(book, ledger, LINE, UNKNOWN, code="1234").reason == "unknown_code"
-    assert ledger.lockout.callers[UNKNOWN].failures == 2
+    assert ledger.lockout.callers[UNKNOWN].failures == 1
+
+
+def test_a_valid_code_on_a_line_never_drives_its_caller_toward_a_lock(
+        book: CodeBook, ledger: Ledger) -> None:
+    """A resident who types their gate's code on a line (a number routes answer on) is
+    refused there, wrong_gate, but no guesser: however often, neither they nor the site
+    come nearer a lock, and the code still opens its gate after."""
+    for _ in range(5):  # more than caller_failures
+        decision = call(book, ledger, LINE, RESIDENT, code="5555")
+        assert (decision.status, decision.reason, decision.opens) == (
+            Status.NAK, "wrong_gate", False)
+    assert ledger.lockout.strikes(RESIDENT) is None
+    assert not ledger.lockout.recent
+    assert call(book, ledger, BARRIER, RESIDENT, code="5555").reason == "granted_code"
 
 
 def test_routing_neither_counts_toward_nor_is_blocked_by_lockout(book: CodeBook,
