@@ -426,6 +426,52 @@ def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+# -- a route whose file carries the answers ---------------------------------------------
+
+
+def test_a_route_whose_csv_rows_carry_the_answers_needs_none_of_its_own(
+        tmp_path: Path) -> None:
+    """A route with numbers and a file whose rows each carry a destination or a
+    callername loads without a destination of its own, and each row answers with its
+    own."""
+    csv = ("number,destination,callername\n+31201234567,+31501234599,Acme BV\n"
+           "+31301234567,,Utrecht desk\n")
+    route = '[[routes]]\nname = "CRM"\nnumbers = ["+31501234500"]\nfile = "accounts.csv"\n'
+    book = compiler.load(write(tmp_path, route, csv)).book
+    assert book.routes.rows == 2
+    assert book.routes.find(LINE, ACME, WEDNESDAY_NOON, book.tz) is not None
+    decision = call(book, Ledger.fresh(Policy()), LINE, ACME)
+    assert (decision.reason, decision.destination, decision.callername) == (
+        "routed_caller", "+31501234599", "Acme BV")
+    decision = call(book, Ledger.fresh(Policy()), LINE, OFFICE)
+    assert (decision.reason, decision.destination, decision.callername) == (
+        "routed_caller", "", "Utrecht desk")
+
+
+@pytest.mark.parametrize(("route", "csv", "key", "line", "message"), [
+    # A row with neither, and the route has neither to give it: the file's line.
+    ('[[routes]]\nname = "CRM"\nfile = "accounts.csv"\n',
+     "number,destination\n+31201234567,+31501234599\n+31301234567,\n", "routes[0].file", 3,
+     "a row needs a destination or a callername (the route gives neither)"),
+    # The route's own callers have no row to carry an answer: the route needs one.
+    ('[[routes]]\nname = "CRM"\ncallers = ["+3120*"]\nfile = "accounts.csv"\n',
+     "number,destination\n+31301234567,+31501234599\n", "routes[0].destination", None,
+     "a route needs a destination or a callername"),
+])
+def test_a_route_answer_left_empty_is_an_error_naming_where(
+        tmp_path: Path, route: str, csv: str, key: str, line: int | None,
+        message: str) -> None:
+    """With no answer of the route's own, a CSV row left with neither destination nor
+    callername is a config error naming the file and line; callers listed in the route
+    itself still need the route's answer."""
+    with pytest.raises(ConfigError) as raised:
+        compiler.load(write(tmp_path, route, csv))
+    assert raised.value.path == key
+    assert message in raised.value.detail
+    if line is not None:
+        assert (raised.value.file, raised.value.line) == (str(tmp_path / "accounts.csv"), line)
+
+
 @pytest.mark.parametrize(("numbers", "refused"), [
     ([LINE], None),
     (["0501234501"], None),  # the file's other line, in national form
