@@ -41,7 +41,8 @@ WRONG = "Deze code is niet geldig."
 
 
 def twiml_table(*, auth: str | None = AUTH, attempts: int = 2, prompt: str = PROMPT,
-                wrong: str = WRONG, welcome: str = "Welkom.", fallback: str = FALLBACK) -> str:
+                wrong: str = WRONG, welcome: str = "Welkom.", fallback: str = FALLBACK,
+                account_sid: str | None = None) -> str:
     lines = [
         "[twiml]",
         'path = "/twiml"',
@@ -58,6 +59,8 @@ def twiml_table(*, auth: str | None = AUTH, attempts: int = 2, prompt: str = PRO
         lines.append(f'auth_token = "{auth}"')
     if fallback:
         lines.append(f'fallback = "{fallback}"')
+    if account_sid is not None:
+        lines.append(f'account_sid = "{account_sid}"')
     return "\n".join(lines) + f"""
 
 [gates.lobby]
@@ -551,6 +554,31 @@ async def test_the_calls_a_site_remembers_are_bounded(tmp_path: Path,
     finally:
         writer.cancel()
         store.close()
+
+
+async def test_a_request_from_another_account_is_refused_unevaluated(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With [twiml] account_sid, a request signed with the right token but naming another
+    AccountSid is 403 with one log line, nothing decided or recorded; the site's own
+    account's calls go on, and `gated call --twiml` names that account."""
+    account = "AC" + "1" * 32
+    running = await start_daemon(twiml_table(account_sid=account), pulse=0.05)
+    platform = Platform(running, caller=RESIDENT, called=BARRIER)
+    with capture_logs() as logs:
+        assert await platform.send(PUBLIC, platform.params) == (403, "forbidden\n")
+    assert [(e["event"], e.get("why")) for e in logs] == [("refused", "another account")]
+    await settle(running)
+    assert entries(running) == []
+    assert states(running.pin(17)) == [False]
+    platform.params["AccountSid"] = account
+    assert verbs(await platform.incoming()) == ["Say Welkom.", "Hangup"]
+    host, port = running.daemon.listening[0]
+    capsys.readouterr()
+    with capture_logs():
+        code = await asyncio.to_thread(main, [
+            "-c", str(tmp_path / "gated.toml"), "call", "--twiml", "--url",
+            f"http://{host}:{port}/twiml", "--from", VISITOR, "--to", LOBBY, "--code", FLAT_12])
+    assert code == 0, capsys.readouterr().out
 
 
 # -- one site, two platforms ---------------------------------------------------------------

@@ -72,6 +72,7 @@ class TwimlSettings:
     attempts: int
     input_timeout: int
     fallback: str
+    account_sid: str | None
 
     @classmethod
     def build(cls, config: TwimlConfig, region: str) -> TwimlSettings:
@@ -84,7 +85,7 @@ class TwimlSettings:
         fallback = (normalise(config.fallback, region) or "") if config.fallback else ""
         return cls(config.path.rstrip("/"), config.public_url, validator, config.language,
                    config.voice, config.prompt, config.wrong, config.welcome, config.attempts,
-                   config.input_timeout, fallback)
+                   config.input_timeout, fallback, config.account_sid)
 
     def signed_url(self, request: web.Request, suffix: str) -> str:
         """The URL the platform signed: ``public_url``, whatever a proxy made of it."""
@@ -213,6 +214,10 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
         if not webhook.token_ok(token):
             log.warning("refused", remote=client, why="bad or missing token")
             return _text("forbidden\n", 403)
+    if settings.account_sid is not None and form.get("AccountSid") != settings.account_sid:
+        # Signed, but for a call of another account that shares the token.
+        log.warning("refused", remote=client, why="another account")
+        return _text("forbidden\n", 403)
     attempt = 0
     code: str | None = None
     if suffix:
