@@ -360,7 +360,7 @@ async def test_a_route_over_mqtt_never_takes_a_number_a_gate_answers_on(
     """A route over MQTT, site or fleet, naming a number the one-gate site's gate answers
     on is refused on its error topic and changes nothing: the resident still opens, the
     gate's code still opens and is never counted as a guess; a route on the file's own
-    line is applied."""
+    line is applied, and refused once a reload gives that line up."""
     fleet = "gated/fleet"
     await probe.subscribe(f"{PREFIX}/routes/+/error", f"{fleet}/routes/+/error/test")
     running = await start_daemon(config=one_gate_site(tmp_path, broker))
@@ -389,3 +389,13 @@ async def test_a_route_over_mqtt_never_takes_a_number_a_gate_answers_on(
     await running.daemon.gatekeeper.store.flush()
     assert {e.reason for e in entries(running)} == {"granted_caller", "granted_code",
                                                     "routed_caller"}
+
+    # The file gives the line up: the route over MQTT on it goes too, refused on reload.
+    path = tmp_path / "gated.toml"
+    text = path.read_text()
+    path.write_text(text[:text.index("[[routes]]")] + text[text.index("[lockout]"):])
+    before = len(probe.on(f"{PREFIX}/routes/sales/error"))
+    assert await running.daemon.reload("test") is True
+    (*_, refused) = await probe.wait_for(f"{PREFIX}/routes/sales/error", before + 1)
+    assert refused.json()["error"].startswith("numbers[0]: ")
+    assert await running.get(did=LINE, callerid=RESIDENT) == (200, "status=ACK")
