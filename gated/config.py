@@ -272,6 +272,9 @@ class TwimlConfig(_Table, kw_only=True, frozen=True):
     attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     input_timeout: Annotated[int, msgspec.Meta(ge=1, le=60)] = 6
     fallback: str = ""
+    # The platform's account (Twilio: AC + 32 hex); set, a request naming another
+    # is refused before anything is decided.
+    account_sid: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
 
 
 class LogConfig(_Table, kw_only=True, frozen=True):

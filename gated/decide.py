@@ -32,6 +32,13 @@ class Request:
     callername: str = ""
     code: str | None = None
     source: str = "pbx"
+    # A call answered over several requests that can be sent again (TwiML: a
+    # signature holds no time): its id, how many decisions it may make (0: not
+    # held to any), and whether this request follows an answer that asked it
+    # for a code.
+    call_id: str = ""
+    attempts: int = 0
+    follows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,16 @@ ROUTED = "routed_caller"
 # long as a link was down, and the button was pressed for whoever stood there
 # then, not whoever stands there now.
 STALE = "stale"
+# A request of a call that has decided all it may (its attempts, or an open):
+# a copy of one already answered. Nothing is evaluated; no guess either.
+REPLAYED_CALL = "replayed_call"
+# How long a call is remembered. Twilio ends every call within a day (its
+# longest time limit); digits for a call forgotten since are refused anyway,
+# since that call was never asked for them here (Ledger.replayed).
+KEEP_CALLS = 2 * 86400.0
+# At most this many at once (~190 bytes each; two days of a busy call box are
+# a few thousand); past it the oldest is forgotten first, as past KEEP_CALLS.
+MAX_CALLS = 10_000
 # How far ahead of the site's clock a sender's time may be. NTP keeps two
 # clocks within milliseconds; this only spares a sender with a rougher sync.
 # Kept small because a sender's clock running ahead widens the window for late
@@ -85,11 +102,13 @@ def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
            *, durable: bool = True) -> Decision:
     """``durable`` False: the store cannot keep what a grant would spend right now."""
     gate = book.gate_for(request.did)
+    name = gate.name if gate is not None else None
+    if request.attempts and ledger.replayed(request):
+        return nak(REPLAYED_CALL, name)
     # A line: a number of no gate that routes answer on; only routes and
     # route-only codes apply there.
     if gate is None and not book.is_line(request.did):
         return nak("unknown_number")
-    name = gate.name if gate is not None else None
     lockout = ledger.lockout
     if request.code is None:
         if gate is not None and request.caller is not None and request.caller in gate.callers:
@@ -161,7 +180,8 @@ def refuse(credential: Credential, timecode: int | None, gate: str | None, reque
            book: CodeBook, ledger: Ledger, now: float) -> str | None:
     """Why ``credential`` does not admit this call, or None when it does (``gate``
     None: a line, where only route-only credentials apply)."""
-    if not credential.route_only and (gate is None or gate not in credential.gates):
+    elsewhere = not credential.route_only and (gate is None or gate not in credential.gates)
+    if elsewhere and gate is not None:
         return "wrong_gate"
     if credential.valid_from is not None and now < credential.valid_from:
         return "not_yet_valid"
@@ -179,6 +199,10 @@ def refuse(credential: Credential, timecode: int | None, gate: str | None, reque
         last = ledger.totp_last.get(credential.id)
         if last is not None and timecode <= last:
             return "replayed"
+    if elsewhere:
+        # A gate's code on a line, checked as its gate would check it first: only
+        # one good there now is wrong_gate here, which is no guess (Ledger.apply).
+        return "wrong_gate"
     return None
 
 
@@ -190,6 +214,16 @@ class Changes:
     totp: dict[str, int] = field(default_factory=dict)
     strikes: list[str] = field(default_factory=list)
     locks: list[LockEvent] = field(default_factory=list)
+    calls: dict[str, Call | None] = field(default_factory=dict)  # None: forgotten
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What one call held to its attempts has decided so far."""
+
+    began: float  # when it was first answered
+    decisions: int = 0
+    opened: bool = False
 
 
 @dataclass(slots=True)
@@ -199,14 +233,52 @@ class Ledger:
     lockout: Lockout
     uses: dict[str, int] = field(default_factory=dict)
     totp_last: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, Call] = field(default_factory=dict)  # by id, oldest first
 
     @classmethod
     def fresh(cls, policy: Policy) -> Ledger:
         return cls(Lockout(policy))
 
+    def replayed(self, request: Request) -> bool:
+        """Whether this request of a call held to its attempts may decide nothing."""
+        if not request.call_id:
+            return True  # without its id a call cannot be held to anything
+        call = self.calls.get(request.call_id)
+        if call is None:
+            # Digits for a call this site never asked (or has forgotten): no
+            # real call gets here without the answer that asked it.
+            return request.follows
+        return call.opened or call.decisions >= request.attempts
+
+    def asked(self, request: Request, now: float) -> Changes:
+        """Note that a call held to its attempts was asked for a code: its digits may
+        follow. It decided nothing yet."""
+        changes = Changes()
+        if request.attempts and request.call_id not in self.calls:
+            self._call(request.call_id, Call(now), now, changes)
+        return changes
+
+    def _call(self, call_id: str, call: Call, now: float, changes: Changes) -> None:
+        calls = self.calls
+        if call_id not in calls:
+            # Insertion order is the order calls began: the oldest go first.
+            while calls:
+                oldest, first = next(iter(calls.items()))
+                if first.began >= now - KEEP_CALLS and len(calls) < MAX_CALLS:
+                    break
+                del calls[oldest]
+                changes.calls[oldest] = None
+        calls[call_id] = changes.calls[call_id] = call
+
     def apply(self, request: Request, decision: Decision, now: float) -> Changes:
         changes = Changes()
         credential = decision.credential
+        if request.attempts and decision.reason != REPLAYED_CALL:
+            # Counted here, with no await since decide(): a second copy of the
+            # request, however close behind, sees this one's decision and open.
+            call = self.calls.get(request.call_id) or Call(now)
+            self._call(request.call_id, Call(call.began, call.decisions + 1,
+                                             call.opened or decision.opens), now, changes)
         if decision.reason == ROUTED:
             pass  # no code typed: a route is no success against the lockout either
         elif decision.status is Status.ACK and credential is not None:
@@ -220,6 +292,9 @@ class Ledger:
                 # sales line's, known to many) typed between guesses must not
                 # keep a guesser under the per-caller lock.
                 changes.strikes = self.lockout.success(request.caller)
-        elif decision.reason in GUESS_REASONS:
+        elif decision.reason in GUESS_REASONS and not (
+                decision.gate is None and decision.reason == "wrong_gate"):
+            # On a line (no gate) wrong_gate is a real gate's code, dialled on the
+            # wrong number: whoever typed it knows a code, and guesses nothing.
             changes.strikes, changes.locks = self.lockout.failure(request.caller, now)
         return changes

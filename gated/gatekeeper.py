@@ -65,6 +65,11 @@ class RawCall:
     can_play_tones: bool = False
     can_ask_for_code: bool = False
     call_id: str = ""  # the platform's id of the call, for finding it in its logs
+    # A channel whose requests can be sent again by whoever captured one (TwiML:
+    # its signature holds no time) holds the call to this many decisions and one
+    # open, by call_id; 0: not held. Its request that cannot ask for a code
+    # follows one that did.
+    attempts: int = 0
     # When it reached gated (the clock's monotonic time), if earlier than the call.
     received: float | None = None
     # A remote open's proof that it is not late (decide.staleness): the time its
@@ -118,6 +123,12 @@ class Gatekeeper:
             # is never read by one call and written by another in between.
             decision = decide(request, self.book, self.ledger, now, durable=self.store.healthy)
             if raw.can_ask_for_code and decision.reason in ASK_FOR_A_CODE:
+                asked = self.ledger.asked(request, now)
+                if asked.calls:
+                    # With the next batch; nothing waits for it. Lost in a crash
+                    # within that moment, the call's digits are refused and it
+                    # ends at the fallback: the price of never asking twice.
+                    self.store.submit(None, asked, self.ledger)
                 return Answer(decision.status, decision.reason, wants_code=True)
             changes = self.ledger.apply(request, decision, now)
         deadline = Deadline(when)
@@ -170,7 +181,8 @@ class Gatekeeper:
             caller = normalise(raw.callerid, self.book.region)
         except NumberError:
             return Request(None, None, callername, code, raw.source), nak("malformed_number")
-        request = Request(did, caller, callername, code, raw.source)
+        request = Request(did, caller, callername, code, raw.source, raw.call_id, raw.attempts,
+                          follows=not raw.can_ask_for_code)
         if raw.gate is not None:
             # A remote open (button, Home Assistant) names the gate; the broker's
             # ACLs authorised it, so there is no code to check.

@@ -198,7 +198,9 @@ def compile_route(fields: RouteFields, where: Key, order: Order, route_id: str,
     """Check a route's fields (file or MQTT) and build it; its callers are added apart."""
     from gated.codes import Credential
 
-    if not (fields.destination or fields.callername):
+    # A route with a file may leave its answer to the rows (§11): each row that
+    # carries none is refused as the file is read; its own callers have no row.
+    if not (fields.destination or fields.callername) and (fields.callers or not has_file):
         raise error((*where, "destination"),
                     "a route needs a destination or a callername to answer with")
     if not fields.callers and not has_file:
@@ -230,7 +232,9 @@ def compile_routes(routes: Iterable[tuple[Key, RouteFields, Path | None]],
             table.add(route, caller_key(raw, (*where, "callers", i), number, error), "", "")
         if path is not None:
             before = table.rows
-            for key, destination, callername in read_csv(path, (*where, "file"), region):
+            answered = bool(fields.destination or fields.callername)
+            for key, destination, callername in read_csv(path, (*where, "file"), region,
+                                                         answered=answered):
                 table.add(route, key, destination, callername)
             table.files.append((str(path), table.rows - before))
         table.name_numbers(route, 1)
@@ -241,8 +245,13 @@ def compile_routes(routes: Iterable[tuple[Key, RouteFields, Path | None]],
 # -- CSV files ----------------------------------------------------------------------
 
 
-def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, str]]:
-    """(caller key, destination, callername) per row; ConfigError naming file:line."""
+def read_csv(path: Path, where: Key, region: str,
+             *, answered: bool = True) -> Iterator[tuple[str, str, str]]:
+    """(caller key, destination, callername) per row; ConfigError naming file:line.
+
+    ``answered`` False: the route gives no destination or callername of its own,
+    so each row must carry one.
+    """
     from gated.tomlpos import format_path
 
     def fail(line: int | None, message: str) -> ConfigError:
@@ -285,6 +294,9 @@ def read_csv(path: Path, where: Key, region: str) -> Iterator[tuple[str, str, st
                     raise fail(reader.line_num, f"{name}: at most {most} characters")
                 if not value.isprintable():
                     raise fail(reader.line_num, f"{name}: control characters are not allowed")
+            if not (answered or destination or callername):
+                raise fail(reader.line_num, "a row needs a destination or a callername "
+                           "(the route gives neither)")
             if raw.endswith("*"):
                 if not PREFIX_RE.fullmatch(raw):
                     raise fail(reader.line_num, "a prefix is + and 1 to 15 digits, then * "
@@ -395,12 +407,33 @@ def parse_managed(scope: str, route_id: str, body: bytes, config: Config) -> Man
         fields = config_mod.convert(raw, config_mod.RouteFields, (), fail)
         number = number_parser(config.site.region, fail)
         route = compile_route(fields, (), (1, route_id), route_id, number, fail)
+        if route.numbers:
+            # A number the route names becomes a line unless a gate has it: on a
+            # one-gate site without numbers it would take the gate's calls (codes
+            # refused, residents routed). Only the site's file makes lines (§15).
+            known = site_numbers(config, number)
+            for i, raw_number in enumerate(fields.numbers):
+                if number(raw_number, ("numbers", i)) not in known:
+                    raise fail(("numbers", i), f"{raw_number!r} is no line of this site: a "
+                               "route over MQTT answers only on its gates' numbers and the "
+                               "lines its file's [[routes]] name")
         keys = tuple(dict.fromkeys(caller_key(text, ("callers", i), number, fail)
                                    for i, text in enumerate(fields.callers)))
     except ConfigError as exc:
         raise RouteError(str(exc)) from None
     return ManagedRoute(scope, route_id, body,
                         Route(route.credential, route.numbers, route.order, keys))
+
+
+def site_numbers(config: Config, number: NumberParser) -> frozenset[str]:
+    """The called numbers the site's file answers on by name: its gates' and the lines
+    its [[routes]] name."""
+    named: list[tuple[Key, str]] = [
+        (("gates", gate, "numbers", i), raw) for gate, table in config.gates.items()
+        for i, raw in enumerate(table.numbers)]
+    named += [(("routes", r, "numbers", i), raw) for r, route in enumerate(config.routes)
+              for i, raw in enumerate(route.numbers)]
+    return frozenset(number(raw, where) for where, raw in named)
 
 
 @dataclass

@@ -47,7 +47,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--callers", nargs="+", required=True,
                    help="E.164 numbers, or prefixes ending in * (space or comma separated)")
     p.add_argument("--numbers", nargs="+", default=[],
-                   help="called numbers it answers on (default: every number of the site)")
+                   help="called numbers it answers on (default: every number of the site); "
+                        "each a gate's number or a line the config's [[routes]] name")
     p.add_argument("--destination", default="", help="where the PBX puts the call through")
     p.add_argument("--callername", default="", help="shown on the phone's display")
     p.add_argument("--schedule", action="append", default=[],

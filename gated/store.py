@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import structlog
 
 from gated import alarms, files
-from gated.decide import Changes, Ledger
+from gated.decide import KEEP_CALLS, MAX_CALLS, Call, Changes, Ledger
 from gated.errors import StoreError
 from gated.lockout import MAX_TRACKED, SITE, Policy, Strikes
 
@@ -142,9 +142,20 @@ CREATE TABLE IF NOT EXISTS forward_totals (
     last_delivered REAL
 );
 """
+# Calls held to their attempts (a TwiML CallSid): what each has decided, so a
+# replayed request opens nothing after a restart either. Kept as long as
+# decide.KEEP_CALLS says, and at most decide.MAX_CALLS rows.
+SCHEMA_V8 = """
+CREATE TABLE IF NOT EXISTS calls (
+    id TEXT PRIMARY KEY,
+    began REAL NOT NULL,
+    decisions INTEGER NOT NULL,
+    opened INTEGER NOT NULL
+);
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
 MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
-              SCHEMA_V7)
+              SCHEMA_V7, SCHEMA_V8)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -199,13 +210,16 @@ class _LedgerState:
     window: deque[float] = field(default_factory=deque)
     reset: bool = False
     floor: float | None = None
+    calls: dict[str, Call | None] = field(default_factory=dict)  # None: forgotten
 
     def __bool__(self) -> bool:
-        return bool(self.uses or self.totp or self.strikes or self.window or self.reset)
+        return bool(self.uses or self.totp or self.strikes or self.window or self.reset
+                    or self.calls)
 
     def note(self, changes: Changes, ledger: Ledger | None) -> None:
         self.uses.update(changes.uses)
         self.totp.update(changes.totp)
+        self.calls.update(changes.calls)  # frozen: nothing for the writer to copy
         if ledger is None:
             return
         lockout = ledger.lockout
@@ -236,6 +250,8 @@ class _LedgerState:
                 mine.setdefault(key, value)
         for key, strikes in older.strikes.items():
             self.strikes.setdefault(key, strikes)
+        for key, call in older.calls.items():
+            self.calls.setdefault(key, call)
         if not self.reset:
             self.window = deque((*older.window, *self.window))
             self.reset = older.reset
@@ -365,7 +381,8 @@ class Store:
         return not self._failing
 
     def load_ledger(self, policy: Policy, now: float | None = None) -> Ledger:
-        """The ledger as the last run left it: uses, TOTP steps, lockout strikes."""
+        """The ledger as the last run left it: uses, TOTP steps, lockout strikes, and
+        what recent calls held to their attempts have decided."""
         now = time.time() if now is None else now
         try:
             return self._load_ledger(policy, now)
@@ -398,6 +415,15 @@ class Store:
                     "SELECT time FROM site_window WHERE time >= ? ORDER BY time",
                     (now - policy.site_window,))]
             ledger.lockout.restore(key, Strikes(failures, locks, locked_until, last), window)
+        since = now - KEEP_CALLS
+        try:
+            conn.execute("DELETE FROM calls WHERE began < ?", (since,))
+        except sqlite3.Error as exc:
+            log.warning("old calls not pruned", path=str(self.path), error=str(exc))
+        calls = conn.execute("SELECT id, began, decisions, opened FROM calls WHERE began >= ? "
+                             "ORDER BY began DESC LIMIT ?", (since, MAX_CALLS)).fetchall()
+        for call_id, began, decisions, opened in reversed(calls):
+            ledger.calls[call_id] = Call(began, decisions, bool(opened))
         return ledger
 
     def submit(self, entry: Entry | None, changes: Changes | None,
@@ -571,6 +597,13 @@ def _write_ledger(conn: sqlite3.Connection, state: _LedgerState) -> None:
              for k, s in state.strikes.items() if s is not None])
         conn.executemany("DELETE FROM strikes WHERE key = ?",
                          [(k,) for k, s in state.strikes.items() if s is None])
+    if state.calls:
+        conn.executemany(
+            "INSERT OR REPLACE INTO calls (id, began, decisions, opened) VALUES (?, ?, ?, ?)",
+            [(k, c.began, c.decisions, int(c.opened)) for k, c in state.calls.items()
+             if c is not None])
+        conn.executemany("DELETE FROM calls WHERE id = ?",
+                         [(k,) for k, c in state.calls.items() if c is None])
     if state.reset:
         conn.execute("DELETE FROM site_window")
     if state.window:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -163,13 +164,27 @@ def test_route_precedence(book: CodeBook, ledger: Ledger, did: str, caller: str 
 def test_a_line_takes_route_only_codes_and_counts_wrong_ones(book: CodeBook,
                                                               ledger: Ledger) -> None:
     """On a line a route-only code routes; a gate's code is wrong_gate and an unknown one
-    unknown_code, both counted as guesses; nothing opens there."""
+    unknown_code; only the unknown one is counted as a guess; nothing opens there."""
     routed = call(book, ledger, LINE, UNKNOWN, code="9000")
     assert (routed.status, routed.reason, routed.opens, routed.gate) == (
         Status.ACK, "granted_route", False, None)
     assert call(book, ledger, LINE, UNKNOWN, code="5555").reason == "wrong_gate"
     assert call(book, ledger, LINE, UNKNOWN, code="1234").reason == "unknown_code"
-    assert ledger.lockout.callers[UNKNOWN].failures == 2
+    assert ledger.lockout.callers[UNKNOWN].failures == 1
+
+
+def test_a_valid_code_on_a_line_never_drives_its_caller_toward_a_lock(
+        book: CodeBook, ledger: Ledger) -> None:
+    """A resident who types their gate's code on a line (a number routes answer on) is
+    refused there, wrong_gate, but no guesser: however often, neither they nor the site
+    come nearer a lock, and the code still opens its gate after."""
+    for _ in range(5):  # more than caller_failures
+        decision = call(book, ledger, LINE, RESIDENT, code="5555")
+        assert (decision.status, decision.reason, decision.opens) == (
+            Status.NAK, "wrong_gate", False)
+    assert ledger.lockout.strikes(RESIDENT) is None
+    assert not ledger.lockout.recent
+    assert call(book, ledger, BARRIER, RESIDENT, code="5555").reason == "granted_code"
 
 
 def test_routing_neither_counts_toward_nor_is_blocked_by_lockout(book: CodeBook,
@@ -409,3 +424,76 @@ def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+# -- a route whose file carries the answers ---------------------------------------------
+
+
+def test_a_route_whose_csv_rows_carry_the_answers_needs_none_of_its_own(
+        tmp_path: Path) -> None:
+    """A route with numbers and a file whose rows each carry a destination or a
+    callername loads without a destination of its own, and each row answers with its
+    own."""
+    csv = ("number,destination,callername\n+31201234567,+31501234599,Acme BV\n"
+           "+31301234567,,Utrecht desk\n")
+    route = '[[routes]]\nname = "CRM"\nnumbers = ["+31501234500"]\nfile = "accounts.csv"\n'
+    book = compiler.load(write(tmp_path, route, csv)).book
+    assert book.routes.rows == 2
+    assert book.routes.find(LINE, ACME, WEDNESDAY_NOON, book.tz) is not None
+    decision = call(book, Ledger.fresh(Policy()), LINE, ACME)
+    assert (decision.reason, decision.destination, decision.callername) == (
+        "routed_caller", "+31501234599", "Acme BV")
+    decision = call(book, Ledger.fresh(Policy()), LINE, OFFICE)
+    assert (decision.reason, decision.destination, decision.callername) == (
+        "routed_caller", "", "Utrecht desk")
+
+
+@pytest.mark.parametrize(("route", "csv", "key", "line", "message"), [
+    # A row with neither, and the route has neither to give it: the file's line.
+    ('[[routes]]\nname = "CRM"\nfile = "accounts.csv"\n',
+     "number,destination\n+31201234567,+31501234599\n+31301234567,\n", "routes[0].file", 3,
+     "a row needs a destination or a callername (the route gives neither)"),
+    # The route's own callers have no row to carry an answer: the route needs one.
+    ('[[routes]]\nname = "CRM"\ncallers = ["+3120*"]\nfile = "accounts.csv"\n',
+     "number,destination\n+31301234567,+31501234599\n", "routes[0].destination", None,
+     "a route needs a destination or a callername"),
+])
+def test_a_route_answer_left_empty_is_an_error_naming_where(
+        tmp_path: Path, route: str, csv: str, key: str, line: int | None,
+        message: str) -> None:
+    """With no answer of the route's own, a CSV row left with neither destination nor
+    callername is a config error naming the file and line; callers listed in the route
+    itself still need the route's answer."""
+    with pytest.raises(ConfigError) as raised:
+        compiler.load(write(tmp_path, route, csv))
+    assert raised.value.path == key
+    assert message in raised.value.detail
+    if line is not None:
+        assert (raised.value.file, raised.value.line) == (str(tmp_path / "accounts.csv"), line)
+
+
+@pytest.mark.parametrize(("numbers", "refused"), [
+    ([LINE], None),
+    (["0501234501"], None),  # the file's other line, in national form
+    ([BARRIER, DOOR], None),  # a gate's own numbers stay the gate's: routes answer beside it
+    (["+31509999999"], "numbers[0]"),  # a number of neither would become a new line
+    ([LINE, "+31509999999"], "numbers[1]"),
+])
+def test_a_route_over_mqtt_answers_only_on_numbers_the_sites_file_gives_it(
+        tmp_path: Path, numbers: list[str], refused: str | None) -> None:
+    """A route over MQTT may name the lines of the site's file and its gates' numbers, never
+    a number of neither: that would make it a line the file does not have."""
+    import json
+
+    from gated.routes import RouteError
+
+    (tmp_path / "accounts.csv").write_text(CSV)
+    config = compiler.load(write(tmp_path, ROUTES)).config
+    message = json.dumps({"callers": ["+3120*"], "numbers": numbers,
+                          "destination": "+31501234510"}).encode()
+    if refused is None:
+        route = parse_managed("fleet", "r", message, config).route
+        assert route.numbers == frozenset(normalise(n, "NL") for n in numbers)
+    else:
+        with pytest.raises(RouteError, match=rf"^{re.escape(refused)}: "):
+            parse_managed("fleet", "r", message, config)

@@ -130,6 +130,16 @@ def body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+# The file makes LINE a line (routes over MQTT may answer there, never make one).
+SALES_LINE = f"""
+[[routes]]
+name = "Sales"
+numbers = ["{LINE}"]
+callers = ["+3140*"]
+destination = "+31501234590"
+"""
+
+
 async def put(probe: Probe, route_id: str, payload: bytes) -> Any:
     """Publish a route as staff do (retained) and wait for gated's verdict."""
     error_topic = f"{PREFIX}/routes/{route_id}/error"
@@ -183,7 +193,7 @@ async def test_routes_over_mqtt_survive_a_restart_with_the_broker_down(
     """Routes live on in the store's local copy: a restart without a broker still routes;
     one deleted while gated was away is withdrawn once it is back in sync."""
     await probe.subscribe(f"{PREFIX}/routes/+/error")
-    running = await start_daemon(mqtt_table(broker))
+    running = await start_daemon(mqtt_table(broker) + SALES_LINE)
     await mqtt_ready(running)
     assert await put(probe, "kept", body(callers=[ACME], destination="kept",
                                          numbers=[LINE])) is None
@@ -193,9 +203,9 @@ async def test_routes_over_mqtt_survive_a_restart_with_the_broker_down(
     await probe.disconnect()
     broker.stop()
 
-    offline = await start_daemon(mqtt_table(broker))
+    offline = await start_daemon(mqtt_table(broker) + SALES_LINE)
     assert not offline.daemon.link.connected
-    # LINE is a line only because the route over MQTT names it.
+    # The file's line, answered by the route over MQTT from its local copy.
     assert await offline.get(did=LINE, callerid=ACME) == (200, "status=ACK&destination=kept")
     assert await offline.get(did=DOOR, callerid="+31301234567") == (
         200, "status=ACK&destination=gone")
@@ -205,7 +215,7 @@ async def test_routes_over_mqtt_survive_a_restart_with_the_broker_down(
     deleter = await Probe(broker.port).connect()
     await deleter.publish(f"{PREFIX}/routes/gone", b"", retain=True)
     await deleter.disconnect()
-    again = await start_daemon(mqtt_table(broker))
+    again = await start_daemon(mqtt_table(broker) + SALES_LINE)
     await mqtt_ready(again)
     assert again.daemon.bridge.synced_connections >= 1
     assert await again.get(did=DOOR, callerid="+31301234567") == (200, "status=NAK")
@@ -301,3 +311,91 @@ async def test_a_twiml_call_is_routed_at_once_and_a_line_asks_for_a_code(
         (None, "ACK", "routed_caller", "Key accounts", "", "twiml"),
         (None, "ACK", "granted_route", "Sales", "", "twiml"),
     ]
+
+
+ANYWHERE = "+31509999999"  # a number the one-gate site's gate answers on (it has no numbers)
+VISITOR = "+31687654321"
+
+
+def one_gate_site(tmp_path: Path, broker: Mosquitto) -> Path:
+    """A site with one gate and no numbers (it takes every number but the file's line
+    LINE), a resident on its caller list, a code for it, and a fleet prefix."""
+    path = tmp_path / "gated.toml"
+    path.write_text(f"""
+[site]
+id = "test"
+timezone = "Europe/Amsterdam"
+region = "NL"
+
+[server]
+listen = "127.0.0.1:0"
+tokens = ["{TOKEN}"]
+
+[gates.barrier]
+actuator = {{ type = "mock", pin = 17, active_high = true, pulse = 0.05 }}
+callers = ["{RESIDENT}"]
+
+[[codes]]
+name = "Barrier only"
+code = "5555"
+gates = ["barrier"]
+
+[[routes]]
+name = "Sales"
+numbers = ["{LINE}"]
+callers = ["+3140*"]
+destination = "+31501234510"
+
+[lockout]
+caller_failures = 3
+
+[log]
+path = "{tmp_path / 'state' / 'entries.sqlite3'}"
+""" + mqtt_table(broker, 'fleet_prefix = "gated/fleet"'))
+    return path
+
+
+async def test_a_route_over_mqtt_never_takes_a_number_a_gate_answers_on(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path) -> None:
+    """A route over MQTT, site or fleet, naming a number the one-gate site's gate answers
+    on is refused on its error topic and changes nothing: the resident still opens, the
+    gate's code still opens and is never counted as a guess; a route on the file's own
+    line is applied, and refused once a reload gives that line up."""
+    fleet = "gated/fleet"
+    await probe.subscribe(f"{PREFIX}/routes/+/error", f"{fleet}/routes/+/error/test")
+    running = await start_daemon(config=one_gate_site(tmp_path, broker))
+    await mqtt_ready(running)
+    barrier = running.pin(17)
+    takeover = body(callers=["+31*"], numbers=[ANYWHERE], destination="+31500000000")
+    error = await put(probe, "takeover", takeover)
+    assert error is not None and error["error"].startswith("numbers[0]: "), error
+    await probe.publish(f"{fleet}/routes/takeover", takeover, retain=True)
+    (verdict,) = await probe.wait_for(f"{fleet}/routes/takeover/error/test")
+    assert verdict.payload and verdict.json()["error"].startswith("numbers[0]: ")
+    assert running.daemon.bridge.routes.routes.applied == {}
+
+    assert await running.get(did=ANYWHERE, callerid=RESIDENT) == (200, "status=ACK")
+    for _ in range(4):  # more than caller_failures: none of them a guess
+        assert await running.get(did=ANYWHERE, callerid=VISITOR, code="5555") == (
+            200, "status=ACK")
+    assert running.daemon.gatekeeper.ledger.lockout.strikes(VISITOR) is None
+    assert [s.state for s in barrier.states][:2] == [False, True]
+
+    # The file's own line may carry routes over MQTT.
+    assert await put(probe, "sales", body(callers=["+3130*"], numbers=["0501234500"],
+                                          destination="+31501234520")) is None
+    assert await running.get(did=LINE, callerid="+31301234567") == (
+        200, "status=ACK&destination=%2B31501234520")
+    await running.daemon.gatekeeper.store.flush()
+    assert {e.reason for e in entries(running)} == {"granted_caller", "granted_code",
+                                                    "routed_caller"}
+
+    # The file gives the line up: the route over MQTT on it goes too, refused on reload.
+    path = tmp_path / "gated.toml"
+    text = path.read_text()
+    path.write_text(text[:text.index("[[routes]]")] + text[text.index("[lockout]"):])
+    before = len(probe.on(f"{PREFIX}/routes/sales/error"))
+    assert await running.daemon.reload("test") is True
+    (*_, refused) = await probe.wait_for(f"{PREFIX}/routes/sales/error", before + 1)
+    assert refused.json()["error"].startswith("numbers[0]: ")
+    assert await running.get(did=LINE, callerid=RESIDENT) == (200, "status=ACK")

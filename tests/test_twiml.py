@@ -41,7 +41,8 @@ WRONG = "Deze code is niet geldig."
 
 
 def twiml_table(*, auth: str | None = AUTH, attempts: int = 2, prompt: str = PROMPT,
-                wrong: str = WRONG, welcome: str = "Welkom.", fallback: str = FALLBACK) -> str:
+                wrong: str = WRONG, welcome: str = "Welkom.", fallback: str = FALLBACK,
+                account_sid: str | None = None) -> str:
     lines = [
         "[twiml]",
         'path = "/twiml"',
@@ -58,6 +59,8 @@ def twiml_table(*, auth: str | None = AUTH, attempts: int = 2, prompt: str = PRO
         lines.append(f'auth_token = "{auth}"')
     if fallback:
         lines.append(f'fallback = "{fallback}"')
+    if account_sid is not None:
+        lines.append(f'account_sid = "{account_sid}"')
     return "\n".join(lines) + f"""
 
 [gates.lobby]
@@ -384,8 +387,198 @@ async def test_configured_texts_are_escaped_in_every_answer(start_daemon: Any) -
     answer = parse(text)
     assert verbs(answer)[1] == f"  Say {prompt}"
     assert verbs(await platform.type(answer, "000000"))[0] == f"Say {wrong}"
-    assert verbs(await platform.type(answer, "8642"))[0] == "Say Q&A <\"x\"> 'y'"
-    assert verbs(await platform.type(answer, "5555"))[0] == "Say A&B <c>"
+    # A call that opened decides no more: each code in a call of its own.
+    for n, (digits, said) in enumerate([("8642", "Say Q&A <\"x\"> 'y'"),
+                                        ("5555", "Say A&B <c>")]):
+        call = _another_call(running, f"CA{n:032d}", called=BARRIER)
+        assert verbs(await call.type(await call.incoming(), digits))[0] == said
+
+
+# -- replays ---------------------------------------------------------------------------------
+# Twilio's signature covers the URL and the parameters, and no time: whoever captured one
+# signed request (a proxy's log, a debugging dump) can send it again, and it still holds.
+
+def _asked(platform: Platform, answer: ET.Element, digits: str) -> tuple[str, dict[str, str]]:
+    """(URL, params) of the signed request typing ``digits`` at the answer's <Gather>."""
+    gather = answer.find("Gather")
+    assert gather is not None, verbs(answer)
+    return gather.get("action", ""), {**platform.params, "CallStatus": "in-progress",
+                                      "Digits": digits}
+
+
+def _another_call(running: Any, sid: str, **kwargs: Any) -> Platform:
+    other = Platform(running, **kwargs)
+    other.params["CallSid"] = sid
+    return other
+
+
+@pytest.mark.parametrize("captured", ["digits", "resident's call"])
+async def test_a_replayed_signed_request_opens_the_gate_once(start_daemon: Any,
+                                                             captured: str) -> None:
+    """A captured signed request of a call that opened the gate, sent twice more, opens
+    nothing: each replay is answered with the TwiML a fresh refusal gets there (nothing
+    tells it apart) and recorded replayed_call; the relay pulsed once."""
+    running = await start_daemon(twiml_table(), pulse=0.05)
+    barrier = running.pin(17)
+    if captured == "digits":
+        platform = Platform(running, called=BARRIER)
+        url, params = _asked(platform, await platform.incoming(), "471123")
+        # A fresh refusal at the same attempt: a wrong code in another call.
+        other = _another_call(running, "CA" + "6" * 32, called=BARRIER)
+        refusal = await other.send(*_asked(other, await other.incoming(), "000000"))
+        granted, heard = "granted_code", ["Say Welcome", "Dial 201"]
+    else:
+        platform = Platform(running, caller=RESIDENT, called=BARRIER)
+        url, params = PUBLIC, platform.params
+        # A fresh refusal of an incoming call: one to no gate's number.
+        other = _another_call(running, "CA" + "6" * 32, called="+31209999999")
+        refusal = await other.send(PUBLIC, other.params)
+        granted, heard = "granted_caller", ["Say Welkom.", "Hangup"]
+    status, text = await platform.send(url, params)
+    assert (status, verbs(parse(text))) == (200, heard)
+    await eventually(lambda: states(barrier) == [False, True, False])
+    assert refusal[0] == 200
+    with capture_logs() as logs:
+        for _ in range(2):
+            assert await platform.send(url, params) == refusal
+    await settle(running)
+    assert states(barrier) == [False, True, False]
+    assert [e.reason for e in entries(running) if e.call_id == CALL_SID] == [
+        granted, "replayed_call", "replayed_call"]
+    assert "471123" not in repr(logs)
+
+
+async def test_a_captured_call_decides_at_most_attempts_times(start_daemon: Any) -> None:
+    """A call's signed digits request sent again and again is decided only as often as the
+    call has attempts (here 2); later copies are answered as the wrong code was, decide
+    nothing and count as no further guess."""
+    running = await start_daemon(twiml_table(attempts=2))
+    platform = Platform(running)
+    url, params = _asked(platform, await platform.incoming(), "000000")
+    answers = [await platform.send(url, params) for _ in range(4)]
+    assert answers == [answers[0]] * 4
+    assert verbs(parse(answers[0][1]))[:2] == [f"Say {WRONG}", "Gather 2"]
+    await settle(running)
+    assert [e.reason for e in entries(running)] == [
+        "unknown_code", "unknown_code", "replayed_call", "replayed_call"]
+    strikes = running.daemon.gatekeeper.ledger.lockout.strikes(VISITOR)
+    assert strikes is not None and strikes.failures == 2
+
+
+async def test_digits_for_a_call_this_site_never_asked_open_nothing(start_daemon: Any) -> None:
+    """A signed digits request for a call this site never asked for a code (one it has
+    forgotten since, or never saw) is answered as a wrong code is and opens nothing."""
+    running = await start_daemon(twiml_table(), pulse=0.05)
+    platform = Platform(running, called=BARRIER)
+    params = {**platform.params, "CallStatus": "in-progress", "Digits": "471123"}
+    status, text = await platform.send(f"{PUBLIC}/code?attempt=1", params)
+    assert (status, verbs(parse(text))) == (
+        200, [f"Say {WRONG}", "Gather 2", f"  Say {PROMPT}", f"Dial {FALLBACK}"])
+    await settle(running)
+    assert states(running.pin(17)) == [False]
+    assert [(e.status, e.reason) for e in entries(running)] == [("NAK", "replayed_call")]
+
+
+async def test_a_call_that_opened_opens_nothing_after_a_restart(start_daemon: Any,
+                                                                 tmp_path: Path) -> None:
+    """What a call has decided is kept in the store file: after a restart its replayed
+    digits still open nothing, and a call asked for its code before the restart still
+    opens with it after."""
+    running = await start_daemon(twiml_table(), pulse=0.05)
+    platform = Platform(running, called=BARRIER)
+    url, params = _asked(platform, await platform.incoming(), "471123")
+    assert verbs(parse((await platform.send(url, params))[1])) == ["Say Welcome", "Dial 201"]
+    waiting = _another_call(running, "CA" + "7" * 32, called=BARRIER)
+    asked = await waiting.incoming()
+    await running.stop()
+
+    again = await start_daemon(config=tmp_path / "gated.toml")
+    barrier = again.pin(17)
+    await eventually(lambda: not barrier.state)
+    before = states(barrier)
+    status, text = await Platform(again, called=BARRIER).send(url, params)
+    assert (status, verbs(parse(text))[:2]) == (200, [f"Say {WRONG}", "Gather 2"])
+    assert states(barrier) == before
+    waiting = _another_call(again, "CA" + "7" * 32, called=BARRIER)
+    assert verbs(await waiting.type(asked, "471123")) == ["Say Welcome", "Dial 201"]
+    assert states(barrier)[len(before):][:1] == [True]
+    await settle(again)
+    assert [(e.call_id[-1], e.reason) for e in entries(again)] == [
+        ("5", "granted_code"), ("5", "replayed_call"), ("7", "granted_code")]
+
+
+async def test_the_calls_a_site_remembers_are_bounded(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call is remembered two days (Twilio ends every call within one), and at most
+    MAX_CALLS of them, oldest forgotten first, in memory and in the store file alike; a
+    forgotten call's digits still open nothing, for it was never asked here since."""
+    from gated import decide as decide_mod
+    from gated.decide import KEEP_CALLS, Request, decide
+    from gated.lockout import Policy
+
+    monkeypatch.setattr(decide_mod, "MAX_CALLS", 3)
+    book = compiler.load(write_config(tmp_path, twiml_table())).book
+    store = Store.open(tmp_path / "calls.sqlite3")
+    writer = asyncio.create_task(store.run())
+    ledger = store.load_ledger(Policy())
+    now = 1_790_000_000.0
+
+    def ask(sid: str, at: float) -> None:
+        request = Request(BARRIER, VISITOR, call_id=sid, attempts=2)
+        assert decide(request, book, ledger, at).reason == "unknown_caller"
+        store.submit(None, ledger.asked(request, at), ledger)
+
+    def digits(sid: str, at: float) -> str:
+        request = Request(BARRIER, VISITOR, code="471123", call_id=sid, attempts=2,
+                          follows=True)
+        decision = decide(request, book, ledger, at)
+        store.submit(None, ledger.apply(request, decision, at), ledger)
+        return decision.reason
+
+    def stored() -> list[str]:
+        return [sid for (sid,) in sqlite3.connect(store.path).execute(
+            "SELECT id FROM calls ORDER BY began")]
+
+    try:
+        ask("CA1", now)
+        assert digits("CA1", now + 10) == "granted_code"
+        for n, sid in enumerate(("CA2", "CA3", "CA4"), 1):
+            ask(sid, now + 20 + n)
+        await store.flush()
+        assert list(ledger.calls) == stored() == ["CA2", "CA3", "CA4"]
+        assert digits("CA1", now + 30) == "replayed_call"
+        ask("CA5", now + KEEP_CALLS + 22.5)  # CA2 and CA3 are two days old by now
+        await store.flush()
+        assert list(ledger.calls) == stored() == ["CA4", "CA5"]
+        assert list(store.load_ledger(Policy(), now + KEEP_CALLS + 30).calls) == ["CA5"]
+    finally:
+        writer.cancel()
+        store.close()
+
+
+async def test_a_request_from_another_account_is_refused_unevaluated(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With [twiml] account_sid, a request signed with the right token but naming another
+    AccountSid is 403 with one log line, nothing decided or recorded; the site's own
+    account's calls go on, and `gated call --twiml` names that account."""
+    account = "AC" + "1" * 32
+    running = await start_daemon(twiml_table(account_sid=account), pulse=0.05)
+    platform = Platform(running, caller=RESIDENT, called=BARRIER)
+    with capture_logs() as logs:
+        assert await platform.send(PUBLIC, platform.params) == (403, "forbidden\n")
+    assert [(e["event"], e.get("why")) for e in logs] == [("refused", "another account")]
+    await settle(running)
+    assert entries(running) == []
+    assert states(running.pin(17)) == [False]
+    platform.params["AccountSid"] = account
+    assert verbs(await platform.incoming()) == ["Say Welkom.", "Hangup"]
+    host, port = running.daemon.listening[0]
+    capsys.readouterr()
+    with capture_logs():
+        code = await asyncio.to_thread(main, [
+            "-c", str(tmp_path / "gated.toml"), "call", "--twiml", "--url",
+            f"http://{host}:{port}/twiml", "--from", VISITOR, "--to", LOBBY, "--code", FLAT_12])
+    assert code == 0, capsys.readouterr().out
 
 
 # -- one site, two platforms ---------------------------------------------------------------

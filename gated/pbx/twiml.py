@@ -20,6 +20,7 @@ extra) is needed only to check signatures.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -45,8 +46,9 @@ SIGNATURE_HEADERS = ("X-Twilio-Signature", "X-SignalWire-Signature")
 # Twilio spells a withheld caller id as a number: ANONYMOUS, RESTRICTED,
 # BLOCKED, UNKNOWN and UNAVAILABLE typed on a keypad.
 WITHHELD = frozenset({"+266696687", "+7378742833", "+2562533", "+8656696", "+86282452253"})
-# Twilio's CallSid is CA + 32 hex; others use UUIDs or their own ids. Anything
-# else is not kept: it would end up in the store and the log.
+# Twilio's CallSid is CA + 32 hex; others use UUIDs or their own ids (a SIP
+# Call-ID). Anything else is kept as a hash: as it is, it would end up in the
+# store and the log, and without it the call could not be held to its attempts.
 _CALL_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
 DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
 
@@ -70,6 +72,7 @@ class TwimlSettings:
     attempts: int
     input_timeout: int
     fallback: str
+    account_sid: str | None
 
     @classmethod
     def build(cls, config: TwimlConfig, region: str) -> TwimlSettings:
@@ -82,7 +85,7 @@ class TwimlSettings:
         fallback = (normalise(config.fallback, region) or "") if config.fallback else ""
         return cls(config.path.rstrip("/"), config.public_url, validator, config.language,
                    config.voice, config.prompt, config.wrong, config.welcome, config.attempts,
-                   config.input_timeout, fallback)
+                   config.input_timeout, fallback, config.account_sid)
 
     def signed_url(self, request: web.Request, suffix: str) -> str:
         """The URL the platform signed: ``public_url``, whatever a proxy made of it."""
@@ -180,7 +183,9 @@ def _caller(value: str | None) -> str | None:
 
 
 def _call_id(value: str | None) -> str:
-    return value if value is not None and _CALL_ID.fullmatch(value) else ""
+    if not value or _CALL_ID.fullmatch(value):
+        return value or ""
+    return "~" + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
 
 
 async def incoming(request: web.Request) -> web.Response:
@@ -209,6 +214,10 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
         if not webhook.token_ok(token):
             log.warning("refused", remote=client, why="bad or missing token")
             return _text("forbidden\n", 403)
+    if settings.account_sid is not None and form.get("AccountSid") != settings.account_sid:
+        # Signed, but for a call of another account that shares the token.
+        log.warning("refused", remote=client, why="another account")
+        return _text("forbidden\n", 403)
     attempt = 0
     code: str | None = None
     if suffix:
@@ -228,7 +237,7 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
     raw = RawCall(code=code, did=form.get("To"), callerid=_caller(form.get("From")),
                   callername=form.get("CallerName"), source="twiml", can_play_tones=True,
                   can_ask_for_code=not suffix, call_id=_call_id(form.get("CallSid")),
-                  received=received)
+                  received=received, attempts=settings.attempts)
     try:
         answer = await gatekeeper.call(raw)  # bounded by the deadline, from ``received``
     except Exception:  # any failure answers as ERR does (the fallback), never a 5xx

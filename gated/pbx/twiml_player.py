@@ -23,6 +23,8 @@ from gated.config import Config
 from gated.errors import GatedError
 
 Print = Callable[[str], None]
+# The AccountSid a call names when the site pins none (gated then reads none).
+ANY_ACCOUNT = "AC" + "0" * 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class Platform:
     token: str | None  # ?token= when the platform does not sign
     wrong: str
     timeout: float = 10.0
+    account_sid: str = ANY_ACCOUNT  # [twiml] account_sid, when the site pins one
 
     @classmethod
     def from_config(cls, config: Config, url: str | None, timeout: float) -> Platform:
@@ -42,7 +45,7 @@ class Platform:
         local = url or f"http://{config.server.listen}{twiml.path.rstrip('/')}"
         token = None if twiml.auth_token else config.server.tokens[0]
         return cls(twiml.public_url, local.rstrip("/"), twiml.auth_token, token, twiml.wrong,
-                   timeout)
+                   timeout, twiml.account_sid or ANY_ACCOUNT)
 
     def sign(self, url: str, params: dict[str, str]) -> dict[str, str]:
         if self.auth_token is None:
@@ -81,7 +84,7 @@ def play(platform: Platform, *, caller: str, called: str, callername: str,
          codes: Sequence[str], out: Print = print) -> int:
     """Play one call; 0 when it ended admitted (a tone, a welcome), 1 when not, 2 on no answer."""
     call_sid = "CA" + secrets.token_hex(16)
-    base = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": caller, "To": called,
+    base = {"CallSid": call_sid, "AccountSid": platform.account_sid, "From": caller, "To": called,
             "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01"}
     if callername:
         base["CallerName"] = callername
