@@ -101,6 +101,7 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     findings.append(check_book(config_path, loaded.store_path))
     if config.mqtt is not None:
         findings.append(check_broker(config.mqtt, loaded.path))
+        findings.append(check_message_size(config.mqtt))
         if config.mqtt.fleet_prefix is not None:
             findings.append(check_fleet_key(fleet_key_path(loaded.source, config)))
     findings += check_webhook(config)
@@ -394,6 +395,21 @@ def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:
     except (ConfigError, OSError, ssl.SSLError) as exc:
         return Finding("problem", "broker", f"cannot reach {where}: {exc}", fix)
     return Finding("ok", "broker", f"{where} accepts gated's connection")
+
+
+def check_message_size(mqtt: MqttConfig) -> Finding:
+    """Who keeps a message larger than any gated needs out of its memory."""
+    from gated.mqtt import MAX_PACKET, MAX_PAYLOAD
+
+    if mqtt.protocol == "5":
+        return Finding("ok", "size", f"MQTT 5: the broker sends gated no message over "
+                       f"{MAX_PACKET:,} bytes (Maximum Packet Size)")
+    return Finding(
+        "info", "size", "MQTT 3.1.1 cannot tell the broker the largest message gated takes: "
+        f"one over {MAX_PACKET:,} bytes ends its connection unread, again at every connect "
+        "while the broker keeps it",
+        f"set `message_size_limit {MAX_PAYLOAD}` in the broker's mosquitto.conf, or use "
+        'protocol = "5" (docs/mqtt.md, Message size)')
 
 
 def _local(listen: str) -> tuple[str, int]:
