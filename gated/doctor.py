@@ -281,6 +281,8 @@ def check_state(store: Path) -> list[Finding]:
         return [Finding("problem", "state", f"{directory} is not writable",
                         f"chown gated:gated {directory} (systemd's StateDirectory=gated does "
                         "this for /var/lib/gated)")]
+    if store.is_symlink():
+        return []  # never opened through a link: check_state_files says so
     if not store.exists():
         return [Finding("ok", "state", f"{directory} writable; no entries yet")]
     try:
@@ -314,13 +316,24 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
                              bookfile.book_path(store)])]
     if key.parent == directory:
         groups.append((str(key), [key]))
-    findings = []
+    # gated makes no links there, and opens no state file through one: a link
+    # is someone's attempt to have a command run as root write elsewhere.
+    try:
+        linked = {p for p in directory.iterdir() if p.is_symlink()}
+    except OSError:
+        linked = set()
+    if key.is_symlink():
+        linked.add(key)
+    findings = [Finding("problem", "state", f"{part} is a symbolic link; gated never opens "
+                        "a state file through one (someone made it: find out who)",
+                        f"rm {part}") for part in sorted(linked)]
     seen = 0
     for target, parts in groups:
         found = []
         for part in parts:
             with contextlib.suppress(OSError):
-                found.append((part, part.stat()))
+                if not part.is_symlink():
+                    found.append((part, part.stat()))
         seen += len(found)
         strangers = [(part, info) for part, info in found if info.st_uid != owner]
         shared = [(part, info) for part, info in found if info.st_mode & 0o077]
