@@ -675,7 +675,10 @@ RELOAD_COMPILE_TIMEOUT = 600.0
 
 
 def _command(path: Path) -> list[str]:
-    return [sys.executable, "-m", "gated.compiler", str(path)]
+    # -P: `-m` would put the working directory first on the import path, and a
+    # daemon started beside a clone named gated would compile with the clone's
+    # config/ as gated.config. Not -I: that would drop PYTHONPATH too.
+    return [sys.executable, "-P", "-m", "gated.compiler", str(path)]
 
 
 def _outcome(file: Path, returncode: int, output: bytes) -> Path | str:
