@@ -50,7 +50,7 @@ async def test_an_oversized_message_never_reaches_a_sites_memory(
     """20 MB on homeassistant/status (Home Assistant's user may write it) and on a code's
     topic: the site's peak memory grows by far less than one of them, the site never
     reads either, and it keeps taking codes."""
-    await probe.subscribe(f"{PREFIX}/codes/+/error", f"{PREFIX}/status")
+    await probe.subscribe(f"{PREFIX}/codes/+/error")
     config = write_config(tmp_path, f"""
         [mqtt]
         host = "127.0.0.1"
@@ -61,7 +61,7 @@ async def test_an_oversized_message_never_reaches_a_sites_memory(
         """)
     daemon = DaemonProcess(config)
     try:
-        daemon.wait_for("mqtt connected")
+        await asyncio.to_thread(daemon.wait_for, "mqtt connected")
         await marker_applied(probe, daemon, 1)  # subscribed, and past what it does at connect
         before = peak_from_now(daemon.proc.pid)
         await probe.publish("homeassistant/status", b"x" * BIG)
@@ -75,8 +75,12 @@ async def test_an_oversized_message_never_reaches_a_sites_memory(
         daemon.stop()
     assert grown < BIG, f"peak RSS grew by {grown / 2**20:.1f} MiB"
     assert probe.on(f"{PREFIX}/codes/big/error") == []  # never read, so never refused
+    # MQTT 5: the broker drops it for this client. 3.1.1: gated ends that
+    # connection before the message's body is read, and connects again.
     lost = [e for e in daemon.events if e.get("event") == "mqtt connection lost"]
-    assert lost == [] if protocol == "5" else len(lost) <= 1
+    ended = [e for e in daemon.events
+             if str(e.get("event")).startswith("mqtt message larger than any gated takes")]
+    assert (len(lost), len(ended)) == ((0, 0) if protocol == "5" else (1, 1))
 
 
 async def test_the_largest_message_a_site_needs_still_arrives(
