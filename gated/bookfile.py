@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import mmap
+import os
 import sys
 import zoneinfo
 from dataclasses import dataclass
@@ -202,9 +203,9 @@ def image(data: bytes | mmap.mmap, *, checksum: bool = True) -> Image:
 def peek(path: Path) -> Header | None:
     """The header of the book at ``path`` (no checksum yet), None if there is none."""
     try:
-        with path.open("rb") as file:
+        with os.fdopen(files.open_state(path), "rb") as file:
             head = file.read(64 * 1024)
-    except OSError:  # none, or nothing this user may read: compile
+    except (OSError, files.FileError):  # none, nothing this user may read, a link: compile
         return None
     try:
         return read_header(head)[0]
@@ -213,8 +214,12 @@ def peek(path: Path) -> Header | None:
 
 
 def map_file(path: Path, *, checksum: bool = True) -> Image:
-    """Map a book read-only and check it whole."""
-    with path.open("rb") as file:
+    """Map a book read-only and check it whole (BookError for a symbolic link)."""
+    try:
+        fd = files.open_state(path)
+    except files.FileError as exc:
+        raise BookError(str(exc)) from None
+    with os.fdopen(fd, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         return image(mapped, checksum=checksum)

@@ -96,7 +96,7 @@ class Loaded(msgspec.Struct, frozen=True):
 
     @property
     def store_path(self) -> Path:
-        return config_mod.resolve(self.source, self.config.log.path)
+        return config_mod.resolve_state(self.source, self.config.log.path)
 
     @property
     def mqtt_ca_file(self) -> Path | None:
@@ -559,7 +559,7 @@ def hinted_book(source: Path, data: bytes | mmap.mmap) -> Path:
     if found is not None:
         raw = found.group(1) if found.group(1) is not None else found.group(2)
         path = raw.decode("utf-8", "replace")
-    return bookfile.book_path(config_mod.resolve(source, path))
+    return bookfile.book_path(config_mod.resolve_state(source, path))
 
 
 def _fresh(header: bookfile.Header, source: Path, config_digest: bytes) -> bool:
@@ -656,7 +656,7 @@ def compile_to_file(path: str | os.PathLike[str]) -> Path:
         image, _ = compile_image(config, fail, key=key, site_key=True, folder=folder,
                                  sources=_sources(source, config_digest, config, key_path),
                                  codes=codes)
-        target = bookfile.book_path(config_mod.resolve(source, config.log.path))
+        target = bookfile.book_path(config_mod.resolve_state(source, config.log.path))
         del config, text, codes
     files.make_dir(target.parent)
     bookfile.write(target, image)
@@ -675,7 +675,10 @@ RELOAD_COMPILE_TIMEOUT = 600.0
 
 
 def _command(path: Path) -> list[str]:
-    return [sys.executable, "-m", "gated.compiler", str(path)]
+    # -P: `-m` would put the working directory first on the import path, and a
+    # daemon started beside a clone named gated would compile with the clone's
+    # config/ as gated.config. Not -I: that would drop PYTHONPATH too.
+    return [sys.executable, "-P", "-m", "gated.compiler", str(path)]
 
 
 def _outcome(file: Path, returncode: int, output: bytes) -> Path | str:

@@ -335,14 +335,14 @@ class Config(_Table, kw_only=True, frozen=True):
 
 def key_path(config_path: Path, config: Config) -> Path:
     if config.site.key_file:
-        return resolve(config_path, config.site.key_file)
-    return resolve(config_path, config.log.path).parent / "site.key"
+        return resolve_state(config_path, config.site.key_file)
+    return resolve_state(config_path, config.log.path).parent / "site.key"
 
 
 def fleet_key_path(config_path: Path, config: Config) -> Path:
     mqtt = config.mqtt
     if mqtt is not None and mqtt.fleet_key_file:
-        return resolve(config_path, mqtt.fleet_key_file)
+        return resolve_state(config_path, mqtt.fleet_key_file)
     return key_path(config_path, config).with_name("fleet.key")
 
 
@@ -354,6 +354,22 @@ def resolve(config_path: Path, value: str) -> Path:
     """
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else (config_path.resolve().parent / path).resolve()
+
+
+def resolve_state(config_path: Path, value: str) -> Path:
+    """As ``resolve``, for a state file: its folder resolved, its own name kept.
+
+    A state file that is a symbolic link is refused (``gated.files``), so the
+    link must be what is checked, not the file it names (and the files made
+    beside it must not land in that file's folder).
+    """
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return path
+    joined = config_path.resolve().parent / path
+    if joined.name in ("", ".", ".."):
+        return joined.resolve()
+    return joined.parent.resolve() / joined.name
 
 
 def resolve_in(folder: Path | None, value: str) -> Path:

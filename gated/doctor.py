@@ -101,6 +101,7 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
     findings.append(check_book(config_path, loaded.store_path))
     if config.mqtt is not None:
         findings.append(check_broker(config.mqtt, loaded.path))
+        findings.append(check_message_size(config.mqtt))
         if config.mqtt.fleet_prefix is not None:
             findings.append(check_fleet_key(fleet_key_path(loaded.source, config)))
             findings.append(check_signing(fleet_key_path(loaded.source, config), "fleet"))
@@ -281,6 +282,8 @@ def check_state(store: Path) -> list[Finding]:
         return [Finding("problem", "state", f"{directory} is not writable",
                         f"chown gated:gated {directory} (systemd's StateDirectory=gated does "
                         "this for /var/lib/gated)")]
+    if store.is_symlink():
+        return []  # never opened through a link: check_state_files says so
     if not store.exists():
         return [Finding("ok", "state", f"{directory} writable; no entries yet")]
     try:
@@ -314,13 +317,24 @@ def check_state_files(store: Path, key: Path) -> list[Finding]:
                              bookfile.book_path(store)])]
     if key.parent == directory:
         groups.append((str(key), [key]))
-    findings = []
+    # gated makes no links there, and opens no state file through one: a link
+    # is someone's attempt to have a command run as root write elsewhere.
+    try:
+        linked = {p for p in directory.iterdir() if p.is_symlink()}
+    except OSError:
+        linked = set()
+    if key.is_symlink():
+        linked.add(key)
+    findings = [Finding("problem", "state", f"{part} is a symbolic link; gated never opens "
+                        "a state file through one (someone made it: find out who)",
+                        f"rm {part}") for part in sorted(linked)]
     seen = 0
     for target, parts in groups:
         found = []
         for part in parts:
             with contextlib.suppress(OSError):
-                found.append((part, part.stat()))
+                if not part.is_symlink():
+                    found.append((part, part.stat()))
         seen += len(found)
         strangers = [(part, info) for part, info in found if info.st_uid != owner]
         shared = [(part, info) for part, info in found if info.st_mode & 0o077]
@@ -413,6 +427,21 @@ def check_broker(mqtt: MqttConfig, config_path: Path) -> Finding:
     except (ConfigError, OSError, ssl.SSLError) as exc:
         return Finding("problem", "broker", f"cannot reach {where}: {exc}", fix)
     return Finding("ok", "broker", f"{where} accepts gated's connection")
+
+
+def check_message_size(mqtt: MqttConfig) -> Finding:
+    """Who keeps a message larger than any gated needs out of its memory."""
+    from gated.mqtt import MAX_PACKET, MAX_PAYLOAD
+
+    if mqtt.protocol == "5":
+        return Finding("ok", "size", f"MQTT 5: the broker sends gated no message over "
+                       f"{MAX_PACKET:,} bytes (Maximum Packet Size)")
+    return Finding(
+        "info", "size", "MQTT 3.1.1 cannot tell the broker the largest message gated takes: "
+        f"one over {MAX_PACKET:,} bytes ends its connection unread, again at every connect "
+        "while the broker keeps it",
+        f"set `message_size_limit {MAX_PAYLOAD}` in the broker's mosquitto.conf, or use "
+        'protocol = "5" (docs/mqtt.md, Message size)')
 
 
 def _local(listen: str) -> tuple[str, int]:

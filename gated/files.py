@@ -10,6 +10,13 @@ Files and folders gated makes are private (0600, 0700) whatever the umask.
 Run as root in a folder that belongs to someone else (``sudo gated codes
 issue`` in ``/var/lib/gated``), it gives what it makes to that owner, so the
 daemon's user can still write its store and read its key.
+
+State files (the store, the site and fleet keys, the compiled book, sets,
+locks) are never opened or replaced through a symbolic link: the daemon's
+user can make links in its own folder, and a staff command run as root
+would otherwise write (or read) whatever file a link names. Only the config,
+which staff own and may well keep as a link into a release folder, is
+written through its link.
 """
 
 from __future__ import annotations
@@ -34,6 +41,34 @@ DIR_MODE = 0o700
 
 class FileError(GatedError):
     """A file could not be replaced or made; the old one, if any, is unchanged."""
+
+
+def _linked(path: Path) -> str:
+    return (f"{path} is a symbolic link; state files are never opened through one "
+            f"(someone made it: find out who, then remove it: rm {path})")
+
+
+def refuse_link(path: Path) -> None:
+    """Raise FileError when ``path`` is a symbolic link (it may be missing)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise FileError(_linked(path))
+
+
+def open_state(path: Path) -> int:
+    """Open a state file to read, never through a symbolic link, and only a plain
+    file (a FIFO put in its place would hang the reader): FileError says why."""
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileError(_linked(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileError(f"{path} is not a plain file")
+    return fd
 
 
 def lock_path(path: Path) -> Path:
@@ -77,10 +112,15 @@ def make_dir(directory: Path) -> None:
 
 
 def create_private(path: Path) -> bool:
-    """Create ``path`` empty, 0600 and owned like its folder; False if it exists."""
+    """Create ``path`` empty, 0600 and owned like its folder; False if it exists.
+
+    FileError if it is a symbolic link: what uses the file next must not open it.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
     except FileExistsError:
+        refuse_link(path)
         return False
     try:
         os.fchmod(fd, FILE_MODE)
@@ -95,10 +135,11 @@ def create_private(path: Path) -> bool:
 class Replacement:
     """The held lock on one file; ``commit`` puts new content in its place."""
 
-    def __init__(self, path: Path, lock: Path, fd: int) -> None:
+    def __init__(self, path: Path, lock: Path, fd: int, *, private: bool = True) -> None:
         self.path = path
         self.lock = lock
         self._fd = fd
+        self.private = private  # a state file: 0600 and its folder's owner's, always
         self.committed = False
 
     def commit(self, data: bytes | bytearray) -> None:
@@ -118,13 +159,19 @@ class Replacement:
             fsync_dir(self.path.parent)
 
     def _keep_owner_and_mode(self) -> None:
+        if self.private:
+            # A link put there while the lock was being taken is refused; an old
+            # file of another owner or mode gets a right one in its place.
+            try:
+                refuse_link(self.path)
+            except FileError as exc:
+                raise FileError(f"{self.path} not changed: {exc}") from None
+            self._make_private()
+            return
         try:
             old = self.path.stat()
         except FileNotFoundError:
-            os.fchmod(self._fd, FILE_MODE)
-            owner = owner_for(self.path.parent)
-            if owner is not None:
-                os.fchown(self._fd, *owner)
+            self._make_private()
             return
         os.fchmod(self._fd, stat.S_IMODE(old.st_mode))
         uid = old.st_uid if old.st_uid != os.geteuid() else -1
@@ -139,24 +186,47 @@ class Replacement:
                                 f"gid {old.st_gid}, which this user cannot give a file to; "
                                 "run it as root or as that user") from exc
 
+    def _make_private(self) -> None:
+        os.fchmod(self._fd, FILE_MODE)
+        owner = owner_for(self.path.parent)
+        if owner is not None:
+            os.fchown(self._fd, *owner)
+
 
 @contextlib.contextmanager
-def replacing(path: Path, *, wait: float | None = None) -> Iterator[Replacement]:
+def replacing(path: Path, *, wait: float | None = None,
+              through_link: bool = False) -> Iterator[Replacement]:
     """Hold ``path``'s lock for a read-change-commit; uncommitted, nothing changes.
 
     Read the file inside the block: what another command wrote while this one
     waited for the lock is then part of what this one changes.
+
+    A state file (the default) that is a symbolic link, or whose lock is, is
+    refused (FileError), and its new content is 0600 and its folder owner's.
+    ``through_link`` (the config alone) replaces the file a link names, with
+    the old file's owner and mode.
     """
-    # Through a symlink to the file it names: renaming over the link would
-    # replace the link with a copy.
-    path = Path(os.path.realpath(path))
+    if through_link:
+        # Renaming over the link would replace the link with a copy.
+        path = Path(os.path.realpath(path))
+    else:
+        try:
+            refuse_link(path)
+        except FileError as exc:
+            raise FileError(f"{path} not changed: {exc}") from None
     lock = lock_path(path)
     deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
     while True:
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            # O_EXCL never follows a link; O_NOFOLLOW says so once more.
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, FILE_MODE)
             break
         except FileExistsError:
+            try:
+                refuse_link(lock)
+            except FileError as exc:
+                raise FileError(f"{path} not changed: {exc}") from None
             if time.monotonic() >= deadline:
                 raise FileError(f"{path} not changed: another command holds {lock}; try again, "
                                 "or delete that file if no gated command is running") from None
@@ -164,7 +234,7 @@ def replacing(path: Path, *, wait: float | None = None) -> Iterator[Replacement]
         except OSError as exc:
             raise FileError(f"{path} not changed: cannot create {lock}: "
                             f"{_reason(exc)}") from exc
-    replacement = Replacement(path, lock, fd)
+    replacement = Replacement(path, lock, fd, private=not through_link)
     try:
         yield replacement
     finally:
@@ -175,7 +245,7 @@ def replacing(path: Path, *, wait: float | None = None) -> Iterator[Replacement]
 
 
 def replace(path: Path, data: bytes | bytearray) -> None:
-    """Replace (or create) ``path`` with ``data`` under its lock."""
+    """Replace (or create) the state file ``path`` with ``data`` under its lock."""
     with replacing(path) as replacement:
         replacement.commit(data)
 

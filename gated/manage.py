@@ -242,7 +242,7 @@ def cmd_totp_add(args: argparse.Namespace) -> int:
         else:
             # Read again under the lock: another `totp add` may have added its
             # user since the load above, and this one must keep it.
-            with files.replacing(path) as replacement:
+            with files.replacing(path, through_link=True) as replacement:
                 original = path.read_text(encoding="utf-8")
                 changed = original.rstrip("\n") + "\n" + block
                 _checked(changed, path)

@@ -24,6 +24,12 @@ queues messages published while disconnected. So:
   hands one to a device that reconnects later (a device with a persistent
   session would otherwise get every open queued while it was away).
 
+No message larger than the largest a site needs (``MAX_PACKET``) is ever
+read into memory: with MQTT 5 the CONNECT says so (Maximum Packet Size) and
+the broker drops larger messages for this client; should one arrive anyway
+(an MQTT 3.1.1 broker without ``message_size_limit``, a broker that ignores
+the property), the connection ends before its body is read.
+
 What no client can recall: bytes the broker's host already received. A broker
 that stalls after that and resumes later can still deliver the command late;
 the device's own pulse length (Tasmota ``PulseTime``) bounds what it does then.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import random
@@ -52,6 +59,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gated import codeset
 from gated.config import MqttConfig
 from gated.errors import BrokerError, BrokerTimeout, BrokerUnavailable, ConfigError
 
@@ -62,6 +70,16 @@ BACKGROUND_INFLIGHT = 10
 # aiomqtt and paho log through the standard library; gated's logging set-up
 # routes it with everything else.
 _LIBRARY_LOG = logging.getLogger("gated.mqtt.client")
+
+# The largest payload a site needs: a chunk of the largest code set (with its
+# head) or a manifest, and room for a signature on either. Every other message
+# gated reads is far smaller (a code's message is at most 64 KiB).
+MAX_PAYLOAD = max(codeset.CHUNK_HEAD.size + codeset.chunk_bytes(codeset.MAX_SET_BYTES),
+                  codeset.MAX_MANIFEST) + 16 * 1024
+# What MQTT adds to a payload: the fixed header (5 bytes at most), the topic
+# (2 + at most 65,535 bytes), a packet id, and MQTT 5 properties (an expiry is
+# 5 bytes; 4 KiB leaves room for what a publisher may add).
+MAX_PACKET = MAX_PAYLOAD + 5 + 2 + 65535 + 2 + 4096
 
 # SO_LINGER on with zero seconds: close() resets the connection and discards
 # whatever is still unsent, rather than delivering it after the fact.
@@ -136,7 +154,11 @@ def make_client(settings: MqttConfig, client_id: str, *, tls: ssl.SSLContext | N
                 will: aiomqtt.Will | None = None) -> aiomqtt.Client:
     """A fresh client with a clean session; never reuse one across connections."""
     v5 = settings.protocol == "5"
-    return aiomqtt.Client(
+    properties = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.MaximumPacketSize = MAX_PACKET
+    client = aiomqtt.Client(
         settings.host, settings.port,
         username=settings.username, password=settings.password,
         identifier=client_id,
@@ -150,7 +172,30 @@ def make_client(settings: MqttConfig, client_id: str, *, tls: ssl.SSLContext | N
         tls_context=tls,
         socket_options=[_RESET_ON_CLOSE, _NO_DELAY],
         logger=_LIBRARY_LOG,
+        properties=properties,
     )
+    _refuse_oversized(client._client, f"{settings.host}:{settings.port}")  # below aiomqtt
+    return client
+
+
+def _refuse_oversized(inner: paho.Client, broker: str) -> None:
+    """End the connection on a packet over ``MAX_PACKET`` before its body is read.
+
+    paho reads a packet whole into memory, whatever its length (and asks the
+    socket for all of it at once); the fixed header says the length first.
+    """
+    receive = inner._sock_recv
+
+    def bounded(size: int) -> bytes:
+        packet = inner._in_packet
+        if packet["have_remaining"] and packet["remaining_length"] > MAX_PACKET:
+            log.error("mqtt message larger than any gated takes; connection ended unread "
+                      "(limit the broker's message size: docs/mqtt.md)", broker=broker,
+                      size=packet["remaining_length"], limit=MAX_PACKET)
+            raise OSError(errno.EMSGSIZE, "MQTT packet too large")
+        return receive(size)
+
+    inner._sock_recv = bounded  # type: ignore[assignment]  # this client only
 
 
 def _subscribe_topics(settings: MqttConfig, subs: Iterable[_Subscription]) -> list[Any]:

@@ -15,6 +15,7 @@ one before it signs anything and dropping the old one after).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,7 @@ class Trust:
 
 def read_public(path: Path) -> dict[str, Ed25519PublicKey]:
     """The public keys in ``path``: one hex key per line, ``#`` starts a comment."""
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the signing keys {path}: {exc}") from exc
+    text = _read(path)
     keys: dict[str, Ed25519PublicKey] = {}
     for number, line in enumerate(text.splitlines(), 1):
         word = line.split("#", 1)[0].strip()
@@ -127,6 +125,15 @@ def read_public(path: Path) -> dict[str, Ed25519PublicKey]:
             raise ConfigError(f"{path}, line {number}: not a public signing key "
                               f"({PUBLIC_BYTES * 2} hex digits)") from None
     return keys
+
+
+def _read(path: Path) -> str:
+    """A state file's text, never through a symbolic link (see ``gated.files``)."""
+    try:
+        with os.fdopen(files.open_state(path), "rb") as file:
+            return file.read(1024 * 1024).decode("ascii")
+    except (files.FileError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the signing keys {path}: {exc}") from exc
 
 
 def read_private(path: Path) -> Signer | None:
@@ -151,10 +158,7 @@ def make_keys(hmac_key_path: Path) -> tuple[Signer, bool]:
 def trust(path: Path, public: bytes) -> None:
     """Add ``public`` to the keys in ``path`` (private like every file gated makes, and
     owned like its folder, so the daemon's user reads it)."""
-    try:
-        existing = path.read_text(encoding="ascii") if path.exists() else ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the signing keys {path}: {exc}") from exc
+    existing = _read(path) if path.exists() else ""
     if public.hex() in existing:
         return
     lines = existing if not existing or existing.endswith("\n") else existing + "\n"

@@ -10,6 +10,7 @@ carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
 from __future__ import annotations
 
 import hmac
+import os
 import re
 import secrets
 from pathlib import Path
@@ -38,12 +39,16 @@ def parse_hash(text: str) -> bytes | None:
 
 
 def read_key(path: Path, what: str = "site key") -> bytes | None:
-    """The key in ``path``, None when there is no such file; refuses a readable-by-all file."""
+    """The key in ``path``, None when there is no such file; refuses a readable-by-all
+    file, and a symbolic link (a state file: see ``gated.files``)."""
     try:
-        text = path.read_text(encoding="ascii").strip()
-        mode = path.stat().st_mode
+        with os.fdopen(files.open_state(path), "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            text = file.read(4096).decode("ascii").strip()
     except FileNotFoundError:
         return None
+    except files.FileError as exc:
+        raise ConfigError(f"cannot read the {what}: {exc}") from None
     except PermissionError as exc:
         # Typically made by a staff command run as root before the daemon's
         # first start: say whose it is and how to hand it over.

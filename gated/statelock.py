@@ -48,6 +48,8 @@ def hold(store: Path) -> StateLock:
         files.make_dir(path.parent)
         files.create_private(path)
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except files.FileError as exc:
+        raise StoreError(f"cannot open the state lock: {exc}") from None
     except OSError as exc:
         raise StoreError(f"cannot open the state lock {path}: {exc.strerror}") from None
     try:

@@ -296,6 +296,13 @@ def _keep_copy(conn: sqlite3.Connection, table: str, scope: str, item_id: str,
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    # SQLite opens the store and its -wal and -shm files by name: through a
+    # link, a staff command run as root would write whatever file it names.
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            files.refuse_link(part)
+        except files.FileError as exc:
+            raise StoreError(f"cannot open the entry store: {exc}") from None
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
     else:

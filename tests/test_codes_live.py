@@ -99,6 +99,24 @@ async def test_reload_swaps_codes_and_a_bad_file_keeps_the_old(start_daemon: Any
     assert await running.get(code="6666", did=BARRIER) == (200, "status=ACK")
 
 
+async def test_a_reload_from_a_folder_holding_a_gated_clone_compiles_with_gated_itself(
+        start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon whose working directory holds a folder named gated (a clone, whose
+    config/ would pass for gated.config): the reload's compiling child imports
+    nothing from there, and the reload applies."""
+    running = await start_daemon()
+    clone = tmp_path / "work" / "gated" / "config"
+    clone.mkdir(parents=True)
+    (clone / "__init__.py").write_text('raise RuntimeError("imported from the working '
+                                       'directory")\n')
+    monkeypatch.chdir(tmp_path / "work")
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text().replace('code = "5555"', 'code = "6666"'))
+    with capture_logs() as logs:
+        assert await running.daemon.reload("test"), [e.get("error") for e in logs]
+    assert await running.get(code="6666", did=BARRIER) == (200, "status=ACK")
+
+
 async def test_file_change_is_picked_up_without_a_signal(start_daemon: Any,
                                                          tmp_path: Path) -> None:
     """Editing the file is enough: the daemon notices and reloads."""

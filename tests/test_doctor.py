@@ -152,6 +152,23 @@ def test_broker_reached_with_a_real_connect(mosquitto: int, tmp_path: Path) -> N
     assert "[mqtt] host, port" in down.fix
 
 
+def test_doctor_asks_a_3_1_1_site_for_the_brokers_message_size_limit(
+        mosquitto: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MQTT 3.1.1 cannot bound what the broker sends: doctor gives the broker's setting;
+    with MQTT 5 it says the connection itself bounds it."""
+    from gated.mqtt import MAX_PAYLOAD
+
+    table = f'[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto}\n'
+    main(["--config", str(site_config(tmp_path, table + 'protocol = "3.1.1"\n')), "doctor"])
+    out = capsys.readouterr().out
+    assert "info     size     MQTT 3.1.1 cannot tell the broker the largest message" in out
+    assert f"set `message_size_limit {MAX_PAYLOAD}` in the broker's mosquitto.conf" in out
+    main(["--config", str(site_config(tmp_path, table)), "doctor"])
+    out = capsys.readouterr().out
+    assert "ok       size     MQTT 5: the broker sends gated no message over" in out
+    assert "message_size_limit" not in out
+
+
 def test_state_directory_checks(tmp_path: Path) -> None:
     """Missing-but-makeable, impossible, and an intact store each get their own word."""
     assert doctor.check_state(tmp_path / "new" / "entries.sqlite3")[0].level == "info"

@@ -218,3 +218,88 @@ def test_doctor_names_a_store_others_can_read(site: Path) -> None:
     findings = doctor.diagnose(str(site / "gated.toml"))
     assert any(f.level == "problem" and f.fix == f"chmod 600 {store}*" for f in findings)
 
+
+
+def _link_into_state(site: Path, name: str, target_content: bytes | None) -> tuple[Path, Path]:
+    """``state/<name>`` made a symbolic link to a file outside the state directory (made
+    with ``target_content``, or left missing), as the daemon's user could make one."""
+    elsewhere = site / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    target = elsewhere / name
+    if target_content is not None:
+        target.write_bytes(target_content)
+    link = site / "state" / name
+    link.symlink_to(target)
+    return link, target
+
+
+def _issue(site: Path) -> tuple[int, str]:
+    """``sudo gated codes issue`` (this test runs as root): exit code and what it said."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["-c", str(site / "gated.toml"), "codes", "issue", "--name", "Visitor",
+                     "--gates", "barrier", "--local"])
+    return code, err.getvalue()
+
+
+def _compile(site: Path) -> tuple[int, str]:
+    """What the daemon's compiling child does (run by a daemon that runs as root)."""
+    import contextlib
+    import io
+
+    from gated import compiler
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = compiler.main([str(site / "gated.toml")])
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize(("name", "content", "command"), [
+    ("site.key", None, _issue),                   # a key made where the link points
+    ("entries.sqlite3", b"", _issue),             # the store SQLite would open through it
+    ("entries.sqlite3-wal", None, _issue),        # its write-ahead log, beside it
+    ("entries.sqlite3.book", b"precious\n", _compile),  # the compiled book, replaced
+])
+def test_a_symlink_in_the_state_dir_is_never_written_through(
+        site: Path, name: str, content: bytes | None,
+        command: Callable[[Path], tuple[int, str]]) -> None:
+    """A link the daemon's user put in its state directory, and a command run as root
+    that writes that state file: it refuses, saying the file is a symbolic link, and
+    the file the link names is as it was (or still missing)."""
+    if name == "entries.sqlite3":  # relative: resolving it must not follow the link
+        toml = site / "gated.toml"
+        toml.write_text(toml.read_text().replace(str(site / "state"), "state"))
+    link, target = _link_into_state(site, name, content)
+    code, said = command(site)
+    assert code != 0, said
+    assert f"{link} is a symbolic link" in said, said
+    assert target.read_bytes() == content if content is not None else not target.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ([name] if content is not None
+                                                                else [])
+    assert link.is_symlink()
+
+
+def test_state_files_are_private_whatever_the_old_ones_were(site: Path) -> None:
+    """A state file replaced as root (the compiled book) comes out 0600 and the state
+    directory owner's, even where the old one was another's and readable by all."""
+    from gated import compiler
+
+    book = site / "state" / "entries.sqlite3.book"
+    book.write_bytes(b"old")
+    book.chmod(0o644)
+    assert compiler.compile_to_file(site / "gated.toml") == book
+    info = book.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (NOBODY, NOBODY, 0o600)
+
+
+def test_doctor_names_a_symlink_in_the_state_dir(site: Path) -> None:
+    """gated doctor reports a state file that is a symbolic link, with the fix."""
+    link, _ = _link_into_state(site, "entries.sqlite3-wal", b"")
+    findings = doctor.diagnose(str(site / "gated.toml"))
+    (finding,) = [f for f in findings if f.topic == "state" and f.level == "problem"]
+    assert f"{link} is a symbolic link" in finding.message
+    assert finding.fix == f"rm {link}"
