@@ -274,7 +274,13 @@ class Assembly:
         return self.manifest.chunks - len(self._parts)
 
     def data(self) -> bytearray:
-        """The set's bytes, checked against the manifest; SetError when they differ."""
+        """The set's bytes, checked against the manifest and inside (``bookfile.check``);
+        SetError saying why not.
+
+        Checked here, before a site writes or keeps them: a set whose book lies
+        is refused for good, as one whose chunks do not add up is, never
+        written to the state directory nor tried again.
+        """
         data = bytearray(self.manifest.size)
         at = 0
         for index in range(self.manifest.chunks):
@@ -284,6 +290,10 @@ class Assembly:
             del part
         if at != self.manifest.size or version_of(data) != self.manifest.version:
             raise SetError("the chunks do not make the set the manifest names")
+        try:
+            bookfile.image(data, checksum=False)
+        except bookfile.BookError as exc:
+            raise SetError(f"the set is not a sound code book: {exc}") from None
         return data
 
 

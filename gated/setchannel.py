@@ -333,7 +333,7 @@ class SetChannel:
             # All off the loop: checking, writing and mapping 3 MB, and the policies.
             checked.append(data())  # its SHA-256 checked against the manifest
             files.replace(path, checked[0])
-            image = bookfile.map_file(path, checksum=False)
+            image = bookfile.map_file(path, checksum=False, inside=False)  # data() checked it
             return (image, *view(image, config))
 
         try:

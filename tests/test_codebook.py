@@ -18,6 +18,7 @@ from gated import config as config_mod
 from gated.decide import Ledger, Request, decide
 from gated.lockout import Policy
 from tests.helpers import BARRIER, config_text, write_config
+from tests.test_book_check import rebuilt, sections_of, set_record
 
 TOTP_USER = """
 [[totp]]
@@ -154,6 +155,23 @@ def test_a_damaged_book_is_never_used(tmp_path: Path, damage: str) -> None:
     assert _restart(path) is None
     book = compiler.load_for_daemon(path).book
     assert book.code(book.digest("5555")) is not None
+    assert _restart(path) is not None
+
+
+def test_a_kept_book_whose_insides_lie_is_compiled_again_not_read(tmp_path: Path) -> None:
+    """A book in the state directory whose checksum is good but whose insides lie (every
+    code's policy index past the table, as a hand-made file could say): a restart
+    compiles it again instead of answering from it, and codes open as written."""
+    path = _compile_first(tmp_path)
+    book_file = _book_file(tmp_path)
+    header, sections = sections_of(book_file.read_bytes())
+    for at in range(header.codes):
+        set_record(sections, at, policy=200)
+    book_file.write_bytes(rebuilt(header, sections))
+    assert _restart(path) is None
+    book = compiler.load_for_daemon(path).book
+    found = book.code(book.digest("5555"))
+    assert found is not None and found.name == "Barrier only"
     assert _restart(path) is not None
 
 

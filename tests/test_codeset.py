@@ -32,16 +32,45 @@ def test_a_set_reads_back_as_it_was_built() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 256 * 1024, 256 * 1024 + 1, 3_300_000, 17_000_001])
-def test_chunks_put_together_make_the_set_and_are_never_more_than_64(size: int) -> None:
+def test_chunks_put_together_make_the_bytes_and_are_never_more_than_64(size: int) -> None:
+    """Bytes of any size up to a set's largest are cut in at most 64 chunks, whole again
+    in any order."""
     data = os.urandom(size)
     chunks = codeset.split(data)
     assert len(chunks) == codeset.chunk_count(size) <= codeset.MAX_CHUNKS
-    assembly = Assembly(manifest_of(data))
+    parts = {}
     for chunk in reversed(chunks):  # any order
+        prefix, index, part = codeset.read_chunk(chunk)
+        assert prefix == codeset.version_of(data)[:32]
+        parts[index] = part
+    assert b"".join(parts[index] for index in range(len(chunks))) == data
+
+
+@pytest.mark.parametrize("codes", [0, 4_000])
+def test_chunks_put_together_make_the_set(codes: int) -> None:
+    """A set's chunks, in any order, make the set again (the 4,000 codes take two)."""
+    key = os.urandom(32)
+    data = codeset.build([Entry(sitekey.digest(key, f"{n:06d}"), SetPolicy(gates=("*",)),
+                                f"Code {n}", f"c{n}") for n in range(codes)])
+    assembly = Assembly(manifest_of(data))
+    for chunk in reversed(codeset.split(data)):
         prefix, index, part = codeset.read_chunk(chunk)
         assert prefix == assembly.prefix
         assembly.add(index, part)
     assert assembly.complete and assembly.data() == data
+
+
+def test_bytes_that_make_the_named_set_but_no_sound_book_are_refused() -> None:
+    """Chunks whose bytes are the very ones the manifest names, but no code book (or one
+    that lies inside), are refused as a set: a site writes none of it."""
+    data = os.urandom(600_000)
+    assembly = Assembly(manifest_of(data))
+    for chunk in codeset.split(data):
+        _, index, part = codeset.read_chunk(chunk)
+        assembly.add(index, part)
+    with pytest.raises(SetError, match=r"^the set is not a sound code book: not a compiled "
+                                       r"code book of this version$"):
+        assembly.data()
 
 
 def test_the_largest_set_is_still_64_chunks() -> None:

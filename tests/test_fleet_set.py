@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from structlog.testing import capture_logs
 
-from gated import codeset, setstaff, sitekey
+from gated import codeset, setchannel, setstaff, sitekey
 from gated.codeset import Entry, SetPolicy
 from gated.config import MqttConfig
 from gated.mqtt import connect
@@ -19,6 +22,7 @@ from gated.setstaff import SetKeys
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, config_text
 from .setkeys import make_keys, signed
+from .test_book_check import cut, edit, sections_of, set_record
 from .test_cli_codes import gated
 
 FLEET = "gated/fleet"
@@ -500,3 +504,77 @@ async def test_a_message_that_is_no_code_under_the_fleet_prefix_breaks_no_staff_
     async with connect(settings, "staff-fold") as client:
         on_broker = await setstaff.read(client, key, "gated/staff/sync")
     assert set(setstaff.current(on_broker, key)) == {f"c{n}" for n in range(10)} | {"good"}
+
+
+def every_policy_past_the_table(sections: dict[str, bytearray]) -> None:
+    for at in range(len(sections["prefixes"]) // 8):
+        set_record(sections, at, policy=1)  # entries() share one policy: index 0
+
+
+MALFORMED = {
+    "a policy index past the table": (edit(every_policy_past_the_table),
+                                      "record 0 points to policy 1, past the table of 1"),
+    "a section cut short": (cut("prefixes", 3), "prefixes section: 797 bytes, not a whole "
+                                                "number of 8-byte digests"),
+}
+
+
+@pytest.mark.parametrize("malformed", MALFORMED)
+async def test_a_set_whose_insides_lie_is_never_applied_and_the_site_says_so(
+        broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
+        malformed: str) -> None:
+    """A set whose bytes are the ones its manifest names, but whose book lies inside: the
+    site applies none of it (its codes answer NAK, not ERR), writes none of it, keeps
+    the set in force, raises codes_incomplete, and no task ends in a traceback."""
+    await probe.subscribe("gated/test/alarms")
+    key, first, running, fleetset_ = await site_with_set(broker, start_daemon, tmp_path, 100)
+    fleetset_.grace = 0.5
+    corrupt, message = MALFORMED[malformed]
+    bad = corrupt(*sections_of(codeset.build(entries(key, 100, start=500))))
+    (chunk,) = codeset.split(bad)
+    with capture_logs() as logs:
+        await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
+        await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
+            serial=first.serial + (1 << 16), version=codeset.version_of(bad), size=len(bad),
+            chunks=1, codes=100, key=first.key)), retain=True)
+        await eventually(lambda: fleetset_.newest is not None
+                         and fleetset_.newest.version == codeset.version_of(bad))
+        await eventually(lambda: not fleetset_.pending)
+        assert await running.get(code="00000501", did=BARRIER) == (200, "status=NAK")
+        assert await running.get(code="00000001", did=BARRIER) == (200, "status=ACK")
+        (alarm,) = await probe.wait_for("gated/test/alarms", 1, within=5)
+    assert alarm.json()["alarm"] == "codes_incomplete"
+    assert fleetset_.manifest is not None and fleetset_.manifest.version == first.version
+    assert [e for e in logs if e["event"] == "mqtt task failed"] == []
+    refused = [e for e in logs if e["event"] == "the fleet's code set not applied; keeping "
+               "the one in force"]
+    assert refused and all(message in e["error"] for e in refused)
+    assert [p.name for p in (tmp_path / "state").glob("entries.sqlite3.fleet-*")] == [
+        setchannel.set_path(tmp_path / "state" / "entries.sqlite3", first.version).name]
+
+
+async def test_a_local_set_whose_insides_lie_never_stops_the_site(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path) -> None:
+    """A local copy whose file is the one its manifest names but whose book lies inside (a
+    section cut short: a set kept before sets were checked, or written by hand): the site
+    starts without it, answers none of its codes, and takes the set from the broker."""
+    _key, _, running, fleetset_ = await site_with_set(broker, start_daemon, tmp_path, 100)
+    kept = fleetset_.manifest
+    await running.stop()
+    state = tmp_path / "state"
+    (path,) = state.glob("entries.sqlite3.fleet-*")
+    bad = cut("prefixes", 3)(*sections_of(path.read_bytes()))
+    forged = msgspec.structs.replace(kept, version=codeset.version_of(bad), size=len(bad))
+    path.unlink()
+    setchannel.set_path(state / "entries.sqlite3", forged.version).write_bytes(bad)
+    with sqlite3.connect(state / "entries.sqlite3") as db:
+        db.execute("UPDATE managed_codes SET body = ? WHERE scope = ? AND id = ?",
+                   (forged.encode(), *setchannel.LOCAL["fleet"]))
+    db.close()
+    broker.stop()
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    assert len(running.daemon.gatekeeper.book.fleet) == 0
+    assert await running.get(code="00000042", did=BARRIER) == (200, "status=NAK")
+    broker.start()
+    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    assert await running.get(code="00000042", did=BARRIER) == (200, "status=ACK")
