@@ -1,0 +1,133 @@
+"""The webhook's sockets against clients that never finish: slow heads and bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .helpers import BARRIER, TOKEN, write_config
+from .process import DaemonProcess, free_port
+from .trickle import Trickle
+
+CALL = f"/voipgrid?token={TOKEN}&code=471123&did=%2B{BARRIER[1:]}&callerid=0612345678"
+ACK = b"status=ACK&callername=Welcome&destination=201"
+
+
+def port_of(running: Any) -> int:
+    return int(running.daemon.listening[0][1])
+
+
+class Client:
+    """One raw HTTP/1.1 connection from a chosen loopback address."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, source: str = "127.0.0.1") -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(source, 0))
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self) -> tuple[bytes, bytes]:
+        """The next answer's head and body (read by its Content-Length)."""
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        body = await self.reader.readexactly(int(length[1])) if length else b""
+        return head, body
+
+    async def call(self) -> bytes:
+        await self.send(f"GET {CALL} HTTP/1.1\r\nHost: gate\r\n\r\n".encode())
+        return (await self.answer())[1]
+
+    async def closed(self, within: float = 0.3) -> bool:
+        """Whether the server has closed this connection (an answer then EOF counts)."""
+        try:
+            while await asyncio.wait_for(self.reader.read(4096), within):
+                pass
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    async def everything(self, within: float = 10) -> bytes:
+        """All the server sends until it closes."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := await asyncio.wait_for(self.reader.read(4096), within):
+                data += chunk
+        return data
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def call(port: int) -> bytes:
+    """One call as the PBX makes it: a fresh connection from 127.0.0.1."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{CALL}", timeout=10) as response:
+            return bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code}".encode()
+    except OSError as exc:  # reset or refused: no answer at all
+        return f"{type(exc).__name__}".encode()
+
+
+def test_trickling_sockets_never_hold_the_pbx_out(tmp_path: Path) -> None:
+    """40 sockets from 40 addresses, each sending a header line every quarter of the
+    deadline and reconnecting at once when closed, against max_connections = 32:
+    every call the PBX makes meanwhile is answered, none is told 503."""
+    port = free_port()
+    config = write_config(tmp_path, server="max_connections = 32", deadline=1.0)
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    daemon = DaemonProcess(config)
+    answers: list[bytes] = []
+    try:
+        daemon.wait_for("listening")
+        sources = [f"127.0.0.{n}" for n in range(2, 42)]
+        with Trickle(port, count=40, every=0.25, sources=sources) as trickle:
+            # The cap is full once the sockets past it have been turned away or
+            # have made others give way.
+            deadline = time.monotonic() + 15
+            while trickle.tally.refused + trickle.tally.closed < 8:
+                assert time.monotonic() < deadline, trickle.tally
+                time.sleep(0.01)
+            for _ in range(20):  # over about three deadlines
+                answers.append(call(port))
+                time.sleep(0.1)
+            tally = trickle.tally
+    finally:
+        daemon.stop()
+    print(f"answered {answers.count(ACK)} of {len(answers)}; trickle: {tally}")
+    assert answers == [ACK] * len(answers), answers
+
+
+async def test_a_trickled_body_is_closed_at_the_deadline(start_daemon: Any) -> None:
+    """A POST whose body is still arriving when the answer deadline has passed is
+    closed: a request that cannot be answered in time holds no connection."""
+    running = await start_daemon(deadline=0.5)
+    client = await Client.open(port_of(running))
+    await client.send(b"POST /voipgrid HTTP/1.1\r\nHost: gate\r\n"
+                      b"Content-Type: application/x-www-form-urlencoded\r\n"
+                      b"Content-Length: 200\r\n\r\ntoken=")
+    sent = 0
+    deadline = time.monotonic() + 5
+    while not await client.closed(within=0.1):
+        assert time.monotonic() < deadline, f"still open after {sent} bytes of body"
+        with contextlib.suppress(OSError):
+            await client.send(b"x")
+        sent += 1
+    assert sent < 194
+    client.close()
