@@ -5,11 +5,11 @@ can never be answered within the deadline. So:
 
 - a request whose head (and body) is not whole within the answer deadline is
   closed;
-- past ``max_connections``, a connection gives way for the new one: the one
-  longest in sending its request, then the one idle longest between requests,
-  never one being answered. Only when every connection is being answered is
-  the new one told 503, before anything is read. So trickling sockets never
-  hold the PBX out.
+- past ``max_per_address`` connections from one address, or ``max_connections``
+  in all, a connection gives way for the new one: the one longest in sending
+  its request, then the one idle longest between requests, never one being
+  answered. Only when every connection is being answered is the new one told
+  503, before anything is read. So trickling sockets never hold the PBX out.
 
 When the daemon cannot accept (out of file handles, stopped, swapped out), a
 request waits in the kernel; accepted late, aiohttp reads it at once and it
@@ -21,6 +21,7 @@ gated, not from when gated got round to it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import resource
 import socket
 import struct
@@ -85,6 +86,19 @@ def fit_file_limit(max_connections: int) -> None:
                     limit=soft, max_connections=max_connections, needed=need)
 
 
+def counted_as(address: str) -> str:
+    """The address ``max_per_address`` counts: an IPv6 client holds its /64, at least."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
+
+
 class _Repeated:
     """A warning for what may happen thousands of times a second: the first at once,
     then at most one each REPEAT_WINDOW, saying how many."""
@@ -128,15 +142,16 @@ class _Connection(RequestHandler):
     not yet answered. It is idle when it owes none and has none pending.
     """
 
-    __slots__ = ("address", "body", "closed", "connections", "idle_since", "pending", "since",
-                 "timer")
+    __slots__ = ("address", "body", "closed", "connections", "counted", "idle_since", "pending",
+                 "since", "timer")
 
-    def __init__(self, connections: Connections, address: str) -> None:
+    def __init__(self, connections: Connections, address: str, counted: str) -> None:
         server = connections.server
         # The runner's settings (limits, keep-alive), as server() would pass them.
         super().__init__(server, loop=connections.loop, **server._kwargs)
         self.connections = connections
         self.address = address
+        self.counted = counted  # as max_per_address counts it
         self.since: float | None = None
         self.idle_since = 0.0
         self.pending = 0
@@ -175,17 +190,22 @@ class _Connection(RequestHandler):
 class Connections:
     """The listener's protocol factory: its open connections, and who gives way."""
 
-    def __init__(self, server: web.Server, *, limit: int, deadline: float) -> None:
+    def __init__(self, server: web.Server, *, limit: int, per_address: int,
+                 deadline: float) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.limit = limit
+        # At the cap or above it, max_per_address is max_connections.
+        self.per_address = per_address if per_address < limit else None
         self.deadline = deadline
         self.fresh = deadline * FRESH_SHARE
         # Both oldest first: a connection enters at the end when it changes state.
         self.receiving: dict[_Connection, None] = {}
         self.idle: dict[_Connection, None] = {}
+        self.by_address: dict[str, dict[_Connection, None]] = {}
         self.count = 0
         self.refused = _Repeated("connections refused: max_connections reached")
+        self.refused_here = _Repeated("connections refused: max_per_address reached")
         self.slow = _Repeated("requests closed: not whole within the answer deadline")
         self.evicted = _Repeated("connection closed to make room")
 
@@ -197,6 +217,15 @@ class Connections:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         now = self.loop.time()
+        counted = counted_as(address)
+        own = self.by_address.get(counted)
+        if own is not None and self.per_address is not None and len(own) >= self.per_address:
+            victim = self._oldest_of(own, now)
+            if victim is None:
+                self.refused_here(now, remote=address, limit=self.per_address)
+                _Busy().connection_made(transport)
+                return
+            self._evict(victim, now)
         if self.count >= self.limit:
             victim = self._oldest(now)
             if victim is None:
@@ -204,14 +233,21 @@ class Connections:
                 _Busy().connection_made(transport)
                 return
             self._evict(victim, now)
-        connection = _Connection(self, address)
+        connection = _Connection(self, address, counted)
         self.count += 1
+        self.by_address.setdefault(counted, {})[connection] = None
         transport.set_protocol(connection)
         connection.connection_made(transport)
 
     def _oldest(self, now: float) -> _Connection | None:
         """Who gives way, of every connection."""
         return self._give_way(self.receiving, self.idle, now)
+
+    def _oldest_of(self, own: Iterable[_Connection], now: float) -> _Connection | None:
+        """Who gives way, of one address's connections."""
+        heads = sorted((c for c in own if c.since is not None), key=lambda c: c.since or 0.0)
+        idle = sorted((c for c in own if c in self.idle), key=lambda c: c.idle_since)
+        return self._give_way(heads, idle, now)
 
     def _give_way(self, heads: Iterable[_Connection], idle: Iterable[_Connection],
                   now: float) -> _Connection | None:
@@ -269,18 +305,23 @@ class Connections:
         self.whole(connection)
         self.idle.pop(connection, None)
         self.count -= 1
+        own = self.by_address[connection.counted]
+        del own[connection]
+        if not own:
+            del self.by_address[connection.counted]
 
 
 class CappedSite(web.TCPSite):
     """A TCPSite behind ``Connections``: at most ``max_connections`` open (so sockets
-    never take the file handles the store and the broker need), and no request
-    slower than ``deadline``."""
+    never take the file handles the store and the broker need), at most
+    ``max_per_address`` from one address, and no request slower than ``deadline``."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
-                 max_connections: int, deadline: float,
+                 max_connections: int, deadline: float, max_per_address: int | None = None,
                  reuse_address: bool | None = None) -> None:
         super().__init__(runner, host, port, reuse_address=reuse_address)
         self.max_connections = max_connections
+        self.max_per_address = max_per_address or max_connections
         self.deadline = deadline
         self.connections: Connections | None = None
 
@@ -291,6 +332,7 @@ class CappedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         self.connections = Connections(server, limit=self.max_connections,
+                                       per_address=self.max_per_address,
                                        deadline=self.deadline)
         self._server = await asyncio.get_running_loop().create_server(
             self.connections, self._host, self._port,

@@ -1,4 +1,5 @@
-"""The webhook's sockets against clients that never finish: slow heads and bodies."""
+"""The webhook's sockets against clients that never finish: slow heads and bodies,
+one address taking every connection."""
 
 from __future__ import annotations
 
@@ -112,6 +113,32 @@ def test_trickling_sockets_never_hold_the_pbx_out(tmp_path: Path) -> None:
         daemon.stop()
     print(f"answered {answers.count(ACK)} of {len(answers)}; trickle: {tally}")
     assert answers == [ACK] * len(answers), answers
+
+
+async def test_one_address_cannot_take_every_connection(start_daemon: Any,
+                                                        tmp_path: Path) -> None:
+    """Past max_per_address, a new connection from that address makes room among its
+    own: 10 unfinished requests from one address leave at most 4 of them open, the
+    PBX's kept-alive connections untouched and room for its calls."""
+    config = write_config(tmp_path, server="max_connections = 8\nmax_per_address = 4")
+    running = await start_daemon(config=config)
+    port = port_of(running)
+    pbx = [await Client.open(port) for _ in range(2)]
+    for client in pbx:  # two calls, each connection kept alive afterwards
+        assert await client.call() == ACK
+    attacker = []
+    for _ in range(10):
+        client = await Client.open(port, "127.0.0.2")
+        await client.send(b"GET /voipgrid HTTP/1.1\r\n")
+        attacker.append(client)
+    fresh = await Client.open(port)
+    assert await fresh.call() == ACK
+    for client in pbx:
+        assert await client.call() == ACK
+    still_open = [not await client.closed() for client in attacker]
+    assert sum(still_open) <= 4, still_open
+    for client in [*pbx, fresh, *attacker]:
+        client.close()
 
 
 async def test_a_trickled_body_is_closed_at_the_deadline(start_daemon: Any) -> None:
