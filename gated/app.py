@@ -18,7 +18,7 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
              *, region: str = "NL") -> web.Application:
     app = web.Application(client_max_size=server.max_body)
     app[GATEKEEPER] = gatekeeper
-    app[WEBHOOK] = LiveSettings(webhook_settings(server))
+    app[WEBHOOK] = LiveSettings(webhook_settings(server), shared=twiml is not None)
     app.router.add_route("GET", server.path, voipgrid)
     app.router.add_route("POST", server.path, voipgrid)
     if twiml is not None:

@@ -226,7 +226,7 @@ class Daemon:
                 site = self._webhook = CappedSite(
                     runner, host, port, max_connections=config.server.max_connections,
                     max_per_address=config.server.max_per_address, deadline=deadline,
-                    reuse_address=True)
+                    admission=self._webhook_settings, reuse_address=True)
                 await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:

@@ -1,8 +1,10 @@
-"""What the webhook asks of its sockets: for how long, how many at once.
+"""What the webhook asks of its sockets: who is heard, for how long, how many at once.
 
 A PBX sends its request whole the moment it connects; a client that does not
 can never be answered within the deadline. So:
 
+- an address outside ``allow_from`` is closed at accept, before anything is
+  read (a trusted proxy is let in: its clients are named in its header);
 - a request whose head (and body) is not whole within the answer deadline is
   closed;
 - past ``max_per_address`` connections from one address, or ``max_connections``
@@ -26,7 +28,7 @@ import resource
 import socket
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -86,6 +88,28 @@ def fit_file_limit(max_connections: int) -> None:
                     limit=soft, max_connections=max_connections, needed=need)
 
 
+class Admission(Protocol):
+    """Who may connect, by the address a connection comes from (a port: the webhook's
+    settings, which a reload replaces, say it)."""
+
+    def admits(self, address: str) -> bool:
+        """Whether to hear this address at all; False closes it at accept."""
+
+    def vouched(self, address: str) -> bool:
+        """Whether this address is known (the PBX's, a trusted proxy's) and so not
+        held to ``max_per_address``."""
+
+
+class Everyone:
+    """Admission for a listener that hears any address and vouches for none."""
+
+    def admits(self, address: str) -> bool:
+        return True
+
+    def vouched(self, address: str) -> bool:
+        return False
+
+
 def counted_as(address: str) -> str:
     """The address ``max_per_address`` counts: an IPv6 client holds its /64, at least."""
     try:
@@ -125,7 +149,7 @@ class _Busy(asyncio.Protocol):
 
 
 class _Arrival(asyncio.Protocol):
-    """A connection not yet let in: whether there is room decides, before anything is read."""
+    """A connection not yet let in: where it comes from decides, before anything is read."""
 
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
@@ -191,7 +215,7 @@ class Connections:
     """The listener's protocol factory: its open connections, and who gives way."""
 
     def __init__(self, server: web.Server, *, limit: int, per_address: int,
-                 deadline: float) -> None:
+                 deadline: float, admission: Admission) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.limit = limit
@@ -199,6 +223,7 @@ class Connections:
         self.per_address = per_address if per_address < limit else None
         self.deadline = deadline
         self.fresh = deadline * FRESH_SHARE
+        self.admission = admission
         # Both oldest first: a connection enters at the end when it changes state.
         self.receiving: dict[_Connection, None] = {}
         self.idle: dict[_Connection, None] = {}
@@ -206,6 +231,7 @@ class Connections:
         self.count = 0
         self.refused = _Repeated("connections refused: max_connections reached")
         self.refused_here = _Repeated("connections refused: max_per_address reached")
+        self.unknown = _Repeated("connections refused: not in allow_from")
         self.slow = _Repeated("requests closed: not whole within the answer deadline")
         self.evicted = _Repeated("connection closed to make room")
 
@@ -213,13 +239,18 @@ class Connections:
         return _Arrival(self)
 
     def arrive(self, transport: asyncio.BaseTransport) -> None:
-        """Let a new connection in, making room if need be, or tell it 503."""
+        """Let a new connection in, making room if need be, or close it."""
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         now = self.loop.time()
+        if not self.admission.admits(address):
+            self.unknown(now, remote=address)
+            transport.close()
+            return
         counted = counted_as(address)
         own = self.by_address.get(counted)
-        if own is not None and self.per_address is not None and len(own) >= self.per_address:
+        if (own is not None and self.per_address is not None and len(own) >= self.per_address
+                and not self.admission.vouched(address)):
             victim = self._oldest_of(own, now)
             if victim is None:
                 self.refused_here(now, remote=address, limit=self.per_address)
@@ -314,15 +345,18 @@ class Connections:
 class CappedSite(web.TCPSite):
     """A TCPSite behind ``Connections``: at most ``max_connections`` open (so sockets
     never take the file handles the store and the broker need), at most
-    ``max_per_address`` from one address, and no request slower than ``deadline``."""
+    ``max_per_address`` from one address, none from outside ``admission``, and no
+    request slower than ``deadline``."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
-                 max_connections: int, deadline: float, max_per_address: int | None = None,
+                 max_connections: int, deadline: float,
+                 max_per_address: int | None = None, admission: Admission | None = None,
                  reuse_address: bool | None = None) -> None:
         super().__init__(runner, host, port, reuse_address=reuse_address)
         self.max_connections = max_connections
         self.max_per_address = max_per_address or max_connections
         self.deadline = deadline
+        self.admission = admission or Everyone()
         self.connections: Connections | None = None
 
     async def start(self) -> None:
@@ -333,7 +367,7 @@ class CappedSite(web.TCPSite):
         assert server is not None
         self.connections = Connections(server, limit=self.max_connections,
                                        per_address=self.max_per_address,
-                                       deadline=self.deadline)
+                                       deadline=self.deadline, admission=self.admission)
         self._server = await asyncio.get_running_loop().create_server(
             self.connections, self._host, self._port,
             backlog=self._backlog, reuse_address=self._reuse_address,

@@ -1,5 +1,5 @@
 """The webhook's sockets against clients that never finish: slow heads and bodies,
-one address taking every connection."""
+one address taking every connection, addresses outside allow_from."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from structlog.testing import capture_logs
 
 from .helpers import BARRIER, TOKEN, write_config
 from .process import DaemonProcess, free_port
@@ -138,6 +140,34 @@ async def test_one_address_cannot_take_every_connection(start_daemon: Any,
     still_open = [not await client.closed() for client in attacker]
     assert sum(still_open) <= 4, still_open
     for client in [*pbx, fresh, *attacker]:
+        client.close()
+
+
+async def test_addresses_outside_allow_from_are_closed_at_accept(start_daemon: Any,
+                                                                 tmp_path: Path) -> None:
+    """With allow_from, a connection from elsewhere is closed at once, nothing read or
+    answered; a trusted proxy is heard, and its client is checked in the header."""
+    config = write_config(tmp_path, server='trusted_proxies = ["127.0.0.3/32"]',
+                          allow_from=("127.0.0.1/32",))
+    running = await start_daemon(config=config)
+    port = port_of(running)
+    request = f"GET {CALL} HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n".encode()
+    with capture_logs() as logs:
+        stranger = await Client.open(port, "127.0.0.2")
+        await stranger.send(request + b"\r\n")
+        assert await stranger.everything() == b""
+        proxy = await Client.open(port, "127.0.0.3")
+        await proxy.send(request + b"X-Forwarded-For: 127.0.0.1\r\n\r\n")
+        assert (await proxy.answer())[1] == ACK
+        proxied = await Client.open(port, "127.0.0.3")
+        await proxied.send(request + b"X-Forwarded-For: 127.0.0.2\r\n\r\n")
+        assert (await proxied.answer())[1] == b"forbidden\n"
+        pbx = await Client.open(port)
+        assert await pbx.call() == ACK
+    refused = [e for e in logs if e["event"] == "connections refused: not in allow_from"]
+    assert [e["remote"] for e in refused] == ["127.0.0.2"]
+    assert [e["remote"] for e in logs if e["event"] == "refused"] == ["127.0.0.2"]  # proxied
+    for client in (stranger, proxy, proxied, pbx):
         client.close()
 
 

@@ -1,7 +1,8 @@
 """The VoIPGRID webhook: GET (what the platform sends) or POST with a form body.
 
-Only an authenticated request is decided: a wrong token, or a client outside
-``allow_from``, gets 403 and one log line, and nothing is evaluated.
+Only an authenticated request is decided: a wrong token, or a forwarded client
+outside ``allow_from``, gets 403 and one log line, and nothing is evaluated (a
+direct client outside it is closed at accept, by ``LiveSettings.admits``).
 
 The answer: ``status=ACK&callername=...&destination=...``, built with
 urllib.parse.urlencode, byte for byte what VoIPGRID integrations expect, and
@@ -92,6 +93,9 @@ class WebhookSettings:
     def client_ok(self, remote: str | None) -> bool:
         return not self.allow_from or _within(remote, self.allow_from)
 
+    def proxy(self, address: str) -> bool:
+        return bool(self.trusted_proxies) and _within(address, self.trusted_proxies)
+
 
 def body(answer: Answer, nak_word: str = "NAK") -> str:
     return _body(answer.status, answer.callername, answer.destination, nak_word)
@@ -117,12 +121,30 @@ def parse_body(text: str) -> dict[str, str]:
 
 
 class LiveSettings:
-    """The settings in force. A call reads them once; a reload replaces them between calls."""
+    """The settings in force. A call reads them once; a reload replaces them between calls.
 
-    __slots__ = ("current",)
+    Also the listener's ``Admission``: who is heard at accept, before a byte is read.
+    """
 
-    def __init__(self, current: WebhookSettings) -> None:
+    __slots__ = ("current", "shared")
+
+    def __init__(self, current: WebhookSettings, *, shared: bool = False) -> None:
         self.current = current
+        # Other paths on the listener (TwiML) answer clients allow_from does not name.
+        self.shared = shared
+
+    def admits(self, address: str) -> bool:
+        """A trusted proxy is heard (its client is named in its header); anyone else
+        must be in allow_from."""
+        current = self.current
+        return self.shared or current.client_ok(address) or current.proxy(address)
+
+    def vouched(self, address: str) -> bool:
+        """A trusted proxy speaks for many clients, and an address allow_from names is
+        the PBX's own: neither is held to max_per_address."""
+        current = self.current
+        return current.proxy(address) or (bool(current.allow_from)
+                                           and current.client_ok(address))
 
 
 def _text(response: str, status: int = 200) -> web.Response:
