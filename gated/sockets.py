@@ -28,10 +28,11 @@ import resource
 import socket
 import struct
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
 from gated.logs import REPEAT_WINDOW
@@ -123,6 +124,30 @@ def counted_as(address: str) -> str:
     return address
 
 
+async def _unnamed(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall(hdrs.SERVER, None)
+
+
+def name_no_server(app: web.Application) -> None:
+    """Answers of ``app`` carry no Server header (aiohttp's names its version)."""
+    app.on_response_prepare.append(_unnamed)
+
+
+class _Plain(web.Response):
+    """An answer aiohttp makes itself (a request it could not parse, a failed
+    handler), named by its status alone: no Server header, nothing the client sent."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status=status, text=f"{status} {HTTPStatus(status).phrase}\n",
+                         content_type="text/plain")
+        self.force_close()
+
+    async def _prepare_headers(self) -> None:
+        # No request matched a route, so no app's on_response_prepare runs for it.
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
 class _Repeated:
     """A warning for what may happen thousands of times a second: the first at once,
     then at most one each REPEAT_WINDOW, saying how many."""
@@ -205,6 +230,13 @@ class _Connection(RequestHandler):
         self.pending = max(self.pending - 1, 0)
         if not self.pending and self.since is None:
             self.connections.idles(self)
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own answer quotes the request line it could not parse, token
+        # and code included; it still logs (filtered) and checks nothing was sent.
+        super().handle_error(request, status, exc, message)
+        return _Plain(status)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.connections.gone(self)

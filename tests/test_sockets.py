@@ -1,5 +1,6 @@
 """The webhook's sockets against clients that never finish: slow heads and bodies,
-one address taking every connection, addresses outside allow_from."""
+one address taking every connection, addresses outside allow_from, and what a
+refused request is told."""
 
 from __future__ import annotations
 
@@ -169,6 +170,39 @@ async def test_addresses_outside_allow_from_are_closed_at_accept(start_daemon: A
     assert [e["remote"] for e in logs if e["event"] == "refused"] == ["127.0.0.2"]  # proxied
     for client in (stranger, proxy, proxied, pbx):
         client.close()
+
+
+def _server_header(head: bytes) -> list[bytes]:
+    return re.findall(rb"(?im)^server:.*$", head)
+
+
+async def test_an_unparsable_request_is_answered_without_echoing_it(start_daemon: Any) -> None:
+    """A request line the parser refuses (an unencoded space in the query) is a 4xx
+    whose bytes hold neither the token nor the code; no answer of the webhook or the
+    metrics listener names the server software."""
+    running = await start_daemon('\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    port = port_of(running)
+    bad = await Client.open(port)
+    await bad.send(f"GET /voipgrid?token={TOKEN}&code=1234 5&did=%2B{BARRIER[1:]} HTTP/1.1"
+                   "\r\nHost: gate\r\n\r\n".encode())
+    answer = await bad.everything()
+    assert re.match(rb"HTTP/1\.[01] 4\d\d ", answer), answer
+    assert TOKEN.encode() not in answer and b"1234" not in answer, answer
+    assert _server_header(answer) == []
+    heads = []
+    for target in (CALL, "/elsewhere"):
+        client = await Client.open(port)
+        await client.send(f"GET {target} HTTP/1.1\r\nHost: gate\r\n\r\n".encode())
+        heads.append((await client.answer())[0])
+        client.close()
+    metrics_port = running.daemon.metrics_listening[0][1]
+    for target in ("/metrics", "/healthz", "/elsewhere"):
+        client = await Client.open(metrics_port)
+        await client.send(f"GET {target} HTTP/1.1\r\nHost: gate\r\n\r\n".encode())
+        heads.append((await client.answer())[0])
+        client.close()
+    assert [_server_header(head) for head in heads] == [[]] * 5, heads
+    bad.close()
 
 
 async def test_a_trickled_body_is_closed_at_the_deadline(start_daemon: Any) -> None:
