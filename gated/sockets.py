@@ -223,6 +223,8 @@ class _Connection(RequestHandler):
         if self.since is not None and self.body is not None and self.body.is_eof():
             self.body = None
             self.connections.whole(self)
+            if not self.pending:  # a body that ended after its answer (aiohttp read it out)
+                self.connections.idles(self)
 
     def log_access(self, request: Any, response: Any, time: float | None) -> None:
         # Called once each answer is written: the one hook aiohttp has for it.

@@ -222,3 +222,24 @@ async def test_a_trickled_body_is_closed_at_the_deadline(start_daemon: Any) -> N
         sent += 1
     assert sent < 194
     client.close()
+
+
+async def test_connections_that_end_a_body_after_their_answer_still_give_way(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """A body that ends after its answer (a POST to a path that reads none) leaves its
+    connection idle, so at the cap it still makes room for a call."""
+    config = write_config(tmp_path, server="max_connections = 2")
+    running = await start_daemon(config=config)
+    port = port_of(running)
+    held = []
+    for _ in range(2):
+        client = await Client.open(port)
+        await client.send(b"POST /elsewhere HTTP/1.1\r\nHost: gate\r\nContent-Length: 5\r\n\r\n")
+        assert (await client.answer())[0].startswith(b"HTTP/1.1 404 ")
+        await client.send(b"x=123")
+        held.append(client)
+    pbx = await Client.open(port)
+    assert await pbx.call() == ACK
+    assert [await client.closed() for client in held] == [True, False]
+    for client in [*held, pbx]:
+        client.close()
