@@ -187,8 +187,9 @@ class _Connection(RequestHandler):
     """aiohttp's connection, telling ``Connections`` where its request stands.
 
     ``since``: when it began to owe a request (connected, or the first byte after
-    its last answer), None while it owes none. ``pending``: requests whole and
-    not yet answered. It is idle when it owes none and has none pending.
+    its last answer), None while it owes none. ``pending``: requests whose head
+    is whole, not yet answered; ``body``: the last one's body while it still
+    arrives. It is idle when it owes none and has none pending.
     """
 
     __slots__ = ("address", "body", "closed", "connections", "counted", "idle_since", "pending",
@@ -207,6 +208,11 @@ class _Connection(RequestHandler):
         self.body: Any = None  # the body of the last request, while it still arrives
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
+
+    @property
+    def answering(self) -> bool:
+        """A whole request is being answered (not one whose body still arrives)."""
+        return bool(self.pending) and self.body is None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -316,10 +322,10 @@ class Connections:
 
     def _give_way(self, heads: Iterable[_Connection], idle: Iterable[_Connection],
                   now: float) -> _Connection | None:
-        """The one longest in sending its request, once it has had time to send it;
-        else the one idle longest; else the one longest in sending; never one being
-        answered (None: all are). ``heads`` and ``idle`` come oldest first."""
-        head = next((c for c in heads if not c.pending), None)
+        """The one longest in sending its request (head or body), once it has had time
+        to send it; else the one idle longest; else the one longest in sending; never
+        one being answered (None: all are). ``heads`` and ``idle`` come oldest first."""
+        head = next((c for c in heads if not c.answering), None)
         if head is not None and head.since is not None and now - head.since >= self.fresh:
             return head
         return next(iter(idle), head)

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from .helpers import BARRIER, TOKEN, write_config
@@ -89,10 +90,12 @@ def call(port: int) -> bytes:
         return f"{type(exc).__name__}".encode()
 
 
-def test_trickling_sockets_never_hold_the_pbx_out(tmp_path: Path) -> None:
-    """40 sockets from 40 addresses, each sending a header line every quarter of the
-    deadline and reconnecting at once when closed, against max_connections = 32:
-    every call the PBX makes meanwhile is answered, none is told 503."""
+@pytest.mark.parametrize("body", [False, True], ids=["heads", "bodies"])
+def test_trickling_sockets_never_hold_the_pbx_out(tmp_path: Path, body: bool) -> None:
+    """40 sockets from 40 addresses, each sending a header line (or a byte of a body)
+    every quarter of the deadline and reconnecting at once when closed, against
+    max_connections = 32: every call the PBX makes meanwhile is answered, none is
+    told 503."""
     port = free_port()
     config = write_config(tmp_path, server="max_connections = 32", deadline=1.0)
     config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
@@ -101,7 +104,7 @@ def test_trickling_sockets_never_hold_the_pbx_out(tmp_path: Path) -> None:
     try:
         daemon.wait_for("listening")
         sources = [f"127.0.0.{n}" for n in range(2, 42)]
-        with Trickle(port, count=40, every=0.25, sources=sources) as trickle:
+        with Trickle(port, count=40, every=0.25, sources=sources, body=body) as trickle:
             # The cap is full once the sockets past it have been turned away or
             # have made others give way.
             deadline = time.monotonic() + 15

@@ -1,7 +1,8 @@
-"""A slowloris: sockets that send a request head a line at a time and never end it.
+"""A slowloris: sockets that send a request a little at a time and never end it.
 
 Each socket starts a request, then sends one more header line every ``every``
-seconds; when the server closes it (or answers it, a 503 at the cap) it
+seconds (or, with ``body=True``, sends a whole head and then its body a byte at
+a time); when the server closes it (or answers it, a 503 at the cap) it
 reconnects at once. Each socket may come from its own loopback address, so a
 per-address cap alone cannot hold it off.
 """
@@ -25,8 +26,9 @@ class Tally:
 
 class Trickle:
     def __init__(self, port: int, count: int, every: float,
-                 sources: list[str] | None = None, host: str = "127.0.0.1") -> None:
-        self.port, self.host, self.every = port, host, every
+                 sources: list[str] | None = None, host: str = "127.0.0.1", *,
+                 body: bool = False) -> None:
+        self.port, self.host, self.every, self.body = port, host, every, body
         self.sources = sources or ["127.0.0.1"]
         self.count = count
         self.tally = Tally()
@@ -62,7 +64,9 @@ class Trickle:
                 self._trickle(sock, n)
 
     def _trickle(self, sock: socket.socket, n: int) -> None:
-        line = b"GET /voipgrid HTTP/1.1\r\n"
+        line = (b"POST /voipgrid HTTP/1.1\r\nHost: gate\r\nContent-Length: 4000\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n\r\nx"
+                if self.body else b"GET /voipgrid HTTP/1.1\r\n")
         sent = 0
         while not self.stopped.is_set():
             try:
@@ -72,7 +76,7 @@ class Trickle:
                 return
             self._count("lines")
             sent += 1
-            line = f"X-Pad-{sent}: {n}\r\n".encode()
+            line = b"x" if self.body else f"X-Pad-{sent}: {n}\r\n".encode()
             # Until the next line is due, watch for the server closing or answering.
             readable, _, _ = select.select([sock], [], [], self.every)
             if readable:

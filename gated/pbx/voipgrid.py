@@ -169,6 +169,13 @@ async def read_form(request: web.Request) -> MultiDict[str] | web.Response:
     return fields
 
 
+def gone(request: web.Request) -> bool:
+    """Whether the request's connection is closed: one gated.sockets closed as too
+    slow (and counted in its own log line) is not logged again."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def _params(request: web.Request) -> Mapping[str, str] | web.Response:
     params: MultiDict[str] = MultiDict(request.query)
     if request.method == "POST":
@@ -187,7 +194,8 @@ async def voipgrid(request: web.Request) -> web.Response:
         return _text("forbidden\n", 403)
     params = await _params(request)
     if isinstance(params, web.Response):
-        log.warning("bad request", remote=client, status=params.status)
+        if not gone(request):
+            log.warning("bad request", remote=client, status=params.status)
         return params
     if not settings.token_ok(params.get("token", "")):
         log.warning("refused", remote=client, why="bad or missing token")
