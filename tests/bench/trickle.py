@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/trickle.py                 # 40 sockets from 40 addresses
     .venv/bin/python tests/bench/trickle.py --one-address   # 40 sockets from one address
+    .venv/bin/python tests/bench/trickle.py --body          # slow POST bodies instead
     .venv/bin/python tests/bench/trickle.py --pythonpath /tmp/other-checkout
 
 ``gated run`` on config/gated.example.toml (its token and demo code, mock
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--sockets", type=int, default=40)
     parser.add_argument("--every", type=float, default=3.0, help="seconds between lines")
     parser.add_argument("--max-connections", type=int, default=32)
+    parser.add_argument("--body", action="store_true",
+                        help="send whole heads, then the body a byte at a time")
     parser.add_argument("--one-address", action="store_true",
                         help="every socket from 127.0.0.2 (else one address each)")
     parser.add_argument("--pythonpath", help="run the daemon from this source tree")
@@ -112,7 +115,7 @@ def main() -> None:
     took: list[float] = []
     try:
         listening(port)
-        with Trickle(port, args.sockets, args.every, sources) as trickle:
+        with Trickle(port, args.sockets, args.every, sources, body=args.body) as trickle:
             surplus = max(args.sockets - args.max_connections, 1)
             deadline = time.monotonic() + 30
             while trickle.tally.refused + trickle.tally.closed < surplus:
@@ -134,15 +137,16 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
     where = "one address" if args.one_address else f"{len(sources)} addresses"
+    unit = "body byte" if args.body else "header line"
     print(f"max_connections={args.max_connections}; {args.sockets} sockets from {where}, "
-          f"a line every {args.every:g} s; {len(outcomes)} calls over {lasted:.1f} s")
+          f"a {unit} every {args.every:g} s; {len(outcomes)} calls over {lasted:.1f} s")
     counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
     print(f"answered {counts.get('answered', 0)} of {len(outcomes)}; all outcomes: {counts}")
     if took:
         took.sort()
         print(f"answered calls took: median {statistics.median(took) * 1000:.1f} ms, "
               f"slowest {took[-1] * 1000:.1f} ms")
-    print(f"trickle: {tally.connects} connections, {tally.lines} lines sent, "
+    print(f"trickle: {tally.connects} connections, {tally.lines} pieces sent, "
           f"{tally.refused} told 503, {tally.closed} closed by the daemon")
 
 
