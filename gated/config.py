@@ -77,8 +77,9 @@ class ServerConfig(_Table, kw_only=True, frozen=True):
     # (systemd/gated.service sets LimitNOFILE above it); past it one gives way
     # (gated/sockets.py says which) or the new one is told 503.
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 256
-    # From one address (an IPv6 /64); addresses in allow_from and trusted proxies are
-    # not held to it. Far above a PBX's calls at once, far below max_connections.
+    # At max_connections, an address (an IPv6 /64) holding more than this makes room
+    # first; allow_from's and trusted proxies' addresses are never counted. It never
+    # refuses anyone while there is room, so a busy PBX is not held to it.
     max_per_address: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 16
 
 

@@ -7,11 +7,12 @@ can never be answered within the deadline. So:
   read (a trusted proxy is let in: its clients are named in its header);
 - a request whose head (and body) is not whole within the answer deadline is
   closed;
-- past ``max_per_address`` connections from one address, or ``max_connections``
-  in all, a connection gives way for the new one: the one longest in sending
-  its request, then the one idle longest between requests, never one being
-  answered. Only when every connection is being answered is the new one told
-  503, before anything is read. So trickling sockets never hold the PBX out.
+- past ``max_connections``, a connection gives way for the new one: the one
+  longest in sending its request, then the one idle longest between requests,
+  never one being answered, and of each kind first one of an address holding
+  more than ``max_per_address``. Only when every connection is being answered
+  is the new one told 503, before anything is read. So trickling sockets never
+  hold the PBX out, and one address cannot push out the others.
 
 When the daemon cannot accept (out of file handles, stopped, swapped out), a
 request waits in the kernel; accepted late, aiohttp reads it at once and it
@@ -27,7 +28,6 @@ import ipaddress
 import resource
 import socket
 import struct
-from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -97,8 +97,8 @@ class Admission(Protocol):
         """Whether to hear this address at all; False closes it at accept."""
 
     def vouched(self, address: str) -> bool:
-        """Whether this address is known (the PBX's, a trusted proxy's) and so not
-        held to ``max_per_address``."""
+        """Whether this address is known (the PBX's, a trusted proxy's) and so never
+        counted against ``max_per_address``."""
 
 
 class Everyone:
@@ -112,7 +112,7 @@ class Everyone:
 
 
 def counted_as(address: str) -> str:
-    """The address ``max_per_address`` counts: an IPv6 client holds its /64, at least."""
+    """The address ``max_per_address`` counts by: an IPv6 client holds its /64, at least."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -195,13 +195,13 @@ class _Connection(RequestHandler):
     __slots__ = ("address", "body", "closed", "connections", "counted", "idle_since", "pending",
                  "since", "timer")
 
-    def __init__(self, connections: Connections, address: str, counted: str) -> None:
+    def __init__(self, connections: Connections, address: str, counted: str | None) -> None:
         server = connections.server
         # The runner's settings (limits, keep-alive), as server() would pass them.
         super().__init__(server, loop=connections.loop, **server._kwargs)
         self.connections = connections
         self.address = address
-        self.counted = counted  # as max_per_address counts it
+        self.counted = counted  # as max_per_address counts it; None: not counted
         self.since: float | None = None
         self.idle_since = 0.0
         self.pending = 0
@@ -259,18 +259,17 @@ class Connections:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.limit = limit
-        # At the cap or above it, max_per_address is max_connections.
-        self.per_address = per_address if per_address < limit else None
+        self.per_address = per_address
         self.deadline = deadline
         self.fresh = deadline * FRESH_SHARE
         self.admission = admission
         # Both oldest first: a connection enters at the end when it changes state.
         self.receiving: dict[_Connection, None] = {}
         self.idle: dict[_Connection, None] = {}
-        self.by_address: dict[str, dict[_Connection, None]] = {}
         self.count = 0
+        self.by_address: dict[str, int] = {}
+        self.crowded: set[str] = set()  # addresses holding more than per_address
         self.refused = _Repeated("connections refused: max_connections reached")
-        self.refused_here = _Repeated("connections refused: max_per_address reached")
         self.unknown = _Repeated("connections refused: not in allow_from")
         self.slow = _Repeated("requests closed: not whole within the answer deadline")
         self.evicted = _Repeated("connection closed to make room")
@@ -287,48 +286,45 @@ class Connections:
             self.unknown(now, remote=address)
             transport.close()
             return
-        counted = counted_as(address)
-        own = self.by_address.get(counted)
-        if (own is not None and self.per_address is not None and len(own) >= self.per_address
-                and not self.admission.vouched(address)):
-            victim = self._oldest_of(own, now)
-            if victim is None:
-                self.refused_here(now, remote=address, limit=self.per_address)
-                _Busy().connection_made(transport)
-                return
-            self._evict(victim, now)
         if self.count >= self.limit:
-            victim = self._oldest(now)
+            victim = self._victim(now)
             if victim is None:
                 self.refused(now, limit=self.limit)
                 _Busy().connection_made(transport)
                 return
             self._evict(victim, now)
+        counted = None if self.admission.vouched(address) else counted_as(address)
         connection = _Connection(self, address, counted)
         self.count += 1
-        self.by_address.setdefault(counted, {})[connection] = None
+        if counted is not None:
+            held = self.by_address[counted] = self.by_address.get(counted, 0) + 1
+            if held > self.per_address:
+                self.crowded.add(counted)
         transport.set_protocol(connection)
         connection.connection_made(transport)
 
-    def _oldest(self, now: float) -> _Connection | None:
-        """Who gives way, of every connection."""
-        return self._give_way(self.receiving, self.idle, now)
-
-    def _oldest_of(self, own: Iterable[_Connection], now: float) -> _Connection | None:
-        """Who gives way, of one address's connections."""
-        heads = sorted((c for c in own if c.since is not None), key=lambda c: c.since or 0.0)
-        idle = sorted((c for c in own if c in self.idle), key=lambda c: c.idle_since)
-        return self._give_way(heads, idle, now)
-
-    def _give_way(self, heads: Iterable[_Connection], idle: Iterable[_Connection],
-                  now: float) -> _Connection | None:
-        """The one longest in sending its request (head or body), once it has had time
-        to send it; else the one idle longest; else the one longest in sending; never
-        one being answered (None: all are). ``heads`` and ``idle`` come oldest first."""
-        head = next((c for c in heads if not c.answering), None)
-        if head is not None and head.since is not None and now - head.since >= self.fresh:
-            return head
-        return next(iter(idle), head)
+    def _victim(self, now: float) -> _Connection | None:
+        """Who gives way: the one longest in sending its request (head or body), once
+        it has had time to send it; else the one idle longest; else the one longest
+        in sending; never one being answered (None: all are). Of each kind, one of
+        an address holding more than max_per_address goes first."""
+        fresh_from = now - self.fresh
+        slow = (c for c in self.receiving
+                if c.since is not None and c.since <= fresh_from and not c.answering)
+        young = (c for c in self.receiving
+                 if c.since is not None and c.since > fresh_from and not c.answering)
+        for kind in (slow, iter(self.idle), young):
+            first = None
+            for connection in kind:
+                if connection.counted in self.crowded:
+                    return connection
+                if first is None:
+                    first = connection
+                    if not self.crowded:
+                        break
+            if first is not None:
+                return first
+        return None
 
     def _evict(self, connection: _Connection, now: float) -> None:
         self.evicted(now, remote=connection.address)
@@ -376,17 +372,20 @@ class Connections:
         self.whole(connection)
         self.idle.pop(connection, None)
         self.count -= 1
-        own = self.by_address[connection.counted]
-        del own[connection]
-        if not own:
-            del self.by_address[connection.counted]
+        counted = connection.counted
+        if counted is not None:
+            held = self.by_address[counted] = self.by_address[counted] - 1
+            if held <= self.per_address:
+                self.crowded.discard(counted)
+            if not held:
+                del self.by_address[counted]
 
 
 class CappedSite(web.TCPSite):
     """A TCPSite behind ``Connections``: at most ``max_connections`` open (so sockets
-    never take the file handles the store and the broker need), at most
-    ``max_per_address`` from one address, none from outside ``admission``, and no
-    request slower than ``deadline``."""
+    never take the file handles the store and the broker need), an address with
+    more than ``max_per_address`` the first to make room, none from outside
+    ``admission``, and no request slower than ``deadline``."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
                  max_connections: int, deadline: float,

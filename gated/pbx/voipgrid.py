@@ -141,7 +141,7 @@ class LiveSettings:
 
     def vouched(self, address: str) -> bool:
         """A trusted proxy speaks for many clients, and an address allow_from names is
-        the PBX's own: neither is held to max_per_address."""
+        the PBX's own: neither is counted for max_per_address."""
         current = self.current
         return current.proxy(address) or (bool(current.allow_from)
                                            and current.client_ok(address))
