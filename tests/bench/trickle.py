@@ -9,11 +9,14 @@
 pins) with ``max_connections`` set to 32, on a free port of 127.0.0.1. 40
 sockets each start a request and send one more header line every 3 s, never
 ending it, and reconnect at once when the daemon closes or answers them. Once
-the sockets past the cap have been turned away or have made others give way,
-the PBX makes 200 calls one after another (a fresh connection each, from
-127.0.0.1, one every 50 ms) and the script counts how many were answered
-(HTTP 200 with a status) and how many were refused (503) or lost.
-``--pythonpath`` runs the daemon from another source tree, to compare.
+the cap is full (the sockets past it turned away or made others give way, or
+every socket in and on its second line), the PBX makes 200 calls one after
+another (a fresh connection each, from 127.0.0.1, one every 50 ms) and the
+script counts how many were answered (HTTP 200 with a status) and how many were
+refused (503) or lost.
+
+``--pythonpath`` runs the daemon from another source tree, on that tree's
+example config, to compare.
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ TOKEN = "change-me-long-random"
 CALL = f"/voipgrid?token={TOKEN}&code=471123&did=%2B31501234567&callerid=%2B31612345678"
 
 
-def site(folder: Path, port: int, max_connections: int) -> Path:
+def site(folder: Path, port: int, max_connections: int, example: Path = EXAMPLE) -> Path:
     """The example config on ``port`` with ``max_connections``; its state under ``folder``."""
     conf = folder / "conf"
     conf.mkdir()
-    text = EXAMPLE.read_text()
+    text = example.read_text()
     text = text.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{port}"', 1)
     text, replaced = re.subn(r"(?m)^max_connections = \d+",
                              f"max_connections = {max_connections}", text)
@@ -101,7 +104,9 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="gated-trickle-"))
     port = free_port()
-    config = site(folder, port, args.max_connections)
+    example = (Path(args.pythonpath) / "config" / "gated.example.toml" if args.pythonpath
+               else EXAMPLE)
+    config = site(folder, port, args.max_connections, example)
     env = dict(os.environ)
     if args.pythonpath:
         env["PYTHONPATH"] = args.pythonpath
@@ -118,7 +123,12 @@ def main() -> None:
         with Trickle(port, args.sockets, args.every, sources, body=args.body) as trickle:
             surplus = max(args.sockets - args.max_connections, 1)
             deadline = time.monotonic() + 30
-            while trickle.tally.refused + trickle.tally.closed < surplus:
+            # Full: the sockets past the cap were turned away or made others give way,
+            # or every socket is in and has sent a second piece (one burst of
+            # accepts may go past the cap).
+            while trickle.tally.refused + trickle.tally.closed < surplus and not (
+                    trickle.tally.connects >= args.sockets
+                    and trickle.tally.lines >= 2 * args.sockets):
                 if time.monotonic() > deadline:
                     raise SystemExit(f"the trickle never filled the cap: {trickle.tally}")
                 time.sleep(0.01)
