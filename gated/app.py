@@ -8,6 +8,7 @@ from gated.config import ServerConfig, TwimlConfig
 from gated.gatekeeper import Gatekeeper
 from gated.keys import GATEKEEPER, TWIML, WEBHOOK
 from gated.pbx.voipgrid import LiveSettings, WebhookSettings, voipgrid
+from gated.sockets import name_no_server
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
 # (client_max_size, from [server] max_body, bounds the body.)
@@ -17,8 +18,9 @@ REQUEST_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 
 def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | None = None,
              *, region: str = "NL") -> web.Application:
     app = web.Application(client_max_size=server.max_body)
+    name_no_server(app)
     app[GATEKEEPER] = gatekeeper
-    app[WEBHOOK] = LiveSettings(webhook_settings(server))
+    app[WEBHOOK] = LiveSettings(webhook_settings(server), shared=twiml is not None)
     app.router.add_route("GET", server.path, voipgrid)
     app.router.add_route("POST", server.path, voipgrid)
     if twiml is not None:

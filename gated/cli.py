@@ -173,7 +173,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}")
         return 2
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        print(f"no answer: {getattr(exc, 'reason', exc)}")
+        reason = getattr(exc, "reason", exc)
+        # The webhook closes a connection from outside allow_from unanswered.
+        hint = (" (closed unanswered: is this machine outside [server] allow_from?)"
+                if isinstance(reason, ConnectionResetError) else "")
+        print(f"no answer: {reason}{hint}")
         return 2
     elapsed = (time.monotonic() - started) * 1000
     print(f"HTTP {status} in {elapsed:.0f} ms: {body}")

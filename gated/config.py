@@ -73,9 +73,14 @@ class ServerConfig(_Table, kw_only=True, frozen=True):
     answer_deadline: Annotated[float, msgspec.Meta(gt=0, le=30)] = 3.0
     nak_word: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2,8}$")] = "NAK"
     max_body: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 8192
-    # Open connections past this are closed at once, keeping file handles for
-    # the store and the broker (systemd/gated.service sets LimitNOFILE above it).
+    # Open connections at most, keeping file handles for the store and the broker
+    # (systemd/gated.service sets LimitNOFILE above it); past it one gives way
+    # (gated/sockets.py says which) or the new one is told 503.
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 256
+    # At max_connections, an address (an IPv6 /64) holding more than this makes room
+    # first; allow_from's and trusted proxies' addresses are never counted. It never
+    # refuses anyone while there is room, so a busy PBX is not held to it.
+    max_per_address: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 16
 
 
 class _Relay(_Table, tag_field="type", kw_only=True, frozen=True):

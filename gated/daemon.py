@@ -39,7 +39,7 @@ from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.notify import notify, watchdog_interval
 from gated.pbx.twiml import LiveTwiml, TwimlSettings
-from gated.pbx.voipgrid import SAFETY_MARGIN, LiveSettings
+from gated.pbx.voipgrid import LiveSettings
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
@@ -226,12 +226,11 @@ class Daemon:
                 tasks.create_task(self._record_alarms(), name="sensor-alarms")
                 await runner.setup()
                 host, port = split_listen(config.server.listen)
-                # Silent for longer than any answer takes (twice the deadline, for
-                # a loop that stalled): no call is in progress on it.
-                idle_after = 2 * config.server.answer_deadline + SAFETY_MARGIN
+                deadline = config.server.answer_deadline
                 site = self._webhook = CappedSite(
                     runner, host, port, max_connections=config.server.max_connections,
-                    idle_after=idle_after, reuse_address=True)
+                    max_per_address=config.server.max_per_address, deadline=deadline,
+                    admission=self._webhook_settings, reuse_address=True)
                 await _listen(site, "server.listen", config.server.listen)
                 self.listening = [s.getsockname()[:2] for s in site._server.sockets]  # type: ignore[union-attr]
                 if metrics_runner is not None and config.metrics is not None:
@@ -239,7 +238,7 @@ class Daemon:
                     host, port = split_listen(config.metrics.listen)
                     metrics_site = CappedSite(metrics_runner, host, port,
                                               max_connections=METRICS_CONNECTIONS,
-                                              idle_after=idle_after, reuse_address=True)
+                                              deadline=deadline, reuse_address=True)
                     await _listen(metrics_site, "metrics.listen", config.metrics.listen)
                     self.metrics_listening = [
                         s.getsockname()[:2]

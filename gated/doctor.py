@@ -456,7 +456,10 @@ def check_webhook(config: Config) -> list[Finding]:
     url = f"http://{host}:{port}{config.server.path}"
     status, body = _get(url)
     findings = []
-    if status is None:
+    if status is None and body == CLOSED and not _admits(config, host.strip("[]")):
+        findings.append(Finding("ok", "webhook", f"{url} closes this machine's connection "
+                                "at once (it is not in allow_from, as it should)"))
+    elif status is None:
         findings.append(Finding("problem", "webhook", f"nothing answers on {url}: {body}",
                                 "start gated (sudo systemctl start gated) and read why it "
                                 "stopped: journalctl -u gated -n 50"))
@@ -482,6 +485,18 @@ def check_webhook(config: Config) -> list[Finding]:
     return findings
 
 
+def _admits(config: Config, address: str) -> bool:
+    """Whether the webhook hears a connection from ``address`` (allow_from, at accept)."""
+    from gated.app import webhook_settings
+    from gated.pbx.voipgrid import LiveSettings
+
+    admission = LiveSettings(webhook_settings(config.server), shared=config.twiml is not None)
+    return admission.admits(address)
+
+
+CLOSED = "closed without an answer"
+
+
 def _get(url: str) -> tuple[int | None, str]:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:  # noqa: S310 (our own URL)
@@ -489,7 +504,10 @@ def _get(url: str) -> tuple[int | None, str]:
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(512).decode(errors="replace")
     except (urllib.error.URLError, OSError) as exc:
-        return None, str(getattr(exc, "reason", exc))
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ConnectionResetError):  # http.client's RemoteDisconnected too
+            return None, CLOSED
+        return None, str(reason)
 
 
 def report(findings: list[Finding]) -> tuple[str, int]:

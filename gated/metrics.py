@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from gated import __version__
 from gated.keys import HEALTH, METRICS
 from gated.lockout import SITE, LockEvent
+from gated.sockets import name_no_server
 from gated.store import Entry
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ async def _healthz(request: web.Request) -> web.Response:
 def make_metrics_app(metrics: Metrics, health: HealthCheck) -> web.Application:
     """/metrics and /healthz: never on the webhook's address."""
     app = web.Application()
+    name_no_server(app)
     app[METRICS] = metrics
     app[HEALTH] = health
     app.router.add_get("/metrics", _metrics)

@@ -74,12 +74,15 @@ path = "{store}"
 
 
 def config_text(tmp_path: Path, extra: str = "", *, pulse: float = 0.2,
-                deadline: float = 3.0, allow_from: tuple[str, ...] = ()) -> str:
+                deadline: float = 3.0, allow_from: tuple[str, ...] = (),
+                server: str = "") -> str:
+    """The test site; ``server``: lines added to its [server] table."""
     store = tmp_path / "state" / "entries.sqlite3"
-    return BASE.format(token=TOKEN, pulse=pulse, deadline=deadline, store=store,
-                       allow_from=json.dumps(list(allow_from))) + (
-        textwrap.dedent(extra)
-    )
+    base = BASE.format(token=TOKEN, pulse=pulse, deadline=deadline, store=store,
+                       allow_from=json.dumps(list(allow_from)))
+    if server:
+        base = base.replace("[gates.barrier]", f"{server}\n\n[gates.barrier]", 1)
+    return base + textwrap.dedent(extra)
 
 
 def write_config(tmp_path: Path, extra: str = "", **kwargs: Any) -> Path:

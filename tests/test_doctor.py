@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gpiozero.pins.mock import MockFactory
@@ -28,9 +29,10 @@ def free_port() -> int:
     return port
 
 
-def site_config(tmp_path: Path, extra: str = "", *, port: int | None = None) -> Path:
+def site_config(tmp_path: Path, extra: str = "", *, port: int | None = None,
+                **kwargs: Any) -> Path:
     """The test site on a known port, its pins chosen the way hardware/README.md says."""
-    text = config_text(tmp_path, extra).replace(
+    text = config_text(tmp_path, extra, **kwargs).replace(
         'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port or free_port()}"', 1).replace(
         "pin = 27, active_high = false", "pin = 6, active_high = false").replace(
         'code = "471123"', 'code = "739261"')  # the example's demo code is public
@@ -87,6 +89,24 @@ async def test_a_healthy_mock_site_has_no_problems(running_site: Path, tmp_path:
     assert any(t == "webhook" and "answers (403 without a token" in m for t, m in messages)
     assert any(t == "health" and m.endswith("/healthz: ok") for t, m in messages)
     assert any(t == "state" and "writable" in m for t, m in messages)
+
+
+async def test_a_webhook_closing_this_machine_at_accept_is_no_problem(
+        tmp_path: Path, mock_factory: MockFactory) -> None:
+    """With allow_from naming only the PBX's addresses, the webhook closes the doctor's
+    own connection at once: that is said to be as it should, not that nothing answers."""
+    path = site_config(tmp_path, allow_from=("192.0.2.0/24",))
+    daemon = Daemon(compiler.load(path), mock_factory=mock_factory, install_signals=False)
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    try:
+        findings = await asyncio.to_thread(doctor.check_webhook, compiler.load(path).config)
+    finally:
+        daemon.stop.set()
+        await asyncio.wait_for(task, 10)
+    assert [(f.level, f.message.split(" ", 1)[1]) for f in findings] == [
+        ("ok", "closes this machine's connection at once (it is not in allow_from, "
+               "as it should)")]
 
 
 def test_a_broken_install_lists_each_problem_with_its_fix(

@@ -3,6 +3,7 @@ connections are capped, and it answers again once the load is gone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -15,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from structlog.testing import capture_logs
 
 from gated.config import ServerConfig
 from gated.gatekeeper import RawCall
@@ -144,47 +147,92 @@ def test_an_accept_loop_out_of_file_handles_does_not_flood_the_log(tmp_path: Pat
     assert len(flood) < 20
 
 
-def test_connections_past_max_connections_are_closed_at_once(tmp_path: Path) -> None:
-    """Past max_connections a new connection is told 503 and closed; once one closes,
-    calls are answered again."""
+class SlowRelay:
+    """Opens after ``delay``; ``busy`` is set once ``count`` opens are under way."""
+
+    def __init__(self, delay: float, count: int) -> None:
+        self.delay, self.count = delay, count
+        self.busy = asyncio.Event()
+
+    async def open(self) -> str:
+        self.count -= 1
+        if self.count <= 0:
+            self.busy.set()
+        await asyncio.sleep(self.delay)
+        return "faked"
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_connections_past_max_connections_are_closed_at_once(start_daemon: Any,
+                                                                   tmp_path: Path) -> None:
+    """Past max_connections, while every connection is being answered, a new one is told
+    503 and closed before anything is read; once they are answered, calls are again."""
+    slow = SlowRelay(delay=1.0, count=2)
+    config = write_config(tmp_path, server="max_connections = 2")
+    running = await start_daemon(config=config, actuators={"barrier": slow})
+    host, port = running.daemon.listening[0]
+    request = f"GET {CALL} HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n\r\n".encode()
+
+    async def everything(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    with capture_logs() as logs:
+        calls = [asyncio.create_task(everything(request)) for _ in range(2)]
+        await asyncio.wait_for(slow.busy.wait(), 10)  # both being answered
+        busy = await everything(request)
+        answers = await asyncio.gather(*calls)
+        again = await everything(request)
+    assert busy.startswith(b"HTTP/1.1 503 ")
+    assert [a.endswith(b"\r\n\r\nstatus=ACK&callername=Welcome&destination=201")
+            for a in [*answers, again]] == [True] * 3
+    refused = [e for e in logs if e["event"] == "connections refused: max_connections reached"]
+    assert [e["limit"] for e in refused] == [2]
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_silent_connections_at_the_cap_make_room_for_a_call(tmp_path: Path) -> None:
+    """Connections that send nothing cannot keep the PBX out: at the cap, the one
+    that has owed its request longest is closed at once, and the call is answered."""
     config, port = daemon_config(tmp_path, "max_connections = 4")
     daemon = DaemonProcess(config)
     try:
         daemon.wait_for("listening")
         with idle_connections(port, 4) as held:
-            for sock in held:  # each one served and kept alive: counted by the daemon
-                sock.sendall(b"GET /elsewhere HTTP/1.1\r\nHost: gate\r\n\r\n")
-                assert sock.recv(4096).startswith(b"HTTP/1.1 404")
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
-                busy = b""
-                while chunk := extra.recv(4096):
-                    busy += chunk
-            assert busy.startswith(b"HTTP/1.1 503 ")
-            held.pop().close()
-            assert answers_again(port) == "status=ACK&callername=Welcome&destination=201"
-        refused = daemon.wait_for("connections refused: max_connections reached")
+            assert call(port) == "status=ACK&callername=Welcome&destination=201"
+            assert [_closed(sock) for sock in held] == [True, False, False, False]
+        daemon.wait_for("connection closed to make room")
     finally:
         daemon.stop()
-    assert refused["limit"] == 4
 
 
-def test_silent_connections_at_the_cap_make_room_for_a_call(tmp_path: Path) -> None:
-    """Connections that send nothing cannot keep the PBX out: at the cap, one silent
-    for longer than any answer takes is closed, and the call is answered."""
-    config, port = daemon_config(tmp_path, "max_connections = 4", deadline=0.5)
+def test_kept_alive_connections_at_the_cap_make_room_for_a_call(tmp_path: Path) -> None:
+    """Connections kept alive between requests give way too: at the cap, the one idle
+    longest is closed and the call is answered."""
+    config, port = daemon_config(tmp_path, "max_connections = 4")
     daemon = DaemonProcess(config)
     try:
         daemon.wait_for("listening")
         with idle_connections(port, 4) as held:
-            time.sleep(2.0)  # past twice the deadline and a margin: nothing in progress
+            for sock in held:  # each one served and kept alive
+                sock.sendall(b"GET /elsewhere HTTP/1.1\r\nHost: gate\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 404")
             assert call(port) == "status=ACK&callername=Welcome&destination=201"
-            closed = 0
-            for sock in held:
-                sock.settimeout(0.2)
-                with contextlib.suppress(TimeoutError):
-                    closed += sock.recv(1) == b""
-            assert closed == 1
-        daemon.wait_for("idle connection closed to make room")
+            assert [_closed(sock) for sock in held] == [True, False, False, False]
     finally:
         daemon.stop()
 

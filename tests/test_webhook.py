@@ -6,6 +6,7 @@ import time
 import urllib.parse
 from typing import Any
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -107,9 +108,11 @@ async def test_second_token_is_accepted_for_rotation(start_daemon: Any) -> None:
 
 
 async def test_allow_from_refuses_other_clients(start_daemon: Any) -> None:
-    """A client outside allow_from gets 403 even with the right token."""
+    """A client outside allow_from is closed at accept, unanswered, even with the right
+    token: nothing evaluated, nothing opened."""
     running = await start_daemon(allow_from=("10.0.0.0/8", "192.0.2.0/24"))
-    assert (await running.get(code="471123", did=BARRIER))[0] == 403
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await running.get(code="471123", did=BARRIER)
     await settle(running)
     assert entries(running) == []
     assert states(running.pin(17)) == [False]

@@ -37,7 +37,7 @@ from gated.gatekeeper import Gatekeeper, RawCall
 from gated.keys import GATEKEEPER, TWIML, WEBHOOK
 from gated.numbers import normalise
 from gated.pbx import Answer
-from gated.pbx.voipgrid import read_form
+from gated.pbx.voipgrid import gone, read_form
 from gated.sockets import waited
 
 log = structlog.get_logger("gated.twiml")
@@ -202,7 +202,8 @@ async def _handle(request: web.Request, suffix: str) -> web.Response:
     client = webhook.client(request)
     form = await read_form(request)
     if isinstance(form, web.Response):
-        log.warning("bad request", remote=client, status=form.status)
+        if not gone(request):
+            log.warning("bad request", remote=client, status=form.status)
         return form
     token: str | None = None
     if settings.validator is not None:

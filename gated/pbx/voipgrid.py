@@ -1,7 +1,8 @@
 """The VoIPGRID webhook: GET (what the platform sends) or POST with a form body.
 
-Only an authenticated request is decided: a wrong token, or a client outside
-``allow_from``, gets 403 and one log line, and nothing is evaluated.
+Only an authenticated request is decided: a wrong token, or a forwarded client
+outside ``allow_from``, gets 403 and one log line, and nothing is evaluated (a
+direct client outside it is closed at accept, by ``LiveSettings.admits``).
 
 The answer: ``status=ACK&callername=...&destination=...``, built with
 urllib.parse.urlencode, byte for byte what VoIPGRID integrations expect, and
@@ -36,8 +37,6 @@ WHAT_THE_DIAL_PLAN_DOES = {
 }
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Slack past the answer deadline: a connection silent for longer has no call in progress.
-SAFETY_MARGIN = 0.5
 
 
 def _networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
@@ -94,6 +93,9 @@ class WebhookSettings:
     def client_ok(self, remote: str | None) -> bool:
         return not self.allow_from or _within(remote, self.allow_from)
 
+    def proxy(self, address: str) -> bool:
+        return bool(self.trusted_proxies) and _within(address, self.trusted_proxies)
+
 
 def body(answer: Answer, nak_word: str = "NAK") -> str:
     return _body(answer.status, answer.callername, answer.destination, nak_word)
@@ -119,12 +121,30 @@ def parse_body(text: str) -> dict[str, str]:
 
 
 class LiveSettings:
-    """The settings in force. A call reads them once; a reload replaces them between calls."""
+    """The settings in force. A call reads them once; a reload replaces them between calls.
 
-    __slots__ = ("current",)
+    Also the listener's ``Admission``: who is heard at accept, before a byte is read.
+    """
 
-    def __init__(self, current: WebhookSettings) -> None:
+    __slots__ = ("current", "shared")
+
+    def __init__(self, current: WebhookSettings, *, shared: bool = False) -> None:
         self.current = current
+        # Other paths on the listener (TwiML) answer clients allow_from does not name.
+        self.shared = shared
+
+    def admits(self, address: str) -> bool:
+        """A trusted proxy is heard (its client is named in its header); anyone else
+        must be in allow_from."""
+        current = self.current
+        return self.shared or current.client_ok(address) or current.proxy(address)
+
+    def vouched(self, address: str) -> bool:
+        """A trusted proxy speaks for many clients, and an address allow_from names is
+        the PBX's own: neither is counted for max_per_address."""
+        current = self.current
+        return current.proxy(address) or (bool(current.allow_from)
+                                           and current.client_ok(address))
 
 
 def _text(response: str, status: int = 200) -> web.Response:
@@ -135,6 +155,8 @@ async def read_form(request: web.Request) -> MultiDict[str] | web.Response:
     """A POST's form fields, or the 400 that says why there are none to read."""
     try:
         form: MultiDictProxy[str | object] = await request.post()  # type: ignore[assignment]
+    except ConnectionError:  # closed while its body trickled in: past the deadline
+        return _text("request timeout\n", 408)
     except UnicodeDecodeError:
         return _text("bad request: body is not UTF-8\n", 400)
     except ValueError:
@@ -145,6 +167,13 @@ async def read_form(request: web.Request) -> MultiDict[str] | web.Response:
             return _text("bad request: files are not accepted\n", 400)
         fields.add(key, value)
     return fields
+
+
+def gone(request: web.Request) -> bool:
+    """Whether the request's connection is closed: one gated.sockets closed as too
+    slow (and counted in its own log line) is not logged again."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _params(request: web.Request) -> Mapping[str, str] | web.Response:
@@ -165,7 +194,8 @@ async def voipgrid(request: web.Request) -> web.Response:
         return _text("forbidden\n", 403)
     params = await _params(request)
     if isinstance(params, web.Response):
-        log.warning("bad request", remote=client, status=params.status)
+        if not gone(request):
+            log.warning("bad request", remote=client, status=params.status)
         return params
     if not settings.token_ok(params.get("token", "")):
         log.warning("refused", remote=client, why="bad or missing token")
