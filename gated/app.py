@@ -6,8 +6,8 @@ from aiohttp import web
 
 from gated.config import ServerConfig, TwimlConfig
 from gated.gatekeeper import Gatekeeper
-from gated.keys import GATEKEEPER, TWIML, WEBHOOK
-from gated.pbx.voipgrid import LiveSettings, WebhookSettings, voipgrid
+from gated.pbx import GATEKEEPER
+from gated.pbx.voipgrid import WEBHOOK, LiveSettings, WebhookSettings, voipgrid
 from gated.sockets import name_no_server
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
@@ -27,7 +27,7 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
         from gated.pbx import twiml as twiml_pbx
 
         settings = twiml_pbx.TwimlSettings.build(twiml, region)
-        app[TWIML] = twiml_pbx.LiveTwiml(settings)
+        app[twiml_pbx.TWIML] = twiml_pbx.LiveTwiml(settings)
         app.router.add_route("POST", settings.path, twiml_pbx.incoming)
         app.router.add_route("POST", f"{settings.path}/code", twiml_pbx.digits)
     return app

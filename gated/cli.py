@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gated import __version__, compiler, manage
 from gated import config as config_mod
+from gated import forward as forwards
 from gated.console import parse_since, print_table
 from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.forward import commands as forward_commands
@@ -365,7 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Every load through the command line checks the forwards too.
+config_mod.add_check(forwards.check)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == [compiler.CHILD_COMMAND]:
+        # The reload's compiling child (``compiler.child_command``), checked as any load.
+        return compiler.main(list(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

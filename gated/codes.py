@@ -23,58 +23,20 @@ import array
 import bisect
 import hmac
 import os
-import re
 import struct
 import sys
 import zlib
 import zoneinfo
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import overload
 
 from gated import sitekey
+from gated.credential import Credential, Gate
 from gated.routes import RouteTable
-from gated.schedule import Schedule
 
-Kind = Literal["code", "totp", "visitor", "route"]
-CODE_RE = re.compile(r"[0-9]{4,16}")
-# What a caller may type: digits only; longer input is refused unread.
-TYPED_RE = re.compile(r"[0-9]{1,32}")
 # How many TOTP steps either side of now are accepted (clock drift, slow typing).
 TOTP_WINDOW = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Gate:
-    name: str
-    numbers: frozenset[str]
-    callers: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    id: str
-    name: str
-    kind: Kind
-    gates: frozenset[str]
-    valid_from: float | None = None  # epoch seconds
-    valid_until: float | None = None
-    schedule: Schedule | None = None
-    max_uses: int | None = None
-    callers: frozenset[str] = frozenset()
-    callername: str = ""
-    destination: str = ""
-
-    @property
-    def route_only(self) -> bool:
-        """Answers the PBX with a route but opens nothing."""
-        return not self.gates
-
-    def named(self, credential_id: str, name: str) -> Credential:
-        """This policy as the credential of one code (a policy has no id or name)."""
-        return Credential(credential_id, name, self.kind, self.gates, self.valid_from,
-                          self.valid_until, self.schedule, self.max_uses, self.callers,
-                          self.callername, self.destination)
 
 
 # One record per static code after the 8-byte prefix: the digest's other 24

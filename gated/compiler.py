@@ -6,7 +6,7 @@ into the code book, and owns the compiled book in the state directory
 
 - the daemon's start maps the compiled book when its sources are unchanged
   (a restart answers at once, whatever the size), and otherwise has a child
-  process compile it (``python -m gated.compiler CONFIG``) and maps the
+  process compile it (``python -m gated _compile CONFIG``) and maps the
   result, so the daemon never holds the parsed TOML of a large file;
 - a reload does the same in the background: the child compiles, the daemon
   maps the new book and swaps it in between two calls;
@@ -41,33 +41,30 @@ import structlog
 from gated import bookfile, files, sitekey
 from gated import config as config_mod
 from gated.codes import (
-    CODE_RE,
     NAME_LENGTH,
     RECORD,
     TOTP_DIGESTS,
     TOTP_RECORD,
     CodeBook,
-    Credential,
-    Gate,
-    Kind,
     StaticCodes,
     as_u64,
     digest_prefix,
     id_hash,
 )
-from gated.config import CodeConfig, Config, LogConfig, TotpConfig
+from gated.config import CodeConfig, Config, ErrorFactory, LogConfig, TotpConfig
+from gated.credential import CODE_RE, Credential, Gate, Kind
 from gated.errors import ConfigError, NumberError
-from gated.numbers import normalise
+from gated.numbers import NumberParser, normalise
 from gated.routes import RouteTable, compile_routes
 from gated.schedule import Schedule, ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
     from gated.tomlpos import Key
 
+# The hidden command of ``gated`` that runs ``main`` in the compiling child.
+CHILD_COMMAND = "_compile"
 log = structlog.get_logger("gated.compiler")
 
-ErrorFactory = Callable[["Key", str], ConfigError]
-NumberParser = Callable[[str, "Key"], str]
 
 
 def _plain_error(key: Key, message: str) -> ConfigError:
@@ -678,7 +675,7 @@ def _command(path: Path) -> list[str]:
     # -P: `-m` would put the working directory first on the import path, and a
     # daemon started beside a clone named gated would compile with the clone's
     # config/ as gated.config. Not -I: that would drop PYTHONPATH too.
-    return [sys.executable, "-P", "-m", "gated.compiler", str(path)]
+    return [sys.executable, "-P", "-m", "gated", CHILD_COMMAND, str(path)]
 
 
 def _outcome(file: Path, returncode: int, output: bytes) -> Path | str:
@@ -770,7 +767,7 @@ def warn_unkept(loaded: Loaded) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gated.compiler CONFIG``: compile the book; one JSON line on stdout."""
+    """``python -m gated _compile CONFIG``: compile the book; one JSON line on stdout."""
     args = sys.argv[1:] if argv is None else argv
     with contextlib.suppress(OSError):
         os.nice(5)  # the daemon's calls go first
@@ -791,6 +788,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(json.dumps(said) + "\n")
     return status
 
-
-if __name__ == "__main__":
-    sys.exit(main())

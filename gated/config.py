@@ -493,6 +493,18 @@ def _convert_one(raw: Any, kind: type[_T], base: tomlpos.Key, fail: Any) -> _T:
         raise fail(key, message) from None
 
 
+Check = Callable[["Config", Any], None]
+# Checks of tables whose meaning lives in a higher floor (a forward's template
+# renders an entry): the assembly points (gated.cli, gated.daemon) add them,
+# so a bad one is refused at load, by key and line, like any other.
+_extra_checks: list[Check] = []
+
+
+def add_check(check: Check) -> None:
+    if check not in _extra_checks:
+        _extra_checks.append(check)
+
+
 def check(config: Config, fail: Any) -> None:
     """Checks that span several fields, each naming the key it is about."""
     try:
@@ -562,11 +574,8 @@ def check(config: Config, fail: Any) -> None:
             raise fail(("gates", name, "sensor"),
                        "a dtmf gate opens after the answer; a sensor cannot confirm it")
     _check_twiml(config, fail)
-    if config.forward:
-        # jinja2 and the signing library load only on sites that forward.
-        from gated.forward.endpoints import check
-
-        check(config, fail)
+    for extra in _extra_checks:
+        extra(config, fail)
 
 
 def topic_problem(topic: str, *, prefix: bool = False) -> str | None:

@@ -57,9 +57,9 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from gated.codes import CODE_RE
 from gated.config import Config
 from gated.console import parse_time
+from gated.credential import CODE_RE
 from gated.errors import ConfigError, GatedError
 from gated.managed import ID_RE, NotHere, Rejected, Scope, parse
 

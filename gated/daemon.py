@@ -27,7 +27,8 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
-from gated import alarms, compiler, statelock, visitors
+from gated import alarms, compiler, forward, statelock, visitors
+from gated import config as config_mod
 from gated.app import REQUEST_LIMITS, make_app, webhook_settings
 from gated.clock import Clock, SystemClock
 from gated.compiler import Loaded
@@ -35,11 +36,11 @@ from gated.config import ServerConfig, split_listen
 from gated.errors import ConfigError, GatedError, StoreError
 from gated.gatekeeper import Gatekeeper
 from gated.heap import release_memory
-from gated.keys import TWIML, WEBHOOK
 from gated.lockout import SITE, Policy
 from gated.notify import notify, watchdog_interval
-from gated.pbx.twiml import LiveTwiml, TwimlSettings
-from gated.pbx.voipgrid import LiveSettings
+from gated.pbx.twiml import TWIML, LiveTwiml, TwimlSettings
+from gated.pbx.voipgrid import WEBHOOK, LiveSettings
+from gated.ports import Actuator
 from gated.sensor import ConfirmingActuator, GateSensor
 from gated.sockets import CappedSite
 from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from gated.metrics import Metrics
     from gated.mqtt import MqttLink
 
+# A reload compiled here (not in the child) checks the forwards too.
+config_mod.add_check(forward.check)
 log = structlog.get_logger("gated.daemon")
 
 RELOAD_POLL_SECONDS = 2.0
@@ -131,7 +134,7 @@ class Daemon:
                 lock.release()
             self.state_lock = None
             self.state_lock = statelock.hold(self.loaded.store_path)
-        built: dict[str, actuator_port.Actuator] = {}
+        built: dict[str, Actuator] = {}
         store: Store | None = None
         try:
             link = self.link = make_link(self.loaded)

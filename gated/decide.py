@@ -11,10 +11,35 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
+import zoneinfo
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from gated.codes import TYPED_RE, CodeBook, Credential
+from gated.credential import TYPED_RE, Credential, Gate
 from gated.lockout import LockEvent, Lockout, Policy
+
+
+# The ports decide() reads the code book through (``gated.codes.CodeBook`` is the one
+# implementation): the rules know what a book answers, not how it is built or kept.
+class RouteLike(Protocol):
+    @property
+    def credential(self) -> Credential: ...
+
+
+class Routes(Protocol):
+    def find(self, did: str | None, caller: str | None, now: float,
+             tz: zoneinfo.ZoneInfo) -> tuple[RouteLike, str, str] | None: ...
+
+
+class Book(Protocol):
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo: ...
+    @property
+    def routes(self) -> Routes: ...
+
+    def gate_for(self, did: str | None) -> Gate | None: ...
+    def is_line(self, did: str | None) -> bool: ...
+    def match(self, code: str, now: float) -> list[tuple[Credential, int | None]]: ...
 
 
 class Status(enum.StrEnum):
@@ -98,7 +123,7 @@ def nak(reason: str, gate: str | None = None) -> Decision:
     return Decision(Status.NAK, reason, gate)
 
 
-def decide(request: Request, book: CodeBook, ledger: Ledger, now: float,
+def decide(request: Request, book: Book, ledger: Ledger, now: float,
            *, durable: bool = True) -> Decision:
     """``durable`` False: the store cannot keep what a grant would spend right now."""
     gate = book.gate_for(request.did)
@@ -177,7 +202,7 @@ def staleness(sent: float | None, expiry: int | None, now: float,
 
 
 def refuse(credential: Credential, timecode: int | None, gate: str | None, request: Request,
-           book: CodeBook, ledger: Ledger, now: float) -> str | None:
+           book: Book, ledger: Ledger, now: float) -> str | None:
     """Why ``credential`` does not admit this call, or None when it does (``gate``
     None: a line, where only route-only credentials apply)."""
     elsewhere = not credential.route_only and (gate is None or gate not in credential.gates)

@@ -19,8 +19,8 @@ import pyotp
 
 from gated import compiler, sitekey, visitors
 from gated import config as config_mod
-from gated.codes import CODE_RE, Credential
 from gated.console import parse_duration, parse_time, print_table, split_names
+from gated.credential import CODE_RE, Credential
 from gated.errors import ConfigError, StoreError
 from gated.managed import ManagedCode, NotHere, Rejected, parse
 from gated.store import add_visitor, connect, load_visitors, migrate

@@ -9,8 +9,8 @@ own registry: tests run several daemons in one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,13 +18,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gated import __version__
-from gated.keys import HEALTH, METRICS
 from gated.lockout import SITE, LockEvent
 from gated.sockets import name_no_server
 from gated.store import Entry
 
 if TYPE_CHECKING:
-    from gated.forward.sender import Forwarder
     from gated.gatekeeper import Gatekeeper
     from gated.sensor import GateSensor
 
@@ -34,6 +32,36 @@ TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 # A health check: None when healthy, else what is wrong.
 HealthCheck = Callable[[], str | None]
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class Forwards(Protocol):
+    """What the metrics read of the forwarder (``gated.forward.sender.Forwarder``)."""
+
+    @property
+    def endpoints(self) -> Sequence[_Named]: ...
+    @property
+    def clock(self) -> _Clock: ...
+    @property
+    def delivered(self) -> Mapping[str, int]: ...
+    @property
+    def rejected(self) -> Mapping[str, int]: ...
+    @property
+    def expired(self) -> Mapping[str, int]: ...
+    @property
+    def pending(self) -> Mapping[str, tuple[int, float | None]]: ...
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 
 
 class Metrics:
@@ -84,7 +112,7 @@ class Metrics:
         """Export the store's, the lockout's and the sensors' state at scrape time."""
         self.registry.register(_StateCollector(gatekeeper, sensors))
 
-    def watch_forwards(self, forwarder: Forwarder) -> None:
+    def watch_forwards(self, forwarder: Forwards) -> None:
         """Export each [[forward]] endpoint's queue at scrape time."""
         self.registry.register(_ForwardCollector(forwarder))
 
@@ -125,7 +153,7 @@ class _StateCollector(Collector):
 
 
 class _ForwardCollector(Collector):
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Forwards) -> None:
         self._forwarder = forwarder
 
     def collect(self) -> Iterator[Metric]:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import phonenumbers
 
 from gated.errors import NumberError
+
+if TYPE_CHECKING:
+    from gated.tomlpos import Key
+
+# Turns a number as written at a config key into E.164, or raises the key's error.
+NumberParser = Callable[[str, "Key"], str]
 
 # What PBXes put in the caller-id field when the caller withholds their number.
 _WITHHELD = frozenset({"anonymous", "unknown", "private", "restricted", "unavailable"})

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gated.routes import ManagedRoutes, RouteError, RouteTable, parse_managed
+from gated.managed import ManagedRoutes, parse_route
+from gated.routes import RouteError, RouteTable
 from gated.verdicts import Verdicts
 
 if TYPE_CHECKING:
-    from gated.bridge import Bridge
     from gated.config import Config
     from gated.mqtt import Incoming
+    from gated.siteport import Site
 
 log = structlog.get_logger("gated.routes")
 
@@ -30,7 +31,7 @@ SCOPES = ("site", "fleet")
 
 
 class RouteChannel:
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self, bridge: Site) -> None:
         self.bridge = bridge
         self.routes = ManagedRoutes()
         self.verdicts = Verdicts(bridge, "routes")
@@ -62,7 +63,7 @@ class RouteChannel:
             try:
                 if scope == "fleet" and self.bridge.fleet is None:
                     raise RouteError("no [mqtt] fleet_prefix any more")
-                self.routes.put(self.table, parse_managed(scope, route_id, body,
+                self.routes.put(self.table, parse_route(scope, route_id, body,
                                                           self.bridge.config))
             except RouteError as exc:
                 log.warning("local copy of a managed route dropped", id=route_id, scope=scope,
@@ -105,7 +106,7 @@ class RouteChannel:
             self.verdicts.clear(scope, route_id, force=live)
             return
         try:
-            route = parse_managed(scope, route_id, message.payload, self.bridge.config)
+            route = parse_route(scope, route_id, message.payload, self.bridge.config)
             previous = self.routes.put(self.table, route)
         except RouteError as exc:
             log.warning("managed route refused", id=route_id, scope=scope, error=str(exc))

@@ -37,9 +37,9 @@ from gated.printable import printable
 from gated.schedule import ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
-    from gated.codes import Credential
-    from gated.compiler import ErrorFactory, NumberParser
-    from gated.config import Config, RouteFields
+    from gated.config import ErrorFactory, RouteFields
+    from gated.credential import Credential
+    from gated.numbers import NumberParser
     from gated.tomlpos import Key
 
 PREFIX_RE = re.compile(r"\+[0-9]{1,15}\*")
@@ -196,7 +196,7 @@ def compile_route(fields: RouteFields, where: Key, order: Order, route_id: str,
                   number: NumberParser, error: ErrorFactory,
                   *, has_file: bool = False) -> Route:
     """Check a route's fields (file or MQTT) and build it; its callers are added apart."""
-    from gated.codes import Credential
+    from gated.credential import Credential
 
     # A route with a file may leave its answer to the rows (§11): each row that
     # carries none is refused as the file is read; its own callers have no row.
@@ -360,118 +360,3 @@ class Normaliser:
         if value is None:
             raise NumberError("not a phone number")
         return value
-
-
-# -- routes over MQTT ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ManagedRoute:
-    scope: str  # "site" or "fleet"
-    id: str
-    body: bytes = field(repr=False)  # the message as received: the local copy
-    route: Route
-
-
-def parse_managed(scope: str, route_id: str, body: bytes, config: Config) -> ManagedRoute:
-    """Check one route message (the fields of a [[routes]] entry but ``file``)
-    against the site's config; RouteError with a publishable reason."""
-    import msgspec
-
-    from gated import config as config_mod
-    from gated.compiler import number_parser
-    from gated.managed import ID_RE, MAX_BODY
-    from gated.tomlpos import format_path
-
-    if not ID_RE.fullmatch(route_id):
-        raise RouteError("a route id is 1 to 64 letters, digits, '_', '.' or '-'")
-    if len(body) > MAX_BODY:
-        raise RouteError(f"message too large (at most {MAX_BODY} bytes)")
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise RouteError("not valid JSON") from None
-    except RecursionError:
-        raise RouteError("not valid JSON: too deeply nested") from None
-    if not isinstance(raw, dict):
-        raise RouteError("expected a JSON object with the fields of a [[routes]] entry")
-    raw = dict(raw)
-    if raw.pop("id", route_id) != route_id:
-        raise RouteError("id: must be the id in the topic, or left out")
-    raw.setdefault("name", route_id)
-
-    def fail(key: Key, message: str) -> ConfigError:
-        return ConfigError(message, path=format_path(key))
-
-    try:
-        fields = config_mod.convert(raw, config_mod.RouteFields, (), fail)
-        number = number_parser(config.site.region, fail)
-        route = compile_route(fields, (), (1, route_id), route_id, number, fail)
-        if route.numbers:
-            # A number the route names becomes a line unless a gate has it: on a
-            # one-gate site without numbers it would take the gate's calls (codes
-            # refused, residents routed). Only the site's file makes lines (§15).
-            known = site_numbers(config, number)
-            for i, raw_number in enumerate(fields.numbers):
-                if number(raw_number, ("numbers", i)) not in known:
-                    raise fail(("numbers", i), f"{raw_number!r} is no line of this site: a "
-                               "route over MQTT answers only on its gates' numbers and the "
-                               "lines its file's [[routes]] name")
-        keys = tuple(dict.fromkeys(caller_key(text, ("callers", i), number, fail)
-                                   for i, text in enumerate(fields.callers)))
-    except ConfigError as exc:
-        raise RouteError(str(exc)) from None
-    return ManagedRoute(scope, route_id, body,
-                        Route(route.credential, route.numbers, route.order, keys))
-
-
-def site_numbers(config: Config, number: NumberParser) -> frozenset[str]:
-    """The called numbers the site's file answers on by name: its gates' and the lines
-    its [[routes]] name."""
-    named: list[tuple[Key, str]] = [
-        (("gates", gate, "numbers", i), raw) for gate, table in config.gates.items()
-        for i, raw in enumerate(table.numbers)]
-    named += [(("routes", r, "numbers", i), raw) for r, route in enumerate(config.routes)
-              for i, raw in enumerate(route.numbers)]
-    return frozenset(number(raw, where) for where, raw in named)
-
-
-@dataclass
-class ManagedRoutes:
-    """The routes over MQTT now in force, by id (site and fleet share the ids)."""
-
-    applied: dict[str, ManagedRoute] = field(default_factory=dict)
-
-    def get(self, scope: str, route_id: str) -> ManagedRoute | None:
-        route = self.applied.get(route_id)
-        return route if route is not None and route.scope == scope else None
-
-    def ids(self, scope: str) -> set[str]:
-        return {r.id for r in self.applied.values() if r.scope == scope}
-
-    def put(self, table: RouteTable, route: ManagedRoute) -> ManagedRoute | None:
-        previous = self.applied.get(route.id)
-        if previous is not None and previous.scope != route.scope:
-            raise RouteError(f"id {route.id!r} is already used by a {previous.scope} route")
-        table.put(route.route)
-        self.applied[route.id] = route
-        return previous
-
-    def delete(self, table: RouteTable, scope: str, route_id: str) -> ManagedRoute | None:
-        route = self.get(scope, route_id)
-        if route is None:
-            return None
-        table.remove(route_id)
-        del self.applied[route_id]
-        return route
-
-    def rebase(self, table: RouteTable, config: Config) -> list[tuple[ManagedRoute, RouteError]]:
-        """Apply every managed route to a freshly loaded table (a config reload)."""
-        dropped: list[tuple[ManagedRoute, RouteError]] = []
-        current, self.applied = self.applied, {}
-        for old in current.values():
-            try:
-                self.put(table, parse_managed(old.scope, old.id, old.body, config))
-            except RouteError as exc:
-                dropped.append((old, exc))
-        return dropped

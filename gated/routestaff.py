@@ -16,7 +16,8 @@ from typing import Any
 from gated import compiler
 from gated.config import Config
 from gated.console import print_table, split_names
-from gated.routes import RouteError, parse_managed
+from gated.managed import parse_route
+from gated.routes import RouteError
 from gated.staff import (
     DEFAULT_WAIT,
     StaffError,
@@ -86,7 +87,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     fields.update({k: v for k, v in optional.items() if v not in ("", [])})
     body = json.dumps(fields, ensure_ascii=False).encode()
     try:
-        parse_managed(scope, args.id, body, config)
+        parse_route(scope, args.id, body, config)
     except RouteError as exc:
         print(f"not published: {exc}")
         return 2

@@ -23,9 +23,9 @@ from gpiozero import DigitalInputDevice, GPIOZeroError
 from gpiozero.pins.mock import MockFactory
 
 from gated import alarms
-from gated.actuators import Actuator
 from gated.config import GpioSensorConfig, MockSensorConfig, SensorConfig
 from gated.errors import ActuatorError, NotMoved
+from gated.ports import Actuator
 
 log = structlog.get_logger("gated.sensor")
 
@@ -186,6 +186,7 @@ class ConfirmingActuator:
 
     def __init__(self, inner: Actuator, sensor: GateSensor) -> None:
         self.gate = inner.gate
+        self.tones = inner.tones
         self.inner = inner
         self.sensor = sensor
 

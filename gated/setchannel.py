@@ -34,16 +34,17 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gated import alarms, bookfile, codeset, files, signing, sitekey
-from gated.codes import ELSEWHERE, Credential, FleetCodes, StaticCodes, as_u64
+from gated.codes import ELSEWHERE, FleetCodes, StaticCodes, as_u64
 from gated.codeset import Assembly, Manifest, SetError
 from gated.config import Config, fleet_key_path
+from gated.credential import Credential
 from gated.errors import ConfigError
 from gated.heap import release_memory
 from gated.managed import Rejected, Scope, compile_policy
 
 if TYPE_CHECKING:
-    from gated.bridge import Bridge
     from gated.mqtt import Incoming
+    from gated.siteport import Site
 
 log = structlog.get_logger("gated.setchannel")
 
@@ -111,7 +112,7 @@ def _let_go(outgoing: list[object], stale: Path | None) -> None:
 class SetChannel:
     """One code set's messages at this site (the fleet's or the site's own)."""
 
-    def __init__(self, bridge: Bridge, *, scope: Scope, base: str, key: bytes, keyed: bool,
+    def __init__(self, bridge: Site, *, scope: Scope, base: str, key: bytes, keyed: bool,
                  trust: signing.Trust) -> None:
         self.bridge = bridge
         self.scope: Scope = scope

@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gated import bookfile, codeset, files, signing, sitekey
-from gated.codes import CODE_RE
 from gated.codeset import Entry, Manifest, SetError, SetPolicy
 from gated.config import CodeConfig, Config, fleet_key_path
 from gated.console import counted
+from gated.credential import CODE_RE
 from gated.errors import ConfigError, GatedError
 from gated.managed import Scope
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from gated.bridge import Bridge
     from gated.mqtt import Incoming
+    from gated.siteport import Site
 
 
 class Verdicts:
@@ -17,7 +17,7 @@ class Verdicts:
     ``…/<id>/error`` (``…/<id>/error/<site>`` under the fleet prefix), cleared by an
     empty retained message once a good version lands."""
 
-    def __init__(self, bridge: Bridge, kind: str) -> None:
+    def __init__(self, bridge: Site, kind: str) -> None:
         self.bridge = bridge
         self.kind = kind
         self._errors: set[tuple[str, str]] = set()  # retained refusals on the broker

@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from gated.codes import CodeBook, Credential
+from gated.codes import CodeBook
+from gated.credential import Credential
 from gated.errors import GatedError
 from gated.store import VisitorRow
 

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from gated import bookfile, codeset, compiler, sitekey
 from gated import config as config_mod
-from gated.codes import RECORD, TOTP_RECORD, Credential, StaticCodes, as_u64
+from gated.codes import RECORD, TOTP_RECORD, StaticCodes, as_u64
 from gated.codeset import Entry, SetError, SetPolicy
+from gated.credential import Credential
 from tests.helpers import config_text
 
 Sections = dict[str, bytearray]

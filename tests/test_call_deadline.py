@@ -18,9 +18,8 @@ from gated.app import make_app
 from gated.clock import SystemClock
 from gated.deadline import Deadline
 from gated.decide import Ledger, Status
-from gated.gatekeeper import Gatekeeper, RawCall
+from gated.gatekeeper import Answer, Gatekeeper, RawCall
 from gated.lockout import Policy
-from gated.pbx import Answer
 from gated.store import Store, read_entries
 
 from .helpers import BARRIER, RESIDENT, SINGLE_USE, TOKEN, FakeActuator, write_config

@@ -13,8 +13,9 @@ from gated.codes import CodeBook
 from gated.decide import Changes, Decision, Ledger, Request, Status, decide
 from gated.errors import ConfigError, NumberError
 from gated.lockout import Policy
+from gated.managed import parse_route
 from gated.numbers import normalise
-from gated.routes import Normaliser, parse_managed
+from gated.routes import Normaliser
 
 from .helpers import BARRIER, DOOR, RESIDENT, TOKEN, config_text, local
 
@@ -89,7 +90,7 @@ def book(tmp_path: Path) -> CodeBook:
     config = compiler.load(path).config
     for route_id, callers in (("zz", ["+31401234567", "+31201234567"]), ("aa", ["+31401234567"])):
         body = f'{{"callers": {callers!r}, "destination": "mqtt-{route_id}"}}'.replace("'", '"')
-        book.routes.put(parse_managed("site", route_id, body.encode(), config).route)
+        book.routes.put(parse_route("site", route_id, body.encode(), config).route)
     return book
 
 
@@ -492,8 +493,8 @@ def test_a_route_over_mqtt_answers_only_on_numbers_the_sites_file_gives_it(
     message = json.dumps({"callers": ["+3120*"], "numbers": numbers,
                           "destination": "+31501234510"}).encode()
     if refused is None:
-        route = parse_managed("fleet", "r", message, config).route
+        route = parse_route("fleet", "r", message, config).route
         assert route.numbers == frozenset(normalise(n, "NL") for n in numbers)
     else:
         with pytest.raises(RouteError, match=rf"^{re.escape(refused)}: "):
-            parse_managed("fleet", "r", message, config)
+            parse_route("fleet", "r", message, config)

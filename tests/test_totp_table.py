@@ -8,7 +8,8 @@ import pyotp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gated.codes import TOTP_WINDOW, Credential, TotpTable, TotpUser
+from gated.codes import TOTP_WINDOW, TotpTable, TotpUser
+from gated.credential import Credential
 
 secrets = st.binary(min_size=20, max_size=40).map(lambda b: base64.b32encode(b).decode())
 

@@ -1,4 +1,5 @@
-"""The Actuator port and the one mapping from a config ``type`` to an adapter.
+"""The actuators (adapters of ``gated.ports.Actuator``) and the one mapping from a config
+``type`` to an adapter.
 
 A backend is chosen by name and never silently replaced: a ``gpio`` gate on a
 machine with no GPIO fails at start instead of quietly running on mock pins.
@@ -6,7 +7,7 @@ machine with no GPIO fails at start instead of quietly running on mock pins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from gated.config import (
     ActuatorConfig,
@@ -16,24 +17,10 @@ from gated.config import (
     MqttActuatorConfig,
 )
 from gated.errors import ActuatorError
+from gated.ports import Actuator
 
 if TYPE_CHECKING:
     from gated.mqtt import MqttLink
-
-
-@runtime_checkable
-class Actuator(Protocol):
-    """Opens one gate. ``open`` returns once the command is issued."""
-
-    gate: str
-
-    async def open(self) -> str:
-        """Issue the open command; return a short result word, raise ActuatorError."""
-        ...
-
-    async def close(self) -> None:
-        """Leave the actuator safe (relay off) and release it."""
-        ...
 
 
 def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,

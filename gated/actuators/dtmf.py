@@ -17,6 +17,7 @@ class DtmfActuator:
     def __init__(self, gate: str, config: DtmfActuatorConfig) -> None:
         self.gate = gate
         self.digits = config.digits
+        self.tones = config.digits
         self._closed = False
 
     async def open(self) -> str:

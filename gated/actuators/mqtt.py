@@ -41,6 +41,7 @@ log = structlog.get_logger("gated.actuator.mqtt")
 class MqttActuator:
     def __init__(self, gate: str, config: MqttActuatorConfig, link: MqttLink) -> None:
         self.gate = gate
+        self.tones = ""
         self.config = config
         self.link = link
         self._waiters: set[asyncio.Future[None]] = set()

@@ -28,6 +28,7 @@ OFF_ATTEMPTS = 5
 class RelayActuator:
     def __init__(self, gate: str, device: OutputDevice, pulse: float) -> None:
         self.gate = gate
+        self.tones = ""
         self.pulse = pulse
         self._device = device
         self._lock = threading.Lock()

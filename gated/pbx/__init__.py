@@ -8,19 +8,12 @@ below this package knows which PBX asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gated.decide import Status
+from aiohttp import web
 
+if TYPE_CHECKING:
+    from gated.gatekeeper import Gatekeeper
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What the gatekeeper answers a call, in no PBX's format."""
-
-    status: Status
-    reason: str
-    callername: str = ""
-    destination: str = ""
-    tones: str = ""  # digits the call plays to open the gate (a call box), never typed ones
-    # Nothing admits the call without a code and nothing was recorded: ask for one.
-    wants_code: bool = False
+# The gatekeeper every adapter hands its call to (set by gated.app).
+GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")

@@ -33,11 +33,10 @@ from aiohttp import web
 
 from gated.config import TwimlConfig
 from gated.decide import Status
-from gated.gatekeeper import Gatekeeper, RawCall
-from gated.keys import GATEKEEPER, TWIML, WEBHOOK
+from gated.gatekeeper import Answer, Gatekeeper, RawCall
 from gated.numbers import normalise
-from gated.pbx import Answer
-from gated.pbx.voipgrid import gone, read_form
+from gated.pbx import GATEKEEPER
+from gated.pbx.voipgrid import WEBHOOK, gone, read_form
 from gated.sockets import waited
 
 log = structlog.get_logger("gated.twiml")
@@ -107,6 +106,9 @@ class LiveTwiml:
 
     def __init__(self, current: TwimlSettings) -> None:
         self.current = current
+
+
+TWIML: web.AppKey[LiveTwiml] = web.AppKey("twiml")
 
 
 # -- the answers -------------------------------------------------------------------------

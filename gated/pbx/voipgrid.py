@@ -23,9 +23,8 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from gated.decide import Status
-from gated.gatekeeper import Gatekeeper, RawCall
-from gated.keys import GATEKEEPER, WEBHOOK
-from gated.pbx import Answer
+from gated.gatekeeper import Answer, Gatekeeper, RawCall
+from gated.pbx import GATEKEEPER
 from gated.sockets import waited
 
 log = structlog.get_logger("gated.webhook")
@@ -145,6 +144,10 @@ class LiveSettings:
         current = self.current
         return current.proxy(address) or (bool(current.allow_from)
                                            and current.client_ok(address))
+
+
+# The webhook's settings now (tokens and allow_from change on reload).
+WEBHOOK: web.AppKey[LiveSettings] = web.AppKey("webhook")
 
 
 def _text(response: str, status: int = 200) -> web.Response:
