@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gated.config import ServerConfig, TwimlConfig
-from gated.gatekeeper import Gatekeeper
+from gated.book.config import ServerConfig, TwimlConfig
 from gated.pbx import GATEKEEPER
-from gated.pbx.voipgrid import WEBHOOK, LiveSettings, WebhookSettings, voipgrid
-from gated.sockets import name_no_server
+from gated.pbx.voipgrid import WEBHOOK, LiveSettings, voipgrid, webhook_settings
+from gated.site.gatekeeper import Gatekeeper
+from gated.site.sockets import name_no_server
 
 # What a PBX request needs, with room to spare; anything larger is not a PBX.
 # (client_max_size, from [server] max_body, bounds the body.)
@@ -31,8 +31,3 @@ def make_app(gatekeeper: Gatekeeper, server: ServerConfig, twiml: TwimlConfig | 
         app.router.add_route("POST", settings.path, twiml_pbx.incoming)
         app.router.add_route("POST", f"{settings.path}/code", twiml_pbx.digits)
     return app
-
-
-def webhook_settings(server: ServerConfig) -> WebhookSettings:
-    return WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
-                                 server.answer_deadline, server.trusted_proxies)

@@ -19,17 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gated import __version__, compiler, manage
-from gated import config as config_mod
+from gated import __version__
 from gated import forward as forwards
-from gated.console import parse_since, print_table
-from gated.errors import ActuatorError, ConfigError, GatedError, StoreError
-from gated.forward import commands as forward_commands
+from gated.book import compiler
+from gated.book import config as config_mod
+from gated.commands import codes as manage
+from gated.commands import forwards as forward_commands
+from gated.core.console import parse_since, print_table
+from gated.core.errors import ActuatorError, ConfigError, GatedError, StoreError
+from gated.core.printable import printable
 from gated.pbx.voipgrid import WHAT_THE_DIAL_PLAN_DOES, parse_body
-from gated.printable import printable
 
 if TYPE_CHECKING:
-    from gated.store import Entry
+    from gated.site.store import Entry
 
 
 def _writable_cwd(loaded: compiler.Loaded) -> None:
@@ -47,9 +49,9 @@ def _writable_cwd(loaded: compiler.Loaded) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gated import logs
     from gated.daemon import Daemon, claim_state, long_lived
-    from gated.heap import release_memory
+    from gated.site import logs
+    from gated.site.heap import release_memory
 
     state = claim_state(args.config)
     with long_lived():
@@ -119,8 +121,8 @@ def routes_summary(loaded: compiler.Loaded) -> str:
 
 def guessing_summary(loaded: compiler.Loaded) -> str:
     """What the lockout bounds a guesser to, against these codes."""
+    from gated.core.lockout import guesses_per_year, hit_chance
     from gated.daemon import policy
-    from gated.lockout import guesses_per_year, hit_chance
 
     lengths = [len(c.code) for c in loaded.config.codes if c.code and c.gates]
     lengths += [t.digits for t in loaded.config.totp]
@@ -196,8 +198,8 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 def _explain(loaded: compiler.Loaded, args: argparse.Namespace, since: float) -> None:
     """Why, from this call's entry in the local store (when this user can read it)."""
-    from gated.numbers import normalise
-    from gated.store import read_entries
+    from gated.core.numbers import normalise
+    from gated.site.store import read_entries
 
     try:
         did = normalise(args.to or None, loaded.config.site.region)
@@ -224,7 +226,7 @@ def _printable(entry: Entry) -> Entry:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from gated.store import entries_to_json, read_entries
+    from gated.site.store import entries_to_json, read_entries
 
     tz: dt.tzinfo | None = None  # the machine's zone when only a store is given
     if args.db:
@@ -255,7 +257,8 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_pulse(args: argparse.Namespace) -> int:
-    from gated import actuators, statelock
+    from gated import actuators
+    from gated.site import statelock
 
     loaded = compiler.load(args.config)
     gate = loaded.config.gates.get(args.gate)
@@ -278,7 +281,7 @@ def cmd_pulse(args: argparse.Namespace) -> int:
         if gate.sensor is not None:
             # On the bench the sensor matters as much as the relay: the result
             # says confirmed, or the error says the gate did not move.
-            from gated.sensor import ConfirmingActuator, GateSensor
+            from gated.site.sensor import ConfirmingActuator, GateSensor
 
             sensor = GateSensor.create(args.gate, gate.sensor, mock_factory=None,
                                        on_alarm=lambda *_: None)
@@ -300,7 +303,7 @@ def cmd_pulse(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from gated import doctor
+    from gated.commands import doctor
 
     path = args.config or config_mod.default_path()
     print(f"gated doctor: {path}")

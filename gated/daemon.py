@@ -27,31 +27,33 @@ import structlog
 from aiohttp import web
 
 from gated import actuators as actuator_port
-from gated import alarms, compiler, forward, statelock, visitors
-from gated import config as config_mod
-from gated.app import REQUEST_LIMITS, make_app, webhook_settings
-from gated.clock import Clock, SystemClock
-from gated.compiler import Loaded
-from gated.config import ServerConfig, split_listen
-from gated.errors import ConfigError, GatedError, StoreError
-from gated.gatekeeper import Gatekeeper
-from gated.heap import release_memory
-from gated.lockout import SITE, Policy
-from gated.notify import notify, watchdog_interval
+from gated import forward
+from gated.app import REQUEST_LIMITS, make_app
+from gated.book import compiler
+from gated.book import config as config_mod
+from gated.book.compiler import Loaded
+from gated.book.config import ServerConfig, split_listen
+from gated.core.clock import Clock, SystemClock
+from gated.core.errors import ConfigError, GatedError, StoreError
+from gated.core.lockout import SITE, Policy
 from gated.pbx.twiml import TWIML, LiveTwiml, TwimlSettings
-from gated.pbx.voipgrid import WEBHOOK, LiveSettings
-from gated.ports import Actuator
-from gated.sensor import ConfirmingActuator, GateSensor
-from gated.sockets import CappedSite
-from gated.store import Entry, Store, data_version, load_visitors, prune_visitors
+from gated.pbx.voipgrid import WEBHOOK, LiveSettings, webhook_settings
+from gated.site import alarms, statelock, visitors
+from gated.site.gatekeeper import Gatekeeper
+from gated.site.heap import release_memory
+from gated.site.notify import notify, watchdog_interval
+from gated.site.ports import Actuator
+from gated.site.sensor import ConfirmingActuator, GateSensor
+from gated.site.sockets import CappedSite
+from gated.site.store import Entry, Store, data_version, load_visitors, prune_visitors
 
 if TYPE_CHECKING:
     # Loaded only on sites that use them: a site without a broker or metrics
     # does not carry paho and prometheus_client (~2.7 MB) in its memory.
-    from gated.bridge import Bridge
-    from gated.codes import CodeBook
-    from gated.metrics import Metrics
-    from gated.mqtt import MqttLink
+    from gated.book.codes import CodeBook
+    from gated.mqtt.bridge import Bridge
+    from gated.mqtt.link import MqttLink
+    from gated.site.metrics import Metrics
 
 # A reload compiled here (not in the child) checks the forwards too.
 config_mod.add_check(forward.check)
@@ -155,8 +157,9 @@ class Daemon:
             gatekeeper = Gatekeeper(self.loaded.book, ledger, built, store, self.clock,
                                     deadline=config.server.answer_deadline)
             if link is not None:
-                from gated import setchannel, signing
-                from gated.bridge import Bridge
+                from gated.book import signing
+                from gated.mqtt import setchannel
+                from gated.mqtt.bridge import Bridge
 
                 fleet = config.mqtt is not None and config.mqtt.fleet_prefix is not None
                 bridge = self.bridge = Bridge(
@@ -199,7 +202,7 @@ class Daemon:
             forwarder = make_forwarder(self.loaded, gatekeeper.store, self.clock)
         metrics_runner: web.AppRunner | None = None
         if config.metrics is not None:
-            from gated.metrics import Metrics, make_metrics_app
+            from gated.site.metrics import Metrics, make_metrics_app
 
             metrics = self.metrics = Metrics(mqtt=config.mqtt is not None)
             gatekeeper.listeners.append(metrics.entry)
@@ -516,7 +519,7 @@ def make_link(loaded: Loaded) -> MqttLink | None:
     mqtt = config.mqtt
     if mqtt is None:
         return None
-    from gated.mqtt import MqttLink
+    from gated.mqtt.link import MqttLink
 
     return MqttLink(mqtt, prefix=config.mqtt_prefix, client_id=mqtt.client_id or
                     f"gated-{config.site.id}", ca_file=loaded.mqtt_ca_file)

@@ -27,7 +27,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gated.store import read_entries
+from gated.site.store import read_entries
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 

@@ -11,7 +11,7 @@ from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 from hypothesis import settings
 
-from gated import compiler
+from gated.book import compiler
 from gated.daemon import Daemon
 
 from .broker import Mosquitto, Probe

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gated.errors import ActuatorError
+from gated.core.errors import ActuatorError
 
 TOKEN = "test-token-0123456789"
 BARRIER = "+31501234567"

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import msgspec
 
-from gated import codeset, setstaff, signing, sitekey
-from gated.setstaff import SetKeys
+from gated.book import codeset, signing, sitekey
+from gated.commands import sets as setstaff
+from gated.commands.sets import SetKeys
 
 
 def make_keys(hmac_path: Path, base: str, scope: setstaff.Scope = "fleet") -> SetKeys:

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gated import bookfile, codeset, compiler, sitekey
-from gated import config as config_mod
-from gated.codes import RECORD, TOTP_RECORD, StaticCodes, as_u64
-from gated.codeset import Entry, SetError, SetPolicy
-from gated.credential import Credential
+from gated.book import bookfile, codeset, compiler, sitekey
+from gated.book import config as config_mod
+from gated.book.codes import RECORD, TOTP_RECORD, StaticCodes, as_u64
+from gated.book.codeset import Entry, SetError, SetPolicy
+from gated.core.credential import Credential
 from tests.helpers import config_text
 
 Sections = dict[str, bytearray]

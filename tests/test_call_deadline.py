@@ -13,14 +13,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gated import compiler
 from gated.app import make_app
-from gated.clock import SystemClock
-from gated.deadline import Deadline
-from gated.decide import Ledger, Status
-from gated.gatekeeper import Answer, Gatekeeper, RawCall
-from gated.lockout import Policy
-from gated.store import Store, read_entries
+from gated.book import compiler
+from gated.core.clock import SystemClock
+from gated.core.deadline import Deadline
+from gated.core.decide import Ledger, Status
+from gated.core.lockout import Policy
+from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
+from gated.site.store import Store, read_entries
 
 from .helpers import BARRIER, RESIDENT, SINGLE_USE, TOKEN, FakeActuator, write_config
 

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gated.cli import main
-from gated.console import parse_since
+from gated.core.console import parse_since
 
 from .helpers import AMS, BARRIER, TOKEN, write_config
 

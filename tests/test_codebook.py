@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from gated import bookfile, compiler, sitekey
-from gated import config as config_mod
-from gated.decide import Ledger, Request, decide
-from gated.lockout import Policy
+from gated.book import bookfile, compiler, sitekey
+from gated.book import config as config_mod
+from gated.core.decide import Ledger, Request, decide
+from gated.core.lockout import Policy
 from tests.helpers import BARRIER, FakeClock, config_text, write_config
 from tests.test_book_check import rebuilt, sections_of, set_record
 
@@ -94,7 +94,7 @@ def _book_file(tmp_path: Path) -> Path:
 # answers, it answered from the compiled book.
 NO_TOML = """
 import json, sys
-from gated import compiler, config
+from gated.book import compiler, config
 class Refuse:
     TOMLDecodeError = ValueError
     def loads(self, text):

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gated.cli import main
-from gated.store import read_entries
+from gated.site.store import read_entries
 
 from .helpers import BARRIER, SINGLE_USE, TOKEN, config_text
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from gated import bookfile, codeset, sitekey
-from gated.codeset import Assembly, Entry, Manifest, SetError, SetPolicy
+from gated.book import bookfile, codeset, sitekey
+from gated.book.codeset import Assembly, Entry, Manifest, SetError, SetPolicy
 
 
 def manifest_of(data: bytes, **fields: object) -> Manifest:

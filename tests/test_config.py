@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from gated import compiler
-from gated.config import GpioActuatorConfig, MockActuatorConfig
-from gated.errors import ConfigError
+from gated.book import compiler
+from gated.book.config import GpioActuatorConfig, MockActuatorConfig
+from gated.core.errors import ConfigError
 
 from .helpers import config_text
 

@@ -1,4 +1,4 @@
-"""Reading a CSV file of codes for ``gated codes import``: gated/csvcodes.py."""
+"""Reading a CSV file of codes for ``gated codes import``: gated/book/csvcodes.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from gated import cli, config, csvcodes, staff
-from gated.config import Config
-from gated.errors import GatedError
-from gated.managed import ID_RE, Scope
+from gated import cli
+from gated.book import config, csvcodes
+from gated.book.config import Config
+from gated.book.messages import ID_RE, Scope
+from gated.commands import brokercodes as staff
+from gated.core.errors import GatedError
 
 from .helpers import config_text
 

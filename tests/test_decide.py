@@ -7,10 +7,10 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from gated import compiler
-from gated.codes import CodeBook
-from gated.decide import Changes, Decision, Ledger, Request, Status, decide, staleness
-from gated.lockout import Policy
+from gated.book import compiler
+from gated.book.codes import CodeBook
+from gated.core.decide import Changes, Decision, Ledger, Request, Status, decide, staleness
+from gated.core.lockout import Policy
 
 from .helpers import BARRIER, DOOR, RESIDENT, config_text, local
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yarl
 
-from gated import errors
-from gated.decide import GUESS_REASONS, ROUTED, STALE, STORE_FAILING
+from gated.core import errors
+from gated.core.decide import GUESS_REASONS, ROUTED, STALE, STORE_FAILING
 
 from .helpers import BARRIER, TOKEN
 

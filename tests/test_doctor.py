@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gated import codeset, compiler, doctor, signing, sitekey
-from gated import config as config_mod
+from gated.book import codeset, compiler, signing, sitekey
+from gated.book import config as config_mod
 from gated.cli import main
+from gated.commands import doctor
 from gated.daemon import Daemon
 
 from .helpers import config_text
@@ -176,7 +177,7 @@ def test_doctor_asks_a_3_1_1_site_for_the_brokers_message_size_limit(
         mosquitto: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """MQTT 3.1.1 cannot bound what the broker sends: doctor gives the broker's setting;
     with MQTT 5 it says the connection itself bounds it."""
-    from gated.mqtt import MAX_PAYLOAD
+    from gated.mqtt.link import MAX_PAYLOAD
 
     table = f'[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto}\n'
     main(["--config", str(site_config(tmp_path, table + 'protocol = "3.1.1"\n')), "doctor"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gated.logs import iso_utc
+from gated.site.logs import iso_utc
 
 from .helpers import BARRIER, write_config
 
@@ -23,13 +23,14 @@ import asyncio, io, json, sys
 import structlog
 from gpiozero.pins.mock import MockFactory
 from structlog.testing import capture_logs
-from gated import compiler, logs
+from gated.book import compiler
+from gated.site import logs
 from gated.actuators import build
-from gated.clock import SystemClock
-from gated.decide import Ledger
-from gated.gatekeeper import Gatekeeper, RawCall
-from gated.lockout import Policy
-from gated.store import Store
+from gated.core.clock import SystemClock
+from gated.core.decide import Ledger
+from gated.site.gatekeeper import Gatekeeper, RawCall
+from gated.core.lockout import Policy
+from gated.site.store import Store
 
 out, sys.stdout = sys.stdout, io.StringIO()
 logs.configure({fmt!r}, {level!r})

@@ -13,11 +13,13 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from gated import codeset, setchannel, setstaff, sitekey
-from gated.codeset import Entry, SetPolicy
-from gated.config import MqttConfig
-from gated.mqtt import connect
-from gated.setstaff import SetKeys
+from gated.book import codeset, sitekey
+from gated.book.codeset import Entry, SetPolicy
+from gated.book.config import MqttConfig
+from gated.commands import sets as setstaff
+from gated.commands.sets import SetKeys
+from gated.mqtt import setchannel
+from gated.mqtt.link import connect
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, config_text

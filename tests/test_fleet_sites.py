@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gated import codeset, setstaff, signing, sitekey
-from gated.codeset import Entry, SetPolicy
-from gated.config import MqttConfig
-from gated.mqtt import connect
-from gated.setstaff import SetKeys
+from gated.book import codeset, signing, sitekey
+from gated.book.codeset import Entry, SetPolicy
+from gated.book.config import MqttConfig
+from gated.commands import sets as setstaff
+from gated.commands.sets import SetKeys
+from gated.mqtt.link import connect
 
 from .broker import Mosquitto, eventually
 from .fleet import FLEET, Fleet

@@ -19,9 +19,9 @@ import stamina
 from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
-from gated import compiler, sitekey
+from gated.book import compiler, sitekey
 from gated.cli import main
-from gated.errors import ConfigError
+from gated.core.errors import ConfigError
 from gated.forward.endpoints import pseudonym
 
 from .forwarding import (

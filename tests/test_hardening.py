@@ -23,16 +23,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gated import compiler, sitekey
 from gated import daemon as daemon_mod
+from gated.book import compiler, sitekey
 from gated.cli import main
-from gated.clock import SystemClock
+from gated.core.clock import SystemClock
+from gated.core.decide import Status
+from gated.core.errors import ConfigError
 from gated.daemon import Daemon
-from gated.decide import Status
-from gated.errors import ConfigError
-from gated.gatekeeper import Gatekeeper, RawCall
 from gated.pbx.voipgrid import WebhookSettings
-from gated.store import BUFFER_LIMIT, Store, read_entries
+from gated.site.gatekeeper import Gatekeeper, RawCall
+from gated.site.store import BUFFER_LIMIT, Store, read_entries
 
 from .helpers import (
     BARRIER,

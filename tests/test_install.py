@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import compiler
+from gated.book import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "systemd" / "install.sh"

@@ -7,8 +7,8 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from gated.lockout import SITE, Lockout, Policy, guesses_per_year, hit_chance
-from gated.store import read_entries
+from gated.core.lockout import SITE, Lockout, Policy, guesses_per_year, hit_chance
+from gated.site.store import read_entries
 
 from .helpers import BARRIER, RESIDENT, FakeClock
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gated.metrics import Metrics
-from gated.store import connect
+from gated.site.metrics import Metrics
+from gated.site.store import connect
 
 from .helpers import BARRIER, DOOR, RESIDENT, FakeActuator
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from gated.actuators.mqtt import MqttActuator
-from gated.config import MqttActuatorConfig
+from gated.book.config import MqttActuatorConfig
 
 from .broker import (
     LIFT,

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gated import setstaff
-from gated.compiler import parse
-from gated.config import MqttConfig
-from gated.errors import ConfigError
-from gated.managed import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
-from gated.managed import parse as parse_code
-from gated.mqtt import connect
-from gated.store import MIGRATIONS, SCHEMA_VERSION, Store
+from gated.book.compiler import parse
+from gated.book.config import MqttConfig
+from gated.book.messages import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
+from gated.book.messages import parse as parse_code
+from gated.commands import sets as setstaff
+from gated.core.errors import ConfigError
+from gated.mqtt.link import connect
+from gated.site.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 from .broker import Mosquitto, Probe, entries, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, DOOR, FakeClock, config_text
@@ -276,7 +276,7 @@ async def test_codes_changed_while_a_reload_builds_its_book_are_in_the_new_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The reload compiles the managed codes for the new book in a thread; a code
     changed, withdrawn or added meanwhile is as the broker says after the swap."""
-    from gated import bridge as bridge_mod
+    from gated.mqtt import bridge as bridge_mod
 
     await probe.subscribe(ERRORS)
     running = await start_daemon(mqtt_table(broker))

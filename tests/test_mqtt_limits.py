@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gated.mqtt import MAX_PACKET, MAX_PAYLOAD
+from gated.mqtt.link import MAX_PACKET, MAX_PAYLOAD
 
 from .broker import Mosquitto, Probe, mqtt_ready, mqtt_table
 from .helpers import write_config

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gated.compiler import parse
-from gated.errors import BrokerUnavailable, ConfigError
-from gated.mqtt import MqttLink, backoff
+from gated.book.compiler import parse
+from gated.core.errors import BrokerUnavailable, ConfigError
+from gated.mqtt.link import MqttLink, backoff
 
 from .broker import Mosquitto, Probe, eventually, lift_gate, mqtt_table
 from .helpers import config_text, write_config

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gated.errors import NumberError
-from gated.numbers import normalise
+from gated.core.errors import NumberError
+from gated.core.numbers import normalise
 
 
 @pytest.mark.parametrize(

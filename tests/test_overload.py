@@ -19,11 +19,11 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from gated.config import ServerConfig
-from gated.gatekeeper import RawCall
-from gated.logs import LibraryRecords
-from gated.sockets import FILES_RESERVED
-from gated.store import read_entries
+from gated.book.config import ServerConfig
+from gated.site.gatekeeper import RawCall
+from gated.site.logs import LibraryRecords
+from gated.site.sockets import FILES_RESERVED
+from gated.site.store import read_entries
 
 from .helpers import BARRIER, TOKEN, FakeActuator, FakeClock, write_config
 from .process import DaemonProcess, free_port

@@ -153,7 +153,7 @@ async def test_second_daemon_on_the_same_port_never_says_the_first_is_offline(
 
 SHOW_EXCEPTION = """
 import structlog
-from gated import logs
+from gated.site import logs
 logs.configure("{fmt}", "info")
 
 def handler(code="471123", token="test-token-0123456789"):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from gated import compiler
-from gated.clock import SystemClock
-from gated.decide import Ledger, Status
-from gated.gatekeeper import Gatekeeper, RawCall
-from gated.lockout import Policy
-from gated.store import Store, _Pending, read_entries
+from gated.book import compiler
+from gated.core.clock import SystemClock
+from gated.core.decide import Ledger, Status
+from gated.core.lockout import Policy
+from gated.site.gatekeeper import Gatekeeper, RawCall
+from gated.site.store import Store, _Pending, read_entries
 
 from .helpers import BARRIER, RESIDENT, FakeActuator, write_config
 

@@ -9,8 +9,8 @@ from structlog.testing import capture_logs
 
 from gated.actuators import build
 from gated.actuators.relay import RelayActuator
-from gated.config import GpioActuatorConfig, MockActuatorConfig
-from gated.errors import ActuatorError
+from gated.book.config import GpioActuatorConfig, MockActuatorConfig
+from gated.core.errors import ActuatorError
 
 
 def states(pin: object) -> list[bool]:

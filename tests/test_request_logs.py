@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gated.cli import main
-from gated.store import INSERT_ENTRY, Entry, read_entries
+from gated.site.store import INSERT_ENTRY, Entry, read_entries
 
 from .helpers import BARRIER, TOKEN, write_config
 from .process import DaemonProcess, free_port
@@ -74,7 +74,7 @@ NO_LOGGER_PRINTS_IT = """
 import asyncio, logging, socket
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
-from gated import logs
+from gated.site import logs
 
 logs.configure("{fmt}", "debug")
 # Every logger at its most talkative: debug records, the access log switched back on.

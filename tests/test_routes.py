@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from gated import compiler
-from gated.codes import CodeBook
-from gated.decide import Changes, Decision, Ledger, Request, Status, decide
-from gated.errors import ConfigError, NumberError
-from gated.lockout import Policy
-from gated.managed import parse_route
-from gated.numbers import normalise
-from gated.routes import Normaliser
+from gated.book import compiler
+from gated.book.codes import CodeBook
+from gated.book.messages import parse_route
+from gated.book.routes import Normaliser
+from gated.core.decide import Changes, Decision, Ledger, Request, Status, decide
+from gated.core.errors import ConfigError, NumberError
+from gated.core.lockout import Policy
+from gated.core.numbers import normalise
 
 from .helpers import BARRIER, DOOR, RESIDENT, TOKEN, config_text, local
 
@@ -486,7 +486,7 @@ def test_a_route_over_mqtt_answers_only_on_numbers_the_sites_file_gives_it(
     a number of neither: that would make it a line the file does not have."""
     import json
 
-    from gated.routes import RouteError
+    from gated.book.routes import RouteError
 
     (tmp_path / "accounts.csv").write_text(CSV)
     config = compiler.load(write(tmp_path, ROUTES)).config

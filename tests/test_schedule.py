@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gated.schedule import DAYS, ScheduleError, parse_schedule, parse_window
+from gated.core.schedule import DAYS, ScheduleError, parse_schedule, parse_window
 
 MONDAY = dt.datetime(2026, 11, 23)  # a Monday
 

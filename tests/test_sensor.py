@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gated import compiler
+from gated.book import compiler
 from gated.cli import main
-from gated.errors import ConfigError
-from gated.store import Entry, read_entries
+from gated.core.errors import ConfigError
+from gated.site.store import Entry, read_entries
 
 from .helpers import BARRIER, RESIDENT, config_text, write_config
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gated import setchannel
 from gated.cli import main
+from gated.mqtt import setchannel
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER

@@ -19,12 +19,11 @@ import pytest
 
 # Loaded before any fork: the child that is nobody may not read this checkout
 # (nor, here, the interpreter's own library).
-import gated.actuators.relay
-import gated.daemon
-import gated.logs  # noqa: F401
-from gated import doctor, sitekey, statelock
+from gated.book import sitekey
 from gated.cli import main
-from gated.store import Store, connect, migrate
+from gated.commands import doctor
+from gated.site import statelock
+from gated.site.store import Store, connect, migrate
 
 from .helpers import config_text
 
@@ -250,7 +249,7 @@ def _compile(site: Path) -> tuple[int, str]:
     import contextlib
     import io
 
-    from gated import compiler
+    from gated.book import compiler
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -286,7 +285,7 @@ def test_a_symlink_in_the_state_dir_is_never_written_through(
 def test_state_files_are_private_whatever_the_old_ones_were(site: Path) -> None:
     """A state file replaced as root (the compiled book) comes out 0600 and the state
     directory owner's, even where the old one was another's and readable by all."""
-    from gated import compiler
+    from gated.book import compiler
 
     book = site / "state" / "entries.sqlite3.book"
     book.write_bytes(b"old")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from gated import lockout as lockout_mod
-from gated.decide import Changes, Ledger, Request, nak
-from gated.errors import StoreError
-from gated.lockout import SITE, Policy, Strikes
-from gated.store import MIGRATIONS, SCHEMA_VERSION, Entry, Store, read_entries
+from gated.core import lockout as lockout_mod
+from gated.core.decide import Changes, Ledger, Request, nak
+from gated.core.errors import StoreError
+from gated.core.lockout import SITE, Policy, Strikes
+from gated.site.store import MIGRATIONS, SCHEMA_VERSION, Entry, Store, read_entries
 
 
 def entry(n: int, gate: str = "barrier") -> Entry:

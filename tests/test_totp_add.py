@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import compiler
+from gated.book import compiler
 from gated.cli import main
 
 from .helpers import write_config
@@ -107,7 +107,7 @@ def test_a_held_lock_refuses_in_one_line(tmp_path: Path, monkeypatch: pytest.Mon
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A lock left by another command (or a killed one) is waited on briefly, then
     named, with the file untouched."""
-    from gated import files
+    from gated.book import files
 
     config = write_config(tmp_path)
     before = config.read_bytes()

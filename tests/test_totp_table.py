@@ -8,8 +8,8 @@ import pyotp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gated.codes import TOTP_WINDOW, TotpTable, TotpUser
-from gated.credential import Credential
+from gated.book.codes import TOTP_WINDOW, TotpTable, TotpUser
+from gated.core.credential import Credential
 
 secrets = st.binary(min_size=20, max_size=40).map(lambda b: base64.b32encode(b).decode())
 
@@ -65,8 +65,8 @@ def test_the_table_holds_every_code_of_the_window_as_the_steps_move(
 def test_a_step_holds_keyed_digests_not_codes() -> None:
     """A step's table is searched by the keyed digest of what was typed, as static codes
     are: where a guess lands in it says nothing of how close its digits were."""
-    from gated import sitekey
-    from gated.codes import digest_prefix
+    from gated.book import sitekey
+    from gated.book.codes import digest_prefix
 
     users = [user(base64.b32encode(bytes([i]) * 20).decode(), name=f"u{i}") for i in range(50)]
     table = TotpTable(users=users, period=30)

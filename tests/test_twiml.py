@@ -21,10 +21,10 @@ import pytest
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
-from gated import compiler
+from gated.book import compiler
 from gated.cli import main
-from gated.errors import ConfigError
-from gated.store import MIGRATIONS, SCHEMA_VERSION, Store, read_entries
+from gated.core.errors import ConfigError
+from gated.site.store import MIGRATIONS, SCHEMA_VERSION, Store, read_entries
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table, open_payload
 from .helpers import BARRIER, RESIDENT, TOKEN, FakeActuator, config_text, write_config
@@ -512,9 +512,9 @@ async def test_the_calls_a_site_remembers_are_bounded(tmp_path: Path,
     """A call is remembered two days (Twilio ends every call within one), and at most
     MAX_CALLS of them, oldest forgotten first, in memory and in the store file alike; a
     forgotten call's digits still open nothing, for it was never asked here since."""
-    from gated import decide as decide_mod
-    from gated.decide import KEEP_CALLS, Request, decide
-    from gated.lockout import Policy
+    from gated.core import decide as decide_mod
+    from gated.core.decide import KEEP_CALLS, Request, decide
+    from gated.core.lockout import Policy
 
     monkeypatch.setattr(decide_mod, "MAX_CALLS", 3)
     book = compiler.load(write_config(tmp_path, twiml_table())).book

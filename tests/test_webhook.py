@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gated.store import read_entries
+from gated.site.store import read_entries
 
 from .helpers import BARRIER, DOOR, RESIDENT, TOKEN, FakeActuator
 

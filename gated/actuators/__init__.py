@@ -1,4 +1,4 @@
-"""The actuators (adapters of ``gated.ports.Actuator``) and the one mapping from a config
+"""The actuators (adapters of ``gated.site.ports.Actuator``) and the one mapping from a config
 ``type`` to an adapter.
 
 A backend is chosen by name and never silently replaced: a ``gpio`` gate on a
@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gated.config import (
+from gated.book.config import (
     ActuatorConfig,
     DtmfActuatorConfig,
     GpioActuatorConfig,
     MockActuatorConfig,
     MqttActuatorConfig,
 )
-from gated.errors import ActuatorError
-from gated.ports import Actuator
+from gated.core.errors import ActuatorError
+from gated.site.ports import Actuator
 
 if TYPE_CHECKING:
-    from gated.mqtt import MqttLink
+    from gated.mqtt.link import MqttLink
 
 
 def build(gate: str, config: ActuatorConfig, *, mock_factory: Any = None,

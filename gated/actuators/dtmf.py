@@ -9,8 +9,8 @@ play tones (a TwiML call) gets it.
 
 from __future__ import annotations
 
-from gated.config import DtmfActuatorConfig
-from gated.errors import ActuatorError
+from gated.book.config import DtmfActuatorConfig
+from gated.core.errors import ActuatorError
 
 
 class DtmfActuator:

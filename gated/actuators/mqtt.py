@@ -26,14 +26,14 @@ from typing import Any
 import msgspec
 import structlog
 
-from gated.config import MqttActuatorConfig
-from gated.errors import (
+from gated.book.config import MqttActuatorConfig
+from gated.core.errors import (
     ActuatorTimeout,
     ActuatorUnreachable,
     BrokerTimeout,
     BrokerUnavailable,
 )
-from gated.mqtt import Incoming, MqttLink
+from gated.mqtt.link import Incoming, MqttLink
 
 log = structlog.get_logger("gated.actuator.mqtt")
 

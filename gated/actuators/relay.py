@@ -16,9 +16,9 @@ import structlog
 from gpiozero import GPIOZeroError, OutputDevice
 from gpiozero.pins.mock import MockFactory
 
-from gated import alarms
-from gated.config import GpioActuatorConfig, MockActuatorConfig
-from gated.errors import ActuatorError
+from gated.book.config import GpioActuatorConfig, MockActuatorConfig
+from gated.core.errors import ActuatorError
+from gated.site import alarms
 
 log = structlog.get_logger("gated.relay")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gated.config import Config
+    from gated.book.config import Config
 
 
 def check(config: Config, fail: Any) -> None:

@@ -24,13 +24,13 @@ import jinja2
 import msgspec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gated import events
-from gated.config import Config, ForwardConfig
-from gated.console import parse_duration
-from gated.errors import NumberError
-from gated.lockout import SITE, WITHHELD
-from gated.numbers import normalise
-from gated.store import Entry
+from gated.book.config import Config, ForwardConfig
+from gated.core.console import parse_duration
+from gated.core.errors import NumberError
+from gated.core.lockout import SITE, WITHHELD
+from gated.core.numbers import normalise
+from gated.site import events
+from gated.site.store import Entry
 
 # Reasons whose credential is a route: GA4's ``route`` parameter names it.
 ROUTE_REASONS = frozenset({"routed_caller", "granted_route"})

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from gated.errors import StoreError
-from gated.store import Entry, connect
+from gated.core.errors import StoreError
+from gated.site.store import Entry, connect
 
 log = structlog.get_logger("gated.forward")
 

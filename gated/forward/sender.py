@@ -28,15 +28,16 @@ import stamina
 import structlog
 from standardwebhooks.webhooks import Webhook
 
-from gated import alarms, sitekey
-from gated.clock import Clock
+from gated.book import sitekey
+from gated.core.clock import Clock
+from gated.core.printable import printable
 from gated.forward import outbox
 from gated.forward.endpoints import Endpoint, body, build
-from gated.printable import printable
-from gated.store import Store, connect
+from gated.site import alarms
+from gated.site.store import Store, connect
 
 if TYPE_CHECKING:
-    from gated.compiler import Loaded
+    from gated.book.compiler import Loaded
 
 log = structlog.get_logger("gated.forward")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gated.gatekeeper import Gatekeeper
+    from gated.site.gatekeeper import Gatekeeper
 
 # The gatekeeper every adapter hands its call to (set by gated.app).
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")

@@ -31,13 +31,13 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from gated.config import TwimlConfig
-from gated.decide import Status
-from gated.gatekeeper import Answer, Gatekeeper, RawCall
-from gated.numbers import normalise
+from gated.book.config import TwimlConfig
+from gated.core.decide import Status
+from gated.core.numbers import normalise
 from gated.pbx import GATEKEEPER
 from gated.pbx.voipgrid import WEBHOOK, gone, read_form
-from gated.sockets import waited
+from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
+from gated.site.sockets import waited
 
 log = structlog.get_logger("gated.twiml")
 

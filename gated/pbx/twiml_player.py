@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gated.config import Config
-from gated.errors import GatedError
+from gated.book.config import Config
+from gated.core.errors import GatedError
 
 Print = Callable[[str], None]
 # The AccountSid a call names when the site pins none (gated then reads none).

@@ -22,10 +22,11 @@ import structlog
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from gated.decide import Status
-from gated.gatekeeper import Answer, Gatekeeper, RawCall
+from gated.book.config import ServerConfig
+from gated.core.decide import Status
 from gated.pbx import GATEKEEPER
-from gated.sockets import waited
+from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
+from gated.site.sockets import waited
 
 log = structlog.get_logger("gated.webhook")
 
@@ -216,3 +217,9 @@ async def voipgrid(request: web.Request) -> web.Response:
         log.exception("call failed", remote=client)
         answer = Answer(Status.ERR, "internal_error")
     return _text(body(answer, settings.nak_word))
+
+
+def webhook_settings(server: ServerConfig) -> WebhookSettings:
+    """The webhook's settings as ``[server]`` gives them."""
+    return WebhookSettings.build(server.tokens, server.allow_from, server.nak_word,
+                                 server.answer_deadline, server.trusted_proxies)

@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlencode
 
 import sitegen
 
-from gated import files
+from gated.book import files
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -290,7 +290,7 @@ def status(key):
         if line.startswith(key + ':'):
             return int(line.split()[1]) * 1024
 t0 = time.perf_counter()
-from gated import compiler
+from gated.book import compiler
 t1 = time.perf_counter()
 gc.collect()
 before = status('VmRSS')

@@ -23,9 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gated import bookfile, codeset, compiler, sitekey  # noqa: E402
-from gated import config as config_mod  # noqa: E402
-from gated.codeset import Entry, SetPolicy  # noqa: E402
+from gated.book import (  # noqa: E402
+    bookfile,
+    codeset,
+    compiler,
+    sitekey,
+)
+from gated.book import config as config_mod  # noqa: E402
+from gated.book.codeset import Entry, SetPolicy  # noqa: E402
 from tests.helpers import config_text  # noqa: E402
 
 

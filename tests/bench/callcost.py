@@ -67,22 +67,22 @@ async def measure(calls: int, concurrency: int) -> dict[str, float | str]:
     from gpiozero.pins.mock import MockFactory
 
     import gated
-    from gated import logs
     from gated.actuators import build
-    from gated.clock import SystemClock
-    from gated.decide import Ledger
-    from gated.gatekeeper import Gatekeeper, RawCall
-    from gated.lockout import Policy
-    from gated.store import Store
+    from gated.core.clock import SystemClock
+    from gated.core.decide import Ledger
+    from gated.core.lockout import Policy
+    from gated.site import logs
+    from gated.site.gatekeeper import Gatekeeper, RawCall
+    from gated.site.store import Store
 
     logs.configure("json", "info")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "gated.toml"
         path.write_text(SITE.format(store=Path(folder) / "entries.sqlite3"))
         try:
-            from gated.compiler import load
+            from gated.book.compiler import load
         except ImportError:  # a tree from before the compiled code book
-            from gated.config import load
+            from gated.book.config import load
         loaded = load(path)
         factory = MockFactory()
         actuators = {name: build(name, gate.actuator, mock_factory=factory)

@@ -41,10 +41,15 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gated import codeset, setstaff, signing, sitekey  # noqa: E402
-from gated.codeset import Entry, SetPolicy  # noqa: E402
-from gated.config import MqttConfig  # noqa: E402
-from gated.mqtt import connect, read_retained  # noqa: E402
+from gated.book import (  # noqa: E402
+    codeset,
+    signing,
+    sitekey,
+)
+from gated.book.codeset import Entry, SetPolicy  # noqa: E402
+from gated.book.config import MqttConfig  # noqa: E402
+from gated.commands import sets as setstaff  # noqa: E402
+from gated.mqtt.link import connect, read_retained  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 from tests.fleet import publish_retained  # noqa: E402
 from tests.helpers import BARRIER, TOKEN, write_config  # noqa: E402

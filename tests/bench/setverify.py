@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gated import bookfile, codeset, signing, sitekey
-from gated.codeset import Entry, Manifest, SetPolicy
+from gated.book import bookfile, codeset, signing, sitekey
+from gated.book.codeset import Entry, Manifest, SetPolicy
 
 
 def best(runs: int, work: object) -> float:

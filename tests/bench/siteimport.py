@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gated.config import MqttConfig  # noqa: E402
-from gated.mqtt import connect, read_retained  # noqa: E402
+from gated.book.config import MqttConfig  # noqa: E402
+from gated.mqtt.link import connect, read_retained  # noqa: E402
 from tests.bench.fleet import first_ack, rss_kib, site  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 from tests.process import DaemonProcess  # noqa: E402

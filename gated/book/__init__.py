@@ -1,0 +1,3 @@
+"""Credentials from files: the config, the compiled code book, codes, routes, keys and
+code sets. Imports only ``gated.core``.
+"""

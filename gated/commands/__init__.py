@@ -1,0 +1,3 @@
+"""The command line's commands (``gated codes``, ``routes``, ``forward``, ``doctor``):
+each floor below may serve them; ``gated.cli`` builds the parser.
+"""
