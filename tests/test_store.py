@@ -111,7 +111,7 @@ async def test_a_full_buffer_drops_entries_never_code_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the disk refuses, overflow drops the oldest entries; a managed code's
     withdrawal is kept, or a revoked code would return at the next start."""
-    import gated.store as store_mod
+    import gated.site.store as store_mod
 
     monkeypatch.setattr(store_mod, "BUFFER_LIMIT", 3)
     store = Store.open(tmp_path / "s.sqlite3")

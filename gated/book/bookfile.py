@@ -57,8 +57,9 @@ ALIGN = 8
 SECTIONS = ("prefixes", "records", "ids", "names", "policies", "totp", "keys", "config")
 # The modules whose code decides what a compiled book holds: a change to any
 # of them (an upgrade) compiles the book again.
-COMPILER_MODULES = ("bookfile", "codes", "compiler", "config", "numbers", "schedule",
-                    "sitekey", "routes")
+COMPILER_MODULES = ("book/bookfile", "book/codes", "book/compiler", "book/config",
+                    "core/numbers", "core/schedule", "core/credential", "book/sitekey",
+                    "book/routes")
 
 
 class BookError(Exception):
@@ -108,7 +109,7 @@ def compiler_digest() -> bytes:
 
         digest = hashlib.sha256(f"{VERSION} {sys.version} {msgspec.__version__} "
                                 f"{phonenumbers.__version__}".encode())
-        package = Path(__file__).parent
+        package = Path(__file__).parent.parent
         for name in COMPILER_MODULES:
             digest.update((package / f"{name}.py").read_bytes())
         _compiler = digest.digest()

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 # How often a command merges and publishes again when others keep replacing the manifest.
 ATTEMPTS = 5
+# How long a command waits after publishing before it checks its manifest still stands.
+SETTLE = 0.2
 
 
 class FleetError(GatedError):
@@ -387,6 +389,11 @@ async def change(client: aiomqtt.Client, keys: SetKeys, marker: str,
             keys.remember(published.serial)
             if body is None:
                 await client.publish(delta, b"", qos=1, retain=True)
+        # A moment before looking: another command that read the manifest before
+        # ours and publishes after would drop our listing, and a code no signed
+        # manifest lists is applied nowhere. Its read-check-publish takes
+        # milliseconds; past this pause, ours is either still there or seen gone.
+        await asyncio.sleep(SETTLE + secrets.randbelow(200) / 1000)
         if await _still(client, keys, marker, published):
             return published
         # Someone published another manifest meanwhile: do it again on theirs.
