@@ -374,11 +374,6 @@ config_mod.add_check(forwards.check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == [compiler.CHILD_COMMAND]:
-        # The reload's compiling child (``compiler.child_command``), checked as any load.
-        return compiler.main(list(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -414,9 +414,9 @@ def test_routing_imports_neither_aiohttp_nor_paho(tmp_path: Path) -> None:
     path.write_text(config_text(tmp_path, ROUTES))
     script = (
         "import sys\n"
-        "from gated import compiler\n"
-        "from gated.decide import Ledger, Request, decide\n"
-        "from gated.lockout import Policy\n"
+        "from gated.book import compiler\n"
+        "from gated.core.decide import Ledger, Request, decide\n"
+        "from gated.core.lockout import Policy\n"
         f"book = compiler.load({str(path)!r}).book\n"
         f"d = decide(Request({LINE!r}, {ACME!r}), book, Ledger.fresh(Policy()), 0.0)\n"
         "assert d.reason == 'routed_caller', d\n"

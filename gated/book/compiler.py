@@ -61,7 +61,8 @@ from gated.core.schedule import Schedule, ScheduleError, parse_schedule
 if TYPE_CHECKING:
     from gated.core.tomlpos import Key
 
-# The hidden command of ``gated`` that runs ``main`` in the compiling child.
+# The hidden command of ``python -m gated`` that runs ``main`` in the compiling child
+# (``gated/__main__.py``).
 CHILD_COMMAND = "_compile"
 log = structlog.get_logger("gated.compiler")
 
@@ -741,6 +742,8 @@ async def load_in_child(path: Path, *, within: float = RELOAD_COMPILE_TIMEOUT) -
                             file=str(path)) from None
     except asyncio.CancelledError:  # the daemon stops: leave no compiler behind
         child.kill()
+        # Reaped, and its pipe read to the end: nothing of it outlives the stop.
+        await child.communicate()
         raise
     assert child.returncode is not None
     return await asyncio.to_thread(_after_child, path, child.returncode, output)
