@@ -28,13 +28,23 @@ FLEET = "gated/fleet"
 FLEET_MQTT = f'fleet_prefix = "{FLEET}"'
 
 
-async def staff_fleet(capsys: pytest.CaptureFixture[str], config: str, csv: Path) -> None:
-    """The fleet's keys made and a CSV published as the fleet's set, as staff do."""
+async def site_with_fleet(broker: Mosquitto, start_daemon: Any, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str], rows: str) -> Any:
+    """The fleet's keys made and ``rows`` (CSV) published as the fleet's set, as staff do,
+    and a site started with the keys that holds the set whole."""
+    config = str(tmp_path / "gated.toml")
+    csv = tmp_path / "fleet.csv"
+    csv.write_text(rows)
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))  # writes the config
     code, out = await gated(capsys, "-c", config, "codes", "fleet-key", "--new")
     assert code == 0, out
     code, out = await gated(capsys, "-c", config, "codes", "import", "--fleet", str(csv),
                             "--wait", "0")
     assert code == 0, out
+    await running.stop()
+    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))  # now with the keys
+    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    return running
 
 
 def alarms_of(probe: Probe) -> list[str]:
@@ -49,14 +59,9 @@ async def test_a_replayed_older_fleet_set_never_brings_back_a_revoked_code(
     codes_rollback, and the revoked code stays NAK; replayed live, the same."""
     await probe.subscribe(f"{FLEET}/#", "gated/test/alarms")
     config = str(tmp_path / "gated.toml")
-    csv = tmp_path / "fleet.csv"
-    csv.write_text("id,name,code,gates\ncourier,Courier,61616161,*\n"
-                   "old-courier,Old courier,62626262,*\n")
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    await staff_fleet(capsys, config, csv)
-    await running.stop()
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))  # now with the fleet's keys
-    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    running = await site_with_fleet(broker, start_daemon, tmp_path, capsys,
+                                    "id,name,code,gates\ncourier,Courier,61616161,*\n"
+                                    "old-courier,Old courier,62626262,*\n")
     assert await running.get(code="62626262", did=BARRIER) == (200, "status=ACK")
     old_manifest = probe.on(f"{FLEET}/set")[-1].payload
     old_chunk = probe.on(f"{FLEET}/set/0")[-1].payload
@@ -88,13 +93,8 @@ async def test_a_fleet_code_widened_without_the_signing_key_opens_nowhere(
     codes_unsigned), never applies the widened code, and still opens with the others."""
     await probe.subscribe(f"{FLEET}/#", "gated/test/alarms")
     config = str(tmp_path / "gated.toml")
-    csv = tmp_path / "fleet.csv"
-    csv.write_text("name,code,gates\nCourier,61616161,*\n")
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    await staff_fleet(capsys, config, csv)
-    await running.stop()
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    await eventually(lambda: running.daemon.bridge.fleetset.complete, within=10)
+    running = await site_with_fleet(broker, start_daemon, tmp_path, capsys,
+                                    "name,code,gates\nCourier,61616161,*\n")
     code, out = await gated(capsys, "-c", config, "codes", "put", "--fleet", "later",
                             "--code", "71717171", "--gates", "*",
                             "--valid-from", "2099-01-01T00:00", "--wait", "0")
@@ -134,13 +134,9 @@ async def test_staff_never_build_on_a_forged_manifest_and_their_serial_only_grow
     await probe.subscribe(f"{FLEET}/#")
     config = str(tmp_path / "gated.toml")
     csv = tmp_path / "fleet.csv"
-    csv.write_text("name,code,gates\nCourier,61616161,*\n")
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
-    await staff_fleet(capsys, config, csv)
-    await running.stop()
-    running = await start_daemon(mqtt_table(broker, FLEET_MQTT))
+    running = await site_with_fleet(broker, start_daemon, tmp_path, capsys,
+                                    "name,code,gates\nCourier,61616161,*\n")
     fleetset = running.daemon.bridge.fleetset
-    await eventually(lambda: fleetset.complete, within=10)
     held = fleetset.manifest.serial
 
     forged = json.loads(probe.on(f"{FLEET}/set")[-1].payload)
