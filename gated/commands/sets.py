@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from gated.mqtt.link import Incoming
 
 # How often a command merges and publishes again when others keep replacing the manifest.
-ATTEMPTS = 5
+ATTEMPTS = 12
 # How long a command waits after publishing before it checks its manifest still stands.
 SETTLE = 0.2
 
@@ -361,7 +361,7 @@ async def change(client: aiomqtt.Client, keys: SetKeys, marker: str,
                  code_id: str, body: bytes | None) -> Manifest:
     """Put (``body``) or delete (None) one fleet code, as a delta or a new set."""
     base = keys.base
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
         broker = await read(client, keys, marker)
         manifest = broker.manifest
         deltas = adopted(broker, keys)
@@ -397,7 +397,9 @@ async def change(client: aiomqtt.Client, keys: SetKeys, marker: str,
         if await _still(client, keys, marker, published):
             return published
         # Someone published another manifest meanwhile: do it again on theirs.
-        await asyncio.sleep(secrets.randbelow(500) / 1000)
+        # Backing off further each time, at random: commands that collided once
+        # spread out instead of colliding again.
+        await asyncio.sleep(secrets.randbelow(250 * (attempt + 2)) / 1000)
     raise FleetError(f"the fleet's manifest kept changing under this command ({ATTEMPTS} "
                      "tries); run it again")
 
