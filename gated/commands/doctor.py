@@ -545,16 +545,16 @@ def check_fleet_broker(root: Path) -> list[Finding]:
     queued = settings.get("max_queued_bytes", "0")
     if not queued.isdigit() or int(queued) == 0:
         findings.append(Finding(
-            "info", "capacity", "mosquitto.conf sets no max_queued_bytes: a client that is "
-            "away or slow (an edge's bridge, a site on a dead link) may hold up to "
-            "max_queued_messages messages, chunks of a set included, hundreds of megabytes",
+            "info", "capacity", "mosquitto.conf sets no max_queued_bytes: a client away "
+            "with a persistent session (an edge's bridge) holds up to max_queued_messages "
+            "messages, chunks of sets long replaced among them, in memory and in every save",
             f"max_queued_bytes {FLEET_QUEUED_BYTES} (room for a few sets of 50,000 codes and "
             f"their deltas; {FLEET_DOC})"))
     elif int(queued) < FLEET_QUEUED_BYTES:
         findings.append(Finding(
             "info", "capacity", f"mosquitto.conf's max_queued_bytes {int(queued):,} is less "
-            f"than {FLEET_QUEUED_BYTES:,}: a site or bridge that reads slowly may lose chunks "
-            "of a large set and say its codes are incomplete",
+            f"than {FLEET_QUEUED_BYTES:,}: an edge's bridge away while a set is published "
+            "may lose chunks of it, and its site says its codes are incomplete",
             f"max_queued_bytes {FLEET_QUEUED_BYTES} ({FLEET_DOC})"))
     else:
         findings.append(Finding("ok", "capacity", f"max_queued_bytes {int(queued):,}"))
