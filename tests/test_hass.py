@@ -3,7 +3,14 @@ entities of gates removed while it was away."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
+
+import msgspec
+import pytest
+
+from gated.mqtt import hass
 
 from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER
@@ -92,3 +99,20 @@ async def test_the_open_button_carries_no_payload_the_template_replaces(
         config = button.json()
         assert "payload_press" not in config
         assert config["command_template"] == '{"at": {{ as_timestamp(now()) }}}'
+
+
+def test_removed_gates_are_cleared_again_for_a_while_not_for_ever(tmp_path: Path) -> None:
+    """The cleared topics kept beside the store last KEEP_REMOVED and at most MAX_REMOVED
+    of them (the latest); a damaged list is an error to log, not a crash."""
+    path = hass.removed_path(tmp_path / "entries.sqlite3")
+    now = time.time()
+    assert hass.load_removed(path, now) == {}
+    hass.save_removed(path, {"old": now - hass.KEEP_REMOVED - 1, "recent": now - 60})
+    assert hass.load_removed(path, now) == {"recent": now - 60}
+    many = {f"t{n}": now - n for n in range(hass.MAX_REMOVED + 5)}
+    hass.save_removed(path, many)
+    kept = hass.load_removed(path, now)
+    assert len(kept) == hass.MAX_REMOVED and "t0" in kept and f"t{hass.MAX_REMOVED}" not in kept
+    path.write_bytes(b"not json")
+    with pytest.raises(msgspec.DecodeError):
+        hass.load_removed(path, now)

@@ -581,6 +581,7 @@ class Bridge:
         log.info("home assistant discovery cleared for an entity no longer configured",
                  topic=message.topic)
         self._removed[message.topic] = self.gatekeeper.clock.now()
+        self._removed = hass.latest(self._removed)
         self._remember_removed()
         self.link.spawn(self._publish_quietly(message.topic, b"", retain=True),
                         "mqtt-discovery-clear")

@@ -35,6 +35,9 @@ from gated.site.events import EVENT_TYPES
 # How long the configs of a removed gate are cleared again at each of Home
 # Assistant's births: long enough for one that was away over a holiday.
 KEEP_REMOVED = 60 * 86400.0
+# At most this many, the latest: only gated and its bridge may write its
+# node's configs, but the list must not grow without bound whatever is there.
+MAX_REMOVED = 1000
 
 
 def gate_event_topic(prefix: str, gate: str) -> str:
@@ -149,8 +152,15 @@ def load_removed(path: Path, now: float) -> dict[str, float]:
     except FileNotFoundError:
         return {}
     removed = msgspec.json.decode(data, type=dict[str, float])
-    return {topic: at for topic, at in removed.items() if now - at < KEEP_REMOVED}
+    return latest({topic: at for topic, at in removed.items() if now - at < KEEP_REMOVED})
+
+
+def latest(removed: dict[str, float]) -> dict[str, float]:
+    """The ``MAX_REMOVED`` most recently cleared."""
+    if len(removed) <= MAX_REMOVED:
+        return removed
+    return dict(sorted(removed.items(), key=lambda item: item[1])[-MAX_REMOVED:])
 
 
 def save_removed(path: Path, removed: dict[str, float]) -> None:
-    files.replace(path, msgspec.json.encode(removed))
+    files.replace(path, msgspec.json.encode(latest(removed)))
