@@ -230,7 +230,9 @@ LIFT_CODE = "7777"
 
 
 def mqtt_table(broker: Mosquitto, extra: str = "") -> str:
-    """An ``[mqtt]`` table for ``broker`` that reconnects fast (tests restart brokers)."""
+    """An ``[mqtt]`` table for ``broker`` that connects at once and reconnects fast
+    (tests restart brokers)."""
+    spread = "" if "connect_spread" in extra else "connect_spread = 0\n"
     return f"""
 [mqtt]
 host = "127.0.0.1"
@@ -238,7 +240,7 @@ port = {broker.port}
 reconnect_min = 0.05
 reconnect_max = 0.3
 keepalive = 5
-{extra}
+{spread}{extra}
 """
 
 

@@ -268,3 +268,50 @@ def test_the_fleet_key_is_reported_by_its_fingerprint(tmp_path: Path) -> None:
     assert "is here too" in trusted.message
     signing.private_path(key_path).unlink()
     assert "is here too" not in fleet()[1].message
+
+
+def test_doctor_warns_where_the_local_broker_would_fail_a_fleet_of_1000_sites(
+        tmp_path: Path) -> None:
+    """On a fleet's staff machine with the broker on it, doctor reads Debian's
+    mosquitto.service and mosquitto.conf and says, with the fix, where a large fleet
+    would break them: 1,024 open files, no max_queued_bytes, a save per change; it is
+    content once the drop-in and settings are there, and says nothing of a remote broker."""
+    root = tmp_path / "root"
+    (root / "lib/systemd/system").mkdir(parents=True)
+    (root / "lib/systemd/system/mosquitto.service").write_text(
+        "[Unit]\nDescription=Mosquitto MQTT Broker\n\n[Service]\nType=notify\n"
+        "ExecStart=/usr/sbin/mosquitto -c /etc/mosquitto/mosquitto.conf\n")
+    (root / "etc/mosquitto/conf.d").mkdir(parents=True)
+    (root / "etc/mosquitto/mosquitto.conf").write_text(
+        "# Place your local configuration in /etc/mosquitto/conf.d/\n"
+        "persistence true\npersistence_location /var/lib/mosquitto/\n"
+        "include_dir /etc/mosquitto/conf.d\n")
+    (root / "etc/mosquitto/conf.d/gated.conf").write_text(
+        "autosave_on_changes true\nautosave_interval 1\n")
+    table = '[mqtt]\nhost = "localhost"\nport = 1\nfleet_prefix = "gated/fleet"\n'
+    path = site_config(tmp_path, table)
+
+    def capacity(at: Path = root) -> list[doctor.Finding]:
+        return [f for f in doctor.diagnose(str(path), dev=tmp_path, root=at)
+                if f.topic == "capacity"]
+
+    files, queued, autosave = capacity()
+    assert files.level == "info" and "1024 (systemd's default)" in files.message
+    assert "denied access by tcpd" in files.message
+    assert "mosquitto.service.d/nofile.conf" in files.fix and "LimitNOFILE=65536" in files.fix
+    assert queued.level == "info" and "max_queued_bytes 16777216" in queued.fix
+    assert autosave.level == "info" and "every 1 changes" in autosave.message
+    assert "autosave_interval 60" in autosave.fix
+
+    (root / "etc/systemd/system/mosquitto.service.d").mkdir(parents=True)
+    (root / "etc/systemd/system/mosquitto.service.d/nofile.conf").write_text(
+        "[Service]\nLimitNOFILE=65536\n")
+    (root / "etc/mosquitto/conf.d/gated.conf").write_text(
+        "autosave_on_changes false\nautosave_interval 60\nmax_queued_bytes 16777216\n")
+    assert [(f.level, f.message) for f in capacity()] == [
+        ("ok", "mosquitto.service LimitNOFILE=65536"), ("ok", "max_queued_bytes 16,777,216"),
+        ("ok", "autosave every 60 seconds")]
+    assert capacity(tmp_path / "nothing") == []
+
+    path = site_config(tmp_path, table.replace("localhost", "broker.example.nl"))
+    assert capacity() == []

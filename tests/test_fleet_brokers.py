@@ -171,7 +171,8 @@ async def test_the_bridges_work_through_centrals_acl(
             await site.wait_for(topic)
     await sites[0].wait_for("gated/noord/gates/barrier/open")
 
-    reports = ["gated/noord/status", "gated/noord/events", "gated/noord/gates/barrier/event",
+    reports = ["gated/noord/status", "gated/noord/events", "gated/noord/last_entry",
+               "gated/noord/gates/barrier/event",
                "gated/noord/alarms", "gated/noord/fleet", "gated/noord/codes/visitor-1/error",
                "gated/fleet/codes/visitor-1/error/noord",
                "homeassistant/button/gated_noord/barrier_open/config"]

@@ -33,7 +33,7 @@ def site_config(root: Path, site: str, broker: Mosquitto) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     barrier, door = PINS[site]
     extra = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nreconnect_min = 0.05\n'
-             f'reconnect_max = 0.3\nkeepalive = 5\nfleet_prefix = "{FLEET}"\n')
+             f'reconnect_max = 0.3\nkeepalive = 5\nconnect_spread = 0\nfleet_prefix = "{FLEET}"\n')
     text = (config_text(folder, extra).replace('id = "test"', f'id = "{site}"')
             .replace("pin = 17", f"pin = {barrier}").replace("pin = 27", f"pin = {door}"))
     path = folder / "gated.toml"

@@ -136,12 +136,11 @@ async def test_home_assistant_discovery(broker: Mosquitto, probe: Probe,
     assert event["state_topic"] == f"{PREFIX}/gates/barrier/event"
     assert event["event_types"] == ["granted", "denied", "failed"]
     button = configs["homeassistant/button/gated_test/door_open/config"]
-    assert (button["command_topic"], button["payload_press"], button["retain"]) == (
-        f"{PREFIX}/gates/door/open", "open", False)
+    assert (button["command_topic"], button["retain"]) == (f"{PREFIX}/gates/door/open", False)
     # A press sends the time it was pressed, so that a late delivery opens nothing.
     assert button["command_template"] == '{"at": {{ as_timestamp(now()) }}}'
     sensor = configs["homeassistant/sensor/gated_test/last_entry/config"]
-    assert sensor["state_topic"] == sensor["json_attributes_topic"] == f"{PREFIX}/events"
+    assert sensor["state_topic"] == sensor["json_attributes_topic"] == f"{PREFIX}/last_entry"
     assert "value_json.result" in sensor["value_template"]
 
     await probe.publish("homeassistant/status", b"online")

@@ -58,6 +58,7 @@ async def test_an_oversized_message_never_reaches_a_sites_memory(
         protocol = "{protocol}"
         reconnect_min = 0.05
         reconnect_max = 0.3
+        connect_spread = 0
         """)
     daemon = DaemonProcess(config)
     try:

@@ -168,3 +168,36 @@ async def test_mqtt_3_1_1_brokers_still_get_status_and_events(broker: Mosquitto,
     (event,) = await probe.wait_for("gated/test/events", 1)
     assert event.json()["reason"] == "granted_code"
     assert [m.payload for m in probe.on("gated/test/status")][-1] == b"online"
+
+
+async def test_a_fleet_restarting_together_does_not_arrive_at_once(broker: Mosquitto,
+                                                                   tmp_path: Path) -> None:
+    """Before its first connect each site waits its own random moment, up to [mqtt]
+    connect_spread seconds (a few by default), and a stop during that wait ends it."""
+    config, _ = parse(config_text(tmp_path, '[mqtt]\nhost = "127.0.0.1"\n'))
+    assert config.mqtt is not None and 1.0 <= config.mqtt.connect_spread <= 10.0
+    config, _ = parse(config_text(tmp_path, mqtt_table(broker, "connect_spread = 600")))
+    assert config.mqtt is not None
+    fleet = [MqttLink(config.mqtt, prefix=f"gated/site{n}", client_id=f"gated-site{n}")
+             for n in range(20)]
+    delays = [link.first_delay for link in fleet]
+    assert all(0.0 <= delay <= 600.0 for delay in delays)
+    assert len(set(delays)) == len(delays)
+    link = fleet[0]
+    link.first_delay = 600.0
+    task = asyncio.create_task(link.run())
+    assert not await link.wait_connected(1.0)
+    await link.close()
+    await asyncio.wait_for(task, 5)
+    assert link.connections == 0
+
+    config, _ = parse(config_text(tmp_path, mqtt_table(broker)))  # connect_spread = 0
+    assert config.mqtt is not None
+    at_once = MqttLink(config.mqtt, prefix=PREFIX, client_id="gated-test")
+    assert at_once.first_delay == 0.0
+    task = asyncio.create_task(at_once.run())
+    try:
+        assert await at_once.wait_connected(5)
+    finally:
+        await at_once.close()
+        await asyncio.wait_for(task, 5)

@@ -250,6 +250,10 @@ class MqttConfig(_Table, kw_only=True, frozen=True):
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     reconnect_min: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
     reconnect_max: Annotated[float, msgspec.Meta(ge=0.05, le=600)] = 30.0
+    # Before its first connect the site waits a random moment up to this many
+    # seconds, so a fleet restarting together (a power cut, an upgrade) does
+    # not arrive at its broker all at once: docs/fleet.md.
+    connect_spread: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0
     events: bool = True                 # every entry on <prefix>/events
     discovery: bool = True              # Home Assistant MQTT discovery
     discovery_prefix: str = "homeassistant"

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import glob
 import importlib.util
+import math
 import os
 import sqlite3
 import ssl
@@ -80,7 +81,9 @@ class PinUse:
         return f"gate {self.gate} {self.role} on GPIO{self.bcm}"
 
 
-def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
+def diagnose(config_path: str, *, dev: Path = Path("/dev"),
+             root: Path = Path("/")) -> list[Finding]:
+    """``root``: where /etc and /lib are (the local broker's unit and config)."""
     try:
         loaded = compiler.load(config_path)
     except ConfigError as exc:
@@ -105,6 +108,8 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev")) -> list[Finding]:
         if config.mqtt.fleet_prefix is not None:
             findings.append(check_fleet_key(fleet_key_path(loaded.source, config)))
             findings.append(check_signing(fleet_key_path(loaded.source, config), "fleet"))
+            if is_local(config.mqtt.host):
+                findings += check_fleet_broker(root)
     findings += check_webhook(config)
     if os.geteuid() == 0:
         findings.append(Finding(
@@ -442,6 +447,133 @@ def check_message_size(mqtt: MqttConfig) -> Finding:
         "while the broker keeps it",
         f"set `message_size_limit {MAX_PAYLOAD}` in the broker's mosquitto.conf, or use "
         'protocol = "5" (docs/mqtt.md, Message size)')
+
+
+# What a fleet of 1,000 sites needs of its central Mosquitto (docs/fleet.md,
+# "A fleet of 1,000 sites"): open files beyond one per connection, a bound on
+# what one slow client may hold queued, and no whole-store write per change.
+FLEET_OPEN_FILES = 4096
+SYSTEMD_OPEN_FILES = 1024  # systemd's soft default when a unit sets none
+FLEET_QUEUED_BYTES = 16 * 1024 * 1024
+FLEET_AUTOSAVE_CHANGES = 1000
+FLEET_AUTOSAVE_SECONDS = 30
+UNIT_DIRS = ("etc/systemd/system", "run/systemd/system", "lib/systemd/system",
+             "usr/lib/systemd/system")
+FLEET_DOC = "docs/fleet.md, A fleet of 1,000 sites"
+
+
+def is_local(host: str) -> bool:
+    """Whether the broker runs on this machine (where its files can be read)."""
+    import socket
+
+    return (host in ("localhost", "::1") or host.startswith("127.")
+            or host in (socket.gethostname(), socket.getfqdn()))
+
+
+def unit_setting(root: Path, unit: str, key: str) -> tuple[str, Path] | None:
+    """The last ``key=`` a systemd unit and its drop-ins set, and where; None if unset
+    or the unit is not here. Drop-ins apply in name order, /etc's over /lib's."""
+    files: list[Path] = []
+    main = next((root / d / unit for d in UNIT_DIRS if (root / d / unit).is_file()), None)
+    if main is not None:
+        files.append(main)
+    dropins: dict[str, Path] = {}
+    for d in reversed(UNIT_DIRS):  # earlier directories win a name
+        for path in sorted((root / d / f"{unit}.d").glob("*.conf")):
+            dropins[path.name] = path
+    files += [dropins[name] for name in sorted(dropins)]
+    found = None
+    for path in files:
+        section = ""
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line.startswith("["):
+                    section = line
+                elif section == "[Service]" and line.startswith(f"{key}="):
+                    found = (line.split("=", 1)[1].strip(), path)
+    return found
+
+
+def mosquitto_settings(root: Path) -> dict[str, str] | None:
+    """mosquitto.conf's settings (the last of each, include_dir followed); None if
+    there is no /etc/mosquitto/mosquitto.conf."""
+    conf = root / "etc/mosquitto/mosquitto.conf"
+    if not conf.is_file():
+        return None
+    settings: dict[str, str] = {}
+
+    def read(path: Path) -> None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            for line in path.read_text().splitlines():
+                key, _, value = line.strip().partition(" ")
+                if not key or key.startswith("#"):
+                    continue
+                if key == "include_dir":
+                    for part in sorted((root / value.strip().lstrip("/")).glob("*.conf")):
+                        read(part)
+                else:
+                    settings[key] = value.strip()
+
+    read(conf)
+    return settings
+
+
+def check_fleet_broker(root: Path) -> list[Finding]:
+    """The local Mosquitto's limits for a fleet's central broker, where they can be read."""
+    findings = []
+    limit = unit_setting(root, "mosquitto.service", "LimitNOFILE")
+    if limit is not None or any((root / d / "mosquitto.service").is_file() for d in UNIT_DIRS):
+        text = limit[0] if limit is not None else f"{SYSTEMD_OPEN_FILES} (systemd's default)"
+        soft = text.split(":", 1)[0].split(" ", 1)[0]
+        files_open = (math.inf if soft == "infinity" else
+                      int(soft) if soft.isdigit() else SYSTEMD_OPEN_FILES)
+        if files_open < FLEET_OPEN_FILES:
+            findings.append(Finding(
+                "info", "capacity", f"the local mosquitto.service may open {text} files: past "
+                f"about {int(files_open) - 10:,} connections it refuses sites (its log says "
+                "\"denied access by tcpd\") and they never get the fleet's set",
+                "for a fleet of hundreds of sites, a drop-in "
+                "/etc/systemd/system/mosquitto.service.d/nofile.conf with [Service] and "
+                "LimitNOFILE=65536; then systemctl daemon-reload and systemctl restart "
+                f"mosquitto ({FLEET_DOC})"))
+        else:
+            findings.append(Finding("ok", "capacity", f"mosquitto.service LimitNOFILE={text}"))
+    settings = mosquitto_settings(root)
+    if settings is None:
+        return findings
+    queued = settings.get("max_queued_bytes", "0")
+    if not queued.isdigit() or int(queued) == 0:
+        findings.append(Finding(
+            "info", "capacity", "mosquitto.conf sets no max_queued_bytes: a client away "
+            "with a persistent session (an edge's bridge) holds up to max_queued_messages "
+            "messages, chunks of sets long replaced among them, in memory and in every save",
+            f"max_queued_bytes {FLEET_QUEUED_BYTES} (room for a few sets of 50,000 codes and "
+            f"their deltas; {FLEET_DOC})"))
+    elif int(queued) < FLEET_QUEUED_BYTES:
+        findings.append(Finding(
+            "info", "capacity", f"mosquitto.conf's max_queued_bytes {int(queued):,} is less "
+            f"than {FLEET_QUEUED_BYTES:,}: an edge's bridge away while a set is published "
+            "may lose chunks of it, and its site says its codes are incomplete",
+            f"max_queued_bytes {FLEET_QUEUED_BYTES} ({FLEET_DOC})"))
+    else:
+        findings.append(Finding("ok", "capacity", f"max_queued_bytes {int(queued):,}"))
+    if settings.get("persistence") == "true":
+        interval = settings.get("autosave_interval", "1800")
+        every = int(interval) if interval.isdigit() else 1800
+        on_changes = settings.get("autosave_on_changes") == "true"
+        if (every < FLEET_AUTOSAVE_CHANGES) if on_changes else (every < FLEET_AUTOSAVE_SECONDS):
+            unit = "changes" if on_changes else "seconds"
+            findings.append(Finding(
+                "info", "capacity", f"Mosquitto writes its whole store every {every} {unit}: "
+                "a fleet connecting at once makes thousands of changes, and with "
+                "autosave_interval 1 a storm of 1,000 sessions wrote 447 MB",
+                f"autosave_on_changes false and autosave_interval 60 (a crash loses at most "
+                f"a minute; {FLEET_DOC})"))
+        else:
+            findings.append(Finding("ok", "capacity", f"autosave every {every} "
+                                    f"{'changes' if on_changes else 'seconds'}"))
+    return findings
 
 
 def _local(listen: str) -> tuple[str, int]:

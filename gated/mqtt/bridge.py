@@ -47,6 +47,7 @@ import structlog
 
 from gated.book import signing
 from gated.book.config import Config, DtmfActuatorConfig
+from gated.book.files import FileError
 from gated.book.messages import (
     Clash,
     ClashWatch,
@@ -115,6 +116,10 @@ class Bridge:
         self._closed = False
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
         self.routes = RouteChannel(self)
+        # Discovery configs cleared for gates taken out: topic -> when.
+        self._removed_path = hass.removed_path(gatekeeper.store.path)
+        self._removed: dict[str, float] = {}
+        self._saving_removed = asyncio.Lock()
         self.fleetset: SetChannel | None = None
         if self.fleet is not None:
             key, keyed = fleet_key if fleet_key is not None else (os.urandom(32), False)
@@ -174,6 +179,7 @@ class Bridge:
         self.routes.attach()
         link.subscribe(f"{self.prefix}/sync", self._on_sync)
         if mqtt.discovery:
+            self._removed = self._load_removed()
             link.subscribe(f"{mqtt.discovery_prefix}/status", self._on_hass_status, qos=0)
             # The retained configs of this site's node, to clear those of gates
             # no longer configured; gated's own announcements need not come back.
@@ -469,6 +475,12 @@ class Bridge:
             if gate is not None:
                 await self.link.publish(hass.gate_event_topic(self.prefix, gate), payload,
                                         qos=1, within=EVENT_TIMEOUT)
+            mqtt = self.config.mqtt
+            if mqtt is not None and mqtt.discovery:
+                # The last-entry sensor's state: retained, so Home Assistant has
+                # it again after its own restart.
+                await self.link.publish(hass.last_entry_topic(self.prefix), payload, qos=1,
+                                        retain=True, within=EVENT_TIMEOUT)
         except BrokerError as exc:
             log.info("event not published", error=str(exc))
         finally:
@@ -503,10 +515,48 @@ class Bridge:
     # -- Home Assistant --------------------------------------------------------------------
 
     def _on_hass_status(self, message: Incoming) -> None:
-        # Home Assistant says "online" when it (re)starts: announce again. A
-        # retained "online" seen at connect needs nothing; connecting announced.
+        # Home Assistant says "online" when it (re)starts: clear again what was
+        # removed (it may have been away then) and announce again. A retained
+        # "online" seen at connect needs nothing; connecting announced.
         if message.payload == b"online" and not message.retain:
+            self.link.spawn(self._clear_removed(), "mqtt-discovery-clear")
             self.link.spawn(self.announce(), "mqtt-discovery")
+
+    def _load_removed(self) -> dict[str, float]:
+        try:
+            return hass.load_removed(self._removed_path, self.gatekeeper.clock.now())
+        except (OSError, FileError, msgspec.DecodeError) as exc:
+            log.warning("removed home assistant entities not read; they are not cleared "
+                        "again", path=str(self._removed_path), error=str(exc))
+            return {}
+
+    def _remember_removed(self) -> None:
+        async def save() -> None:
+            # One write at a time, each of the latest list: an older one never
+            # lands last.
+            async with self._saving_removed:
+                try:
+                    await asyncio.to_thread(hass.save_removed, self._removed_path,
+                                            dict(self._removed))
+                except (OSError, FileError) as exc:
+                    log.warning("removed home assistant entities not kept",
+                                path=str(self._removed_path), error=str(exc))
+
+        self.link.spawn(save(), "mqtt-discovery-removed")
+
+    async def _clear_removed(self) -> None:
+        now = self.gatekeeper.clock.now()
+        announced = {topic for topic, _ in self._hass_configs()}
+        kept = {topic: at for topic, at in self._removed.items()
+                if topic not in announced and now - at < hass.KEEP_REMOVED}
+        if kept != self._removed:
+            self._removed = kept
+            self._remember_removed()
+        for topic in list(kept):
+            await self._publish_quietly(topic, b"", retain=True)
+        if kept:
+            log.info("home assistant discovery cleared again for entities no longer "
+                     "configured", entities=len(kept))
 
     def _hass_configs(self) -> list[tuple[str, dict[str, Any]]]:
         mqtt = self.config.mqtt
@@ -530,6 +580,9 @@ class Bridge:
             return  # another site whose id makes the same node id ("a-b", "a_b")
         log.info("home assistant discovery cleared for an entity no longer configured",
                  topic=message.topic)
+        self._removed[message.topic] = self.gatekeeper.clock.now()
+        self._removed = hass.latest(self._removed)
+        self._remember_removed()
         self.link.spawn(self._publish_quietly(message.topic, b"", retain=True),
                         "mqtt-discovery-clear")
 

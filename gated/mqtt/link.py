@@ -236,6 +236,11 @@ class MqttLink:
         # publishes take at most half the slots.
         self._background = asyncio.Semaphore(BACKGROUND_INFLIGHT)
         self.connections = 0  # connections made so far
+        # Seconds to wait before the first connect, each site its own: a fleet
+        # that restarts together (a power cut, an upgrade) would otherwise
+        # arrive at once, and the broker's listen backlog (100 for Mosquitto)
+        # leaves the rest to the kernel's SYN retries, a second and more each.
+        self.first_delay = random.uniform(0.0, settings.connect_spread)
 
     # -- set-up, before run() -------------------------------------------------
 
@@ -368,6 +373,12 @@ class MqttLink:
         self._running = True
         attempt = 0
         try:
+            if self.first_delay > 0:
+                log.info("mqtt first connect after a random moment", broker=self.broker,
+                         seconds=round(self.first_delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.first_delay):
+                        await self._closing.wait()
             while not self._closing.is_set():
                 before = self.connections
                 error = ""

@@ -76,7 +76,7 @@ def main() -> None:
         config.write_text(example.replace('listen = "127.0.0.1:8080"',
                                           f'listen = "127.0.0.1:{free_port()}"')
                           + f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
-                          f'protocol = "{args.protocol}"\n')
+                          f'connect_spread = 0\nprotocol = "{args.protocol}"\n')
         env = {"PYTHONPATH": str(args.src.resolve())} if args.src else {}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         # `python -m` puts the working directory first on the import path: the

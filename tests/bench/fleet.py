@@ -116,7 +116,7 @@ def site(folder: Path, broker: Mosquitto, *, fleet: bool,
     measured, through a pipe)."""
     port = free_port()
     folder.mkdir(parents=True)
-    extra = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    extra = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nconnect_spread = 0\n'
              + (f'fleet_prefix = "{FLEET}"\n' if fleet else "") + "discovery = false\n")
     config = write_config(folder, extra)
     text = config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}")
