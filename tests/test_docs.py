@@ -32,8 +32,8 @@ def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
 
 
 def test_docs_link_to_files_that_exist() -> None:
-    """Relative links in docs/ and hardware/ point at files in the repository."""
-    for page in [*(ROOT / "docs").glob("*.md"), ROOT / "hardware" / "README.md"]:
+    """Relative links in the README, docs/ and hardware/ point at files in the repository."""
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "hardware" / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
 
@@ -114,3 +114,11 @@ def test_the_acl_in_the_mqtt_guide_is_the_files() -> None:
     assert set(users) == {"gated-noord", "staff", "homeassistant"}
     for user, lines in users.items():
         assert lines == acl[user], user
+
+
+def test_the_docs_index_links_every_page() -> None:
+    """docs/README.md links each page and picture in docs/, so none is found only by chance."""
+    index = (ROOT / "docs" / "README.md").read_text()
+    linked = set(re.findall(r"\]\(([^)#:]+)\)", index))
+    pages = {p.name for p in (ROOT / "docs").iterdir() if p.suffix in (".md", ".svg")}
+    assert pages - {"README.md"} <= linked
