@@ -32,7 +32,7 @@ from gated.app import REQUEST_LIMITS, make_app
 from gated.book import compiler
 from gated.book import config as config_mod
 from gated.book.compiler import Loaded
-from gated.book.config import ServerConfig, split_listen
+from gated.book.config import split_listen
 from gated.core.clock import Clock, SystemClock
 from gated.core.errors import ConfigError, GatedError, StoreError
 from gated.core.lockout import SITE, Policy
@@ -448,12 +448,6 @@ async def build_totp_steps(book: CodeBook, now: float) -> None:
                 table.install(step, built)
 
 
-# [server] keys the webhook reads on every call, so a reload applies them (a
-# token rotation must not wait for a restart). The others shape the listening
-# socket, the app or the gatekeeper and need one.
-RELOADABLE_SERVER_KEYS = frozenset({"tokens", "allow_from", "trusted_proxies", "nak_word"})
-
-
 async def _listen(site: web.TCPSite, key: str, address: str) -> None:
     """Start listening, or fail the start with one line naming the address."""
     try:
@@ -465,29 +459,12 @@ async def _listen(site: web.TCPSite, key: str, address: str) -> None:
 
 def restart_needed(old: Loaded, new: Loaded) -> list[str]:
     """What differs between two configs that only a restart applies (by key, never value)."""
-    a, b = old.config, new.config
-    changed = [f"server.{key}" for key in ServerConfig.__struct_fields__
-               if key not in RELOADABLE_SERVER_KEYS
-               and getattr(a.server, key) != getattr(b.server, key)]
-    if a.site.id != b.site.id:
-        changed.append("site.id")
-    if a.gates.keys() != b.gates.keys():
-        changed.append("gates")
-    else:
-        changed += [f"gates.{name}.{part}" for name in b.gates for part in ("actuator", "sensor")
-                    if getattr(a.gates[name], part) != getattr(b.gates[name], part)]
-    changed += [table for table in ("log", "mqtt", "forward")
-                if getattr(a, table) != getattr(b, table)]
-    # The TwiML routes are made at start; its texts, token and fallback reload.
-    if (a.twiml is None) != (b.twiml is None):
-        changed.append("twiml")
-    elif a.twiml is not None and b.twiml is not None and a.twiml.path != b.twiml.path:
-        changed.append("twiml.path")
+    changed = config_mod.restart_changes(old.config, new.config)
     # The same words can name other files when the config's symlink now points
     # into another folder (relative paths follow the file, not the link).
     if old.store_path != new.store_path and "log" not in changed:
         changed.append("log.path (now names another file)")
-    if old.key_path != new.key_path:
+    if old.key_path != new.key_path and "site.key_file" not in changed:
         changed.append("site.key_file (now names another file)")
     if old.mqtt_ca_file != new.mqtt_ca_file and "mqtt" not in changed:
         changed.append("mqtt.tls_ca (now names another file)")

@@ -91,8 +91,9 @@ else
     # config's demo code must never reach a real gate. Its gate stays on mock
     # pins until the wiring is done (hardware/README.md).
     cat > "$ETC/gated.toml.new" <<EOF
-# gated config, written by install.sh. Every key: config/gated.example.toml
-# in the source; the steps: docs/install.md, hardware/README.md, docs/dialplan.md.
+# gated config, written by install.sh. Every key: docs/config.md in the source
+# (an annotated example: config/gated.example.toml); the steps: docs/install.md,
+# hardware/README.md, docs/dialplan.md.
 
 [site]
 id = "site"                        # a short name for this site (MQTT prefix gated/<id>)

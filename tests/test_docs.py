@@ -31,9 +31,13 @@ def test_every_reason_gated_logs_is_in_the_troubleshooting_table() -> None:
         assert re.search(rf"\b{word}\b", table), word
 
 
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "hardware" / "README.md"]
+
+
 def test_docs_link_to_files_that_exist() -> None:
-    """Relative links in docs/ and hardware/ point at files in the repository."""
-    for page in [*(ROOT / "docs").glob("*.md"), ROOT / "hardware" / "README.md"]:
+    """Relative links in the README, docs/ and hardware/ point at files in the repository."""
+    for page in _pages():
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
 
@@ -114,3 +118,32 @@ def test_the_acl_in_the_mqtt_guide_is_the_files() -> None:
     assert set(users) == {"gated-noord", "staff", "homeassistant"}
     for user, lines in users.items():
         assert lines == acl[user], user
+
+
+def test_the_docs_index_links_every_page() -> None:
+    """docs/README.md links each page and picture in docs/, so none is found only by chance."""
+    index = (ROOT / "docs" / "README.md").read_text()
+    linked = set(re.findall(r"\]\(([^)#:]+)\)", index))
+    pages = {p.name for p in (ROOT / "docs").iterdir() if p.suffix in (".md", ".svg")}
+    assert pages - {"README.md"} <= linked
+
+
+def _anchors(page: Path) -> set[str]:
+    """The section anchors GitHub makes of a page's headings (code blocks left out)."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6} (.*)", line)):
+            words = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower())
+            anchors.add(words.replace(" ", "-"))
+    return anchors
+
+
+def test_links_to_a_section_find_it() -> None:
+    """A link to page.md#section in the README, docs/ or hardware/ names a heading on that page."""
+    for page in _pages():
+        for target, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", page.read_text()):
+            assert anchor in _anchors(page.parent / target if target else page), \
+                f"{page.name}: {target}#{anchor}"

@@ -85,7 +85,7 @@ def test_unlock_is_reported_once() -> None:
 
 
 def test_guessing_bound_for_the_defaults() -> None:
-    """The README's figures: 11,190 guesses a year at the default limits."""
+    """docs/security.md's figures: 11,190 guesses a year at the default limits."""
     guesses = guesses_per_year(Policy())
     assert guesses == 11_190
     assert round(hit_chance(guesses, 10, 6), 3) == 0.106

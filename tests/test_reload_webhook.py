@@ -100,7 +100,9 @@ async def test_allow_from_applies_on_reload_and_listen_needs_a_restart(
         path.write_text(text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"')
                         .replace(OLD_TOKENS, f'tokens = ["{NEW}"]'))
         assert not await running.daemon.reload("SIGHUP")
-    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")]
+    # The file watcher may reload the same file meanwhile: the SIGHUP's refusal is the one.
+    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")
+                  and e["trigger"] == "SIGHUP"]
     assert refusal["changed"] == ["server.listen"]
     assert TOKEN not in repr(logs) and NEW not in repr(logs)
     # Nothing of the refused file applied: the old token and allow_from still hold.
@@ -108,3 +110,22 @@ async def test_allow_from_applies_on_reload_and_listen_needs_a_restart(
     async with running.session.get(running.url, params={"token": TOKEN, **SALES},
                                    headers={"X-Forwarded-For": "192.0.2.7"}) as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize(("table", "lines"), [
+    ("lockout", "[lockout]\ncaller_failures = 2\n"),
+    ("metrics", '[metrics]\nlisten = "127.0.0.1:0"\n'),
+])
+async def test_a_reload_never_claims_a_change_it_does_not_apply(
+        start_daemon: Any, tmp_path: Path, table: str, lines: str) -> None:
+    """A change that only a restart applies ([lockout], [metrics]) is refused by name,
+    not reported as `config reloaded` while the old settings go on."""
+    running = await start_daemon()
+    path = tmp_path / "gated.toml"
+    path.write_text(path.read_text() + "\n" + lines)
+    with capture_logs() as logs:
+        assert not await running.daemon.reload("SIGHUP")
+    # The file watcher may reload the same file meanwhile: the SIGHUP's refusal is the one.
+    (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")
+                  and e["trigger"] == "SIGHUP"]
+    assert refusal["changed"] == [table]

@@ -342,6 +342,62 @@ class Config(_Table, kw_only=True, frozen=True):
         return f"gated/{self.site.id}"
 
 
+# What a reload applies and what only a restart does: the one list the daemon's
+# reload refuses by and docs/config.md is checked against (tests/test_config_reference.py).
+# Key paths as the reference writes them, "<name>" for a gate's name; a table
+# named whole means each of its keys, and adding or removing it. Every other
+# key reloads: the webhook reads its settings on each call and the code book is
+# compiled again, while these shape a listening socket, a connection, a file or
+# state kept since the start.
+RESTART_ONLY: tuple[str, ...] = (
+    "server.listen", "server.path", "server.answer_deadline", "server.max_body",
+    "server.max_connections", "server.max_per_address",
+    "site.id", "site.key_file",
+    "gates.<name>.actuator", "gates.<name>.sensor",
+    # The lockout policy is the ledger's, held since the start with its strikes.
+    "lockout", "log", "metrics", "mqtt", "forward",
+    "twiml.path",
+)
+# Tables that some reloadable keys live in but that only a restart adds or removes.
+RESTART_TO_ADD: tuple[str, ...] = ("gates.<name>", "twiml")
+
+
+def applies(path: str) -> Literal["reload", "restart"]:
+    """Whether a reload applies a change to the key at ``path`` or a restart is needed."""
+    whole = [p for p in RESTART_ONLY if path == p or path.startswith(p + ".")]
+    return "restart" if whole else "reload"
+
+
+def _pairs(old: Any, new: Any, parts: list[str], done: str) -> Iterator[tuple[str, Any, Any]]:
+    """The values at a key path in two configs, "<name>" taken over the names in both."""
+    if not parts:
+        yield done, old, new
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "<name>":
+        for name in new.keys() & old.keys():
+            yield from _pairs(old[name], new[name], rest, f"{done}.{name}")
+        return
+    yield from _pairs(getattr(old, head, None), getattr(new, head, None), rest,
+                      f"{done}.{head}" if done else head)
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The key paths whose change between two configs only a restart applies (never values)."""
+    changed: list[str] = []
+    for path in RESTART_TO_ADD:
+        table = path.removesuffix(".<name>")
+        before, after = getattr(old, table), getattr(new, table)
+        if (before.keys() if isinstance(before, dict) else before is None) != (
+                after.keys() if isinstance(after, dict) else after is None):
+            changed.append(table)
+    for path in RESTART_ONLY:
+        for where, before, after in _pairs(old, new, path.split("."), ""):
+            if before != after and not any(where.startswith(table + ".") for table in changed):
+                changed.append(where)
+    return changed
+
+
 def key_path(config_path: Path, config: Config) -> Path:
     if config.site.key_file:
         return resolve_state(config_path, config.site.key_file)
