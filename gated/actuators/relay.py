@@ -38,9 +38,9 @@ class RelayActuator:
         # When (time.monotonic) the running pulse ends; None: no pulse.
         self._ends: float | None = None
         self._closed = False
-        self._releaser = threading.Thread(target=self._release, name=f"gated-relay-{gate}",
-                                          daemon=True)
-        self._releaser.start()
+        # Started with the first pulse (a gate that never opens needs none),
+        # then kept for the relay's life.
+        self._releaser: threading.Thread | None = None
 
     @classmethod
     def create(cls, gate: str, config: GpioActuatorConfig | MockActuatorConfig,
@@ -80,6 +80,10 @@ class RelayActuator:
                 self._safe_off()
                 raise ActuatorError(f"gate {self.gate!r}: relay did not switch: {exc}") from exc
             self._ends = time.monotonic() + self.pulse
+            if self._releaser is None:
+                self._releaser = threading.Thread(target=self._release, daemon=True,
+                                                  name=f"gated-relay-{self.gate}")
+                self._releaser.start()
             self._changed.notify()
         log.info("relay on", gate=self.gate, pulse=self.pulse)
         return "pulsed"
