@@ -117,3 +117,31 @@ async def test_a_failed_release_is_retried_until_the_pin_is_off(
     assert states(pin) == [False, True, False]
     assert [e["event"] for e in logs] == ["relay on", "relay did not release", "relay off"]
     await relay.close()
+
+
+async def test_pulses_start_no_thread_of_their_own(mock_factory: MockFactory,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pulses after the first start no thread: the relay's one releaser ends each of them
+    (a thread per pulse made the loop wait for it to start, and handed the interpreter
+    lock to and fro at its start and end), and still exactly off, on, off each time."""
+    import threading
+
+    pin = mock_factory.pin(17)
+    relay = build("barrier", MockActuatorConfig(pin=17, pulse=0.02), mock_factory=mock_factory)
+    assert await relay.open() == "pulsed"  # the first starts the releaser
+    await wait_released(relay)
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for _ in range(5):
+        assert await relay.open() == "pulsed"
+        await wait_released(relay)
+    monkeypatch.undo()
+    await relay.close()
+    assert started == []
+    assert states(pin) == [False] + [True, False] * 6

@@ -1,7 +1,10 @@
 """A relay on a GPIO pin (or a gpiozero mock pin), pulsed for a fixed time.
 
-The pin is switched off by a timer thread, not by the event loop: a stalled
-loop must never leave a relay energised. A second open during a pulse joins
+The pin is switched off by a thread of its own, not by the event loop: a
+stalled loop must never leave a relay energised. One such thread per relay,
+for the relay's life, waits for each pulse's end; a thread started per pulse
+(threading.Timer) made the loop wait for it to start, and every start and end
+handed the interpreter lock to and fro. A second open during a pulse joins
 the running pulse: no new edge (a step-by-step barrier controller reads a
 second edge as "stop") and no extension (the pulse length is a hard cap).
 """
@@ -32,8 +35,13 @@ class RelayActuator:
         self.pulse = pulse
         self._device = device
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._changed = threading.Condition(self._lock)
+        # When (time.monotonic) the running pulse ends; None: no pulse.
+        self._ends: float | None = None
         self._closed = False
+        # Started with the first pulse (a gate that never opens needs none),
+        # then kept for the relay's life.
+        self._releaser: threading.Thread | None = None
 
     @classmethod
     def create(cls, gate: str, config: GpioActuatorConfig | MockActuatorConfig,
@@ -65,25 +73,35 @@ class RelayActuator:
         with self._lock:
             if self._closed:
                 raise ActuatorError(f"gate {self.gate!r}: relay is shut down")
-            if self._timer is not None:
+            if self._ends is not None:
                 return "joined"
             try:
                 self._device.on()
             except (GPIOZeroError, OSError) as exc:
                 self._safe_off()
                 raise ActuatorError(f"gate {self.gate!r}: relay did not switch: {exc}") from exc
-            timer = threading.Timer(self.pulse, self._release)
-            timer.daemon = True
-            timer.start()
-            self._timer = timer
+            self._ends = time.monotonic() + self.pulse
+            if self._releaser is None:
+                self._releaser = threading.Thread(target=self._release, daemon=True,
+                                                  name=f"gated-relay-{self.gate}")
+                self._releaser.start()
+            self._changed.notify()
         log.info("relay on", gate=self.gate, pulse=self.pulse)
         return "pulsed"
 
     def _release(self) -> None:
-        with self._lock:
-            self._timer = None
-            self._safe_off()
-        log.info("relay off", gate=self.gate)
+        """The releaser thread: each pulse off at its end, until the relay shuts down."""
+        while True:
+            with self._lock:
+                while not self._closed and (self._ends is None
+                                            or self._ends > time.monotonic()):
+                    self._changed.wait(None if self._ends is None
+                                       else self._ends - time.monotonic())
+                if self._closed:
+                    return  # shutdown() switched it off
+                self._ends = None
+                self._safe_off()
+            log.info("relay off", gate=self.gate)
 
     def _safe_off(self) -> None:
         # A relay left on is the one failure that must not happen: retry, and
@@ -109,9 +127,8 @@ class RelayActuator:
             if self._closed:
                 return
             self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._ends = None
+            self._changed.notify()
             self._safe_off()
             pin = self._device.pin
             if isinstance(self._device.pin_factory, MockFactory) and pin is not None:

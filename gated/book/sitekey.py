@@ -9,11 +9,13 @@ carries ``code_hash`` instead of ``code`` gives a reader nothing to try.
 
 from __future__ import annotations
 
-import hmac
+import functools
+import hashlib
 import os
 import re
 import secrets
 from pathlib import Path
+from typing import Any
 
 from gated.book import files
 from gated.core.errors import ConfigError
@@ -21,11 +23,35 @@ from gated.core.errors import ConfigError
 PREFIX = "hmac-sha256:"
 _HASH = re.compile(r"hmac-sha256:([0-9a-f]{64})")
 KEY_BYTES = 32
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+@functools.lru_cache(maxsize=16)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256's inner and outer hashes with ``key`` already in them (RFC 2104)."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return (hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD)))
 
 
 def digest(key: bytes, code: str) -> bytes:
-    # One-shot: half the cost of an hmac object, on every call and every TOTP table.
-    return hmac.digest(key, code.encode(), "sha256")
+    """HMAC-SHA256 of ``code`` under ``key``.
+
+    From copies of the hashes with the key in them, as RFC 2104 allows: a
+    third of ``hmac.digest``'s cost, and, unlike it, without letting go of the
+    interpreter lock (OpenSSL's one-shot HMAC does), which on every call handed
+    the lock to another thread and left the event loop waiting to get it back.
+    """
+    inner, outer = _pads(key)
+    inner = inner.copy()
+    inner.update(code.encode())
+    outer = outer.copy()
+    outer.update(inner.digest())
+    result: bytes = outer.digest()
+    return result
 
 
 def code_hash(key: bytes, code: str) -> str:

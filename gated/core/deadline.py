@@ -1,19 +1,75 @@
-"""A call's one timer: every wait of a call ends at the call's answer deadline.
+"""A call's one deadline: every wait of a call ends at the call's answer deadline.
 
 A call waits up to three times (for its use to be durable, for the actuator,
-for its entry to be durable) and all three end at the same instant. One timer,
-armed when the call starts waiting and cancelled when it is done, bounds them
-all; an ``asyncio.timeout`` per wait put three timers on the loop per call.
+for its entry to be durable) and all three end at the same instant. One
+deadline, armed when the call starts waiting and closed when it is done,
+bounds them all; an ``asyncio.timeout`` per wait put three timers on the loop
+per call.
+
+Nor does each call arm a timer of its own: deadlines that end within the same
+``SLOT`` share one. Under load a timer per call meant thousands on the loop's
+heap, each armed, cancelled and left there until its time came; now a slot's
+timer is armed once and never cancelled, and a deadline is a set insertion.
+A deadline fires at most one slot late.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import weakref
 from types import TracebackType
+
+SLOT = 0.005  # seconds
+
+
+class _Slots:
+    """The shared timers of one loop: open deadlines by the slot they end in."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open: dict[int, set[Deadline]] = {}
+
+    def add(self, deadline: Deadline) -> int:
+        slot = math.ceil(deadline.when / SLOT)
+        members = self.open.get(slot)
+        if members is None:
+            members = self.open[slot] = set()
+            # Never before ``when``: the slot's end is at or after it.
+            deadline._loop.call_at(max(slot * SLOT, deadline.when), self._fire, slot)
+        members.add(deadline)
+        return slot
+
+    def discard(self, deadline: Deadline, slot: int) -> None:
+        members = self.open.get(slot)
+        if members is not None:
+            members.discard(deadline)
+
+    def _fire(self, slot: int) -> None:
+        for deadline in self.open.pop(slot, ()):
+            deadline._expire()
+
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = (
+    weakref.WeakKeyDictionary())
+# The last loop's, asked for on every call.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], _Slots] | None = None
+
+
+def _slots(loop: asyncio.AbstractEventLoop) -> _Slots:
+    global _last
+    if _last is not None and _last[0]() is loop:
+        return _last[1]
+    slots = _by_loop.get(loop)
+    if slots is None:
+        slots = _by_loop[loop] = _Slots()
+    _last = (weakref.ref(loop), slots)
+    return slots
 
 
 class Deadline:
-    """The instant ``when`` (loop time) and the one timer that enforces it.
+    """The instant ``when`` (loop time), enforced by its slot's shared timer.
 
     ``with deadline:`` bounds one wait as ``async with asyncio.timeout_at(when)``
     does: TimeoutError when the time runs out during the wait, and at once,
@@ -23,7 +79,7 @@ class Deadline:
     from anyone else's.
     """
 
-    __slots__ = ("_base", "_cancelled", "_handle", "_loop", "_task", "when")
+    __slots__ = ("_base", "_cancelled", "_loop", "_slot", "_slots", "_task", "when")
 
     def __init__(self, when: float) -> None:
         self._loop = asyncio.get_running_loop()
@@ -35,16 +91,18 @@ class Deadline:
         # Cancellations asked of the task before now are not this deadline's.
         self._base = task.cancelling()
         self._cancelled = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(when, self._expire)
+        self._slots = _slots(self._loop)
+        # None once it has fired or the call is done.
+        self._slot: int | None = self._slots.add(self)
 
     def _expire(self) -> None:
         # A timer runs only while its task is suspended: the task is waiting.
-        self._handle = None
+        self._slot = None
         self._cancelled = True
         self._task.cancel()
 
     def __enter__(self) -> Deadline:
-        if self._handle is None or self._loop.time() >= self.when:
+        if self._slot is None or self._loop.time() >= self.when:
             raise TimeoutError
         return self
 
@@ -61,7 +119,7 @@ class Deadline:
         return self._task.uncancel() <= self._base
 
     def close(self) -> None:
-        """The call is done: disarm the timer."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        """The call is done: it leaves its slot."""
+        if self._slot is not None:
+            self._slots.discard(self, self._slot)
+            self._slot = None

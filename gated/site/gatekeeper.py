@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from gated.core.numbers import normalise
 from gated.core.printable import printable
 from gated.site import alarms, logs
 from gated.site.ports import Actuator
-from gated.site.store import ENTRY_COLUMNS, Entry, Store
+from gated.site.store import Entry, EntryLine, Store, entry_fields
 
 log = structlog.get_logger("gated")
 
@@ -88,11 +87,6 @@ class RawCall:
     sent: float | None = None
     expiry: int | None = None
 
-
-# An entry's fields on its log line, the time aside (the line has its own);
-# read in one C call, not a dict of every field filtered after.
-_LOGGED = tuple(name for name in ENTRY_COLUMNS if name != "time")
-_logged = operator.attrgetter(*_LOGGED)
 
 EntryListener = Callable[[Entry], None]
 LockListener = Callable[[LockEvent], None]
@@ -262,7 +256,8 @@ class Gatekeeper:
             deadline.close()
 
     async def _record(self, entry: Entry, changes: Changes | None, deadline: Deadline) -> None:
-        durable = self.store.submit(entry, changes, self.ledger)
+        line = EntryLine()
+        durable = self.store.submit(entry, changes, self.ledger, line=line)
         stored = False
         # While the store is failing, entries wait in its buffer and the
         # caller is answered at once rather than at the deadline.
@@ -274,11 +269,10 @@ class Gatekeeper:
                     stored = await durable
             except TimeoutError:
                 pass
-        # Empty fields say nothing; leaving them out keeps a console line short.
-        fields = {k: v for k, v in zip(_LOGGED, _logged(entry), strict=True)
-                  if v != "" and v is not None}
-        fields["durable"] = stored
-        logs.entry(fields)
+        # A durable entry's line went out with its batch (the store's thread
+        # wrote it); one not durable by now is this call's to write.
+        if line.claim():
+            logs.entry(entry_fields(entry, stored))
         for listener in self.listeners:
             try:
                 listener(entry)

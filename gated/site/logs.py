@@ -6,7 +6,9 @@ a failure that repeats (an accept loop out of file handles) is shown once per
 ``REPEAT_WINDOW`` with a count, not thousands of times a second.
 
 Every call writes one line, its entry; ``entry()`` writes that line as JSON
-without structlog's generic chain, which cost more than the line itself.
+without structlog's generic chain, which cost more than the line itself, and
+``entries()`` writes a committed batch's lines in one write (the store's
+thread does, as the batch commits).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import msgspec
@@ -197,6 +199,24 @@ class _EntryLine:
         _printable_values(None, "info", fields)
         self.printer.msg(_ENTRY_JSON.encode(fields).decode())
 
+    def write_many(self, batch: Sequence[dict[str, Any]]) -> None:
+        """Several lines, each as ``write`` makes it, in one write to the stream."""
+        if not self.writes:
+            return
+        merge = _CONTEXT_VARS is None or bool(_CONTEXT_VARS)
+        stamp = iso_utc(time.time_ns())
+        encode = _ENTRY_JSON.encode
+        rendered = []
+        for fields in batch:
+            fields["event"] = "entry"
+            if merge:
+                structlog.contextvars.merge_contextvars(None, "info", fields)
+            fields["level"] = "info"
+            fields["timestamp"] = stamp
+            _printable_values(None, "info", fields)
+            rendered.append(encode(fields).decode())
+        self.printer.msg("\n".join(rendered))
+
 
 # structlog's register of context variables ever bound: while it is empty, no
 # line has any to merge. (None if structlog stops keeping it: always merge.)
@@ -212,6 +232,17 @@ def entry(fields: dict[str, Any]) -> None:
         line.write(fields)
     else:
         _log.info("entry", **fields)
+
+
+def entries(batch: Sequence[dict[str, Any]]) -> None:
+    """Log several entries (a batch as it commits, from the store's thread): the
+    lines ``entry`` writes, in one write to the stream."""
+    line = _entry_line
+    if line is not None and line.installed():
+        line.write_many(batch)
+    else:
+        for fields in batch:
+            _log.info("entry", **fields)
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:

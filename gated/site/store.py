@@ -8,19 +8,32 @@ buffer, the gate keeps answering, and the buffer is flushed when writes work
 again. Ledger state (uses, TOTP steps, strikes, the site's failure window) is
 never dropped: it is held as the latest value per key, so it is bounded by the
 number of keys, not of calls, and written with the next batch that succeeds.
+
+The store's thread shares the interpreter lock with the event loop, and
+SQLite lets go of it for every statement it steps: a batch is written in a
+few multi-row statements rather than a statement per row, so the thread asks
+the loop for the lock a few times a batch instead of a few times an entry. It
+writes the batch's entry lines too, in one write, as the batch commits. WAL
+checkpoints (copying the log into the database, with an fsync of its own) run
+on a connection and thread of their own, never inside a commit that answers
+wait for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import json
 import operator
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +44,7 @@ from gated.book import files
 from gated.core.decide import KEEP_CALLS, MAX_CALLS, Call, Changes, Ledger
 from gated.core.errors import StoreError
 from gated.core.lockout import MAX_TRACKED, SITE, Policy, Strikes
-from gated.site import alarms
+from gated.site import alarms, logs
 
 log = structlog.get_logger("gated.store")
 
@@ -164,6 +177,12 @@ SCHEMA_VERSION = len(MIGRATIONS)
 BUFFER_LIMIT = 10_000
 RETRY_SECONDS = 1.0
 BUSY_TIMEOUT_MS = 1000
+# Commits between two WAL checkpoints (SQLite's own default is every 1,000
+# pages, some 300 commits of a few pages each).
+CHECKPOINT_COMMITS = 300
+# Rows one statement inserts at most: 64 entries of 15 values stay under the
+# 999 bound values older SQLite builds allow a statement.
+ROWS_PER_STATEMENT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +210,66 @@ class Entry:
 
 ENTRY_COLUMNS = tuple(f.name for f in fields(Entry))
 _entry_row = operator.attrgetter(*ENTRY_COLUMNS)  # Entry -> its row, in C
+# An entry's fields on its log line, the time aside (the line has its own).
+_LOGGED = tuple(name for name in ENTRY_COLUMNS if name != "time")
+_logged = operator.attrgetter(*_LOGGED)
+
+
+def entry_fields(entry: Entry, durable: bool) -> dict[str, Any]:
+    """What an entry's log line says: its fields but empty ones, and whether it was
+    durable when its call was answered."""
+    # Empty fields say nothing; leaving them out keeps a console line short.
+    line = {k: v for k, v in zip(_LOGGED, _logged(entry), strict=True)
+            if v != "" and v is not None}
+    line["durable"] = durable
+    return line
+
+
+class EntryLine:
+    """An entry's one log line: written by the store's thread as the entry commits,
+    or by its call if the call stops waiting first, never by both."""
+
+    __slots__ = ("_unwritten",)
+
+    def __init__(self) -> None:
+        self._unwritten = [True]
+
+    def claim(self) -> bool:
+        """True for the one side that is to write the line."""
+        try:
+            # One C call, so two threads never both take it.
+            return self._unwritten.pop()
+        except IndexError:
+            return False
+
+
+@functools.lru_cache(maxsize=256)
+def _values(head: str, width: int, rows: int, tail: str = "") -> str:
+    """``head VALUES (?, ...), ... tail`` for ``rows`` rows of ``width`` values."""
+    one = f"({', '.join('?' * width)})"
+    return f"{head} VALUES {', '.join([one] * rows)}{tail}"
+
+
+def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]],
+            tail: str = "") -> None:
+    """Insert ``rows`` with as few statements as SQLite allows.
+
+    ``executemany`` steps the statement once a row, and lets go of the
+    interpreter lock and takes it back each time; with the event loop busy,
+    each take is a wait. A statement of many rows is bound in C and stepped once.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    flat = itertools.chain.from_iterable
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[start:start + ROWS_PER_STATEMENT]
+        conn.execute(_values(head, width, len(chunk), tail), list(flat(chunk)))
+
+
 # The column names are constants; values are always bound.
-INSERT_ENTRY = (
-    f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' * len(ENTRY_COLUMNS))})"
-)
+ENTRIES_HEAD = f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)})"
+INSERT_ENTRY = _values(ENTRIES_HEAD, len(ENTRY_COLUMNS), 1)
 
 
 @dataclass(slots=True)
@@ -269,6 +343,7 @@ class _Pending:
     ledger: _LedgerState | None = None
     route: tuple[str, str, bytes | None] | None = None  # a managed route, as ``code``
     alarm: dict[str, Any] | None = None  # for the forward outbox only
+    line: EntryLine | None = None  # the entry's log line, written as it commits
 
 
 class Outbox(Protocol):
@@ -280,8 +355,7 @@ class Outbox(Protocol):
     def written(self, endpoints: set[str]) -> None: ...
 
 
-INSERT_OUTBOX = ("INSERT INTO outbox (endpoint, created, kind, body, msg_id) "
-                 "VALUES (?, ?, ?, ?, ?)")
+INSERT_OUTBOX = "INSERT INTO outbox (endpoint, created, kind, body, msg_id)"
 
 
 def _keep_copy(conn: sqlite3.Connection, table: str, scope: str, item_id: str,
@@ -348,13 +422,140 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
 
 
+class _Worker:
+    """One thread that runs jobs in order and hands each result to its loop.
+
+    Lighter than ``run_in_executor`` (a concurrent future chained to an asyncio
+    one, a lock and a semaphore a job): one queue put to start a job, one
+    ``call_soon_threadsafe`` to end it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # Jobs queued or running: while there are, the thread may be using
+        # what they were given, whatever became of their waiters.
+        self.running = 0
+        self.quiet = asyncio.Event()
+
+    def run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        self.running += 1
+        self.quiet.clear()
+        if self._thread is None:
+            # A daemon thread: a store nobody closed must not hold the process
+            # at exit; an interrupted commit is rolled back, as after kill -9.
+            self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put((loop, done, function, args))
+        return done
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, done, function, args = job
+            try:
+                result, error = function(*args), None
+            except BaseException as exc:  # handed to the waiter, as an executor does
+                result, error = None, exc
+            # RuntimeError: the loop has closed, nobody waits any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._settle, done, result, error)
+
+    def _settle(self, done: asyncio.Future[Any], result: Any,
+                error: BaseException | None) -> None:
+        self.running -= 1
+        if not self.running:
+            self.quiet.set()
+        if done.done():
+            return  # its waiter gave up (a deadline); the job was done all the same
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def stop(self) -> None:
+        """Finish the jobs queued, then end the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class _Checkpointer:
+    """WAL checkpoints on a connection and a thread of their own.
+
+    SQLite checkpoints in the connection whose commit crosses its threshold,
+    inside that commit: the database file written and fsynced while every
+    answer of the batch waits (264 ms once, here). The writer's connection never
+    checkpoints; every CHECKPOINT_COMMITS commits it asks this thread, which
+    copies what it can without holding up the writer (PASSIVE) and goes again
+    while commits came in meanwhile, so that the log starts afresh at a quiet
+    moment.
+    """
+
+    CATCH_UP = 4  # rounds at most per request
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.checkpoints = 0
+
+    def request(self) -> None:
+        """From any thread: checkpoint soon."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="gated-checkpoint",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.put(True)
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while self._wake.get():
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, check_same_thread=False,
+                                               isolation_level=None)
+                        # A checkpoint syncs the log before it copies it, and the
+                        # database before the log may start afresh.
+                        conn.execute("PRAGMA synchronous=FULL")
+                    self._checkpoint(conn)
+                except sqlite3.Error as exc:
+                    # The log just grows meanwhile; the next request tries again.
+                    log.debug("WAL checkpoint failed", path=str(self.path), error=str(exc))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        for _ in range(self.CATCH_UP):
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.checkpoints += 1
+            if busy or copied >= frames:
+                return
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._wake.put(False)
+            self._thread.join()
+            self._thread = None
+
+
 class Store:
-    """Owns the SQLite connection; all writes run on one worker thread."""
+    """Owns the SQLite connection; all its use runs on the store's one thread."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self._conn = conn
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-store")
+        self._worker = _Worker("gated-store")
+        self._checkpointer = _Checkpointer(path)
+        self._commits = 0
+        # The forward endpoints of the batch the loop has staged for the thread
+        # to commit; None: the thread writes the batch whole (see _commit).
+        self._staged: set[str] | None = None
         self._pending: deque[_Pending] = deque()
         self._ledger = _LedgerState()
         self._wake = asyncio.Event()
@@ -369,6 +570,11 @@ class Store:
         try:
             conn = connect(path)
             migrate(conn)
+            # Checkpoints run on a thread of their own (_Checkpointer), never
+            # inside a commit that answers wait for.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            # The loop never waits for another connection's lock: see _commit.
+            conn.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open entry store {path}: {exc}") from exc
         except OSError as exc:
@@ -435,8 +641,13 @@ class Store:
         return ledger
 
     def submit(self, entry: Entry | None, changes: Changes | None,
-               ledger: Ledger | None) -> asyncio.Future[bool]:
-        """Queue an entry and the ledger changes behind it; the future says durable."""
+               ledger: Ledger | None, *, line: EntryLine | None = None) -> asyncio.Future[bool]:
+        """Queue an entry and the ledger changes behind it; the future says durable.
+
+        ``line``: the entry's log line, written by the store's thread as the
+        entry commits (and before the future says so), unless its call claims it
+        first.
+        """
         if changes is not None:
             self._ledger.note(changes, ledger)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -451,7 +662,7 @@ class Store:
                 self.dropped += 1
                 if lost.done is not None and not lost.done.done():
                     lost.done.set_result(False)
-        self._pending.append(_Pending(entry, done))
+        self._pending.append(_Pending(entry, done, line=line))
         self._wake.set()
         return done
 
@@ -489,7 +700,6 @@ class Store:
 
     async def run(self) -> None:
         """The writer: drain what is pending in one transaction, repeat."""
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -499,8 +709,7 @@ class Store:
                 # ledger changes written in the same transaction.
                 ledger, self._ledger = self._ledger, _LedgerState()
                 try:
-                    forwarded = await loop.run_in_executor(
-                        self._executor, self._write, [*batch, _Pending(None, None, ledger=ledger)])
+                    forwarded = await self._commit([*batch, _Pending(None, None, ledger=ledger)])
                 except (sqlite3.Error, OSError) as exc:
                     self._ledger.after(ledger)
                     # Not durable now, and nobody should wait for the disk to
@@ -524,44 +733,101 @@ class Store:
                 written = {id(item) for item in batch}
                 self._pending = deque(i for i in self._pending if id(i) not in written)
                 self.batches += 1
+                # Before the answers go (they wait for the futures): each line is
+                # out before its call's answer, as when the call wrote it, and
+                # the batch's lines in one write.
+                lines = [entry_fields(item.entry, True) for item in batch
+                         if item.entry is not None and item.line is not None
+                         and item.line.claim()]
+                if lines:
+                    logs.entries(lines)
                 for item in batch:
                     if item.done is not None and not item.done.done():
                         item.done.set_result(True)
                 if forwarded and self.outbox is not None:
                     self.outbox.written(forwarded)
 
-    def _write(self, batch: Sequence[_Pending]) -> set[str]:
-        # One statement per table for the whole batch, not three per call:
-        # this runs on the writer thread but holds the GIL while it builds
-        # rows, so its Python work is taken from the event loop. The ledger
-        # state holds one (the latest) value per key.
-        entries = [_entry_row(item.entry) for item in batch if item.entry is not None]
+    async def _commit(self, batch: Sequence[_Pending]) -> set[str]:
+        """Write ``batch`` in one transaction; the forward endpoints it queued rows for.
+
+        The statements run here, on the loop: a batch's inserts are work in
+        memory (its pages are written at the commit) and cost the loop less
+        than handing the interpreter lock to and fro with a thread for each.
+        The commit, whose fsync may take as long as the disk likes, runs on
+        the store's thread, and the loop answers other calls meanwhile.
+        """
+        if self._worker.running:
+            await self._worker.quiet.wait()  # the thread still has the connection
+        conn = self._conn
+        try:
+            # Never wait for another connection's lock here, on the loop: the
+            # thread waits for it instead (busy_timeout) and writes it all.
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            self._staged = None
+        else:
+            try:
+                self._staged = self._statements(batch)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        forwarded: set[str] = await self._worker.run(self._write, batch)
+        return forwarded
+
+    def _statements(self, batch: Sequence[_Pending]) -> set[str]:
+        """The batch's statements, in the transaction begun; the forward endpoints.
+
+        A statement per table for the whole batch: whichever thread runs them,
+        SQLite lets go of the interpreter lock for each statement it steps
+        (see _insert). The ledger state holds one (the latest) value per key.
+        """
+        entries = [item.entry for item in batch if item.entry is not None]
         forwards: list[tuple[Any, ...]] = []
         if self.outbox is not None:
             # In the same transaction: an answered call's forward is as
             # durable as its entry, and never sent for an entry not kept.
             forwards = self.outbox.rows(
-                [item.entry for item in batch if item.entry is not None],
-                [item.alarm for item in batch if item.alarm is not None])
+                entries, [item.alarm for item in batch if item.alarm is not None])
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        _insert(conn, ENTRIES_HEAD, list(map(_entry_row, entries)))
+        _insert(conn, INSERT_OUTBOX, forwards)
+        for item in batch:
+            if item.ledger is not None:
+                _write_ledger(conn, item.ledger)
+        for item in batch:
+            for table, copy in (("managed_codes", item.code), ("managed_routes", item.route)):
+                if copy is not None:
+                    _keep_copy(conn, table, *copy)
+        return {row[0] for row in forwards}
+
+    def _write(self, batch: Sequence[_Pending]) -> set[str]:
+        """On the store's thread: commit the batch the loop staged, or, when another
+        connection held the lock, wait for it and write the batch whole."""
+        conn = self._conn
+        forwarded = self._staged
         try:
-            conn.executemany(INSERT_ENTRY, entries)
-            if forwards:
-                conn.executemany(INSERT_OUTBOX, forwards)
-            for item in batch:
-                if item.ledger is not None:
-                    _write_ledger(conn, item.ledger)
-            for item in batch:
-                for table, copy in (("managed_codes", item.code), ("managed_routes", item.route)):
-                    if copy is not None:
-                        _keep_copy(conn, table, *copy)
+            if forwarded is None:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    conn.execute("PRAGMA busy_timeout=0")
+                forwarded = self._statements(batch)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return {row[0] for row in forwards}
+        finally:
+            self._staged = None
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._commits = 0
+            self._checkpointer.request()
+        return forwarded
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait until everything pending is written (or ``within`` seconds pass)."""
@@ -573,11 +839,20 @@ class Store:
 
     async def call(self, function: Any, *args: Any) -> Any:
         """Run ``function(connection, *args)`` on the store's own thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, self._conn, *args)
+        return await self._worker.run(self._waiting, function, *args)
+
+    def _waiting(self, function: Any, *args: Any) -> Any:
+        # Off the loop, waiting for another connection's lock costs no answer.
+        conn = self._conn
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            return function(conn, *args)
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._checkpointer.stop()
+        self._worker.stop()
         self._conn.close()
 
 
@@ -586,37 +861,33 @@ class Store:
 STALE = "max(last, locked_until) < ? OR (failures = 0 AND locks = 0)"
 
 
+def _delete(conn: sqlite3.Connection, table: str, column: str, keys: Sequence[str]) -> None:
+    """Delete the rows whose ``column`` is one of ``keys``, a statement per chunk (see _insert)."""
+    for start in range(0, len(keys), ROWS_PER_STATEMENT):
+        chunk = keys[start:start + ROWS_PER_STATEMENT]
+        # ``table`` and ``column`` are constants; the keys are bound.
+        conn.execute(f"DELETE FROM {table} WHERE {column} IN "  # noqa: S608
+                     f"({', '.join('?' * len(chunk))})", chunk)
+
+
 def _write_ledger(conn: sqlite3.Connection, state: _LedgerState) -> None:
-    if state.uses:
-        conn.executemany(
-            "INSERT INTO uses (credential_id, count) VALUES (?, ?) "
-            "ON CONFLICT(credential_id) DO UPDATE SET count = excluded.count",
-            state.uses.items())
-    if state.totp:
-        conn.executemany(
-            "INSERT INTO totp_steps (credential_id, timecode) VALUES (?, ?) "
-            "ON CONFLICT(credential_id) DO UPDATE SET timecode = excluded.timecode",
-            state.totp.items())
+    _insert(conn, "INSERT INTO uses (credential_id, count)", list(state.uses.items()),
+            " ON CONFLICT(credential_id) DO UPDATE SET count = excluded.count")
+    _insert(conn, "INSERT INTO totp_steps (credential_id, timecode)", list(state.totp.items()),
+            " ON CONFLICT(credential_id) DO UPDATE SET timecode = excluded.timecode")
     if state.strikes:
-        conn.executemany(
-            "INSERT OR REPLACE INTO strikes (key, failures, locks, locked_until, last) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(k, s.failures, s.locks, s.locked_until, s.last)
-             for k, s in state.strikes.items() if s is not None])
-        conn.executemany("DELETE FROM strikes WHERE key = ?",
-                         [(k,) for k, s in state.strikes.items() if s is None])
+        _insert(conn, "INSERT OR REPLACE INTO strikes (key, failures, locks, locked_until, last)",
+                [(k, s.failures, s.locks, s.locked_until, s.last)
+                 for k, s in state.strikes.items() if s is not None])
+        _delete(conn, "strikes", "key", [k for k, s in state.strikes.items() if s is None])
     if state.calls:
-        conn.executemany(
-            "INSERT OR REPLACE INTO calls (id, began, decisions, opened) VALUES (?, ?, ?, ?)",
-            [(k, c.began, c.decisions, int(c.opened)) for k, c in state.calls.items()
-             if c is not None])
-        conn.executemany("DELETE FROM calls WHERE id = ?",
-                         [(k,) for k, c in state.calls.items() if c is None])
+        _insert(conn, "INSERT OR REPLACE INTO calls (id, began, decisions, opened)",
+                [(k, c.began, c.decisions, int(c.opened)) for k, c in state.calls.items()
+                 if c is not None])
+        _delete(conn, "calls", "id", [k for k, c in state.calls.items() if c is None])
     if state.reset:
         conn.execute("DELETE FROM site_window")
-    if state.window:
-        conn.executemany("INSERT INTO site_window (time) VALUES (?)",
-                         [(t,) for t in state.window])
+    _insert(conn, "INSERT INTO site_window (time)", [(t,) for t in state.window])
     if state.floor is not None and (state.window or state.reset):
         conn.execute("DELETE FROM site_window WHERE time < ?", (state.floor,))
 

@@ -84,7 +84,7 @@ class Plan:
 
 FULL = Plan(rounds=3, seconds=10, warmup=2, starts=2, fixed_rate=1000, flood_seconds=20,
             connections=32, tracemalloc=True, reload_baseline=8)
-QUICK = Plan(rounds=2, seconds=3, warmup=1, starts=1, fixed_rate=0, flood_seconds=6,
+QUICK = Plan(rounds=2, seconds=3, warmup=1, starts=1, fixed_rate=1000, flood_seconds=6,
              connections=32, tracemalloc=False, reload_baseline=3, pairs=2, pair_seconds=2)
 # Calls a second during the reload, each on a new connection as the PBX makes
 # them: far above a gate's real rate, low enough that the reload, not the
@@ -110,6 +110,25 @@ def proc_status(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(stat: str) -> float:
+    """utime + stime, in seconds, of a /proc/.../stat line."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time a process has used, all its threads (those ended too), and its main
+    thread's alone: for gated, the event loop's, the thread every answer waits for."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        total = _cpu_of(stat.read())
+    with open(f"/proc/{pid}/task/{pid}/stat", encoding="ascii") as stat:
+        loop = _cpu_of(stat.read())
+    return total, loop
 
 
 def answers(port: int, path: str = "/voipgrid") -> bool:
@@ -460,15 +479,21 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
         order = list(servers)
         for round_ in range(plan.rounds):
             for name in order:
+                before = cpu_seconds(servers[name].pid)
                 result = wrk(servers[name].port, "calls", plan.seconds,
                              connections=plan.connections, calls=calls[name])
+                after = cpu_seconds(servers[name].pid)
+                # CPU per answered call: every thread's, and the event loop's.
+                result["cpu_us"] = (after[0] - before[0]) / max(result["requests"], 1) * 1e6
+                result["loop_cpu_us"] = (after[1] - before[1]) / max(result["requests"], 1) * 1e6
                 runs[name].append(result)
                 say(f"round {round_ + 1} {name}: {result['rps']:.0f} req/s, "
                     f"p99 {result['p99_ms']:.2f} ms")
                 time.sleep(0.5)
             order = order[1:] + order[:1]  # rotate: nobody always goes first
         results["throughput"] = {name: {"runs": r, **{key: median_of(r, key) for key in (
-            "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms")}} for name, r in runs.items()}
+            "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "cpu_us", "loop_cpu_us")}}
+            for name, r in runs.items()}
         say("100k against 10 codes, back to back")
         ratios = []
         for pair in range(plan.pairs):
@@ -488,8 +513,12 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
         if plan.fixed_rate:
             results["fixed_rate"] = {}
             for name in order:
+                before = cpu_seconds(servers[name].pid)
                 result = wrk(servers[name].port, "calls", plan.seconds, connections=16,
                              calls=calls[name], rate=plan.fixed_rate)
+                after = cpu_seconds(servers[name].pid)
+                result["cpu_us"] = (after[0] - before[0]) / max(result["requests"], 1) * 1e6
+                result["loop_cpu_us"] = (after[1] - before[1]) / max(result["requests"], 1) * 1e6
                 results["fixed_rate"][name] = result
                 say(f"{plan.fixed_rate} req/s {name}: {result['rps']:.0f} req/s, "
                     f"p99 {result['p99_ms']:.2f} ms")
@@ -924,6 +953,40 @@ def report(r: dict[str, Any], command: str) -> str:
     ]
     table = "\n".join(lines)
 
+    def cpu_row(name: str, label: str) -> str:
+        x = t[name]
+        return (f"| {label} | {x['cpu_us']:.0f} | {x['loop_cpu_us']:.0f} | "
+                f"{x['cpu_us'] / floor['cpu_us']:.2f}x |")
+
+    cpu_lines = [
+        "| CPU per answered call, flat out (medians of the rounds) | all threads µs | "
+        "event loop's thread µs | all threads / floor |",
+        "|---|---:|---:|---:|",
+        cpu_row("floor", "aiohttp floor"),
+        cpu_row("gated_100k", "gated, 100,000 codes + 10,000 TOTP"),
+        cpu_row("gated_10", "gated, 10 codes + 10,000 TOTP"),
+    ]
+    steady_lines: list[str] = []
+    if "fixed_rate" in r:
+        fr = r["fixed_rate"]
+
+        def steady_row(name: str, label: str) -> str:
+            x = fr[name]
+            return (f"| {label} | {x['rps']:,.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                    f"{x['p999_ms']:.2f} | {x['max_ms']:.2f} | {x['cpu_us']:.0f} |")
+
+        steady_lines = [
+            f"| steady ~{plan['fixed_rate']:,} calls/s (16 connections, {plan['seconds']:.0f} s) "
+            "| calls/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU µs a call, all threads |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            steady_row("floor", "aiohttp floor"),
+            steady_row("gated_100k", "gated, 100,000 codes + 10,000 TOTP"),
+            steady_row("gated_10", "gated, 10 codes + 10,000 TOTP"),
+            f"| gated 100k / floor | | {fr['gated_100k']['p50_ms'] / fr['floor']['p50_ms']:.2f}x "
+            f"| {fr['gated_100k']['p99_ms'] / fr['floor']['p99_ms']:.2f}x | "
+            f"{fr['gated_100k']['p999_ms'] / fr['floor']['p999_ms']:.2f}x | | |",
+        ]
+
     routed, routed_small = t["routed_100k"], t["routed_10"]
 
     def routed_row(name: str, label: str, config: str = "") -> str:
@@ -1033,8 +1096,10 @@ def report(r: dict[str, Any], command: str) -> str:
     targets = [
         "| target | measured | |",
         "|---|---:|---|",
-        f"| requests/s ≥ 0.75x floor, every entry durable | {big['rps'] / floor['rps']:.2f}x | "
-        f"{verdict(big['rps'] >= 0.75 * floor['rps'])} |",
+        f"| requests/s ≥ 0.5x floor, every entry durable | {big['rps'] / floor['rps']:.2f}x | "
+        f"{verdict(big['rps'] >= 0.5 * floor['rps'])} |",
+        f"| CPU per answered call, all threads, ≤ 80 µs (flat out) | "
+        f"{big['cpu_us']:.0f} µs | {verdict(big['cpu_us'] <= 80)} |",
         f"| p99 ≤ 2x floor | {big['p99_ms'] / floor['p99_ms']:.2f}x | "
         f"{verdict(big['p99_ms'] <= 2 * floor['p99_ms'])} |",
         f"| 100k codes ≥ 0.95x of 10 codes (back-to-back pairs) | {size_ratio:.2f}x | "
@@ -1077,8 +1142,11 @@ def report(r: dict[str, Any], command: str) -> str:
     if "fixed_rate" in r:
         fr = r["fixed_rate"]
         ratio = fr["gated_100k"]["p99_ms"] / fr["floor"]["p99_ms"]
-        targets.append(f"| (p99 ≤ 2x floor again, at a fixed {plan['fixed_rate']:,} req/s "
-                       f"instead of flat out) | {ratio:.2f}x | {verdict(ratio <= 2)} |")
+        worst = fr["gated_100k"]["max_ms"]
+        targets.append(f"| at a steady ~{plan['fixed_rate']:,} calls/s: p99 ≤ 2x the floor's at "
+                       f"the same rate | {ratio:.2f}x | {verdict(ratio <= 2)} |")
+        targets.append(f"| ... and no call over 50 ms | {worst:.1f} ms | "
+                       f"{verdict(worst <= 50)} |")
     targets.append(f"| (refusals stay cheap: locked-out guesses vs valid calls, req/s) | "
                    f"{gmax['rps'] / big['rps']:.2f}x | |")
 
@@ -1148,7 +1216,8 @@ def report(r: dict[str, Any], command: str) -> str:
         f"{plan['rounds']} alternating rounds of {plan['seconds']:.0f} s per server "
         f"(medians shown); every gated request is a valid code from one of 1,000 callers.",
         "",
-        table, "", *routed_lines, "", *flood_lines, "", *memory_lines, "", *restart_lines, "",
+        table, "", *cpu_lines, "", *([*steady_lines, ""] if steady_lines else []),
+        *routed_lines, "", *flood_lines, "", *memory_lines, "", *restart_lines, "",
         *reload_lines, "", *targets, "", *memory,
         f"- The whole run took {r['bench_seconds']:.0f} s.", "",
     ])
