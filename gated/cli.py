@@ -25,6 +25,7 @@ from gated.book import compiler
 from gated.book import config as config_mod
 from gated.commands import codes as manage
 from gated.commands import forwards as forward_commands
+from gated.commands import lockout as lockout_commands
 from gated.core.console import parse_since, print_table
 from gated.core.errors import ActuatorError, ConfigError, GatedError, StoreError
 from gated.core.printable import printable
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     manage.add_parsers(sub, common)
     forward_commands.add_parsers(sub, common)
+    lockout_commands.add_parsers(sub, common)
     return parser
 
 
