@@ -79,7 +79,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           f"  ({len(config.server.tokens)} token(s), deadline {config.server.answer_deadline}s)")
     for name, gate in config.gates.items():
         actuator = gate.actuator
-        detail = " ".join(f"{k}={v}" for k, v in _fields(actuator).items())
+        detail = _set_fields(actuator)
         numbers = ", ".join(sorted(book.gates[name].numbers)) or "(any number)"
         print(f"gate      {name}: {numbers}; {actuator.__struct_config__.tag} {detail}; "
               f"{len(gate.callers)} caller(s)")
@@ -139,6 +139,21 @@ def guessing_summary(loaded: compiler.Loaded) -> str:
 
 def _fields(struct: object) -> dict[str, object]:
     return {k: getattr(struct, k) for k in struct.__struct_fields__}  # type: ignore[attr-defined]
+
+
+def _toml_words(value: object) -> str:
+    """A value as the config file writes it, not as Python prints it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(_toml_words(v) for v in value)
+    return str(value)
+
+
+def _set_fields(struct: object) -> str:
+    """``key=value`` for each key that is set (unset ones, None, are left out)."""
+    return " ".join(f"{k}={_toml_words(v)}" for k, v in _fields(struct).items()
+                    if v is not None and v != "")
 
 
 def cmd_call(args: argparse.Namespace) -> int:

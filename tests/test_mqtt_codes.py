@@ -373,7 +373,7 @@ def test_the_file_bounds_codes_as_mqtt_does(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(config_text(tmp_path, long_name))
     assert caught.value.path == "codes[3].callername"
-    assert "length <= 64" in str(caught.value)
+    assert "at most 64 characters" in str(caught.value)
     assert caught.value.line == config_text(tmp_path, long_name).splitlines().index(
         f'callername = "{"L" * 65}"') + 1
 

@@ -446,7 +446,7 @@ def _parse(text: str, source: str, *, streamed: bool
         # 100,000-code file costs more time and memory than parsing it.
         if not lines:
             lines.update(tomlpos.key_lines(text))
-        return ConfigError(message, path=tomlpos.format_path(key), file=source,
+        return ConfigError(plain(message), path=tomlpos.format_path(key), file=source,
                            line=tomlpos.line_of(lines, key))
 
     codes: list[Any] = []
@@ -459,6 +459,42 @@ def _parse(text: str, source: str, *, streamed: bool
     del raw, tables
     check(config, fail)
     return config, fail, codes
+
+
+# What msgspec calls the types, in the words of the people writing the file.
+_TYPE_WORDS = {"str": "text in quotes", "int": "a whole number", "float": "a number",
+               "bool": "true or false", "array": "a list in [brackets]", "object": "a table",
+               "datetime": "a date and time", "null": None}
+
+
+def _type_words(names: str) -> str:
+    words = [_TYPE_WORDS.get(name.strip(), name.strip()) for name in names.split("|")]
+    return " or ".join(w for w in words if w)
+
+
+def plain(message: str) -> str:
+    """msgspec's type and bound messages in plain words (no value is echoed: it may be
+    a code); other messages as they are."""
+    wrong = re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message)
+    if wrong:
+        expected, got = wrong.groups()
+        text = f"expected {_type_words(expected)}, got {_type_words(got)}"
+        if "str" in expected.split(" | ") and got in ("int", "float"):
+            # code = 123456 is a number to TOML, and would lose leading zeros.
+            text += ': put it in quotes, e.g. code = "012345"'
+        return text
+    bound = re.fullmatch(r"Expected `(str|array|object)` of length ([<>]=) (\d+)", message)
+    if bound:
+        kind, op, count = bound.groups()
+        unit = "characters" if kind == "str" else "items" if kind == "array" else "keys"
+        return (f"must be at least {count} {unit} long" if op == ">=" else
+                f"must be at most {count} {unit} long")
+    number = re.fullmatch(r"Expected `(int|float)` ([<>]=?) ([-\d.]+)", message)
+    if number:
+        _, op, limit = number.groups()
+        words = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}
+        return f"must be {words[op]} {limit}"
+    return message
 
 
 def _convert(raw: dict[str, Any], fail: Any) -> Config:
