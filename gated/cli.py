@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import sqlite3
@@ -156,8 +157,45 @@ def _set_fields(struct: object) -> str:
                     if v is not None and v != "")
 
 
+# What an entry's reason or actuator result means, for `gated call` to say
+# (docs/dialplan.md has the full table, with what to do).
+REASON_WORDS = {
+    "unknown_number": "no gate and no route line answers on the called number: --to must be "
+                      "one of a gate's numbers ([gates.*] numbers) or a [[routes]] line",
+    "no_route": "the called number is a route line, no code was typed, and no route matches "
+                "this caller",
+    "unknown_caller": "no code was typed and the caller is not on the gate's callers",
+    "unknown_code": "no code matches the digits typed",
+    "wrong_gate": "a valid code, but not for this gate",
+    "locked_out": "too many wrong codes: this caller or the site is locked for a while "
+                  "(gated lockout ls shows until when)",
+    "used_up": "the code's max_uses is reached",
+    "expired": "the code's valid_until has passed",
+    "not_yet_valid": "the code's valid_from is still to come",
+    "outside_schedule": "outside the code's weekly schedule",
+    "wrong_caller": "the code is bound to other caller numbers",
+    "store_failing": "the entry store cannot be written, so a code that spends a use is refused",
+    "routed_caller": "a route for this caller: nothing was opened; the dial plan puts the call "
+                     "through to the destination",
+    "granted_route": "a route-only code: answered with its callername and destination, "
+                     "nothing opened",
+}
+ACTUATOR_WORDS = {
+    "needs_call": "nothing opened: the gate opens by a tone played into a call (a dtmf "
+                  "gate), and a VoIPGRID answer cannot play one; try: gated call --twiml",
+    "actuator_failed": "the open command could not be carried out (the journal says why)",
+    "actuator_timeout": "the actuator did not confirm in time",
+    "actuator_unreachable": "the actuator cannot be reached (is its MQTT broker up?)",
+    "not_moved": "the open command went out but the gate's sensor saw no movement",
+    "deadline": "the open did not finish within the answer deadline",
+}
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     codes: list[str] = args.code or []
+    if not args.to:
+        print("warning: no --to: the webhook gets no called number, so no gate is selected "
+              "(a site with one gate that lists no numbers excepted)", file=sys.stderr)
     if args.twiml:
         from gated.pbx import twiml_player
 
@@ -182,38 +220,58 @@ def cmd_call(args: argparse.Namespace) -> int:
     })
     target = f"{url}{'&' if '?' in url else '?'}{query}"
     shown = re.sub(r"(token|code)=[^&]*", r"\1=***", target)
-    print(f"GET {shown}")
+    report: dict[str, Any] = {"request": shown}
+    say = (lambda _text: None) if args.json else print
+    say(f"GET {shown}")
     started = time.monotonic()
     try:
         with urllib.request.urlopen(target, timeout=args.timeout) as response:  # noqa: S310 (the URL is the user's)
             body = response.read().decode()
             status = response.status
     except urllib.error.HTTPError as exc:
-        print(f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}")
+        text = exc.read().decode(errors="replace").strip()
+        _done(args, report, f"HTTP {exc.code}: {text}", http_status=exc.code, body=text)
         return 2
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         # The webhook closes a connection from outside allow_from unanswered.
         hint = (" (closed unanswered: is this machine outside [server] allow_from?)"
                 if isinstance(reason, ConnectionResetError) else "")
-        print(f"no answer: {reason}{hint}")
+        _done(args, report, f"no answer: {reason}{hint}", error=f"{reason}{hint}")
         return 2
     elapsed = (time.monotonic() - started) * 1000
-    print(f"HTTP {status} in {elapsed:.0f} ms: {body}")
+    say(f"HTTP {status} in {elapsed:.0f} ms: {body}")
     fields = parse_body(body)
     word = fields.get("status", "")
     meaning = WHAT_THE_DIAL_PLAN_DOES.get("NAK" if word not in ("ACK", "ERR") else word)
-    print(f"-> {meaning}")
+    say(f"-> {meaning}")
+    report.update(http_status=status, ms=round(elapsed, 1), body=body, status=word,
+                  meaning=meaning)
     for key in ("callername", "destination"):
         if fields.get(key):
-            print(f"   {key}: {fields[key]}")
+            report[key] = fields[key]
+            say(f"   {key}: {fields[key]}")
     if loaded is not None:
-        _explain(loaded, args, time.time() - elapsed / 1000 - 1)
+        entry = _entry_of(loaded, args, time.time() - elapsed / 1000 - 1)
+        if entry is not None:
+            report["entry"] = _entry_json(entry, loaded.config.tz)
+            for line in _explain(entry):
+                say(f"   {line}")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
     return 0 if word == "ACK" else 1
 
 
-def _explain(loaded: compiler.Loaded, args: argparse.Namespace, since: float) -> None:
-    """Why, from this call's entry in the local store (when this user can read it)."""
+def _done(args: argparse.Namespace, report: dict[str, Any], text: str, **fields: Any) -> None:
+    """A call that got no decision: one line, or the JSON report."""
+    if args.json:
+        print(json.dumps({**report, **fields}, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def _entry_of(loaded: compiler.Loaded, args: argparse.Namespace, since: float) -> Entry | None:
+    """This call's entry in the local store (when this user can read it)."""
     from gated.core.numbers import normalise
     from gated.site.store import read_entries
 
@@ -223,15 +281,29 @@ def _explain(loaded: compiler.Loaded, args: argparse.Namespace, since: float) ->
         found = [e for e in read_entries(loaded.store_path, since=since, limit=20)
                  if e.did == did and e.caller == caller and e.source == "pbx"]
     except (GatedError, OSError, sqlite3.Error):
-        return
-    if not found:
-        return
-    entry = found[0]
+        return None
+    return found[0] if found else None
+
+
+def _explain(entry: Entry) -> list[str]:
+    """Why, in words: the reason and, when the gate was asked, what the actuator did."""
     who = f" ({entry.kind} {entry.credential!r})" if entry.credential else ""
-    print(f"   reason: {entry.reason}{who}")
-    if entry.reason == "routed_caller":
-        print("   a route for this caller: nothing was opened; the dial plan puts the call "
-              "through to the destination")
+    lines = [f"reason: {entry.reason}{who}"]
+    if entry.reason in REASON_WORDS:
+        lines.append(f"  {REASON_WORDS[entry.reason]}")
+    if entry.actuator:
+        lines.append(f"actuator: {entry.actuator}")
+        if entry.actuator in ACTUATOR_WORDS:
+            lines.append(f"  {ACTUATOR_WORDS[entry.actuator]}")
+    return lines
+
+
+def _entry_json(entry: Entry, tz: dt.tzinfo | None) -> dict[str, Any]:
+    """An entry as JSON: its time in ISO 8601 with the offset (the site's zone when known)."""
+    data = entry.as_dict()
+    data["time"] = (dt.datetime.fromtimestamp(entry.time, tz).astimezone(tz)
+                    .isoformat(timespec="milliseconds"))
+    return data
 
 
 def _printable(entry: Entry) -> Entry:
@@ -242,7 +314,7 @@ def _printable(entry: Entry) -> Entry:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from gated.site.store import entries_to_json, read_entries
+    from gated.site.store import read_entries
 
     tz: dt.tzinfo | None = None  # the machine's zone when only a store is given
     if args.db:
@@ -256,14 +328,18 @@ def cmd_log(args: argparse.Namespace) -> int:
     entries = [_printable(e) for e in read_entries(path, since=since, gate=args.gate,
                                                    limit=args.limit)]
     if args.json:
-        if entries:
-            print(entries_to_json(reversed(entries)))
+        # ISO 8601 with the offset, as the MQTT events write it.
+        for e in reversed(entries):
+            print(json.dumps(_entry_json(e, local), ensure_ascii=False))
         return 0
     if not entries:
         print("no entries")
         return 0
+    # The daemon's journal is in UTC (its lines end in Z); this table says its zone.
+    zone = getattr(local, "key", None) or dt.datetime.now(local).strftime("%Z")
     rows: list[tuple[str, ...]] = [
-        ("time", "gate", "caller", "status", "reason", "who", "actuator", "ms", "source")]
+        (f"time ({zone})", "gate", "caller", "status", "reason", "who", "actuator", "ms",
+         "source")]
     for e in reversed(entries):
         when = dt.datetime.fromtimestamp(e.time, local).strftime("%Y-%m-%d %H:%M:%S")
         rows.append((when, e.gate or "-", e.caller or "-", e.status, e.reason,
@@ -360,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="webhook URL (default: from the config; --twiml: the "
                    "[twiml] path on server.listen)")
     p.add_argument("--token", help="token (default: the config's first)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the answer (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: the answer, and the entry the call made")
     p.set_defaults(func=cmd_call)
 
     p = add("log", "show recent entries")

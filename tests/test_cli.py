@@ -79,8 +79,8 @@ async def test_call_and_log_against_a_running_daemon(start_daemon: Any, tmp_path
 
     assert await asyncio.to_thread(main, ["-c", config, "log"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["time", "gate", "caller", "status", "reason", "who", "actuator",
-                                "ms", "source"]
+    assert table[0].split() == ["time", "(Europe/Amsterdam)", "gate", "caller", "status",
+                                "reason", "who", "actuator", "ms", "source"]
     assert "granted_code" in table[1] and "Demo" in table[1] and "+31612345678" in table[1]
     assert "unknown_code" in table[2]
 

@@ -61,7 +61,7 @@ async def test_a_locked_out_caller_is_let_back_in_by_hand_while_the_daemon_runs(
 
     code, out, _ = await asyncio.to_thread(
         _lockout, ["-c", config, "lockout", "ls", "--json"], capsys)
-    locks = [json.loads(line) for line in out.splitlines()]
+    locks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert code == 0
     assert [(lock["locked"], lock["caller"]) for lock in locks] == [("caller", GUESSER)]
     assert locks[0]["seconds_left"] > 0 and "T" in locks[0]["until"]
@@ -91,7 +91,8 @@ async def test_a_site_wide_lock_is_lifted_by_hand_in_the_running_daemon_and_stay
     assert await running.get(code=RIGHT, did=BARRIER, callerid=GUESSER) == (200, "status=NAK")
     code, out, _ = await asyncio.to_thread(
         _lockout, ["-c", config, "lockout", "ls", "--json"], capsys)
-    assert [json.loads(line)["locked"] for line in out.splitlines()][:1] == ["site"]
+    locks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [lock["locked"] for lock in locks][:1] == ["site"]
 
     code, out, _ = await asyncio.to_thread(
         _lockout, ["-c", config, "lockout", "clear", "--site"], capsys)

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -772,5 +772,3 @@ def read_entries(path: Path, *, since: float | None = None, gate: str | None = N
         raise StoreError(f"cannot read entry store {path}: {exc}") from exc
 
 
-def entries_to_json(entries: Iterable[Entry]) -> str:
-    return "\n".join(json.dumps(e.as_dict(), ensure_ascii=False) for e in entries)
