@@ -150,7 +150,7 @@ async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_prune
     await running.daemon.gatekeeper.store.flush()
     code, out = await gated(capsys, "-c", config, "codes", "ls")
     (row,) = [line.split() for line in out.splitlines() if "Loodgieter" in line]
-    assert row[0] == "mqtt-site" and row[2] == "barrier" and row[-1] == "0"  # no uses left
+    assert row[0] == "visitor" and row[2] == "barrier" and row[-1] == "0"  # no uses left
 
     clock.advance(3600 + 61)  # expired, and the daemon's minute-long prune interval passed
     bridge = running.daemon.bridge

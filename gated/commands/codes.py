@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -93,8 +92,8 @@ def _issue_on_broker(args: argparse.Namespace, loaded: compiler.Loaded,
                      start: float | None, until: float) -> int:
     """With [mqtt], a visitor code is a managed code like any other (id ``v-…``),
     published as a keyed hash, so every tool that lists the broker's codes sees it."""
+    from gated.book.messages import VISITOR_PREFIX
     from gated.commands import brokercodes as staff
-    from gated.mqtt.bridge import VISITOR_PREFIX
 
     tz = loaded.config.tz
     length = args.length or loaded.config.visitors.length
@@ -166,8 +165,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if version >= 2:
                 visitors.install(book, load_visitors(conn))
             if version >= 3:
-                managed = [dataclasses.replace(code.credential, kind=f"mqtt-{code.scope}")  # type: ignore[arg-type]
-                           for code in _managed(conn, config)]
+                managed = [code.credential for code in _managed(conn, config)]
         finally:
             conn.close()
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
