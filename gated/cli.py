@@ -72,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.json:
+        return _check_config_json(args)
     loaded = compiler.load(args.file or args.config)
     config, book = loaded.config, loaded.book
     print(f"{loaded.path}: OK")
@@ -106,6 +108,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         host = urllib.parse.urlsplit(forward.url).hostname
         print(f"forward   {forward.name}: {forward.format} to {host}, caller {forward.caller}"
               + (", alarms too" if forward.alarms else ""))
+    return 0
+
+
+def _check_config_json(args: argparse.Namespace) -> int:
+    """check-config as one JSON object: ``ok`` and the summary, or ``ok`` false and why."""
+    path = args.file or args.config or config_mod.default_path()
+    try:
+        loaded = compiler.load(path)
+    except ConfigError as exc:
+        print(json.dumps({"file": str(path), "ok": False, "error": str(exc)}, ensure_ascii=False))
+        return 2
+    config, book = loaded.config, loaded.book
+    summary: dict[str, Any] = {
+        "file": str(loaded.path), "ok": True,
+        "site": {"id": config.site.id, "timezone": config.site.timezone,
+                 "region": config.site.region},
+        "webhook": {"url": f"http://{config.server.listen}{config.server.path}",
+                    "tokens": len(config.server.tokens),
+                    "answer_deadline": config.server.answer_deadline},
+        "gates": [{"name": name, "numbers": sorted(book.gates[name].numbers),
+                   "actuator": {"type": gate.actuator.__struct_config__.tag,
+                                **{k: v for k, v in _fields(gate.actuator).items()
+                                   if v is not None and v != ""}},
+                   "callers": len(gate.callers)} for name, gate in config.gates.items()],
+        "codes": {"static": book.code_count, "totp": book.totp_count},
+        "routes": {"routes": book.routes.routes, "callers": book.routes.rows},
+        "entries": str(loaded.store_path),
+        "mqtt": f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else None,
+        # The host only: the rest of a URL may be a secret.
+        "forwards": [{"name": f.name, "format": f.format,
+                      "host": urllib.parse.urlsplit(f.url).hostname, "caller": f.caller,
+                      "alarms": f.alarms} for f in config.forward],
+    }
+    if args.codes:
+        summary["credentials"] = [
+            {"kind": c.kind, "name": c.name, "gates": sorted(c.gates), "max_uses": c.max_uses}
+            for c in book.credentials()]
+    print(json.dumps(summary, ensure_ascii=False, default=str))
     return 0
 
 
@@ -398,6 +438,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from gated.commands import doctor
 
     path = args.config or config_mod.default_path()
+    if args.json:
+        findings = doctor.diagnose(path, dev=Path(args.dev))
+        problems = sum(1 for f in findings if f.level == "problem")
+        print(json.dumps({"config": path, "problems": problems,
+                          "findings": [dataclasses.asdict(f) for f in findings]},
+                         ensure_ascii=False))
+        return 1 if problems else 0
     print(f"gated doctor: {path}")
     text, problems = doctor.report(doctor.diagnose(path, dev=Path(args.dev)))
     print(text)
@@ -423,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-config", "validate a config file and summarise it")
     p.add_argument("file", nargs="?", help="config file to check")
     p.add_argument("--codes", action="store_true", help="list every credential (never digits)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: ok and the summary, or ok false and the error")
     p.set_defaults(func=cmd_check_config)
 
     p = add("call", "call the webhook the way the PBX does, and explain the answer")
@@ -457,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", "check the config, GPIO, state directory, broker and webhook; "
             "say what to fix")
     p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)  # tests point it elsewhere
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: the findings (level, topic, message, fix)")
     p.set_defaults(func=cmd_doctor)
 
     manage.add_parsers(sub, common)

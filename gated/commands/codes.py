@@ -139,6 +139,21 @@ def _validity(credential: Credential, tz: dt.tzinfo) -> str:
     return " ".join(parts) or "always"
 
 
+def _credential_json(credential: Credential, tz: dt.tzinfo, used: int) -> dict[str, object]:
+    """One credential as `codes ls --json` gives it: ISO 8601 times, never digits."""
+    def iso(ts: float | None) -> str | None:
+        return None if ts is None else dt.datetime.fromtimestamp(ts, tz).isoformat()
+
+    return {
+        "kind": credential.kind, "name": credential.name, "id": credential.id,
+        "gates": sorted(credential.gates), "valid_from": iso(credential.valid_from),
+        "valid_until": iso(credential.valid_until),
+        "scheduled": credential.schedule is not None,
+        "uses_left": None if credential.max_uses is None
+        else max(credential.max_uses - used, 0),
+    }
+
+
 def _managed(conn: sqlite3.Connection, config: config_mod.Config) -> list[ManagedCode]:
     """Codes managed over MQTT, from the daemon's local copy (no broker needed)."""
     found = []
@@ -169,9 +184,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         finally:
             conn.close()
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
+    everything = [*book.credentials(), *book.visitors.values(), *managed]
+    if args.json:
+        for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
+            item = _credential_json(credential, book.tz, uses.get(credential.id, 0))
+            if args.show_codes and credential.id in digits:
+                item["code"] = digits[credential.id]
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
     header = ("kind", "name", "gates", "valid", "uses left")
     rows: list[tuple[str, ...]] = [(*header, "code") if args.show_codes else header]
-    everything = [*book.credentials(), *book.visitors.values(), *managed]
     for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
         left = "-" if credential.max_uses is None else str(
             max(credential.max_uses - uses.get(credential.id, 0), 0))
@@ -304,7 +326,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--broker", action="store_true",
                    help="list the codes on the MQTT broker instead, with gated's verdicts")
     p.add_argument("--fleet", action="store_true", help="with --broker: only the fleet's")
-    p.add_argument("--json", action="store_true", help="with --broker: one JSON object a line")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_ls)
 
     from gated.commands import brokercodes as staff
