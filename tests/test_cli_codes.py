@@ -134,7 +134,7 @@ async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_prune
     await mqtt_ready(running)
     config = str(tmp_path / "gated.toml")
     code, out = await gated(capsys, "-c", config, "codes", "issue", "--name", "Loodgieter",
-                            "--gates", "barrier", "--valid", "1h", "--uses", "1")
+                            "--gates", "barrier", "--valid-for", "1h", "--max-uses", "1")
     assert code == 0, out
     published, digits_line, verdict = out.splitlines()
     assert published.startswith("published gated/test/codes/v-") and "keyed hash" in published

@@ -53,9 +53,17 @@ def cmd_issue(args: argparse.Namespace) -> int:
     loaded = compiler.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
     now = time.time()
-    start = (parse_time(args.start, config.tz, "--start").timestamp()
-             if args.start else None)
-    until = (start or now) + parse_duration(args.valid, "--valid")
+    start = (parse_time(args.valid_from, config.tz, "--valid-from").timestamp()
+             if args.valid_from else None)
+    if args.valid_until is not None and args.valid_for is not None:
+        raise argparse.ArgumentTypeError("give --valid-for or --valid-until, not both")
+    if args.valid_until is not None:
+        until = parse_time(args.valid_until, config.tz, "--valid-until").timestamp()
+        if until <= max(start or now, now):
+            raise argparse.ArgumentTypeError("--valid-until: already past (or before "
+                                             "--valid-from)")
+    else:
+        until = (start or now) + parse_duration(args.valid_for or "4h", "--valid-for")
     if config.mqtt is not None and not args.local:
         return _issue_on_broker(args, loaded, start, until)
     try:
@@ -67,8 +75,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
             taken = frozenset(code.digest(book) for code in _managed(conn, config))
             while True:
                 issued = visitors.make(
-                    book, name=args.name, gates=split_names([args.gates]), valid_from=start,
-                    valid_until=until, max_uses=args.uses, length=args.length or
+                    book, name=args.name, gates=split_names(args.gates), valid_from=start,
+                    valid_until=until, max_uses=args.max_uses, length=args.digits or
                     config.visitors.length, now=now, callername=args.callername,
                     destination=args.destination, taken=taken)
                 if add_visitor(conn, issued.row):
@@ -80,7 +88,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise StoreError(f"no visitor code issued: the entry store {loaded.store_path}: "
                          f"{exc}") from exc
     when = dt.datetime.fromtimestamp(until, config.tz).strftime("%Y-%m-%d %H:%M %Z")
-    uses = "" if args.uses is None else f", {args.uses} use{'s' if args.uses != 1 else ''}"
+    uses = ("" if args.max_uses is None else
+            f", {args.max_uses} use{'s' if args.max_uses != 1 else ''}")
     print(f"{issued.code}")
     print(f"visitor code for {args.name}: {', '.join(issued.row.gates) or 'route only'}, "
           f"valid until {when}{uses} (id {issued.row.id}; the digits are not stored, "
@@ -96,16 +105,16 @@ def _issue_on_broker(args: argparse.Namespace, loaded: compiler.Loaded,
     from gated.commands import brokercodes as staff
 
     tz = loaded.config.tz
-    length = args.length or loaded.config.visitors.length
+    length = args.digits or loaded.config.visitors.length
     code = visitors.random_digits(length)
     fields: dict[str, object] = {
-        "name": args.name, "code": code, "gates": split_names([args.gates]),
+        "name": args.name, "code": code, "gates": split_names(args.gates),
         "valid_until": dt.datetime.fromtimestamp(until, tz).isoformat(),
     }
     if start is not None:
         fields["valid_from"] = dt.datetime.fromtimestamp(start, tz).isoformat()
-    if args.uses is not None:
-        fields["max_uses"] = args.uses
+    if args.max_uses is not None:
+        fields["max_uses"] = args.max_uses
     for key in ("callername", "destination"):
         if getattr(args, key):
             fields[key] = getattr(args, key)
@@ -299,18 +308,38 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     codes = sub.add_parser("codes", help="manage codes", parents=[common])
     codes_sub = codes.add_subparsers(dest="codes_command", required=True, metavar="ACTION")
 
-    p = codes_sub.add_parser("issue", parents=[common],
-                             help="issue a random visitor code for a limited time")
+    helptext = "issue a random visitor code for a limited time"
+    p = codes_sub.add_parser(
+        "issue", parents=[common], help=helptext, description=helptext,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gated codes issue --name Plumber --gates barrier --valid-for 4h --max-uses 1\n"
+               "  gated codes issue --name Movers --gates barrier,door "
+               "--valid-from 2026-12-01T08:00 --valid-until 2026-12-01T18:00")
     p.add_argument("--name", required=True, type=_at_most(config_mod.MAX_NAME),
                    help="who it is for (shown in the log)")
-    p.add_argument("--gates", required=True, help="comma-separated gate names")
-    p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
-    p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
-    p.add_argument("--uses", type=_at_least(1), default=None,
+    p.add_argument("--gates", required=True, nargs="+",
+                   help="gate names, space- or comma-separated")
+    p.add_argument("--valid-for", help="how long: 90m, 4h, 2d (default 4h)")
+    p.add_argument("--valid", dest="valid_for", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--valid-until",
+                   help="when it ends instead (ISO time, e.g. 2026-12-24T18:00, site time)")
+    p.add_argument("--valid-from",
+                   help="when it starts (ISO time, e.g. 2026-12-01T07:00, site time; "
+                        "default now)")
+    p.add_argument("--start", dest="valid_from", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--max-uses", type=_at_least(1), default=None,
                    help="how many entries (default unlimited)")
-    p.add_argument("--length", type=_between(6, 12), help="digits (default [visitors] length)")
-    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME))
-    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION))
+    p.add_argument("--uses", dest="max_uses", type=_at_least(1),
+                   help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--digits", type=_between(6, 12),
+                   help="length of the code, 6 to 12 (default [visitors] length)")
+    p.add_argument("--length", dest="digits", type=_between(6, 12),
+                   help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME),
+                   help="shown to the PBX on success")
+    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION),
+                   help="where the PBX routes the call")
     p.add_argument("--local", action="store_true",
                    help="keep it in this machine's store even when [mqtt] is configured")
     p.set_defaults(func=cmd_issue)
