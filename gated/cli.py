@@ -1,4 +1,4 @@
-"""The ``gated`` command: the daemon and the tools around it."""
+"""The gated command: the daemon and the tools around it."""
 
 from __future__ import annotations
 
@@ -451,6 +451,58 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# Examples under each main command's --help (and a few of their actions').
+EXAMPLES = {
+    (): ["gated check-config", "gated call --code 471123 --from 0612345678 --to +31501234567",
+         "gated log --since 1h", "gated doctor", "gated COMMAND --help"],
+    ("run",): ["gated run", "gated -c /etc/gated/gated.toml run"],
+    ("check-config",): ["gated check-config", "gated check-config /etc/gated/gated.toml --codes",
+                        "gated check-config --json"],
+    ("call",): ["gated call --code 471123 --from 0612345678 --to +31501234567",
+                "gated call --from +31612345678 --to +31501234567   (a caller, no code)",
+                "gated call --twiml --to +31201234567 --code 111111 --code 246810",
+                "gated call --json --code 471123 --to +31501234567"],
+    ("log",): ["gated log --since 10m", "gated log --since today --gate barrier",
+               "gated log --json --since 2026-12-01T00:00"],
+    ("pulse",): ["sudo systemctl stop gated && sudo -u gated gated pulse barrier"],
+    ("doctor",): ["sudo -u gated gated doctor", "gated doctor --json"],
+    ("codes",): ["gated codes issue --name Plumber --gates barrier --valid-for 4h --max-uses 1",
+                 "gated codes put cleaner --gates barrier --valid-until 2026-12-24T18:00",
+                 "gated codes import codes.csv", "gated codes ls", "gated codes ls --broker --json",
+                 "gated codes hash"],
+    ("codes", "issue"): [
+        "gated codes issue --name Plumber --gates barrier --valid-for 4h --max-uses 1",
+        "gated codes issue --name Movers --gates barrier door --valid-from 2026-12-01T08:00 "
+        "--valid-until 2026-12-01T18:00"],
+    ("codes", "put"): ["gated codes put cleaner --gates barrier door --max-uses 10",
+                       "gated codes put day-shift --gates '*' --schedule 'mon-fri 07:00-18:00'"],
+    ("codes", "import"): ["gated codes import codes.csv", "gated codes import --replace codes.csv",
+                          "gated codes import couriers.csv --fleet"],
+    ("codes", "ls"): ["gated codes ls", "gated codes ls --json", "gated codes ls --broker --fleet"],
+    ("routes",): ["gated routes ls", "gated routes put acme --callers +31201234567 "
+                  "--destination 201", "gated routes rm acme", "gated routes ls --broker --json"],
+    ("totp",): ["gated totp add 'Flat 12' --gates barrier,door",
+                "gated totp add 'Flat 12' --gates barrier --qr flat12.png"],
+    ("forward",): ["gated forward ls", "gated forward ls --json", "gated forward retry crm"],
+    ("lockout",): ["gated lockout ls", "gated lockout clear +31612345678",
+                   "gated lockout clear --site", "gated lockout clear withheld"],
+}
+
+
+def _finish(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Every command's --help: its description, and examples where there are some."""
+    if path in EXAMPLES:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[path])
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None:
+                    sub.description = helps.get(name)
+                _finish(sub, (*path, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gated {__version__}")
@@ -481,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="be the TwiML platform: a whole signed call, incoming then each code")
     p.add_argument("--from", dest="from", default="", metavar="NUMBER", help="caller's number")
     p.add_argument("--to", default="", metavar="NUMBER", help="the called number (selects gate)")
-    p.add_argument("--callername", default="")
+    p.add_argument("--callername", default="", help="the caller's name, as the PBX passes it")
     p.add_argument("--url", help="webhook URL (default: from the config; --twiml: the "
                    "[twiml] path on server.listen)")
     p.add_argument("--token", help="token (default: the config's first)")
@@ -493,14 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("log", "show recent entries")
     p.add_argument("--since", help="10m, 2h, 3d, today, or an ISO time")
-    p.add_argument("--gate")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--gate", help="only this gate's entries")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--db", help="entry store path (default: from the config)")
     p.set_defaults(func=cmd_log)
 
     p = add("pulse", "pulse one gate's relay by hand (bench test; stop the daemon first)")
-    p.add_argument("gate")
+    p.add_argument("gate", help="the gate's name, as in [gates.NAME]")
     p.set_defaults(func=cmd_pulse)
 
     p = add("doctor", "check the config, GPIO, state directory, broker and webhook; "
@@ -513,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     manage.add_parsers(sub, common)
     forward_commands.add_parsers(sub, common)
     lockout_commands.add_parsers(sub, common)
+    _finish(parser)
     return parser
 
 

@@ -61,7 +61,7 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--valid-until", help="ISO time, e.g. 2026-12-24T18:00 (site time)")
     p.add_argument("--schedule", action="append", default=[],
                    help='weekly window, e.g. "mon-fri 07:00-18:00" (repeatable)')
-    p.add_argument("--max-uses", type=int)
+    p.add_argument("--max-uses", type=int, help="how many entries (default unlimited)")
     p.add_argument("--callers", nargs="+", default=[], help="only from these numbers")
     p.add_argument("--callername", default="", help="shown to the PBX on success")
     p.add_argument("--destination", default="", help="where the PBX routes the call")
@@ -72,7 +72,7 @@ def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_put)
 
     p = action("rm", "delete a code from the broker (an empty retained message)")
-    p.add_argument("id")
+    p.add_argument("id", help="the code's id, as put published it")
     p.set_defaults(func=cmd_rm)
 
     p = action("import", "publish the codes of a CSV file as a signed code set: laid over "

@@ -309,13 +309,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     codes_sub = codes.add_subparsers(dest="codes_command", required=True, metavar="ACTION")
 
     helptext = "issue a random visitor code for a limited time"
-    p = codes_sub.add_parser(
-        "issue", parents=[common], help=helptext, description=helptext,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  gated codes issue --name Plumber --gates barrier --valid-for 4h --max-uses 1\n"
-               "  gated codes issue --name Movers --gates barrier,door "
-               "--valid-from 2026-12-01T08:00 --valid-until 2026-12-01T18:00")
+    p = codes_sub.add_parser("issue", parents=[common], help=helptext, description=helptext)
     p.add_argument("--name", required=True, type=_at_most(config_mod.MAX_NAME),
                    help="who it is for (shown in the log)")
     p.add_argument("--gates", required=True, nargs="+",
@@ -370,7 +364,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")
     p = totp_sub.add_parser("add", parents=[common],
                             help="create a TOTP user: secret, otpauth URI and QR code")
-    p.add_argument("name")
+    p.add_argument("name", help="who the user is (shown in the log and the app)")
     p.add_argument("--gates", required=True, help="comma-separated gate names")
     p.add_argument("--digits", default="6", help="digits per code, 6 to 8 (default 6)")
     p.add_argument("--period", default="30",

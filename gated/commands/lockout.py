@@ -106,11 +106,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                 common: argparse.ArgumentParser) -> None:
     what = "see and lift the guessing locks (too many wrong codes)"
-    lockout = sub.add_parser(
-        "lockout", help=what, parents=[common], description=what,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  gated lockout ls\n  gated lockout clear +31612345678\n"
-               "  gated lockout clear --site\n  gated lockout clear withheld")
+    lockout = sub.add_parser("lockout", help=what, parents=[common], description=what)
     actions = lockout.add_subparsers(dest="lockout_command", required=True, metavar="ACTION")
 
     helptext = "who is locked out and until when (the site first)"

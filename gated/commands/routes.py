@@ -59,7 +59,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_put)
 
     p = action("rm", "delete a route from the broker (an empty retained message)")
-    p.add_argument("id")
+    p.add_argument("id", help="the route's id, as put published it")
     p.set_defaults(func=cmd_rm)
 
     p = action("ls", "list the config's routes, or with --broker the broker's")
