@@ -445,11 +445,11 @@ KeyReader = Callable[[Config], bytes | None]
 
 
 @_gc_paused()
-def parse(text: str, *, source: str = "",
-          key: KeyReader | None = None) -> tuple[Config, CodeBook]:
+def parse(text: str, *, source: str = "", key: KeyReader | None = None,
+          staff: bool = False) -> tuple[Config, CodeBook]:
     """Parse TOML text into a checked Config and the code book compiled from it
     (in memory: commands and tests; the daemon's goes through a file)."""
-    config, fail = config_mod.parse(text, source=source)
+    config, fail = config_mod.parse(text, source=source, staff=staff)
     site_key = key(config) if key is not None else None
     folder = Path(source).resolve().parent if source else None
     # Without a site key the book uses a throw-away one: lookups work the
@@ -488,12 +488,15 @@ def _sources(source: Path, config_digest: bytes, config: Config,
     }
 
 
-def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Loaded:
+def load(path: str | os.PathLike[str] | None, *, create_key: bool = False,
+         staff: bool = False) -> Loaded:
     """Read, parse and check a config file in this process, or raise ConfigError
     naming key and line.
 
     The code book is compiled with the site key; ``create_key`` makes one
     when there is none yet (the daemon does, a read-only check does not).
+    ``staff``: the broker commands' load, for which a staff machine's file of
+    ``[site] id`` and ``[mqtt]`` is enough.
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
     file, source, data = _read(path)
@@ -503,7 +506,7 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
         where = config_mod.key_path(source, config)
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
-    config, book = parse(text, source=str(file), key=site_key)
+    config, book = parse(text, source=str(file), key=site_key, staff=staff)
     # Absolute, so a reload still finds it after the daemon changed directory.
     return Loaded(config=config, path=file.absolute(), book=book, source=source)
 

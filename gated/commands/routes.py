@@ -70,7 +70,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _site(args: argparse.Namespace) -> tuple[compiler.Loaded, Config]:
-    loaded = compiler.load(args.config)
+    loaded = compiler.load(args.config, staff=True)
     if loaded.config.mqtt is None:
         raise StaffError(f"{loaded.path} has no [mqtt] table: routes over MQTT need a broker "
                          "(routes in the file: [[routes]])")
