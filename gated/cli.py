@@ -77,7 +77,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = compiler.load(args.file or args.config)
     config, book = loaded.config, loaded.book
     print(f"{loaded.path}: OK")
-    print(f"site      {config.site.id} ({config.site.timezone}, region {config.site.region})")
+    print(f"site      {config.site.id} ({config.site.zone}, region {config.site.region})")
+    if config.site.timezone is None:
+        print(f"warning: {compiler.NO_TIMEZONE}", file=sys.stderr)
     print(f"webhook   http://{config.server.listen}{config.server.path}"
           f"  ({len(config.server.tokens)} token(s), deadline {config.server.answer_deadline}s)")
     for name, gate in config.gates.items():
@@ -122,7 +124,8 @@ def _check_config_json(args: argparse.Namespace) -> int:
     config, book = loaded.config, loaded.book
     summary: dict[str, Any] = {
         "file": str(loaded.path), "ok": True,
-        "site": {"id": config.site.id, "timezone": config.site.timezone,
+        "site": {"id": config.site.id, "timezone": config.site.zone,
+                 "timezone_set": config.site.timezone is not None,
                  "region": config.site.region},
         "webhook": {"url": f"http://{config.server.listen}{config.server.path}",
                     "tokens": len(config.server.tokens),

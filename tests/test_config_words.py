@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gated.book import compiler
 from gated.cli import main
@@ -68,3 +69,25 @@ def test_check_config_summary_prints_no_python_reprs(
         for repr_word in ("None", "True", "False", "'"):
             assert repr_word not in line, line
     assert "command_topic=cmnd/garage/POWER" in "\n".join(gates)
+
+
+def test_a_site_without_a_timezone_is_warned_about_not_silently_utc(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file without [site] timezone still loads (as UTC), and check-config and the
+    daemon's start say so; a file with one says nothing."""
+    path = tmp_path / "gated.toml"
+    path.write_text(config_text(tmp_path).replace('timezone = "Europe/Amsterdam"\n', ""))
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "test (UTC" in out
+    assert "timezone is not set" in err and "read as UTC" in err
+    with capture_logs() as logs:
+        compiler.warn_unkept(compiler.load(path))
+    assert any("timezone is not set" in e["event"] for e in logs)
+
+    path.write_text(config_text(tmp_path))
+    assert main(["check-config", str(path)]) == 0
+    assert "timezone" not in capsys.readouterr().err
+    with capture_logs() as logs:
+        compiler.warn_unkept(compiler.load(path))
+    assert not logs

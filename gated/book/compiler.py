@@ -210,7 +210,7 @@ def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
              ) -> tuple[_Compiled, RouteTable | None]:
     """Check every credential and gather the book's contents, raising ``fail(key, message)``
     on the first problem. ``codes``: the [[codes]] when they are not in ``config``."""
-    tz = zoneinfo.ZoneInfo(config.site.timezone)
+    tz = zoneinfo.ZoneInfo(config.site.zone)
     number = number_parser(config.site.region, fail)
     compile_gates(config, number, fail)
     compiled = _Compiled({}, [], [])
@@ -289,7 +289,7 @@ def open_book(image: bookfile.Image, config: Config, *, key: bytes, site_key: bo
     ``key``: the key the image's digests were made with (the site key, or a
     throw-away one when there is none: ``site_key`` False).
     """
-    tz = zoneinfo.ZoneInfo(config.site.timezone)
+    tz = zoneinfo.ZoneInfo(config.site.zone)
     number = number_parser(config.site.region, fail)
     gates, by_number = compile_gates(config, number, fail)
     policies = [_credential(policy) for policy in image.decode("policies", list[Policy])]
@@ -483,7 +483,7 @@ def _sources(source: Path, config_digest: bytes, config: Config,
     return {
         "config": (str(source), config_digest),
         "key": (str(key_path), bookfile.file_digest(key_path)),
-        "timezone": (config.site.timezone, bookfile.timezone_digest(config.site.timezone)),
+        "timezone": (config.site.zone, bookfile.timezone_digest(config.site.zone)),
         "compiler": ("", bookfile.compiler_digest()),
     }
 
@@ -762,8 +762,16 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
     return msgspec.structs.replace(load(file, create_key=True), unkept=reason)
 
 
+NO_TIMEZONE = ("[site] timezone is not set: times without an offset (valid_from, "
+               "valid_until, schedules) are read as UTC; set it, e.g. "
+               'timezone = "Europe/Amsterdam"')
+
+
 def warn_unkept(loaded: Loaded) -> None:
-    """Log that the book could not be kept, once the log is set up."""
+    """Log what the daemon should say once the log is set up: a book that could not
+    be kept, a site without a time zone."""
+    if loaded.config.site.timezone is None:
+        log.warning(NO_TIMEZONE)
     if loaded.unkept:
         log.warning("code book not kept in the state directory; compiled in the daemon's "
                     "own process (a restart will compile it again)", reason=loaded.unkept)

@@ -56,7 +56,13 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
 class SiteConfig(_Table, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    timezone: str = "UTC"
+    # None: not set, and read as UTC; check-config and the daemon warn of it,
+    # since a site's times without an offset are its local time.
+    timezone: str | None = None
+
+    @property
+    def zone(self) -> str:
+        return self.timezone or "UTC"
     region: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")] = "NL"
     # The HMAC key codes are looked up by; default: site.key beside the store.
     key_file: str | None = None
@@ -329,7 +335,7 @@ class Config(_Table, kw_only=True, frozen=True):
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
-        return zoneinfo.ZoneInfo(self.site.timezone)
+        return zoneinfo.ZoneInfo(self.site.zone)
 
     @property
     def mqtt_prefix(self) -> str:
@@ -556,7 +562,7 @@ def add_check(check: Check) -> None:
 def check(config: Config, fail: Any, *, staff: bool = False) -> None:
     """Checks that span several fields, each naming the key it is about."""
     try:
-        zoneinfo.ZoneInfo(config.site.timezone)
+        zoneinfo.ZoneInfo(config.site.zone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise fail(("site", "timezone"), f"unknown time zone {config.site.timezone!r}") from None
     if config.site.region not in phonenumbers.SUPPORTED_REGIONS:
