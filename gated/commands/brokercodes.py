@@ -23,7 +23,7 @@ from gated.book import compiler, signing, sitekey
 from gated.book.config import Config, fleet_key_path
 from gated.book.messages import ID_RE, NotHere, Rejected, Scope, parse
 from gated.commands import sets as setstaff
-from gated.core.console import counted, parse_time, print_table, split_names
+from gated.core.console import Progress, counted, parse_time, print_table, split_names
 from gated.core.errors import GatedError
 
 if TYPE_CHECKING:
@@ -295,12 +295,23 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     loaded, config = _site(args)
     scope, _base_topic = _base(config, args.fleet)
-    rows = csvcodes.read(Path(args.file), config, scope=scope)
     if args.replace and scope == "fleet":
         raise StaffError("--replace is for a site's set: a fleet import always replaces")
+    # 100,000 codes take seconds to check and as many to hash: say how far it got.
+    checking = Progress(f"checking {args.file}, line")
+    try:
+        rows = csvcodes.read(Path(args.file), config, scope=scope, progress=checking)
+    finally:
+        checking.done()
     keys = setstaff.fleet_keys(loaded) if scope == "fleet" else setstaff.site_keys(loaded)
-    entries = [setstaff.entry_of(row.id, setstaff.hashed_body(
-        row.fields, row.fields["code"], keys.hmac), keys.hmac) for row in rows]
+    hashing = Progress("hashing codes", len(rows))
+    entries = []
+    for done, row in enumerate(rows):
+        if not done % 1000:
+            hashing(done)
+        entries.append(setstaff.entry_of(row.id, setstaff.hashed_body(
+            row.fields, row.fields["code"], keys.hmac), keys.hmac))
+    hashing.done()
     state_topic = f"{config.mqtt_prefix}/{'fleet' if scope == 'fleet' else 'codeset'}"
 
     async def run() -> int:
