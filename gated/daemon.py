@@ -34,6 +34,7 @@ from gated.book import config as config_mod
 from gated.book.compiler import Loaded
 from gated.book.config import split_listen
 from gated.core.clock import Clock, SystemClock
+from gated.core.decide import Changes
 from gated.core.errors import ConfigError, GatedError, StoreError
 from gated.core.lockout import SITE, Policy
 from gated.pbx.twiml import TWIML, LiveTwiml, TwimlSettings
@@ -45,7 +46,15 @@ from gated.site.notify import notify, watchdog_interval
 from gated.site.ports import Actuator
 from gated.site.sensor import ConfirmingActuator, GateSensor
 from gated.site.sockets import CappedSite
-from gated.site.store import Entry, Store, data_version, load_visitors, prune_visitors
+from gated.site.store import (
+    Entry,
+    Store,
+    clears_after,
+    data_version,
+    last_clear,
+    load_visitors,
+    prune_visitors,
+)
 
 if TYPE_CHECKING:
     # Loaded only on sites that use them: a site without a broker or metrics
@@ -114,6 +123,7 @@ class Daemon:
     metrics: Metrics | None = None
     _reloads: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     _visitors_version: int = 0
+    _clears_seen: int = 0  # the last `gated lockout clear` request followed
     _alarms: asyncio.Queue[tuple[str, str, float]] = field(default_factory=asyncio.Queue)
     _webhook: web.TCPSite | None = None
     _webhook_settings: LiveSettings | None = None
@@ -149,6 +159,9 @@ class Daemon:
                         on_alarm=lambda *alarm: self._alarms.put_nowait(alarm))
                     built[name] = ConfirmingActuator(built[name], sensor)
             store = Store.open(self.loaded.store_path)
+            # Before the ledger: a lock cleared by hand between the two reads
+            # is then cleared again (harmless), never missed.
+            self._clears_seen = last_clear(store.connection)
             ledger = store.load_ledger(policy(self.loaded), self.clock.now())
             # Read the version first: a visitor code issued right after this
             # load then still shows up as a change for housekeeping.
@@ -405,6 +418,7 @@ class Daemon:
                     visitors.install(gatekeeper.book, rows)
                     log.info("visitor codes loaded", count=len(rows))
                     seen = version
+                    await self._clear_locks(gatekeeper)
                 if now - pruned > PRUNE_SECONDS:
                     pruned = now
                     keep = self.loaded.config.visitors.keep_expired
@@ -421,6 +435,18 @@ class Daemon:
                 kind = "site_unlocked" if key == SITE else "caller_unlocked"
                 alarms.alarm(log, kind, key=key)
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+    async def _clear_locks(self, gatekeeper: Gatekeeper) -> None:
+        """Follow `gated lockout clear`: it cleared the stored strikes; clear ours."""
+        store = gatekeeper.store
+        for request, key in await store.call(clears_after, self._clears_seen):
+            self._clears_seen = request
+            ledger = gatekeeper.ledger
+            if ledger.lockout.clear(key):
+                # Written as any change to the strikes, so a lock this daemon
+                # had not stored yet does not come back at the next start.
+                store.submit(None, Changes(strikes=[key]), ledger)
+                alarms.alarm(log, "lockout_cleared", key=key)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()

@@ -79,8 +79,8 @@ async def test_call_and_log_against_a_running_daemon(start_daemon: Any, tmp_path
 
     assert await asyncio.to_thread(main, ["-c", config, "log"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["time", "gate", "caller", "status", "reason", "who", "actuator",
-                                "ms", "source"]
+    assert table[0].split() == ["time", "(Europe/Amsterdam)", "gate", "caller", "status",
+                                "reason", "who", "actuator", "ms", "source"]
     assert "granted_code" in table[1] and "Demo" in table[1] and "+31612345678" in table[1]
     assert "unknown_code" in table[2]
 
@@ -153,9 +153,11 @@ async def test_pulse_refuses_while_the_daemon_runs_and_staff_tools_still_work(
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--start", "tomorrow"], "--start: not an ISO time: 'tomorrow'"),
-    (["--start", "2026-12-01"], "--start: give a time too"),
-    (["--valid", "4x"], "--valid: expected e.g. 90m, 4h or 2d"),
+    (["--valid-from", "tomorrow"], "--valid-from: not an ISO time: 'tomorrow'"),
+    (["--valid-from", "2026-12-01"], "--valid-from: give a time too"),
+    (["--valid-for", "4x"], "--valid-for: expected e.g. 90m, 4h or 2d"),
+    (["--valid-until", "2000-01-01T00:00"], "--valid-until: already past"),
+    (["--valid-for", "1h", "--valid-until", "2099-01-01T00:00"], "not both"),
     (["--gates", "nowhere"], "no gate named 'nowhere'"),
 ])
 def test_issue_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], message: str,
@@ -167,6 +169,34 @@ def test_issue_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_codes_issue_speaks_the_words_of_codes_put_and_keeps_the_old_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`codes issue` takes --valid-from/--valid-until/--max-uses/--digits as `codes put` and
+    the CSV columns do; the old spellings (--start, --valid, --uses, --length) still work
+    and are not shown in help."""
+    from gated.site.store import connect, load_visitors
+
+    path = write_config(tmp_path)
+    common = ["-c", str(path), "codes", "issue", "--local", "--gates", "barrier"]
+    assert main([*common, "--name", "New", "--valid-from", "2099-01-01T08:00",
+                 "--valid-until", "2099-01-01T18:00", "--max-uses", "2", "--digits", "8"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 8
+    assert main([*common, "--name", "Old", "--start", "2099-01-01T08:00", "--valid", "10h",
+                 "--uses", "2", "--length", "8"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 8
+    conn = connect(tmp_path / "state" / "entries.sqlite3")
+    rows = {row.name: row for row in load_visitors(conn)}
+    conn.close()
+    assert (rows["New"].valid_from, rows["New"].valid_until, rows["New"].max_uses) == (
+        rows["Old"].valid_from, rows["Old"].valid_until, rows["Old"].max_uses)
+    with pytest.raises(SystemExit):
+        main(["codes", "issue", "--help"])
+    shown = capsys.readouterr().out
+    assert "--valid-until" in shown and "--max-uses" in shown and "--digits" in shown
+    for old in ("--start", "--uses", "--length", "--valid "):
+        assert old not in shown
 
 
 def test_output_cut_short_by_a_pipe_is_quiet(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_prune
     await mqtt_ready(running)
     config = str(tmp_path / "gated.toml")
     code, out = await gated(capsys, "-c", config, "codes", "issue", "--name", "Loodgieter",
-                            "--gates", "barrier", "--valid", "1h", "--uses", "1")
+                            "--gates", "barrier", "--valid-for", "1h", "--max-uses", "1")
     assert code == 0, out
     published, digits_line, verdict = out.splitlines()
     assert published.startswith("published gated/test/codes/v-") and "keyed hash" in published
@@ -150,7 +150,7 @@ async def test_visitor_code_with_mqtt_lives_on_the_broker_as_a_hash_and_is_prune
     await running.daemon.gatekeeper.store.flush()
     code, out = await gated(capsys, "-c", config, "codes", "ls")
     (row,) = [line.split() for line in out.splitlines() if "Loodgieter" in line]
-    assert row[0] == "mqtt-site" and row[2] == "barrier" and row[-1] == "0"  # no uses left
+    assert row[0] == "visitor" and row[2] == "barrier" and row[-1] == "0"  # no uses left
 
     clock.advance(3600 + 61)  # expired, and the daemon's minute-long prune interval passed
     bridge = running.daemon.bridge
@@ -201,3 +201,32 @@ async def test_import_publishes_a_csvs_codes_as_keyed_hashes(
     assert await running.get(code="62626262", did=DOOR) == (200, "status=NAK")
     everything = b"".join(m.payload for m in probe.received)
     assert b"61616161" not in everything and b"62626262" not in everything
+
+
+async def test_a_staff_machine_needs_only_its_site_id_and_the_broker(
+        broker: Mosquitto, start_daemon: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A staff machine's file of [site] id (and the site key's path) and [mqtt], with no
+    token, gate or log path, is enough to put, list and delete a site's codes."""
+    running = await start_daemon(mqtt_table(broker))
+    await mqtt_ready(running)
+    staff = tmp_path / "staff" / "staff.toml"
+    staff.parent.mkdir()
+    staff.write_text(f'[site]\nid = "test"\nkey_file = "{tmp_path / "state" / "site.key"}"\n'
+                     + mqtt_table(broker))
+    code, out = await gated(capsys, "-c", str(staff), "codes", "put", "cleaner", "--code",
+                            "246810", "--gates", "barrier", "--name", "Cleaner")
+    assert code == 0, out
+    assert out.splitlines() == ["published gated/test/codes/cleaner (as a keyed hash)",
+                                "applied by gated at site test"]
+    assert await running.get(code="246810", did=BARRIER) == (200, "status=ACK")
+    code, out = await gated(capsys, "-c", str(staff), "codes", "ls", "--broker", "--json")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["cleaner"]
+    code, out = await gated(capsys, "-c", str(staff), "codes", "put", "x", "--code", "246811",
+                            "--gates", "nowhere")
+    # The file names no gates to check against: the site's gated checks and says.
+    assert code == 1 and "refused by gated at site test" in out and "nowhere" in out
+    code, out = await gated(capsys, "-c", str(staff), "codes", "rm", "cleaner")
+    assert (code, out.strip()) == (0, "deleted gated/test/codes/cleaner")
+    code, out = await gated(capsys, "-c", str(staff), "routes", "ls", "--broker", "--json")
+    assert code == 0

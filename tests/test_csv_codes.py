@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from gated.book import config, csvcodes
 from gated.book.config import Config
 from gated.book.messages import ID_RE, Scope
 from gated.commands import brokercodes as staff
+from gated.core.console import Progress
 from gated.core.errors import GatedError
 
 from .helpers import config_text
@@ -305,3 +307,39 @@ def test_100k_lines_are_read(tmp_path: Path) -> None:
     rows = csvcodes.read(path, site(tmp_path), scope="site")
     assert len(rows) == 100_000 and len({r.id for r in rows}) == 100_000
     assert (rows[-1].line, rows[-1].fields["code"]) == (100_001, "00099999")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_import_counts_its_lines_on_a_terminal_and_says_nothing_in_a_pipe(
+        tmp_path: Path) -> None:
+    """Checking a large CSV shows a line count on a terminal once it lasts over a second,
+    clears it at the end, and writes nothing to a pipe or for quick work."""
+    site_config = site(tmp_path)
+    path = tmp_path / "codes.csv"
+    path.write_text("name,code,gates\n" + "".join(
+        f"Code {n},{10_000_000 + n},barrier\n" for n in range(5000)))
+    ticks = iter(range(0, 1000))
+
+    def clock() -> float:
+        return next(ticks) * 0.5  # each look at the clock: half a second later
+
+    terminal, pipe = _Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = Progress("checking codes.csv, line", stream=stream, clock=clock)
+        assert len(csvcodes.read(path, site_config, scope="site", progress=progress)) == 5000
+        progress.done()
+    shown = terminal.getvalue()
+    assert "checking codes.csv, line: 4,000" in shown
+    assert shown.endswith("\r\x1b[K")
+    assert pipe.getvalue() == ""
+
+    quick = _Terminal()
+    progress = Progress("hashing codes", 10, stream=quick)  # the real clock: well within 1 s
+    for done in range(10):
+        progress(done)
+    progress.done()
+    assert quick.getvalue() == ""

@@ -15,7 +15,15 @@ from structlog.testing import capture_logs
 
 from gated.book.compiler import parse
 from gated.book.config import MqttConfig
-from gated.book.messages import MAX_BODY, NOT_ACCEPTED, ClashWatch, ManagedCodes, NotHere, Rejected
+from gated.book.messages import (
+    MAX_BODY,
+    NOT_ACCEPTED,
+    ClashWatch,
+    ManagedCodes,
+    NotHere,
+    Rejected,
+    compile_policy,
+)
 from gated.book.messages import parse as parse_code
 from gated.commands import sets as setstaff
 from gated.core.errors import ConfigError
@@ -93,7 +101,7 @@ async def _put_change_delete(broker: Mosquitto, probe: Probe, start_daemon: Any)
     assert await running.get(code="135790", did=DOOR) == (200, "status=NAK")
     granted = [e for e in entries(running) if e.status == "ACK"]
     assert {(e.credential, e.credential_id, e.kind, e.reason) for e in granted} == {
-        ("Visitor", "visitor-1", "visitor", "granted_visitor")}
+        ("Visitor", "visitor-1", "managed", "granted_managed")}
 
 
 async def test_clash_with_a_file_code_is_refused_not_merged(broker: Mosquitto, probe: Probe,
@@ -373,7 +381,7 @@ def test_the_file_bounds_codes_as_mqtt_does(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(config_text(tmp_path, long_name))
     assert caught.value.path == "codes[3].callername"
-    assert "length <= 64" in str(caught.value)
+    assert "at most 64 characters" in str(caught.value)
     assert caught.value.line == config_text(tmp_path, long_name).splitlines().index(
         f'callername = "{"L" * 65}"') + 1
 
@@ -443,3 +451,20 @@ def test_a_schema_1_store_gains_the_local_copy_table(tmp_path: Any) -> None:
         conn.close()
     finally:
         store.close()
+
+
+def test_codes_from_the_broker_are_named_for_what_they_are(tmp_path: Path) -> None:
+    """A fleet's code is kind fleet, a site's code over the broker kind managed, and only a
+    code `gated codes issue` made is a visitor: entries, events and `codes ls` say which."""
+    config = parse(config_text(tmp_path))[0]
+    courier = parse_code("fleet", "courier", body(name="Courier", code="246801",
+                                                  gates=["barrier"]), config)
+    staff = parse_code("site", "cleaner", body(name="Cleaner", code="246802",
+                                               gates=["barrier"]), config)
+    visitor = parse_code("site", "v-0a1b2c3d", body(name="Plumber", code="246803",
+                                                    gates=["barrier"]), config)
+    assert [c.credential.kind for c in (courier, staff, visitor)] == [
+        "fleet", "managed", "visitor"]
+    fields = {"gates": ["barrier"]}
+    assert compile_policy(fields, config, "fleet").kind == "fleet"
+    assert compile_policy(fields, config, "site").kind == "managed"

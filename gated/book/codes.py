@@ -362,7 +362,7 @@ class TotpTable:
 
 
 # The policy of a fleet code meant for other sites' gates: never admits here.
-ELSEWHERE = Credential(id="", name="", kind="visitor", gates=frozenset())
+ELSEWHERE = Credential(id="", name="", kind="fleet", gates=frozenset())
 
 
 @dataclass(slots=True)

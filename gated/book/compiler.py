@@ -211,7 +211,7 @@ def _compile(config: Config, fail: ErrorFactory, key: bytes, site_key: bool,
              ) -> tuple[_Compiled, RouteTable | None]:
     """Check every credential and gather the book's contents, raising ``fail(key, message)``
     on the first problem. ``codes``: the [[codes]] when they are not in ``config``."""
-    tz = zoneinfo.ZoneInfo(config.site.timezone)
+    tz = zoneinfo.ZoneInfo(config.site.zone)
     number = number_parser(config.site.region, fail)
     compile_gates(config, number, fail)
     compiled = _Compiled({}, [], [])
@@ -290,7 +290,7 @@ def open_book(image: bookfile.Image, config: Config, *, key: bytes, site_key: bo
     ``key``: the key the image's digests were made with (the site key, or a
     throw-away one when there is none: ``site_key`` False).
     """
-    tz = zoneinfo.ZoneInfo(config.site.timezone)
+    tz = zoneinfo.ZoneInfo(config.site.zone)
     number = number_parser(config.site.region, fail)
     gates, by_number = compile_gates(config, number, fail)
     policies = [_credential(policy) for policy in image.decode("policies", list[Policy])]
@@ -446,11 +446,11 @@ KeyReader = Callable[[Config], bytes | None]
 
 
 @_gc_paused()
-def parse(text: str, *, source: str = "",
-          key: KeyReader | None = None) -> tuple[Config, CodeBook]:
+def parse(text: str, *, source: str = "", key: KeyReader | None = None,
+          staff: bool = False) -> tuple[Config, CodeBook]:
     """Parse TOML text into a checked Config and the code book compiled from it
     (in memory: commands and tests; the daemon's goes through a file)."""
-    config, fail = config_mod.parse(text, source=source)
+    config, fail = config_mod.parse(text, source=source, staff=staff)
     site_key = key(config) if key is not None else None
     folder = Path(source).resolve().parent if source else None
     # Without a site key the book uses a throw-away one: lookups work the
@@ -484,17 +484,20 @@ def _sources(source: Path, config_digest: bytes, config: Config,
     return {
         "config": (str(source), config_digest),
         "key": (str(key_path), bookfile.file_digest(key_path)),
-        "timezone": (config.site.timezone, bookfile.timezone_digest(config.site.timezone)),
+        "timezone": (config.site.zone, bookfile.timezone_digest(config.site.zone)),
         "compiler": ("", bookfile.compiler_digest()),
     }
 
 
-def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Loaded:
+def load(path: str | os.PathLike[str] | None, *, create_key: bool = False,
+         staff: bool = False) -> Loaded:
     """Read, parse and check a config file in this process, or raise ConfigError
     naming key and line.
 
     The code book is compiled with the site key; ``create_key`` makes one
     when there is none yet (the daemon does, a read-only check does not).
+    ``staff``: the broker commands' load, for which a staff machine's file of
+    ``[site] id`` and ``[mqtt]`` is enough.
     None means the default path ($GATED_CONFIG or /etc/gated/gated.toml).
     """
     file, source, data = _read(path)
@@ -504,7 +507,7 @@ def load(path: str | os.PathLike[str] | None, *, create_key: bool = False) -> Lo
         where = config_mod.key_path(source, config)
         return sitekey.ensure_key(where) if create_key else sitekey.read_key(where)
 
-    config, book = parse(text, source=str(file), key=site_key)
+    config, book = parse(text, source=str(file), key=site_key, staff=staff)
     # Absolute, so a reload still finds it after the daemon changed directory.
     return Loaded(config=config, path=file.absolute(), book=book, source=source)
 
@@ -762,8 +765,16 @@ def _after_child(file: Path, returncode: int, output: bytes) -> Loaded:
     return msgspec.structs.replace(load(file, create_key=True), unkept=reason)
 
 
+NO_TIMEZONE = ("[site] timezone is not set: times without an offset (valid_from, "
+               "valid_until, schedules) are read as UTC; set it, e.g. "
+               'timezone = "Europe/Amsterdam"')
+
+
 def warn_unkept(loaded: Loaded) -> None:
-    """Log that the book could not be kept, once the log is set up."""
+    """Log what the daemon should say once the log is set up: a book that could not
+    be kept, a site without a time zone."""
+    if loaded.config.site.timezone is None:
+        log.warning(NO_TIMEZONE)
     if loaded.unkept:
         log.warning("code book not kept in the state directory; compiled in the daemon's "
                     "own process (a restart will compile it again)", reason=loaded.unkept)

@@ -56,7 +56,13 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
 class SiteConfig(_Table, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    timezone: str = "UTC"
+    # None: not set, and read as UTC; check-config and the daemon warn of it,
+    # since a site's times without an offset are its local time.
+    timezone: str | None = None
+
+    @property
+    def zone(self) -> str:
+        return self.timezone or "UTC"
     region: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")] = "NL"
     # The HMAC key codes are looked up by; default: site.key beside the store.
     key_file: str | None = None
@@ -333,7 +339,7 @@ class Config(_Table, kw_only=True, frozen=True):
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
-        return zoneinfo.ZoneInfo(self.site.timezone)
+        return zoneinfo.ZoneInfo(self.site.zone)
 
     @property
     def mqtt_prefix(self) -> str:
@@ -450,10 +456,19 @@ def default_path() -> str:
 ErrorFactory = Callable[[tomlpos.Key, str], ConfigError]
 
 
-def parse(text: str, *, source: str = "") -> tuple[Config, ErrorFactory]:
+# A staff machine runs no webhook: its file needs no [server] table, and this
+# stands in for the token it would need (never served: `gated run` reads the
+# file as a site's, and stops at the missing table).
+STAFF_TOKEN = "staff-machine-no-webhook"  # noqa: S105 (a placeholder, never a credential)
+
+
+def parse(text: str, *, source: str = "", staff: bool = False) -> tuple[Config, ErrorFactory]:
     """Parse TOML text into a checked Config, and the error factory that names
-    a key's line in this text (for the checks the code book compiler makes)."""
-    config, fail, _ = _parse(text, source, streamed=False)
+    a key's line in this text (for the checks the code book compiler makes).
+
+    ``staff``: a staff machine's file, for the broker commands: ``[site] id`` and
+    ``[mqtt]`` suffice; without [server] or [gates] it still loads."""
+    config, fail, _ = _parse(text, source, streamed=False, staff=staff)
     return config, fail
 
 
@@ -491,7 +506,7 @@ def parse_streamed(text: str, *, source: str = ""
     return config, fail, StreamedCodes(codes, fail)
 
 
-def _parse(text: str, source: str, *, streamed: bool
+def _parse(text: str, source: str, *, streamed: bool, staff: bool = False
            ) -> tuple[Config, ErrorFactory, list[Any]]:
     try:
         raw = toml.loads(text)
@@ -506,19 +521,58 @@ def _parse(text: str, source: str, *, streamed: bool
         # 100,000-code file costs more time and memory than parsing it.
         if not lines:
             lines.update(tomlpos.key_lines(text))
-        return ConfigError(message, path=tomlpos.format_path(key), file=source,
+        return ConfigError(plain(message), path=tomlpos.format_path(key), file=source,
                            line=tomlpos.line_of(lines, key))
 
     codes: list[Any] = []
     tables = raw.get("codes")
     if streamed and isinstance(tables, list) and all(isinstance(t, dict) for t in tables):
         codes = raw.pop("codes")
+    if staff:
+        raw.setdefault("server", {"tokens": [STAFF_TOKEN]})
+        raw.setdefault("gates", {})
     config = _convert(raw, fail)
     # The plain dicts of a large file weigh more than the checked config they
     # became: free them before the code book is built, not after.
     del raw, tables
-    check(config, fail)
+    check(config, fail, staff=staff)
     return config, fail, codes
+
+
+# What msgspec calls the types, in the words of the people writing the file.
+_TYPE_WORDS = {"str": "text in quotes", "int": "a whole number", "float": "a number",
+               "bool": "true or false", "array": "a list in [brackets]", "object": "a table",
+               "datetime": "a date and time", "null": None}
+
+
+def _type_words(names: str) -> str:
+    words = [_TYPE_WORDS.get(name.strip(), name.strip()) for name in names.split("|")]
+    return " or ".join(w for w in words if w)
+
+
+def plain(message: str) -> str:
+    """msgspec's type and bound messages in plain words (no value is echoed: it may be
+    a code); other messages as they are."""
+    wrong = re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message)
+    if wrong:
+        expected, got = wrong.groups()
+        text = f"expected {_type_words(expected)}, got {_type_words(got)}"
+        if "str" in expected.split(" | ") and got in ("int", "float"):
+            # code = 123456 is a number to TOML, and would lose leading zeros.
+            text += ': put it in quotes, e.g. code = "012345"'
+        return text
+    bound = re.fullmatch(r"Expected `(str|array|object)` of length ([<>]=) (\d+)", message)
+    if bound:
+        kind, op, count = bound.groups()
+        unit = "characters" if kind == "str" else "items" if kind == "array" else "keys"
+        return (f"must be at least {count} {unit} long" if op == ">=" else
+                f"must be at most {count} {unit} long")
+    number = re.fullmatch(r"Expected `(int|float)` ([<>]=?) ([-\d.]+)", message)
+    if number:
+        _, op, limit = number.groups()
+        words = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}
+        return f"must be {words[op]} {limit}"
+    return message
 
 
 def _convert(raw: dict[str, Any], fail: Any) -> Config:
@@ -565,10 +619,10 @@ def add_check(check: Check) -> None:
         _extra_checks.append(check)
 
 
-def check(config: Config, fail: Any) -> None:
+def check(config: Config, fail: Any, *, staff: bool = False) -> None:
     """Checks that span several fields, each naming the key it is about."""
     try:
-        zoneinfo.ZoneInfo(config.site.timezone)
+        zoneinfo.ZoneInfo(config.site.zone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise fail(("site", "timezone"), f"unknown time zone {config.site.timezone!r}") from None
     if config.site.region not in phonenumbers.SUPPORTED_REGIONS:
@@ -586,7 +640,7 @@ def check(config: Config, fail: Any) -> None:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise fail(("server", key, index), f"not a network: {cidr!r}") from None
-    if not config.gates:
+    if not config.gates and not staff:
         raise fail(("gates",), "at least one gate is needed")
     if len(config.gates) > 1:
         for name, gate in config.gates.items():

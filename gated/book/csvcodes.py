@@ -51,7 +51,7 @@ import gc
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -168,7 +168,8 @@ class _Problems:
             for line, column, message, echoes in self.kept], self.total)
 
 
-def read(path: Path, config: Config, *, scope: Scope) -> list[Row]:
+def read(path: Path, config: Config, *, scope: Scope,
+         progress: Callable[[int], None] | None = None) -> list[Row]:
     """The file's codes, each checked as gated would check it; BadFile if any line is bad.
 
     ``scope`` is where they go: ``site`` codes or ``fleet`` codes (a fleet
@@ -183,7 +184,7 @@ def read(path: Path, config: Config, *, scope: Scope) -> list[Row]:
     gc.disable()
     try:
         with path.open("rb") as stream:
-            rows = _read(_Lines(stream), config, scope, problems)
+            rows = _read(_Lines(stream), config, scope, problems, progress)
     except OSError as exc:
         problems(None, "", f"cannot read: {exc.strerror or exc}")
     finally:
@@ -194,7 +195,8 @@ def read(path: Path, config: Config, *, scope: Scope) -> list[Row]:
     return rows
 
 
-def _read(lines: _Lines, config: Config, scope: Scope, problems: _Problems) -> list[Row]:
+def _read(lines: _Lines, config: Config, scope: Scope, problems: _Problems,
+          progress: Callable[[int], None] | None = None) -> list[Row]:
     rows: list[Row] = []
     codes: dict[str, int] = {}
     start = 1
@@ -213,6 +215,8 @@ def _read(lines: _Lines, config: Config, scope: Scope, problems: _Problems) -> l
         ids: dict[str, int] = {}
         for cells in reader:
             line, start = start, reader.line_num + 1
+            if progress is not None and not line % 1000:
+                progress(line)
             if not any(cell.strip() for cell in cells):
                 continue
             if len(cells) != len(header):

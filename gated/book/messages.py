@@ -24,12 +24,14 @@ from gated.book.codes import ELSEWHERE, CodeBook, CodeClash
 from gated.book.compiler import compile_code, number_parser
 from gated.book.config import CodeConfig, Config
 from gated.book.routes import Route, RouteError, RouteTable, caller_key, compile_route
-from gated.core.credential import CODE_RE, Credential
+from gated.core.credential import CODE_RE, Credential, Kind
 from gated.core.errors import ConfigError
 from gated.core.numbers import NumberParser
 from gated.core.tomlpos import Key, format_path
 
 Scope = Literal["site", "fleet"]
+# Managed codes issued by `gated codes issue` (see gated.commands.codes).
+VISITOR_PREFIX = "v-"
 ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # In a managed code's gates: every gate of the site (fleet codes mostly want this).
 ALL_GATES = "*"
@@ -111,12 +113,20 @@ def parse(scope: Scope, code_id: str, body: bytes, config: Config) -> ManagedCod
         raise Rejected("id: must be the id in the topic, or left out")
     raw["id"] = code_id
     raw.setdefault("name", code_id)
-    code, credential = _check(scope, raw, config)
+    code, credential = _check(scope, raw, config, _kind(scope, code_id))
     hashed = None if code.code_hash is None else sitekey.parse_hash(code.code_hash)
     return ManagedCode(scope, code_id, body, credential, code.code, hashed)
 
 
-def compile_policy(fields: dict[str, Any], config: Config) -> Credential:
+def _kind(scope: Scope, code_id: str) -> Kind:
+    """What a code from the broker is, as entries, events and `codes ls` name it."""
+    if scope == "fleet":
+        return "fleet"
+    return "visitor" if code_id.startswith(VISITOR_PREFIX) else "managed"
+
+
+def compile_policy(fields: dict[str, Any], config: Config, scope: Scope = "fleet"
+                   ) -> Credential:
     """A fleet set's policy as this site applies it (``ELSEWHERE``: for other sites).
 
     Raises Rejected when this site cannot apply it (a caller number its
@@ -124,12 +134,13 @@ def compile_policy(fields: dict[str, Any], config: Config) -> Credential:
     """
     raw = {**fields, "name": "policy", "code_hash": sitekey.PREFIX + "0" * 64}
     try:
-        return _check("fleet", raw, config)[1]
+        return _check("fleet", raw, config, _kind(scope, ""))[1]
     except NotHere:
         return ELSEWHERE
 
 
-def _check(scope: Scope, raw: dict[str, Any], config: Config) -> tuple[CodeConfig, Credential]:
+def _check(scope: Scope, raw: dict[str, Any], config: Config, kind: Kind
+           ) -> tuple[CodeConfig, Credential]:
     gates = raw.get("gates")
     if isinstance(gates, list) and all(isinstance(g, str) for g in gates):
         if ALL_GATES in gates:
@@ -150,7 +161,7 @@ def _check(scope: Scope, raw: dict[str, Any], config: Config) -> tuple[CodeConfi
             raise _fail(("code_hash",), "expected hmac-sha256: and 64 hex digits")
         credential = compile_code(code, (), config, config.tz,
                                   number_parser(config.site.region, _fail), _fail,
-                                  kind="visitor")
+                                  kind=kind)
     except ConfigError as exc:
         raise Rejected(str(exc)) from None
     return code, credential

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -54,9 +53,17 @@ def cmd_issue(args: argparse.Namespace) -> int:
     loaded = compiler.load(args.config, create_key=True)
     config, book = loaded.config, loaded.book
     now = time.time()
-    start = (parse_time(args.start, config.tz, "--start").timestamp()
-             if args.start else None)
-    until = (start or now) + parse_duration(args.valid, "--valid")
+    start = (parse_time(args.valid_from, config.tz, "--valid-from").timestamp()
+             if args.valid_from else None)
+    if args.valid_until is not None and args.valid_for is not None:
+        raise argparse.ArgumentTypeError("give --valid-for or --valid-until, not both")
+    if args.valid_until is not None:
+        until = parse_time(args.valid_until, config.tz, "--valid-until").timestamp()
+        if until <= max(start or now, now):
+            raise argparse.ArgumentTypeError("--valid-until: already past (or before "
+                                             "--valid-from)")
+    else:
+        until = (start or now) + parse_duration(args.valid_for or "4h", "--valid-for")
     if config.mqtt is not None and not args.local:
         return _issue_on_broker(args, loaded, start, until)
     try:
@@ -68,8 +75,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
             taken = frozenset(code.digest(book) for code in _managed(conn, config))
             while True:
                 issued = visitors.make(
-                    book, name=args.name, gates=split_names([args.gates]), valid_from=start,
-                    valid_until=until, max_uses=args.uses, length=args.length or
+                    book, name=args.name, gates=split_names(args.gates), valid_from=start,
+                    valid_until=until, max_uses=args.max_uses, length=args.digits or
                     config.visitors.length, now=now, callername=args.callername,
                     destination=args.destination, taken=taken)
                 if add_visitor(conn, issued.row):
@@ -81,7 +88,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise StoreError(f"no visitor code issued: the entry store {loaded.store_path}: "
                          f"{exc}") from exc
     when = dt.datetime.fromtimestamp(until, config.tz).strftime("%Y-%m-%d %H:%M %Z")
-    uses = "" if args.uses is None else f", {args.uses} use{'s' if args.uses != 1 else ''}"
+    uses = ("" if args.max_uses is None else
+            f", {args.max_uses} use{'s' if args.max_uses != 1 else ''}")
     print(f"{issued.code}")
     print(f"visitor code for {args.name}: {', '.join(issued.row.gates) or 'route only'}, "
           f"valid until {when}{uses} (id {issued.row.id}; the digits are not stored, "
@@ -93,20 +101,20 @@ def _issue_on_broker(args: argparse.Namespace, loaded: compiler.Loaded,
                      start: float | None, until: float) -> int:
     """With [mqtt], a visitor code is a managed code like any other (id ``v-…``),
     published as a keyed hash, so every tool that lists the broker's codes sees it."""
+    from gated.book.messages import VISITOR_PREFIX
     from gated.commands import brokercodes as staff
-    from gated.mqtt.bridge import VISITOR_PREFIX
 
     tz = loaded.config.tz
-    length = args.length or loaded.config.visitors.length
+    length = args.digits or loaded.config.visitors.length
     code = visitors.random_digits(length)
     fields: dict[str, object] = {
-        "name": args.name, "code": code, "gates": split_names([args.gates]),
+        "name": args.name, "code": code, "gates": split_names(args.gates),
         "valid_until": dt.datetime.fromtimestamp(until, tz).isoformat(),
     }
     if start is not None:
         fields["valid_from"] = dt.datetime.fromtimestamp(start, tz).isoformat()
-    if args.uses is not None:
-        fields["max_uses"] = args.uses
+    if args.max_uses is not None:
+        fields["max_uses"] = args.max_uses
     for key in ("callername", "destination"):
         if getattr(args, key):
             fields[key] = getattr(args, key)
@@ -140,6 +148,21 @@ def _validity(credential: Credential, tz: dt.tzinfo) -> str:
     return " ".join(parts) or "always"
 
 
+def _credential_json(credential: Credential, tz: dt.tzinfo, used: int) -> dict[str, object]:
+    """One credential as `codes ls --json` gives it: ISO 8601 times, never digits."""
+    def iso(ts: float | None) -> str | None:
+        return None if ts is None else dt.datetime.fromtimestamp(ts, tz).isoformat()
+
+    return {
+        "kind": credential.kind, "name": credential.name, "id": credential.id,
+        "gates": sorted(credential.gates), "valid_from": iso(credential.valid_from),
+        "valid_until": iso(credential.valid_until),
+        "scheduled": credential.schedule is not None,
+        "uses_left": None if credential.max_uses is None
+        else max(credential.max_uses - used, 0),
+    }
+
+
 def _managed(conn: sqlite3.Connection, config: config_mod.Config) -> list[ManagedCode]:
     """Codes managed over MQTT, from the daemon's local copy (no broker needed)."""
     found = []
@@ -166,14 +189,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if version >= 2:
                 visitors.install(book, load_visitors(conn))
             if version >= 3:
-                managed = [dataclasses.replace(code.credential, kind=f"mqtt-{code.scope}")  # type: ignore[arg-type]
-                           for code in _managed(conn, config)]
+                managed = [code.credential for code in _managed(conn, config)]
         finally:
             conn.close()
     digits = {c.id or c.name: c.code for c in config.codes if c.code}
+    everything = [*book.credentials(), *book.visitors.values(), *managed]
+    if args.json:
+        for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
+            item = _credential_json(credential, book.tz, uses.get(credential.id, 0))
+            if args.show_codes and credential.id in digits:
+                item["code"] = digits[credential.id]
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
     header = ("kind", "name", "gates", "valid", "uses left")
     rows: list[tuple[str, ...]] = [(*header, "code") if args.show_codes else header]
-    everything = [*book.credentials(), *book.visitors.values(), *managed]
     for credential in sorted(everything, key=lambda c: (c.kind, c.name.lower())):
         left = "-" if credential.max_uses is None else str(
             max(credential.max_uses - uses.get(credential.id, 0), 0))
@@ -279,18 +308,32 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     codes = sub.add_parser("codes", help="manage codes", parents=[common])
     codes_sub = codes.add_subparsers(dest="codes_command", required=True, metavar="ACTION")
 
-    p = codes_sub.add_parser("issue", parents=[common],
-                             help="issue a random visitor code for a limited time")
+    helptext = "issue a random visitor code for a limited time"
+    p = codes_sub.add_parser("issue", parents=[common], help=helptext, description=helptext)
     p.add_argument("--name", required=True, type=_at_most(config_mod.MAX_NAME),
                    help="who it is for (shown in the log)")
-    p.add_argument("--gates", required=True, help="comma-separated gate names")
-    p.add_argument("--valid", default="4h", help="how long: 90m, 4h, 2d (default 4h)")
-    p.add_argument("--start", help="when it starts (ISO time, site-local; default now)")
-    p.add_argument("--uses", type=_at_least(1), default=None,
+    p.add_argument("--gates", required=True, nargs="+",
+                   help="gate names, space- or comma-separated")
+    p.add_argument("--valid-for", help="how long: 90m, 4h, 2d (default 4h)")
+    p.add_argument("--valid", dest="valid_for", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--valid-until",
+                   help="when it ends instead (ISO time, e.g. 2026-12-24T18:00, site time)")
+    p.add_argument("--valid-from",
+                   help="when it starts (ISO time, e.g. 2026-12-01T07:00, site time; "
+                        "default now)")
+    p.add_argument("--start", dest="valid_from", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--max-uses", type=_at_least(1), default=None,
                    help="how many entries (default unlimited)")
-    p.add_argument("--length", type=_between(6, 12), help="digits (default [visitors] length)")
-    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME))
-    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION))
+    p.add_argument("--uses", dest="max_uses", type=_at_least(1),
+                   help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--digits", type=_between(6, 12),
+                   help="length of the code, 6 to 12 (default [visitors] length)")
+    p.add_argument("--length", dest="digits", type=_between(6, 12),
+                   help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--callername", default="", type=_at_most(config_mod.MAX_CALLERNAME),
+                   help="shown to the PBX on success")
+    p.add_argument("--destination", default="", type=_at_most(config_mod.MAX_DESTINATION),
+                   help="where the PBX routes the call")
     p.add_argument("--local", action="store_true",
                    help="keep it in this machine's store even when [mqtt] is configured")
     p.set_defaults(func=cmd_issue)
@@ -306,7 +349,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--broker", action="store_true",
                    help="list the codes on the MQTT broker instead, with gated's verdicts")
     p.add_argument("--fleet", action="store_true", help="with --broker: only the fleet's")
-    p.add_argument("--json", action="store_true", help="with --broker: one JSON object a line")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_ls)
 
     from gated.commands import brokercodes as staff
@@ -321,7 +364,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")
     p = totp_sub.add_parser("add", parents=[common],
                             help="create a TOTP user: secret, otpauth URI and QR code")
-    p.add_argument("name")
+    p.add_argument("name", help="who the user is (shown in the log and the app)")
     p.add_argument("--gates", required=True, help="comma-separated gate names")
     p.add_argument("--digits", default="6", help="digits per code, 6 to 8 (default 6)")
     p.add_argument("--period", default="30",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import time
 
 from gated.book import compiler
@@ -21,6 +22,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         found = outbox.summaries(conn, names)
     finally:
         conn.close()
+    if args.json:
+        for s in found:
+            oldest = (None if s.oldest_pending is None else
+                      dt.datetime.fromtimestamp(s.oldest_pending, tz).isoformat())
+            print(json.dumps({
+                "endpoint": s.endpoint, "in_config": s.endpoint in names,
+                "delivered": s.delivered, "pending": s.pending, "oldest_pending": oldest,
+                "rejected": [{"status": status, "why": why, "count": count}
+                             for status, why, count in s.rejected],
+                "expired": s.expired}, ensure_ascii=False))
+        return 0
     if not found:
         print("no [[forward]] endpoints")
         return 0
@@ -76,6 +88,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                          metavar="ACTION")
     p = forward_sub.add_parser("ls", parents=[common], help="per endpoint: delivered, pending, "
                                "oldest pending, rejected and why")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_ls)
     p = forward_sub.add_parser("retry", parents=[common],
                                help="queue an endpoint's rejected forwards again")

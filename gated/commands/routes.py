@@ -59,18 +59,18 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_put)
 
     p = action("rm", "delete a route from the broker (an empty retained message)")
-    p.add_argument("id")
+    p.add_argument("id", help="the route's id, as put published it")
     p.set_defaults(func=cmd_rm)
 
     p = action("ls", "list the config's routes, or with --broker the broker's")
     p.add_argument("--broker", action="store_true",
                    help="list the routes on the MQTT broker instead, with gated's verdicts")
-    p.add_argument("--json", action="store_true", help="with --broker: one JSON object a line")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_ls)
 
 
 def _site(args: argparse.Namespace) -> tuple[compiler.Loaded, Config]:
-    loaded = compiler.load(args.config)
+    loaded = compiler.load(args.config, staff=True)
     if loaded.config.mqtt is None:
         raise StaffError(f"{loaded.path} has no [mqtt] table: routes over MQTT need a broker "
                          "(routes in the file: [[routes]])")
@@ -120,6 +120,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = [("route", "numbers", "callers", "destination", "callername",
                                     "schedule")]
     files = iter(loaded.book.routes.files)
+    if args.json:
+        for route in loaded.config.routes:
+            item: dict[str, Any] = {
+                "scope": "file", "name": route.name, "numbers": list(route.numbers),
+                "callers": len(route.callers), "destination": route.destination,
+                "callername": route.callername, "schedule": list(route.schedule)}
+            if route.file:
+                _path, count = next(files)
+                item.update(file=route.file, file_callers=count)
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
     for route in loaded.config.routes:
         callers = f"{len(route.callers)}"
         if route.file:

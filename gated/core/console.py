@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TextIO
 
 from gated.core.printable import printable
 
@@ -69,3 +72,44 @@ def print_table(rows: Sequence[Sequence[object]]) -> None:
 def counted(count: int, noun: str) -> str:
     """``1 chunk``, ``2 chunks``: a count with its noun."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+class Progress:
+    """A count on one line of a terminal, for work that lasts more than a second.
+
+    Silent when ``stream`` is not a terminal (a pipe, a log, a test) and for
+    work done within ``after`` seconds; redrawn at most ten times a second.
+    """
+
+    def __init__(self, what: str, total: int | None = None, *, stream: TextIO | None = None,
+                 after: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.on = self.stream.isatty()
+        self.after = after
+        self.clock = clock
+        self.started = clock()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        if not self.on:
+            return
+        now = self.clock()
+        if now - self.started < self.after or now - self.last < 0.1:
+            return
+        self.last = now
+        text = f"{self.what}: {done:,}"
+        if self.total:
+            text += f" of {self.total:,} ({done * 100 // self.total}%)"
+        self.stream.write(f"\r{text}\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        """Clear the line (the command's own words follow)."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False

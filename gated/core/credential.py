@@ -12,7 +12,9 @@ from typing import Literal
 
 from gated.core.schedule import Schedule
 
-Kind = Literal["code", "totp", "visitor", "route"]
+# code and totp: the config file; visitor: `gated codes issue`; managed: the site's codes
+# over the broker (one by one or a signed set); fleet: the fleet's codes; route: a route.
+Kind = Literal["code", "totp", "visitor", "route", "managed", "fleet"]
 CODE_RE = re.compile(r"[0-9]{4,16}")
 # What a caller may type: digits only; longer input is refused unread.
 TYPED_RE = re.compile(r"[0-9]{1,32}")

@@ -98,6 +98,22 @@ class Lockout:
             return [key]
         return []
 
+    def clear(self, key: str) -> bool:
+        """Staff lifted this lock by hand: forget the key's failures and locks.
+
+        Its next lock starts short again. The end is announced as any other
+        (``ended``). False when the key was not locked.
+        """
+        strikes = self.strikes(key)
+        if strikes is None:
+            return False
+        if key == SITE:
+            self.site = Strikes()
+            self.recent.clear()
+        else:
+            del self.callers[key]
+        return True
+
     def _lock(self, strikes: Strikes, kind: str, key: str, now: float) -> LockEvent:
         strikes.locks += 1
         strikes.failures = 0

@@ -49,6 +49,7 @@ from gated.book import signing
 from gated.book.config import Config, DtmfActuatorConfig
 from gated.book.files import FileError
 from gated.book.messages import (
+    VISITOR_PREFIX,
     Clash,
     ClashWatch,
     ManagedCode,
@@ -75,8 +76,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gated.bridge")
 
-# Managed codes issued by `gated codes issue` (see gated.manage).
-VISITOR_PREFIX = "v-"
 SYNC_TIMEOUT = 10.0
 EVENT_TIMEOUT = 5.0
 # Events waiting for the broker beyond this are dropped (the entry store has

@@ -86,13 +86,13 @@ def fleet_trust(source: Path, config: Config) -> signing.Trust:
     return signing.Trust(signing.public_path(fleet_key_path(source, config)))
 
 
-def view(image: bookfile.Image, config: Config) -> tuple[StaticCodes, int]:
+def view(image: bookfile.Image, config: Config, scope: Scope) -> tuple[StaticCodes, int]:
     """A set as this site applies it, and how many of its policies it cannot apply."""
     policies: list[Credential] = []
     refused = 0
     for policy in codeset.policies(image):
         try:
-            policies.append(compile_policy(policy.fields(), config))
+            policies.append(compile_policy(policy.fields(), config, scope))
         except Rejected:
             refused += 1
             policies.append(ELSEWHERE)
@@ -192,7 +192,7 @@ class SetChannel:
                 image = bookfile.map_file(self._path(manifest.version), checksum=False)
                 if codeset.version_of(image.buffer) != manifest.version:
                     raise SetError("the file is not the set the manifest names")
-                fleet.static, _ = view(image, self.bridge.config)
+                fleet.static, _ = view(image, self.bridge.config, self.scope)
             except (SetError, bookfile.BookError, OSError) as exc:
                 log.warning(f"local copy of {self.what} unusable; waiting for the broker's",
                             error=str(exc))
@@ -223,7 +223,7 @@ class SetChannel:
         """The set for a reloaded book (policies compiled again); runs in a thread."""
         fleet = self.codes(managed_ids)
         if self.image is not None and self.manifest is not None:
-            fleet.static, _ = view(self.image, config)
+            fleet.static, _ = view(self.image, config, self.scope)
             fleet.listed = frozenset(self.manifest.deltas)
         return fleet
 
@@ -336,7 +336,7 @@ class SetChannel:
             checked.append(data())  # its SHA-256 checked against the manifest
             files.replace(path, checked[0])
             image = bookfile.map_file(path, checksum=False, inside=False)  # data() checked it
-            return (image, *view(image, config))
+            return (image, *view(image, config, self.scope))
 
         try:
             image, static, refused = await asyncio.to_thread(prepare)
@@ -353,7 +353,7 @@ class SetChannel:
             if self._installing == manifest.version:
                 self._installing = None
         if self.bridge.config is not config:  # a reload changed the site meanwhile
-            static, refused = await asyncio.to_thread(view, image, self.bridge.config)
+            static, refused = await asyncio.to_thread(view, image, self.bridge.config, self.scope)
         fleet = self.in_book()
         old = self.manifest
         # The old set, to let go of in a thread: unmapping it and unlinking its

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,9 +167,19 @@ CREATE TABLE IF NOT EXISTS calls (
     opened INTEGER NOT NULL
 );
 """
+# Locks cleared by hand (`gated lockout clear`): the command clears the stored
+# strikes itself and leaves a row here, so a running daemon clears its own
+# copy too when it next sees the store change.
+SCHEMA_V9 = """
+CREATE TABLE IF NOT EXISTS lockout_clears (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    time REAL NOT NULL
+);
+"""
 # Each step takes the store from version N to N + 1; never edit a shipped one.
 MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
-              SCHEMA_V7, SCHEMA_V8)
+              SCHEMA_V7, SCHEMA_V8, SCHEMA_V9)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Entries held in memory while the disk refuses writes; beyond this the
 # oldest are dropped (and counted), since a gate that stops answering is worse.
@@ -892,6 +902,60 @@ def _write_ledger(conn: sqlite3.Connection, state: _LedgerState) -> None:
         conn.execute("DELETE FROM site_window WHERE time < ?", (state.floor,))
 
 
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """One stored lock: a caller number (or lockout.SITE) locked until ``until``."""
+
+    key: str
+    until: float
+    locks: int
+    failures: int
+
+
+def read_locks(conn: sqlite3.Connection, now: float) -> list[Lock]:
+    """The locks in force at ``now``, the site's first, then the longest."""
+    rows = conn.execute(
+        "SELECT key, locked_until, locks, failures FROM strikes WHERE locked_until > ? "
+        "ORDER BY key = ? DESC, locked_until DESC", (now, SITE))
+    return [Lock(*row) for row in rows]
+
+
+def clear_lock(conn: sqlite3.Connection, key: str, entry: Entry) -> bool:
+    """Clear one lock by hand, record ``entry``, and ask a running daemon to follow.
+
+    The stored strikes go at once (a daemon started later starts clear); the
+    request row is what a running daemon reads. False when nothing was locked.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        locked = conn.execute("SELECT 1 FROM strikes WHERE key = ? AND locked_until > ?",
+                              (key, entry.time)).fetchone() is not None
+        if locked:
+            conn.execute("DELETE FROM strikes WHERE key = ?", (key,))
+            if key == SITE:
+                conn.execute("DELETE FROM site_window")
+            conn.execute("INSERT INTO lockout_clears (key, time) VALUES (?, ?)",
+                         (key, entry.time))
+            conn.execute(INSERT_ENTRY, _entry_row(entry))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return locked
+
+
+def last_clear(conn: sqlite3.Connection) -> int:
+    """The newest lock-clearing request's id (0: none yet)."""
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM lockout_clears").fetchone()[0])
+
+
+def clears_after(conn: sqlite3.Connection, after: int) -> list[tuple[int, str]]:
+    """Lock-clearing requests newer than ``after``: (id, key), oldest first."""
+    return list(conn.execute("SELECT id, key FROM lockout_clears WHERE id > ? ORDER BY id",
+                             (after,)))
+
+
 def data_version(conn: sqlite3.Connection) -> int:
     """Changes whenever another connection (a `gated codes` command) commits."""
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
@@ -979,5 +1043,3 @@ def read_entries(path: Path, *, since: float | None = None, gate: str | None = N
         raise StoreError(f"cannot read entry store {path}: {exc}") from exc
 
 
-def entries_to_json(entries: Iterable[Entry]) -> str:
-    return "\n".join(json.dumps(e.as_dict(), ensure_ascii=False) for e in entries)
