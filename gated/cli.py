@@ -71,6 +71,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload_changes(loaded: compiler.Loaded) -> list[str] | None:
+    """What of this file only a restart applies, against the config the daemon runs with
+    (the one list, ``config.RESTART_ONLY``); None when no daemon has run on this state."""
+    running = compiler.read_in_force(loaded.store_path)
+    return None if running is None else config_mod.restart_changes(running, loaded.config)
+
+
+def _reload_word(loaded: compiler.Loaded) -> str:
+    changes = _reload_changes(loaded)
+    if changes is None:
+        return "no daemon has run on this state yet: start it (nothing to reload)"
+    if not changes:
+        return "a reload applies this file (systemctl reload gated, or just save it)"
+    return "a reload would refuse this file: restart gated for " + ", ".join(changes)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.json:
         return _check_config_json(args)
@@ -94,6 +110,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"twiml     {twiml.public_url} -> http://{config.server.listen}{twiml.path}  "
               f"({auth}, {twiml.attempts} attempt(s), fallback {twiml.fallback or 'hang up'})")
     print(f"codes     {book.code_count} static, {book.totp_count} TOTP")
+    print(f"reload    {_reload_word(loaded)}")
     if args.codes:
         for credential in book.credentials():
             gates = ",".join(sorted(credential.gates)) or "(route only)"
@@ -136,6 +153,8 @@ def _check_config_json(args: argparse.Namespace) -> int:
                                    if v is not None and v != ""}},
                    "callers": len(gate.callers)} for name, gate in config.gates.items()],
         "codes": {"static": book.code_count, "totp": book.totp_count},
+        # null: no daemon has run on this state; [] a reload applies the file.
+        "restart_needed_for": _reload_changes(loaded),
         "routes": {"routes": book.routes.routes, "callers": book.routes.rows},
         "entries": str(loaded.store_path),
         "mqtt": f"{config.mqtt.host}:{config.mqtt.port}" if config.mqtt else None,

@@ -208,6 +208,7 @@ class Daemon:
                                max_headers=REQUEST_LIMITS["max_headers"])
         self._webhook_settings = runner.app[WEBHOOK]
         self._twiml_settings = runner.app.get(TWIML)
+        compiler.keep_in_force(compiler.without_credentials(self.loaded))
         forwarder = None
         if config.forward:  # jinja2 and the HTTP client load only on sites that forward
             from gated.forward.sender import make_forwarder
@@ -380,6 +381,7 @@ class Daemon:
         if new.twiml != old.twiml and new.twiml is not None and self._twiml_settings is not None:
             self._twiml_settings.current = TwimlSettings.build(new.twiml, new.site.region)
         self.loaded = slim
+        compiler.keep_in_force(slim)
         # Nothing may keep the parsed tables (or the old book) alive past here.
         del loaded, old, new
         await asyncio.to_thread(release_memory)

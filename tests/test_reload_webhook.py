@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from .helpers import BARRIER, TOKEN
+from .helpers import BARRIER, TOKEN, write_config
 
 OLD_TOKENS = f'tokens = ["{TOKEN}", "second-token-abcdefgh"]'
 NEW = "rotated-token-9876543210"
@@ -129,3 +129,35 @@ async def test_a_reload_never_claims_a_change_it_does_not_apply(
     (refusal,) = [e for e in logs if e["event"].startswith("config reload refused")
                   and e["trigger"] == "SIGHUP"]
     assert refusal["changed"] == [table]
+
+
+async def test_check_config_says_whether_a_reload_applies_an_edit(
+        start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config compares the file with the config the daemon runs with, by the one
+    reload-versus-restart list: a new token a reload applies; a new listen address it
+    names as needing a restart, as the reload itself then refuses it."""
+    import json
+
+    from gated.cli import main
+
+    path = write_config(tmp_path, "")
+    capsys.readouterr()
+    assert main(["check-config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["restart_needed_for"] is None  # no daemon yet
+    running = await start_daemon()
+    text = path.read_text()
+    path.write_text(text.replace(OLD_TOKENS, f'tokens = ["{NEW}"]'))
+    capsys.readouterr()
+    assert main(["check-config", str(path)]) == 0
+    assert "a reload applies this file" in capsys.readouterr().out
+    path.write_text(text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"'))
+    assert main(["check-config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["restart_needed_for"] == ["server.listen"]
+    assert main(["check-config", str(path)]) == 0
+    assert "restart gated for server.listen" in capsys.readouterr().out
+    assert not await running.daemon.reload("SIGHUP")
+    path.write_text(text.replace(OLD_TOKENS, f'tokens = ["{NEW}"]'))
+    assert await running.daemon.reload("SIGHUP")
+    capsys.readouterr()
+    assert main(["check-config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["restart_needed_for"] == []

@@ -802,3 +802,28 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(json.dumps(said) + "\n")
     return status
 
+
+# -- the config in force: what a reload would be compared with ----------------------
+
+
+def in_force_path(store_path: Path) -> Path:
+    return store_path.with_name(f"{store_path.name}.config.json")
+
+
+def keep_in_force(loaded: Loaded) -> None:
+    """Keep the config the daemon runs with (its credentials left out) beside the store,
+    so `gated check-config` can say whether a reload applies an edited file."""
+    try:
+        files.replace(in_force_path(loaded.store_path), msgspec.json.encode(loaded.config))
+    except (files.FileError, OSError) as exc:
+        log.warning("the config in force could not be kept; check-config cannot say "
+                    "whether a reload applies an edit", error=str(exc))
+
+
+def read_in_force(store_path: Path) -> Config | None:
+    """The config the daemon last ran with, None when none is kept (or it is unreadable)."""
+    try:
+        data = in_force_path(store_path).read_bytes()
+        return msgspec.json.decode(data, type=Config)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
