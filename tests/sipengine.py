@@ -13,6 +13,8 @@ from .broker import eventually
 class FakeEngine:
     """The engine's side of the port, played by the test."""
 
+    plays_tones = True
+
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         # What gated told the engine, in order: (command, call, argument).

@@ -246,15 +246,6 @@ def test_sip_numbers_come_from_the_uris_user_part() -> None:
     assert number_of("sip:gate@sip.example.nl") is None
 
 
-def test_a_sip_table_is_refused_until_the_engine_lands(tmp_path: Path) -> None:
-    """A config with [sip] stops at start with one clear line: the engine's adapter is
-    not in this version, and no site believes it answers SIP calls when it does not."""
-    config = write_config(tmp_path, '\n[sip]\naccount = "sip:gate@sip.example.nl"\n'
-                                    'password_file = "sip.secret"\n')
-    with pytest.raises(ConfigError, match=r"sip.*not in this version"):
-        compiler.load(config)
-
-
 def test_a_sip_trunk_without_trunk_from_is_refused(tmp_path: Path) -> None:
     """Trunk mode with no allowlist would take calls from anyone: refused, naming the key."""
     config = write_config(tmp_path, '\n[sip]\nlisten = "0.0.0.0:5060"\n')

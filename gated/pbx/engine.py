@@ -50,6 +50,9 @@ Event = Incoming | Digit | Ended
 class CallEngine(Protocol):
     """A SIP engine as gated drives it; each command acts on one call by its id."""
 
+    # Whether send_tones works: a call box's gate opens only from an engine that can.
+    plays_tones: bool
+
     def events(self) -> AsyncIterator[Event]: ...
 
     async def answer(self, call: str) -> None: ...

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
+from gated.book.config import Config
 from gated.core.decide import Status
+from gated.core.errors import EngineError, NumberError
+from gated.core.numbers import normalise
 from gated.core.printable import printable
 from gated.pbx.engine import CallEngine, Digit, Ended, Incoming
 from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
@@ -169,13 +174,14 @@ class SipCalls:
         await engine.answer(incoming.call)
         raw = RawCall(code=None, did=number_of(incoming.called),
                       callerid=number_of(incoming.caller),
-                      source="sip", can_play_tones=True, can_ask_for_code=True,
+                      source="sip", can_play_tones=engine.plays_tones, can_ask_for_code=True,
                       call_id=call_id(incoming.call), attempts=settings.attempts)
         answer = await self._decide(raw)
         if not answer.wants_code:
             await self._finish(incoming.call, answer)
             return
-        follow = RawCall(did=raw.did, callerid=raw.callerid, source="sip", can_play_tones=True,
+        follow = RawCall(did=raw.did, callerid=raw.callerid, source="sip",
+                         can_play_tones=raw.can_play_tones,
                          call_id=raw.call_id, attempts=settings.attempts)
         for attempt in range(1, settings.attempts + 1):
             await engine.play(incoming.call, "prompt" if attempt == 1 else "wrong")
@@ -184,9 +190,7 @@ class SipCalls:
                 log.info("sip call: no digits", call_id=raw.call_id)
                 await self._fallback(incoming.call)
                 return
-            answer = await self._decide(RawCall(
-                code=code, did=follow.did, callerid=follow.callerid, source="sip",
-                can_play_tones=True, call_id=follow.call_id, attempts=follow.attempts))
+            answer = await self._decide(dataclasses.replace(follow, code=code))
             if answer.status is not Status.NAK or attempt == settings.attempts:
                 break
         await self._finish(incoming.call, answer)
@@ -242,3 +246,40 @@ class SipCalls:
     async def _hang_up(self, call: str) -> None:
         with contextlib.suppress(Exception):  # the call may be gone with the engine
             await self.engine.hang_up(call)
+
+
+def settings_for(config: Config) -> SipSettings:
+    """The call's settings from ``[sip]``; EngineError when the registrar has no address."""
+    sip = config.sip
+    assert sip is not None
+    region = config.site.region
+    fallback = ""
+    if sip.fallback:
+        with contextlib.suppress(NumberError):
+            fallback = normalise(sip.fallback, region) or ""
+    # What a call may be transferred to: the numbers written in the config, as written
+    # (a credential answers its destination so) and normalised.
+    written = [c.destination for c in config.codes] + [t.destination for t in config.totp]
+    written += [r.destination for r in config.routes]
+    transfers = {d for d in written if d} | ({fallback} if fallback else set())
+    for number in list(transfers):
+        with contextlib.suppress(NumberError):
+            transfers.add(normalise(number, region) or number)
+    allowed = list(sip.trunk_from)
+    if sip.account is not None:
+        # Register mode: INVITEs come through the registrar; anyone else who finds
+        # the engine's port is refused like a caller outside a trunk.
+        allowed += registrar_addresses(sip.account.split("@", 1)[1].split(";", 1)[0])
+    return SipSettings(attempts=sip.attempts, input_timeout=float(sip.input_timeout),
+                       fallback=fallback, transfers=frozenset(transfers),
+                       trunk_from=SipSettings.networks(allowed), max_calls=1,
+                       max_call=float(sip.max_call))
+
+
+def registrar_addresses(domain: str) -> list[str]:
+    host = domain.rsplit(":", 1)[0] if domain.count(":") == 1 else domain
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_UDP)
+    except OSError as exc:
+        raise EngineError(f"sip.account: cannot find the registrar {host}: {exc}") from None
+    return sorted({str(info[4][0]) for info in found})

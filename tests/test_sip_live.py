@@ -1,0 +1,115 @@
+"""The SIP endpoint end to end: the real daemon drives a real baresip, sipp calls it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gated.core.errors import EngineError
+from gated.pbx.baresip import local_address
+from gated.site.store import read_entries
+
+from . import sipp
+from .broker import eventually
+from .helpers import BARRIER, RESIDENT
+
+HOST = local_address()
+VISITOR = "+31687654321"
+
+
+def sip_table(port: int, trunk_from: str = f"{HOST}/32") -> str:
+    return f"""
+[sip]
+listen = "{HOST}:{port}"
+trunk_from = ["{trunk_from}"]
+attempts = 2
+input_timeout = 3
+"""
+
+
+async def sip_daemon(start_daemon: Any, **kwargs: Any) -> tuple[Any, str]:
+    port = sipp.free_udp(HOST)
+    running = await start_daemon(sip_table(port, **kwargs))
+    engine = running.daemon.sip_engine
+    await eventually(lambda: engine.state == "running", within=15)
+    return running, f"{HOST}:{port}"
+
+
+def entries(running: Any) -> list[Any]:
+    return read_entries(running.daemon.gatekeeper.store.path, limit=100)
+
+
+async def test_a_sipp_caller_who_types_the_right_code_opens_the_gate_and_gets_the_bye(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """INVITE, ACK, 5555# as RFC 4733 events: the barrier's relay pulses, the call is
+    recorded ACK with source sip and the caller's number, and gated sends the BYE."""
+    running, target = await sip_daemon(start_daemon)
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["5555#"], HOST)
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    [entry] = entries(running)
+    assert (entry.status, entry.source, entry.caller, entry.did) == (
+        "ACK", "sip", VISITOR, BARRIER)
+    assert True in [s.state for s in running.pin(17).states]
+
+
+async def test_two_wrong_codes_over_sip_end_in_gateds_hang_up(start_daemon: Any,
+                                                             tmp_path: Path) -> None:
+    """Two wrong codes with attempts = 2: two NAKs recorded, nothing opened, and gated
+    hangs up (sipp gets the BYE)."""
+    running, target = await sip_daemon(start_daemon)
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["1111#", "2222#"], HOST)
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    assert [e.status for e in entries(running)] == ["NAK", "NAK"]
+    assert True not in [s.state for s in running.pin(17).states]
+
+
+async def test_a_sip_call_from_outside_trunk_from_is_never_answered(start_daemon: Any,
+                                                                   tmp_path: Path) -> None:
+    """A resident's number calling from an address outside trunk_from: refused before the
+    answer (sipp fails), nothing decided, recorded or opened."""
+    running, target = await sip_daemon(start_daemon, trunk_from="198.51.100.0/24")
+    status, _ = await sipp.call(tmp_path / "sipp", target, BARRIER, RESIDENT, ["5555#"], HOST)
+    assert status != 0
+    await running.daemon.gatekeeper.store.flush()
+    assert entries(running) == []
+    assert True not in [s.state for s in running.pin(17).states]
+
+
+async def test_a_killed_sip_engine_comes_back_while_the_webhook_answers(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """The engine SIGKILLed: the webhook answers meanwhile, the engine is started again,
+    and the next SIP call opens."""
+    running, target = await sip_daemon(start_daemon)
+    engine = running.daemon.sip_engine
+    os.kill(engine.pid, signal.SIGKILL)
+    status, body = await running.get(code="5555", did=BARRIER, callerid=VISITOR)
+    assert (status, body) == (200, "status=ACK")
+    await eventually(lambda: engine.restarts == 1 and engine.state == "running", within=15)
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["5555#"], HOST)
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    assert sorted(e.source for e in entries(running)) == ["pbx", "sip"]
+
+
+async def test_a_baresip_gated_does_not_know_is_refused_in_one_line(
+        start_daemon: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A baresip of another version on the PATH: the daemon does not start, and says why
+    in one line naming the version."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "baresip"
+    fake.write_text("#!/bin/sh\necho 'baresip v2.9.0 Copyright (C) 2010 - 2020'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(EngineError, match=r"baresip 2\.9\.0 is not a version") as caught:
+        await start_daemon(sip_table(sipp.free_udp(HOST)))
+    assert "\n" not in str(caught.value)
