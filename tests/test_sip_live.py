@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gated.core.errors import EngineError
-from gated.pbx.baresip import local_address
+from gated.pbx.baresip import BaresipEngine, local_address
 from gated.site.store import read_entries
 
 from . import sipp
@@ -113,3 +113,20 @@ async def test_a_baresip_gated_does_not_know_is_refused_in_one_line(
     with pytest.raises(EngineError, match=r"baresip 2\.9\.0 is not a version") as caught:
         await start_daemon(sip_table(sipp.free_udp(HOST)))
     assert "\n" not in str(caught.value)
+
+
+async def test_a_hung_sip_engine_is_killed_and_started_again(
+        start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine stopped (SIGSTOP: alive, answering nothing): its control port's silence
+    gets it killed and started again, and the next SIP call opens."""
+    monkeypatch.setattr(BaresipEngine, "probe_every", 0.3)
+    monkeypatch.setattr(BaresipEngine, "probe_wait", 0.5)
+    running, target = await sip_daemon(start_daemon)
+    engine = running.daemon.sip_engine
+    hung = engine.pid
+    os.kill(hung, signal.SIGSTOP)
+    await eventually(lambda: engine.restarts == 1 and engine.state == "running", within=15)
+    assert engine.pid != hung
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["5555#"], HOST)
+    assert status == 0, errors

@@ -197,6 +197,8 @@ class BaresipEngine:
     """A supervised baresip: the call-engine port over its control port."""
 
     plays_tones = False  # 1.0.0's control port has no command that sends DTMF
+    probe_every = 10.0  # seconds between two questions to the engine
+    probe_wait = 5.0    # an engine that takes longer to answer one is hung
 
     def __init__(self, setup: Setup, played: dict[Sound, bytes], *,
                  binary: str = "baresip") -> None:
@@ -215,6 +217,9 @@ class BaresipEngine:
         self._seen = asyncio.Event()
         self._last_source: str | None = None
         self._token = 0
+        self._probed = asyncio.Event()
+        self._probe_token = ""
+        self.registration = ""  # what the engine last said of its registrations
 
     # -- supervision ------------------------------------------------------------------
 
@@ -257,7 +262,12 @@ class BaresipEngine:
             self._writer = writer
             self.state = "running"
             log.info("sip engine running", pid=process.pid, ctrl=f"127.0.0.1:{port}")
-            await self._read_events(reader)
+            try:
+                async with asyncio.TaskGroup() as both:
+                    both.create_task(self._read_events(reader))
+                    both.create_task(self._probe())
+            except* (EngineError, OSError) as failed:
+                raise failed.exceptions[0] from None
         finally:
             closing, self._writer = self._writer, None
             if closing is not None:
@@ -329,8 +339,24 @@ class BaresipEngine:
             if isinstance(message, dict):
                 await self._message(message)
 
+    async def _probe(self) -> None:
+        """Ask the engine for its registrations now and then: one that does not answer
+        is hung, and is killed and started again like one that died."""
+        while True:
+            await asyncio.sleep(self.probe_every)
+            self._probed.clear()
+            self._probe_token = await self._send("reginfo")
+            try:
+                async with asyncio.timeout(self.probe_wait):
+                    await self._probed.wait()
+            except TimeoutError:
+                raise EngineError("baresip stopped answering its control port") from None
+
     async def _message(self, message: dict[str, object]) -> None:
         if message.get("response"):
+            if message.get("token") == self._probe_token:
+                self.registration = " ".join(str(message.get("data", "")).split())[:300]
+                self._probed.set()
             if not message.get("ok"):
                 log.warning("sip engine refused a command", token=message.get("token"),
                             answer=str(message.get("data", ""))[:200])
@@ -375,7 +401,7 @@ class BaresipEngine:
         while True:
             yield await self._queue.get()
 
-    async def _send(self, command: str, params: str = "") -> None:
+    async def _send(self, command: str, params: str = "") -> str:
         writer = self._writer
         if writer is None:
             raise EngineError("the SIP engine is not running")
@@ -385,6 +411,7 @@ class BaresipEngine:
             message["params"] = params
         writer.write(netstring(message))
         await writer.drain()
+        return message["token"]
 
     async def _on(self, call: str, command: str, params: str = "") -> None:
         # The menu's commands act on the current call: the only one there is.
