@@ -69,17 +69,41 @@ _BYE = """
 """
 
 
-def scenario(caller: str, codes: list[str]) -> str:
+_INFO = """
+  <send><![CDATA[
+      INFO sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Visitor" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag09[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} INFO
+      Contact: sip:{caller}@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Type: application/dtmf-relay
+      Content-Length: [len]
+
+      Signal={key}
+      Duration=160
+    ]]></send>
+  <recv response="200"/>"""
+
+
+def scenario(caller: str, codes: list[str], *, info: bool = False) -> str:
     """Call, then type each of ``codes`` (a pause before each); then wait for the BYE.
 
     No pause follows the last key: a BYE that came during one would be unexpected.
     """
     body = _INVITE.format(caller=caller)
+    cseq = 1
     for code in codes:
         body += '\n  <pause milliseconds="1200"/>'
         for n, key in enumerate(code):
             if n:
                 body += '\n  <pause milliseconds="250"/>'
+            if info:
+                cseq += 1
+                body += _INFO.format(caller=caller, cseq=cseq, key=key)
+                continue
             pcap = PCAPS / f"dtmf_2833_{_NAMES.get(key, key)}.pcap"
             body += f'\n  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>'
     body += _BYE
@@ -94,11 +118,11 @@ def free_udp(host: str) -> int:
 
 
 async def call(folder: Path, target: str, called: str, caller: str, codes: list[str],
-               host: str) -> tuple[int, str]:
+               host: str, *, info: bool = False) -> tuple[int, str]:
     """Run one sipp call; (its exit status, its error log)."""
     sipp = shutil.which("sipp")
     assert sipp is not None, "sipp is missing: ./dev test installs sip-tester"
-    path = write_scenario(folder, scenario(caller, codes))
+    path = write_scenario(folder, scenario(caller, codes, info=info))
     process = await asyncio.create_subprocess_exec(
         sipp, "-sf", str(path), "-s", called, target, "-i", host,
         "-p", str(free_udp(host)), "-mp", str(free_udp(host) & ~1), "-m", "1",

@@ -130,3 +130,14 @@ async def test_a_hung_sip_engine_is_killed_and_started_again(
     status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
                                      ["5555#"], HOST)
     assert status == 0, errors
+
+
+async def test_digits_sent_as_sip_info_open_the_gate(start_daemon: Any, tmp_path: Path) -> None:
+    """A caller whose phone sends its keys as SIP INFO (application/dtmf-relay) opens
+    the gate as one sending RFC 4733 events does."""
+    running, target = await sip_daemon(start_daemon)
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["5555#"], HOST, info=True)
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    assert [(e.status, e.source) for e in entries(running)] == [("ACK", "sip")]
