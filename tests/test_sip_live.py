@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from gated.commands import doctor
 from gated.core.errors import EngineError
-from gated.pbx.baresip import BaresipEngine, local_address
+from gated.pbx.baresip import BaresipEngine, local_address, read_status
 from gated.site.store import read_entries
 
 from . import sipp
@@ -141,3 +142,23 @@ async def test_digits_sent_as_sip_info_open_the_gate(start_daemon: Any, tmp_path
     assert status == 0, errors
     await running.daemon.gatekeeper.store.flush()
     assert [(e.status, e.source) for e in entries(running)] == [("ACK", "sip")]
+
+
+async def test_doctor_shows_the_sip_engine_and_its_registration(start_daemon: Any) -> None:
+    """`gated doctor` names the engine's version, that it runs, and what it registered."""
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(BaresipEngine, "probe_every", 0.2)
+    try:
+        running, _ = await sip_daemon(start_daemon)
+        engine = running.daemon.sip_engine
+        await eventually(lambda: bool(engine.registration), within=10)
+        await eventually(lambda: "User Agents" in str(
+            read_status(running.daemon.gatekeeper.store.path.parent)), within=10)
+    finally:
+        monkey.undo()
+    findings = [f for f in doctor.diagnose(str(running.daemon.loaded.path))
+                if f.topic == "sip"]
+    assert [f.level for f in findings] == ["ok", "ok"]
+    assert "baresip 1.0.0" in findings[0].message
+    assert "engine running" in findings[1].message
+    assert BARRIER in findings[1].message

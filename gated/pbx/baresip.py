@@ -56,6 +56,7 @@ _CONNECT = re.compile(r"sipsess connect via \S+ (\S+) --> ")
 _INCOMING = re.compile(r"Incoming call from: (?:.* )?(sips?:\S+) - ")
 MAX_FRAME = 65536  # no reply or event of baresip's comes near; a bigger one is a fault
 SOURCE_WAIT = 1.0  # how long an INVITE's source may lag its event (a pipe, a socket)
+STATUS = "status.json"  # beside the engine's files: what `gated doctor` reads
 START_WAIT = 10.0  # from starting the child to its control port answering
 BACKOFF = (0.1, 5.0)
 
@@ -220,8 +221,22 @@ class BaresipEngine:
         self._probed = asyncio.Event()
         self._probe_token = ""
         self.registration = ""  # what the engine last said of its registrations
+        self._reported: dict[str, object] = {}
 
     # -- supervision ------------------------------------------------------------------
+
+    def _report(self) -> None:
+        """The engine's state for `gated doctor`, written only when it changes."""
+        status: dict[str, object] = {"state": self.state, "pid": self.pid,
+                                     "restarts": self.restarts,
+                                     "registration": self.registration}
+        if status == self._reported:
+            return
+        self._reported = status
+        try:
+            files.replace(self.setup.folder / STATUS, json.dumps(status).encode())
+        except (OSError, files.FileError) as exc:
+            log.warning("sip engine status not written", error=str(exc))
 
     async def run(self) -> None:
         """Start the engine and keep it running: restarted whenever it dies or hangs."""
@@ -239,6 +254,7 @@ class BaresipEngine:
                 await self._lost()
             self.state = "restarting"
             self.restarts += 1
+            self._report()
             if loop.time() - started > 30:
                 backoff = BACKOFF[0]
             log.warning("sip engine restarting", restarts=self.restarts, after=backoff)
@@ -261,6 +277,7 @@ class BaresipEngine:
             reader, writer = await self._connect(port, process)
             self._writer = writer
             self.state = "running"
+            self._report()
             log.info("sip engine running", pid=process.pid, ctrl=f"127.0.0.1:{port}")
             try:
                 async with asyncio.TaskGroup() as both:
@@ -357,6 +374,7 @@ class BaresipEngine:
             if message.get("token") == self._probe_token:
                 self.registration = " ".join(str(message.get("data", "")).split())[:300]
                 self._probed.set()
+                self._report()
             if not message.get("ok"):
                 log.warning("sip engine refused a command", token=message.get("token"),
                             answer=str(message.get("data", ""))[:200])
@@ -479,3 +497,12 @@ def engine_for(config: Config, config_path: Path, state_dir: Path) -> BaresipEng
         setup = Setup(folder, local_address(), (account_line(sip.account, password),),
                       domain=domain)
     return BaresipEngine(setup, played)
+
+
+def read_status(state_dir: Path) -> dict[str, object] | None:
+    """What the daemon last wrote of its engine, or None if it never ran here."""
+    try:
+        status = json.loads((state_dir / "baresip" / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
