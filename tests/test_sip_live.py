@@ -17,6 +17,7 @@ from gated.site.store import read_entries
 from . import sipp
 from .broker import eventually
 from .helpers import BARRIER, RESIDENT
+from .sipcaller import baresip_caller
 
 HOST = local_address()
 VISITOR = "+31687654321"
@@ -162,3 +163,18 @@ async def test_doctor_shows_the_sip_engine_and_its_registration(start_daemon: An
     assert "baresip 1.0.0" in findings[0].message
     assert "engine running" in findings[1].message
     assert BARRIER in findings[1].message
+
+
+async def test_a_resident_calling_from_a_real_baresip_opens_with_no_prompt(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """A second baresip, the resident's phone, dials the gate: gated answers, opens the
+    barrier with no code asked, and hangs up on it."""
+    running, target = await sip_daemon(start_daemon)
+    async with baresip_caller(tmp_path / "phone", RESIDENT, HOST) as phone:
+        phone.dial(f"sip:{BARRIER}@{target}")
+        await eventually(lambda: "CALL_CLOSED" in phone.events, within=15)
+    assert "CALL_ESTABLISHED" in phone.events
+    await running.daemon.gatekeeper.store.flush()
+    [entry] = entries(running)
+    assert (entry.status, entry.reason, entry.source, entry.caller) == (
+        "ACK", "granted_caller", "sip", RESIDENT)
