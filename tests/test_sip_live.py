@@ -94,7 +94,7 @@ async def test_a_killed_sip_engine_comes_back_while_the_webhook_answers(
     os.kill(engine.pid, signal.SIGKILL)
     status, body = await running.get(code="5555", did=BARRIER, callerid=VISITOR)
     assert (status, body) == (200, "status=ACK")
-    await eventually(lambda: engine.restarts == 1 and engine.state == "running", within=15)
+    await eventually(lambda: engine.restarts >= 1 and engine.state == "running", within=15)
     status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
                                      ["5555#"], HOST)
     assert status == 0, errors
@@ -122,12 +122,12 @@ async def test_a_hung_sip_engine_is_killed_and_started_again(
     """The engine stopped (SIGSTOP: alive, answering nothing): its control port's silence
     gets it killed and started again, and the next SIP call opens."""
     monkeypatch.setattr(BaresipEngine, "probe_every", 0.3)
-    monkeypatch.setattr(BaresipEngine, "probe_wait", 0.5)
+    monkeypatch.setattr(BaresipEngine, "probe_wait", 1.0)
     running, target = await sip_daemon(start_daemon)
     engine = running.daemon.sip_engine
     hung = engine.pid
     os.kill(hung, signal.SIGSTOP)
-    await eventually(lambda: engine.restarts == 1 and engine.state == "running", within=15)
+    await eventually(lambda: engine.restarts >= 1 and engine.state == "running", within=15)
     assert engine.pid != hung
     status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
                                      ["5555#"], HOST)
