@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,21 @@ async def test_a_resident_calling_from_a_real_baresip_opens_with_no_prompt(
     [entry] = entries(running)
     assert (entry.status, entry.reason, entry.source, entry.caller) == (
         "ACK", "granted_caller", "sip", RESIDENT)
+
+
+async def test_the_engines_files_are_private_and_its_control_port_is_loopback_only(
+        start_daemon: Any) -> None:
+    """baresip's folder is 0700 and its files 0600 (the account's password is in one),
+    and its control port, which can dial, listens on 127.0.0.1 only."""
+    running, _ = await sip_daemon(start_daemon)
+    folder = running.daemon.gatekeeper.store.path.parent / "baresip"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    names = ("config", "accounts", "prompt.wav", "wrong.wav", "status.json")
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
+        names, 0o600)
+    [listen] = [line for line in (folder / "config").read_text().splitlines()
+                if line.startswith("ctrl_tcp_listen")]
+    assert listen.startswith("ctrl_tcp_listen 127.0.0.1:")
+    port = int(listen.rpartition(":")[2])
+    with socket.socket() as probe:
+        assert probe.connect_ex((HOST, port)) != 0  # not on the machine's own address

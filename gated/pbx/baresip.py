@@ -184,7 +184,11 @@ def write_files(setup: Setup, ctrl_port: int, played: dict[Sound, bytes]) -> Non
     files.replace(setup.folder / "config", config_text(setup, ctrl_port).encode())
     files.replace(setup.folder / "accounts", ("\n".join(setup.accounts) + "\n").encode())
     for name, data in played.items():
-        files.replace(setup.folder / f"{name}.wav", data)
+        path = setup.folder / f"{name}.wav"
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                continue  # a restart rewrites megabytes of an SD card for nothing
+        files.replace(path, data)
 
 
 def netstring(message: dict[str, str]) -> bytes:
