@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -197,3 +198,27 @@ async def test_the_engines_files_are_private_and_its_control_port_is_loopback_on
     port = int(listen.rpartition(":")[2])
     with socket.socket() as probe:
         assert probe.connect_ex((HOST, port)) != 0  # not on the machine's own address
+
+
+async def test_a_process_that_takes_over_the_engines_control_port_gets_it_restarted(
+        start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another local process connects to the control port (baresip then serves it instead
+    of gated): gated notices the silence, the engine is started again on a new port, and
+    the intruder's connection is dead with it."""
+    monkeypatch.setattr(BaresipEngine, "probe_every", 0.3)
+    monkeypatch.setattr(BaresipEngine, "probe_wait", 1.0)
+    running, target = await sip_daemon(start_daemon)
+    engine = running.daemon.sip_engine
+    folder = running.daemon.gatekeeper.store.path.parent / "baresip"
+    [listen] = [line for line in (folder / "config").read_text().splitlines()
+                if line.startswith("ctrl_tcp_listen")]
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(listen.rpartition(":")[2]))
+    try:
+        await eventually(lambda: engine.restarts >= 1 and engine.state == "running",
+                         within=15)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the old engine is gone
+    finally:
+        writer.close()
+    status, errors = await sipp.call(tmp_path / "sipp", target, BARRIER, VISITOR,
+                                     ["5555#"], HOST)
+    assert status == 0, errors
