@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import ipaddress
 import json
@@ -34,7 +35,7 @@ import socket
 import struct
 import subprocess
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,9 +206,11 @@ class BaresipEngine:
     probe_every = 10.0  # seconds between two questions to the engine
     probe_wait = 5.0    # an engine that takes longer to answer one is hung
 
-    def __init__(self, setup: Setup, played: dict[Sound, bytes], *,
+    def __init__(self, setup: Setup, played: Callable[[], dict[Sound, bytes]], *,
                  binary: str = "baresip") -> None:
         self.setup = setup
+        # Made again at each start rather than held: padded to a call's length,
+        # the sounds are megabytes a Pi would otherwise carry all day.
         self.played = played
         self.binary = binary
         self.state = "starting"
@@ -267,7 +270,7 @@ class BaresipEngine:
 
     async def _run_once(self) -> None:
         port = self.setup.ctrl_port or free_port()
-        write_files(self.setup, port, self.played)
+        write_files(self.setup, port, self.played())
         argv = [self.binary, "-v", "-f", str(self.setup.folder)]
         stdbuf = shutil.which("stdbuf")
         if stdbuf is not None:
@@ -482,7 +485,6 @@ def engine_for(config: Config, config_path: Path, state_dir: Path) -> BaresipEng
     prompt = None
     if sip.prompt is not None:
         prompt = read_prompt(config_mod.resolve(config_path, sip.prompt))
-    played = sounds(prompt, sip.max_call)
     folder = state_dir / "baresip"
     if sip.listen is not None:
         address = host_of(sip.listen)
@@ -500,7 +502,7 @@ def engine_for(config: Config, config_path: Path, state_dir: Path) -> BaresipEng
         domain = sip.account.split("@", 1)[1].split(";", 1)[0]
         setup = Setup(folder, local_address(), (account_line(sip.account, password),),
                       domain=domain)
-    return BaresipEngine(setup, played)
+    return BaresipEngine(setup, functools.partial(sounds, prompt, sip.max_call))
 
 
 def read_status(state_dir: Path) -> dict[str, object] | None:
