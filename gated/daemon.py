@@ -62,6 +62,8 @@ if TYPE_CHECKING:
     from gated.book.codes import CodeBook
     from gated.mqtt.bridge import Bridge
     from gated.mqtt.link import MqttLink
+    from gated.pbx.baresip import BaresipEngine
+    from gated.pbx.sip import SipCalls
     from gated.site.metrics import Metrics
 
 # A reload compiled here (not in the child) checks the forwards too.
@@ -129,6 +131,7 @@ class Daemon:
     _webhook_settings: LiveSettings | None = None
     _twiml_settings: LiveTwiml | None = None
     state_lock: statelock.StateLock | None = None
+    sip_engine: BaresipEngine | None = None
 
     @property
     def url(self) -> str:
@@ -236,6 +239,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._reloads.put_nowait("SIGHUP"))
         try:
             async with asyncio.TaskGroup() as tasks:
+                sip_calls = self._sip(gatekeeper)
                 if forwarder is not None:  # before the writer: it writes every entry's forwards
                     forwarder.attach()
                     tasks.create_task(forwarder.run(), name="forward")
@@ -271,6 +275,11 @@ class Daemon:
                 if self.link is not None:
                     tasks.create_task(self.link.run(), name="mqtt")
                 tasks.create_task(self._watchdog(), name="watchdog")
+                if sip_calls is not None and self.sip_engine is not None:
+                    # Its own task, restarted by its own loop: a dead engine never
+                    # takes the webhook down.
+                    tasks.create_task(self.sip_engine.run(), name="sip-engine")
+                    tasks.create_task(sip_calls.run(), name="sip-calls")
                 log.info("listening", address=config.server.listen, path=config.server.path,
                          gates=sorted(config.gates), credentials=gatekeeper.book.credential_count,
                          book=self.loaded.origin,
@@ -307,6 +316,18 @@ class Daemon:
             if self.state_lock is not None:
                 self.state_lock.release()
             log.info("stopped")
+
+    def _sip(self, gatekeeper: Gatekeeper) -> SipCalls | None:
+        """The SIP endpoint of a site with [sip]: engine checked and set up, not started."""
+        config = self.loaded.config
+        if config.sip is None:
+            return None
+        from gated.pbx.baresip import engine_for
+        from gated.pbx.sip import SipCalls, settings_for
+
+        engine = self.sip_engine = engine_for(config, self.loaded.source,
+                                              self.loaded.store_path.parent)
+        return SipCalls(engine, gatekeeper, settings_for(config))
 
     def problem(self) -> str | None:
         """For /healthz: None while calls can be answered and recorded, else why not."""

@@ -292,6 +292,23 @@ class TwimlConfig(_Table, kw_only=True, frozen=True):
     account_sid: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
 
 
+class SipConfig(_Table, kw_only=True, frozen=True):
+    """gated's own SIP endpoint: see docs/sip.md."""
+
+    engine: Literal["baresip"] = "baresip"
+    # Register mode: the account gated registers (works behind NAT) ...
+    account: Annotated[str, msgspec.Meta(pattern=r"^sips?:[^@\s]+@[^\s]+$")] | None = None
+    password_file: str | None = None
+    # ... or trunk mode: where the engine listens, and the only addresses it takes calls from.
+    listen: str | None = None
+    trunk_from: Annotated[list[Annotated[str, _most(64)]], _most(64)] = []
+    prompt: str | None = None  # a WAV (16-bit PCM mono 8 kHz); unset: a short tone
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    input_timeout: Annotated[int, msgspec.Meta(ge=1, le=60)] = 5
+    fallback: str = ""
+    max_call: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 120
+
+
 class LogConfig(_Table, kw_only=True, frozen=True):
     path: str = "/var/lib/gated/entries.sqlite3"
     format: Literal["auto", "json", "console"] = "auto"
@@ -335,6 +352,7 @@ class Config(_Table, kw_only=True, frozen=True):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None
     twiml: TwimlConfig | None = None
+    sip: SipConfig | None = None
     forward: list[ForwardConfig] = []
 
     @property
@@ -363,6 +381,8 @@ RESTART_ONLY: tuple[str, ...] = (
     # The lockout policy is the ledger's, held since the start with its strikes.
     "lockout", "log", "metrics", "mqtt", "forward",
     "twiml.path",
+    # The engine is started with its accounts and listening address.
+    "sip",
 )
 # Tables that some reloadable keys live in but that only a restart adds or removes.
 RESTART_TO_ADD: tuple[str, ...] = ("gates.<name>", "twiml")
@@ -688,6 +708,7 @@ def check(config: Config, fail: Any, *, staff: bool = False) -> None:
             raise fail(("gates", name, "sensor"),
                        "a dtmf gate opens after the answer; a sensor cannot confirm it")
     _check_twiml(config, fail)
+    _check_sip(config, fail)
     for extra in _extra_checks:
         extra(config, fail)
 
@@ -777,6 +798,38 @@ def _check_twiml(config: Config, fail: Any) -> None:
             number = None
         if number is None or not number.startswith("+"):
             raise fail(("twiml", "fallback"), "a phone number the platform can dial")
+
+
+def _check_sip(config: Config, fail: Any) -> None:
+    sip = config.sip
+    if sip is None:
+        return
+    if (sip.account is None) == (sip.listen is None):
+        raise fail(("sip",), "either account (register mode) or listen (trunk mode), "
+                   "not both and not neither")
+    if sip.account is not None and sip.password_file is None:
+        raise fail(("sip", "password_file"), "register mode needs the account's password file")
+    if sip.listen is not None:
+        _check_listen(sip.listen, ("sip", "listen"), fail)
+        if not sip.trunk_from:
+            raise fail(("sip", "trunk_from"), "trunk mode takes calls only from these "
+                       "addresses: name the trunk's (e.g. [\"185.0.0.0/24\"])")
+    for index, value in enumerate(sip.trunk_from):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise fail(("sip", "trunk_from", index),
+                       f"an address or network, e.g. 185.0.0.0/24, got {value!r}") from None
+    if sip.fallback:
+        from gated.core.errors import NumberError
+        from gated.core.numbers import normalise
+
+        try:
+            number = normalise(sip.fallback, config.site.region)
+        except NumberError:
+            number = None
+        if number is None:
+            raise fail(("sip", "fallback"), "a phone number the trunk or provider can dial")
 
 
 def _check_sensor(name: str, gate: GateConfig, deadline: float, fail: Any) -> None:

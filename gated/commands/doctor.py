@@ -111,10 +111,39 @@ def diagnose(config_path: str, *, dev: Path = Path("/dev"),
             if is_local(config.mqtt.host):
                 findings += check_fleet_broker(root)
     findings += check_webhook(config)
+    if config.sip is not None:
+        findings += check_sip(loaded.store_path.parent)
     if os.geteuid() == 0:
         findings.append(Finding(
             "info", "user", "running as root: the permission checks speak for root",
             "run it as the service user: sudo -u gated /opt/gated/venv/bin/gated doctor"))
+    return findings
+
+
+def check_sip(state_dir: Path) -> list[Finding]:
+    """The SIP engine: installed in a version gated knows, and how the daemon last found it."""
+    from gated.core.errors import EngineError
+    from gated.pbx import baresip
+
+    try:
+        version = baresip.read_version()
+    except EngineError as exc:
+        return [Finding("problem", "sip", str(exc), "sudo apt install baresip-core")]
+    findings = [Finding("ok", "sip", f"baresip {version} installed")]
+    status = baresip.read_status(state_dir)
+    if status is None:
+        findings.append(Finding("info", "sip", "the engine has not run here yet",
+                                "start gated: sudo systemctl start gated"))
+    elif status.get("state") == "running":
+        findings.append(Finding(
+            "ok", "sip", f"engine running (pid {status.get('pid')}, restarted "
+            f"{status.get('restarts')} time(s)); registration: "
+            f"{status.get('registration') or 'not reported yet'}"))
+    else:
+        findings.append(Finding(
+            "problem", "sip", f"engine {status.get('state')} (restarted "
+            f"{status.get('restarts')} time(s))",
+            "journalctl -u gated | grep 'sip engine' says why"))
     return findings
 
 

@@ -71,3 +71,7 @@ class NotMoved(ActuatorError):
     """The open command went out but the gate's position sensor saw no movement."""
 
     reason = "not_moved"
+
+
+class EngineError(GatedError):
+    """The SIP engine is missing, of a version gated does not know, or not answering."""
