@@ -18,6 +18,7 @@ class Caller:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.events: list[str] = []  # the event types, in order
+        self.heard: list[str] = []   # the keys the far end sent (telephone-events)
 
     def dial(self, uri: str) -> None:
         self.writer.write(netstring({"command": "dial", "params": uri, "token": "d1"}))
@@ -29,6 +30,8 @@ async def _read(reader: asyncio.StreamReader, caller: Caller) -> None:
         message = json.loads((await reader.readexactly(size + 1))[:-1])
         if message.get("event"):
             caller.events.append(str(message.get("type")))
+            if message.get("type") == "CALL_DTMF_START":
+                caller.heard.append(str(message.get("param")))
 
 
 def _write_files(folder: Path, number: str, host: str, ctrl: int) -> None:
@@ -37,6 +40,8 @@ def _write_files(folder: Path, number: str, host: str, ctrl: int) -> None:
         "poll_method epoll", f"net_interface {host}", f"sip_listen {host}:{free_udp(host)}",
         "audio_player aubridge,play-null", "audio_source aubridge,src-null",
         "audio_alert aubridge,alert-null", "statmode_default off",
+        # Every key at once, a repeated one too (the default jitter buffer drops them).
+        "jitter_buffer_delay 0-0",
         "module_path /usr/lib/baresip/modules", "module g711.so", "module aubridge.so",
         "module_app account.so", "module_app menu.so", "module_app ctrl_tcp.so",
         f"ctrl_tcp_listen 127.0.0.1:{ctrl}", ""]))

@@ -23,6 +23,7 @@ from .sipcaller import baresip_caller
 
 HOST = local_address()
 VISITOR = "+31687654321"
+LOBBY = "+31501234569"
 
 
 def sip_table(port: int, trunk_from: str = f"{HOST}/32") -> str:
@@ -182,6 +183,30 @@ async def test_a_resident_calling_from_a_real_baresip_opens_with_no_prompt(
         "ACK", "granted_caller", "sip", RESIDENT)
 
 
+async def test_a_call_box_opens_by_the_tone_gated_plays_into_the_sip_call(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """A call box's gate (dtmf) over SIP: the resident's phone, a real baresip, calls;
+    gated plays the gate's keys into the call as telephone-events (9, a pause, 9), and
+    the phone hears both; the entry says actuator dtmf."""
+    port = sipp.free_udp(HOST)
+    running = await start_daemon(sip_table(port) + f"""
+[gates.lobby]
+numbers = ["{LOBBY}"]
+actuator = {{ type = "dtmf", digits = "9w9" }}
+callers = ["{RESIDENT}"]
+""")
+    engine = running.daemon.sip_engine
+    await eventually(lambda: engine.state == "running", within=15)
+    async with baresip_caller(tmp_path / "phone", RESIDENT, HOST) as phone:
+        phone.dial(f"sip:{LOBBY}@{HOST}:{port}")
+        await eventually(lambda: "CALL_CLOSED" in phone.events, within=20)
+    assert phone.heard == ["9", "9"]
+    await running.daemon.gatekeeper.store.flush()
+    [entry] = entries(running)
+    assert (entry.status, entry.reason, entry.source, entry.actuator) == (
+        "ACK", "granted_caller", "sip", "dtmf")
+
+
 async def test_the_engines_files_are_private_and_its_control_port_is_loopback_only(
         start_daemon: Any) -> None:
     """baresip's folder is 0700 and its files 0600 (the account's password is in one),
@@ -189,7 +214,7 @@ async def test_the_engines_files_are_private_and_its_control_port_is_loopback_on
     running, _ = await sip_daemon(start_daemon)
     folder = running.daemon.gatekeeper.store.path.parent / "baresip"
     assert folder.stat().st_mode & 0o777 == 0o700
-    names = ("config", "accounts", "prompt.wav", "wrong.wav", "status.json")
+    names = ("config", "accounts", "prompt.wav", "wrong.wav", "quiet.wav", "status.json")
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
         names, 0o600)
     [listen] = [line for line in (folder / "config").read_text().splitlines()

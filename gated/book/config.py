@@ -769,10 +769,10 @@ def _check_twiml(config: Config, fail: Any) -> None:
     twiml = config.twiml
     if twiml is None:
         for name, gate in config.gates.items():
-            if isinstance(gate.actuator, DtmfActuatorConfig):
+            if isinstance(gate.actuator, DtmfActuatorConfig) and config.sip is None:
                 raise fail(("gates", name, "actuator", "type"),
-                           "a dtmf gate opens by a tone played into a TwiML call: "
-                           "it needs a [twiml] table (docs/twilio.md)")
+                           "a dtmf gate opens by a tone played into a call: it needs a "
+                           "[twiml] table (docs/twilio.md) or a [sip] one (docs/sip.md)")
         return
     ours = twiml.path.rstrip("/")
     if ours in ("", config.server.path, f"{config.server.path}/code") or (

@@ -49,6 +49,12 @@ from gated.core.numbers import normalise
 from gated.pbx.engine import Digit, Ended, Event, Incoming, Sound
 
 log = structlog.get_logger("gated.sip")
+# A call box's tones: the pause a `w` stands for, and the gap between two keys.
+TONE_PAUSE = 0.5
+TONE_GAP = 0.25
+# How long tones wait for the call's media to be up (it is, within milliseconds of
+# the answer, on any working line).
+MEDIA_WAIT = 2.0
 
 KNOWN_VERSIONS = ("1.0.0",)
 RATE = 8000
@@ -121,7 +127,9 @@ def sounds(prompt: bytes | None, seconds: float) -> dict[Sound, bytes]:
     said = prompt if prompt is not None else _tone(425, 0.5)
     low = _tone(300, 0.2) + _silence(0.1) + _tone(300, 0.2) + _silence(0.3)
     out: dict[Sound, bytes] = {}
-    for name, samples in (("prompt", said), ("wrong", low + said)):
+    # "quiet": the call's media running while a call box's tones are sent (the
+    # engine sends telephone-events only with the audio it is sending).
+    for name, samples in (("prompt", said), ("wrong", low + said), ("quiet", b"")):
         samples += _silence(max(0.0, seconds + 5 - len(samples) / (2 * RATE)))
         buffer = io.BytesIO()
         with wave.open(buffer, "wb") as w:
@@ -202,7 +210,7 @@ def netstring(message: dict[str, str]) -> bytes:
 class BaresipEngine:
     """A supervised baresip: the call-engine port over its control port."""
 
-    plays_tones = False  # 1.0.0's control port has no command that sends DTMF
+    plays_tones = True  # the menu's `sndcode`, as RFC 4733 telephone-events
     probe_every = 10.0  # seconds between two questions to the engine
     probe_wait = 5.0    # an engine that takes longer to answer one is hung
 
@@ -220,6 +228,7 @@ class BaresipEngine:
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._calls: set[str] = set()
+        self._established: dict[str, asyncio.Event] = {}
         self._sources: dict[str, str] = {}
         self._peers: dict[str, str] = {}  # call -> the host its INVITE came from
         self._seen = asyncio.Event()
@@ -397,10 +406,13 @@ class BaresipEngine:
                 self._peers[call] = source.rsplit(":", 1)[0]
             self._queue.put_nowait(Incoming(call, peer, str(message.get("accountaor", "")),
                                             source))
+        elif kind == "CALL_ESTABLISHED":
+            self._established.setdefault(call, asyncio.Event()).set()
         elif kind == "CALL_DTMF_START":
             self._queue.put_nowait(Digit(call, str(message.get("param", ""))))
         elif kind == "CALL_CLOSED":
             self._calls.discard(call)
+            self._established.pop(call, None)
             self._peers.pop(call, None)
             self._queue.put_nowait(Ended(call))
             # The source a prompt switched to stays for later calls.
@@ -450,7 +462,23 @@ class BaresipEngine:
         await self._on(call, "ausrc", f"aufile,{self.setup.folder / f'{sound}.wav'}")
 
     async def send_tones(self, call: str, digits: str) -> None:
-        raise EngineError("baresip 1.0.0 cannot play tones into a call from its control port")
+        """A call box's open: each key as a telephone-event, ``w`` a half-second pause
+        (as in ``[gates.*.actuator] digits``), a short gap between keys so the box
+        hears two presses of the same key as two."""
+        # Telephone-events travel in the call's media: not before it is up, and
+        # only while the engine is sending audio (silence will do).
+        up = self._established.setdefault(call, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MEDIA_WAIT):
+                await up.wait()
+        await self.play(call, "quiet")
+        await asyncio.sleep(TONE_GAP)
+        for key in digits:
+            if key == "w":
+                await asyncio.sleep(TONE_PAUSE)
+                continue
+            await self._on(call, "sndcode", key)
+            await asyncio.sleep(TONE_GAP)
 
     async def transfer(self, call: str, number: str) -> None:
         await self._on(call, "transfer", self.transfer_uri(call, number))

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 # What a call can be played besides a call box's tone: the site's prompt (or a
 # short tone when it has none), and the prompt after a refused code.
-Sound = Literal["prompt", "wrong"]
+Sound = Literal["prompt", "wrong", "quiet"]
 
 
 @dataclass(frozen=True, slots=True)
