@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     manage.add_parsers(sub, common)
     forward_commands.add_parsers(sub, common)
+    from gated.commands import users as user_commands
+
+    user_commands.add_parsers(sub, common)
     return parser
 
 
