@@ -248,7 +248,11 @@ async def login_form(request: web.Request) -> web.Response:
 
 def _login_page(request: web.Request, error: str, status: int = 200) -> web.Response:
     page = _page(request)
-    token = secrets.token_urlsafe(24)
+    # One token per browser until it logs in: another tab, or the favicon's redirect
+    # here, must not make the form already shown stale.
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    if not 20 <= len(token) <= 64 or not token.replace("-", "").replace("_", "").isalnum():
+        token = secrets.token_urlsafe(24)
     response = _render(request, "login.html", {
         "login_csrf": token, "error": error, "no_users": not page.users.current()},
         status=status)
@@ -550,7 +554,11 @@ async def issue(request: web.Request) -> web.Response:
     until = _local(page, issued.row.valid_until)[:16]
     number = numbers[0] if numbers else ""
     tel = f"tel:{number},,{issued.code}%23" if number else ""
-    qr = Markup(segno.make(tel, error="m").svg_inline(scale=4, border=2)) if tel else ""  # noqa: S704 (segno's own SVG of digits)
+    qr = ""
+    if tel:
+        # segno's own SVG of a URI of digits: nothing in it came from a form as markup.
+        svg = segno.make(tel, error="m").svg_inline(scale=4, border=2, omitsize=True)
+        qr = Markup(svg)  # noqa: S704
     return _render(request, "issued.html", {
         "name": name, "code": issued.code, "until": until, "gates": ", ".join(gates),
         "sms": sms_text(config.site.id, number or "the gate", issued.code, until),
