@@ -1,11 +1,14 @@
 """The staff page in a real browser: Playwright driving Debian's chromium (never skipped).
 
-These runs also write the screenshots docs/staff-page.md shows (desktop and phone).
+These runs also take the screenshots docs/staff-page.md shows (desktop and phone):
+into the test's own folder, and into docs/img/ with GATED_SCREENSHOTS=1 (a visitor
+code is random, so a plain run would change the pictures each time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from .helpers import BARRIER, FakeClock
 from .staffpage import PASSWORDS, WEB, make_users
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; ./dev test installs it
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "img"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -30,6 +33,12 @@ async def browser() -> AsyncIterator[Browser]:
                                                     args=["--no-sandbox"])
         yield launched
         await launched.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where the screenshots go: docs/img/ when asked for, else the test's folder."""
+    return DOCS_IMAGES if os.environ.get("GATED_SCREENSHOTS") == "1" else tmp_path
 
 
 @pytest.fixture
@@ -56,12 +65,12 @@ async def _login(browser: Browser, site: Any, name: str, viewport: dict[str, int
 
 
 async def test_in_a_browser_a_code_issued_on_the_page_opens_and_arrives_live(
-        browser: Browser, site: Any) -> None:
+        browser: Browser, site: Any, shots: Path) -> None:
     """Log in, issue a visitor code, call the webhook with it, and watch the entry arrive
     on the open page without a reload."""
     login = await browser.new_page(viewport=DESKTOP)  # type: ignore[arg-type]
     await login.goto(_base(site) + "/login")
-    await login.screenshot(path=SHOTS / "staff-login.png")
+    await login.screenshot(path=shots / "staff-login.png")
     await login.close()
     page = await _login(browser, site, "sam", DESKTOP)
     await page.click("text=Visitor codes")
@@ -73,7 +82,7 @@ async def test_in_a_browser_a_code_issued_on_the_page_opens_and_arrives_live(
     assert code.isdigit() and len(code) == 6
     assert code in await page.input_value("#sms")
     await expect(page.locator(".qr svg")).to_be_visible()
-    await page.screenshot(path=SHOTS / "staff-code.png", full_page=True)
+    await page.screenshot(path=shots / "staff-code.png", full_page=True)
     await page.goto(_base(site) + "/")
     await expect(page.locator("#livestate")).to_have_text("live")
     _, body = await site.get(code=code, did=BARRIER, callerid="")
@@ -82,15 +91,15 @@ async def test_in_a_browser_a_code_issued_on_the_page_opens_and_arrives_live(
     await expect(first).to_contain_text("Plumber Bob")
     await expect(first).to_contain_text("ACK")
     assert code not in await page.content()
-    await page.screenshot(path=SHOTS / "staff-site.png", full_page=True)
+    await page.screenshot(path=shots / "staff-site.png", full_page=True)
 
 
 async def test_in_a_browser_staff_open_a_gate_on_a_phone_and_a_viewer_cannot(
-        browser: Browser, site: Any) -> None:
+        browser: Browser, site: Any, shots: Path) -> None:
     """On a phone-sized screen staff open the barrier (asked, then confirmed) and the relay
     pulses once; a viewer sees no open button and is refused at its address."""
     page = await _login(browser, site, "sam", PHONE)
-    await page.screenshot(path=SHOTS / "staff-phone.png", full_page=True)
+    await page.screenshot(path=shots / "staff-phone.png", full_page=True)
     await page.click("a[href='/gates/barrier/open']")
     await expect(page.locator("h1")).to_have_text("Open barrier?")
     assert [s.state for s in site.pin(17).states] == [False]
