@@ -18,7 +18,7 @@ from gated import cli
 from gated.site.store import Entry
 
 from .helpers import BARRIER, FakeClock
-from .staffpage import WEB, Browser, make_users
+from .staffpage import WEB, Browser, csrf_of, make_users
 
 
 class Site:
@@ -338,10 +338,26 @@ async def test_a_session_cookie_is_secure_behind_the_local_tls_proxy(site: Site)
     cookie is Secure too."""
     browser = site.browser()
     _, html, _ = await browser.get("/login")
-    from .staffpage import csrf_of
-
     status, _, headers = await browser.post(
         "/login", {"username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
         headers={"X-Forwarded-Proto": "https"})
     assert status == 303 and "Secure" in headers["Set-Cookie"]
 
+
+
+async def test_a_guesser_behind_the_tls_proxy_never_holds_other_staff_out(site: Site) -> None:
+    """Behind the TLS proxy on this machine, the backoff counts the client the proxy names:
+    one guesser's failures never hold another member of staff out."""
+    guesser, ada = site.browser(), site.browser()
+    outside = {"X-Forwarded-For": "203.0.113.9"}
+    for number in range(6):
+        _, html, _ = await guesser.get("/login")
+        status, _, _ = await guesser.post("/login", {
+            "username": f"nobody{number}", "password": "guess-guess-1",
+            "csrf": csrf_of(html)}, headers=outside)
+        assert status == (401 if number < 5 else 429)
+    _, html, _ = await ada.get("/login")
+    status, _, headers = await ada.post("/login", {
+        "username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-For": "198.51.100.7"})
+    assert status == 303 and headers["Location"] == "/"

@@ -139,13 +139,32 @@ def _same_origin(request: web.Request) -> bool:
     return True
 
 
+LOOPBACK = ("127.0.0.1", "::1")
+
+
 def _secure(request: web.Request) -> bool:
     page = _page(request)
     if page.tls or request.secure:
         return True
     # The TLS proxy of docs/tls.md runs on this machine and says so.
-    return request.remote in ("127.0.0.1", "::1") and (
+    return request.remote in LOOPBACK and (
         request.headers.get("X-Forwarded-Proto") == "https")
+
+
+def _address(request: web.Request) -> str:
+    """Who is asking: behind the TLS proxy on this machine, the client it names.
+
+    Else every login through the proxy would share one address, and one guesser's
+    backoff would hold every member of staff out. Only the proxy's own (last) hop
+    is believed: anything left of it was written by the client.
+    """
+    remote = request.remote or "?"
+    if remote in LOOPBACK:
+        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
+                for hop in header.split(",") if hop.strip()]
+        if hops:
+            return hops[-1][:64]
+    return remote
 
 
 def _visit(request: web.Request) -> Visit | None:
@@ -270,7 +289,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise _forbidden("refused: the form's token is missing or old; reload the page")
     name = str(form.get("username", ""))[:64].strip().lower()
     password = str(form.get("password", ""))
-    address = request.remote or "?"
+    address = _address(request)
     keys = [f"user:{name}", f"address:{address}"]
     now = page.clock.now()
     wait = page.backoff.wait(keys, now)
@@ -440,7 +459,8 @@ async def live(request: web.Request) -> web.StreamResponse:
         async with sse_response(request, headers=HEADERS) as stream:
             while stream.is_connected():
                 data = await queue.get()
-                if data == END:
+                # A stream outlives no logout, new password or expiry.
+                if data == END or _visit(request) is None:
                     break
                 await stream.send(data, event="entry")
     finally:
