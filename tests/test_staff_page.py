@@ -361,3 +361,24 @@ async def test_a_guesser_behind_the_tls_proxy_never_holds_other_staff_out(site: 
         "username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
         headers={"X-Forwarded-For": "198.51.100.7"})
     assert status == 303 and headers["Location"] == "/"
+
+
+async def test_an_extended_visitor_code_opens_past_its_first_end(site: Site) -> None:
+    """Staff extend a visitor code by hours; past its first end it still opens, and an
+    extension without the session's token changes nothing."""
+    clock: FakeClock = site.running.daemon.clock
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    _, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Courier", "hours": "1",
+                                              "gates": "barrier"})
+    code = re.search(r'id="code">(\d+)<', html)[1]  # type: ignore[index]
+    vid = re.findall(r'/visitors/([0-9a-f]+)/extend', (await sam.get("/visitors"))[1])[0]
+    assert (await sam.post(f"/visitors/{vid}/extend", {"hours": "24"}))[0] == 403
+    assert (await sam.post(f"/visitors/{vid}/extend", {"csrf": csrf, "hours": "x"}))[0] == 400
+    assert (await sam.post(f"/visitors/{vid}/extend", {"csrf": csrf, "hours": "3"}))[0] == 303
+    clock.advance(2 * 3600)
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=ACK")
+    clock.advance(3 * 3600)
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")

@@ -34,7 +34,14 @@ from gated.book.config import Config
 from gated.core.clock import Clock
 from gated.site import events, visitors
 from gated.site.gatekeeper import Gatekeeper, RawCall
-from gated.site.store import ENTRY_COLUMNS, Entry, add_visitor, connect
+from gated.site.store import (
+    ENTRY_COLUMNS,
+    VISITOR_COLUMNS,
+    Entry,
+    VisitorRow,
+    add_visitor,
+    connect,
+)
 from gated.web import users as users_mod
 from gated.web.backoff import Backoff
 from gated.web.sessions import Session, Sessions
@@ -605,6 +612,35 @@ async def revoke(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther("/visitors")
 
 
+def _extend_visitor(conn: sqlite3.Connection, visitor_id: str, now: float,
+                    seconds: float) -> VisitorRow | None:
+    # From its end, or from now for a code that has already ended.
+    conn.execute("UPDATE visitors SET valid_until = max(valid_until, ?) + ? WHERE id = ?",
+                 (now, seconds, visitor_id))
+    row = conn.execute(f"SELECT {', '.join(VISITOR_COLUMNS)} FROM visitors "  # noqa: S608
+                       "WHERE id = ?", (visitor_id,)).fetchone()
+    return VisitorRow.from_row(row) if row is not None else None
+
+
+async def extend(request: web.Request) -> web.StreamResponse:
+    visit = _needs(request, "staff")
+    page = _page(request)
+    form = await request.post()
+    hours = _number(str(form.get("hours", "")), 0.25, 24 * 31)
+    if hours is None:
+        raise web.HTTPBadRequest(text="Hours must be a number from 0.25 to 744.")
+    visitor_id = request.match_info["id"]
+    row = await page.gatekeeper.store.call(_extend_visitor, visitor_id, page.clock.now(),
+                                           hours * 3600)
+    if row is None:
+        raise web.HTTPNotFound(text="no such visitor code")
+    book = page.gatekeeper.book
+    book.visitors = {**book.visitors, row.digest: visitors.credential(row)}
+    log.info("staff page: visitor code extended", user=visit.user.name, id=visitor_id,
+             hours=hours)
+    raise web.HTTPSeeOther("/visitors")
+
+
 # -- the app -----------------------------------------------------------------------------
 
 def make_web_app(page: StaffPage) -> web.Application:
@@ -623,6 +659,7 @@ def make_web_app(page: StaffPage) -> web.Application:
     app.router.add_get("/visitors", visitors_page)
     app.router.add_post("/visitors", issue)
     app.router.add_post("/visitors/{id}/revoke", revoke)
+    app.router.add_post("/visitors/{id}/extend", extend)
     app.router.add_get("/gates/{gate}/open", open_confirm)
     app.router.add_post("/gates/{gate}/open", open_gate)
     app.router.add_static("/static/", HERE / "static")
