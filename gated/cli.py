@@ -587,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     manage.add_parsers(sub, common)
     forward_commands.add_parsers(sub, common)
     lockout_commands.add_parsers(sub, common)
+    from gated.commands import users as user_commands
+
+    user_commands.add_parsers(sub, common)
     _finish(parser)
     return parser
 

@@ -19,6 +19,7 @@ import gc
 import os
 import signal
 import sqlite3
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,7 @@ class Daemon:
     bridge: Bridge | None = None
     listening: list[tuple[str, int]] = field(default_factory=list)
     metrics_listening: list[tuple[str, int]] = field(default_factory=list)
+    web_listening: list[tuple[str, int]] = field(default_factory=list)
     sensors: dict[str, GateSensor] = field(default_factory=dict)
     # Set by [metrics]; others (the MQTT link) may set its gauges.
     metrics: Metrics | None = None
@@ -232,6 +234,7 @@ class Daemon:
                 metrics.mqtt_connected.set_function(lambda: float(link.connected))
             metrics_runner = web.AppRunner(make_metrics_app(metrics, self.problem),
                                            handle_signals=False, access_log=None)
+        web_runner = self._staff_page(gatekeeper)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -269,6 +272,18 @@ class Daemon:
                         for s in metrics_site._server.sockets  # type: ignore[union-attr]
                     ]
                     log.info("metrics listening", address=config.metrics.listen)
+                if web_runner is not None and config.web is not None:
+                    await web_runner.setup()
+                    host, port = split_listen(config.web.listen)
+                    web_site = web.TCPSite(web_runner, host, port, reuse_address=True,
+                                           ssl_context=self._web_tls())
+                    await _listen(web_site, "web.listen", config.web.listen)
+                    self.web_listening = [
+                        s.getsockname()[:2]
+                        for s in web_site._server.sockets  # type: ignore[union-attr]
+                    ]
+                    log.info("staff page listening", address=config.web.listen,
+                             tls=config.web.tls_cert is not None)
                 # Only once the ports are ours: a gated that cannot listen (another
                 # one has the port) must never reach the broker, where it would
                 # take the running one's client id and say "offline" for it.
@@ -290,6 +305,8 @@ class Daemon:
                 log.info("stopping")
                 notify("STOPPING=1")
                 await runner.cleanup()  # stop accepting, finish in-flight answers
+                if web_runner is not None:  # an open from the page is one more answer
+                    await web_runner.cleanup()
                 if self.bridge is not None:  # remote opens and events in flight
                     await self.bridge.close(config.server.answer_deadline)
                 await gatekeeper.close()  # relays off
@@ -309,6 +326,8 @@ class Daemon:
             await runner.cleanup()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
+            if web_runner is not None:
+                await web_runner.cleanup()
             await gatekeeper.close()
             if self.link is not None:
                 await self.link.close(within=0.5)
@@ -328,6 +347,33 @@ class Daemon:
         engine = self.sip_engine = engine_for(config, self.loaded.source,
                                               self.loaded.store_path.parent)
         return SipCalls(engine, gatekeeper, settings_for(config))
+
+    def _staff_page(self, gatekeeper: Gatekeeper) -> web.AppRunner | None:
+        """The staff page's runner (DESIGN §16), when ``[web]`` asks for one."""
+        if self.loaded.config.web is None:
+            return None
+        from gated.web.server import StaffPage, make_web_app
+
+        page = StaffPage(gatekeeper, lambda: self.loaded.config,
+                         state_dir=self.loaded.store_path.parent,
+                         store_path=self.loaded.store_path, clock=self.clock,
+                         tls=self.loaded.config.web.tls_cert is not None,
+                         sensors=lambda: {n: s.is_open for n, s in self.sensors.items()})
+        # Live logs never end by themselves: at a stop they are cut, not awaited.
+        return web.AppRunner(make_web_app(page), handle_signals=False, access_log=None,
+                             shutdown_timeout=1.0)
+
+    def _web_tls(self) -> ssl.SSLContext | None:
+        web_config = self.loaded.config.web
+        if web_config is None or web_config.tls_cert is None or web_config.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(config_mod.resolve(self.loaded.source, web_config.tls_cert),
+                                    config_mod.resolve(self.loaded.source, web_config.tls_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise GatedError(f"web.tls_cert/tls_key: cannot load them: {exc}") from None
+        return context
 
     def problem(self) -> str | None:
         """For /healthz: None while calls can be answered and recorded, else why not."""

@@ -319,6 +319,15 @@ class MetricsConfig(_Table, kw_only=True, frozen=True):
     listen: str = "127.0.0.1:9108"
 
 
+class WebConfig(_Table, kw_only=True, frozen=True):
+    """The staff page (DESIGN §16): its own port, never the webhook's."""
+
+    listen: str = "127.0.0.1:8443"
+    tls_cert: str | None = None     # both, or neither (then a TLS proxy in front, docs/tls.md)
+    tls_key: str | None = None
+    session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 31)] = 12.0
+
+
 class ForwardConfig(_Table, kw_only=True, frozen=True):
     """One endpoint that entries (and alarms) are forwarded to: docs/forwarding.md."""
 
@@ -351,6 +360,7 @@ class Config(_Table, kw_only=True, frozen=True):
     mqtt: MqttConfig | None = None
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None
+    web: WebConfig | None = None
     twiml: TwimlConfig | None = None
     sip: SipConfig | None = None
     forward: list[ForwardConfig] = []
@@ -379,7 +389,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "site.id", "site.key_file",
     "gates.<name>.actuator", "gates.<name>.sensor",
     # The lockout policy is the ledger's, held since the start with its strikes.
-    "lockout", "log", "metrics", "mqtt", "forward",
+    "lockout", "log", "metrics", "mqtt", "forward", "web",
     "twiml.path",
     # The engine is started with its accounts and listening address.
     "sip",
@@ -654,6 +664,18 @@ def check(config: Config, fail: Any, *, staff: bool = False) -> None:
         if metrics[1] != 0 and metrics[1] == webhook[1]:
             # The webhook may be exposed through a proxy; metrics never.
             raise fail(("metrics", "listen"), "must be another port than server.listen")
+    if config.web is not None:
+        _check_listen(config.web.listen, ("web", "listen"), fail)
+        taken = {split_listen(config.server.listen)[1]}
+        if config.metrics is not None:
+            taken.add(split_listen(config.metrics.listen)[1])
+        port = split_listen(config.web.listen)[1]
+        if port != 0 and port in taken:
+            raise fail(("web", "listen"), "must be another port than server.listen and "
+                       "metrics.listen")
+        if (config.web.tls_cert is None) != (config.web.tls_key is None):
+            raise fail(("web", "tls_key" if config.web.tls_key is None else "tls_cert"),
+                       "tls_cert and tls_key go together")
     for key in ("allow_from", "trusted_proxies"):
         for index, cidr in enumerate(getattr(config.server, key)):
             try:

@@ -86,6 +86,8 @@ class RawCall:
     # sender says it sent it, and the MQTT 5 message expiry left on it.
     sent: float | None = None
     expiry: int | None = None
+    # Who opened from the staff page: recorded as the entry's credential.
+    user: str = ""
 
 
 EntryListener = Callable[[Entry], None]
@@ -152,9 +154,9 @@ class Gatekeeper:
             entry = Entry(
                 time=now, gate=decision.gate, caller=request.caller, did=request.did,
                 status=status.value, reason=decision.reason, callername=request.callername,
-                credential=decision.who, credential_id=decision.credential.id
+                credential=decision.who or raw.user, credential_id=decision.credential.id
                 if decision.credential else "", kind=decision.credential.kind
-                if decision.credential else "", actuator=result,
+                if decision.credential else "user" if raw.user else "", actuator=result,
                 latency_ms=round((self.clock.monotonic() - started) * 1000, 3),
                 source=raw.source, call_id=raw.call_id,
             )

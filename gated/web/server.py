@@ -1,0 +1,675 @@
+"""The staff page's aiohttp app: the guard in front of every page, and the pages.
+
+The contract (URLs and form fields) is DESIGN §16. Every state change is a
+POST carrying the session's CSRF token from the page's own origin; a page
+without a session goes to /login; a role too low for a page is 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import datetime as dt
+import hmac
+import io
+import json
+import secrets
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp_jinja2
+import jinja2
+import segno
+import structlog
+from aiohttp import web
+from aiohttp_sse import sse_response
+from markupsafe import Markup
+
+from gated.book.config import Config
+from gated.core.clock import Clock
+from gated.site import events, visitors
+from gated.site.gatekeeper import Gatekeeper, RawCall
+from gated.site.store import (
+    ENTRY_COLUMNS,
+    VISITOR_COLUMNS,
+    Entry,
+    VisitorRow,
+    add_visitor,
+    connect,
+)
+from gated.web import users as users_mod
+from gated.web.backoff import Backoff
+from gated.web.sessions import Session, Sessions
+from gated.web.users import Role, User, UserFile
+
+log = structlog.get_logger("gated.web")
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "gated_session"
+LOGIN_COOKIE = "gated_login"
+PAGE_SIZE = 50
+CSV_BATCH = 5000
+MAX_FORM = 16 * 1024
+SMS_LIMIT = 160
+LIVE_QUEUE = 256
+END = ""  # in a live log's queue: its reader fell behind and ends
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass
+class StaffPage:
+    """What the pages need, handed in by the daemon (the one assembly point)."""
+
+    gatekeeper: Gatekeeper
+    config: Callable[[], Config]
+    state_dir: Path
+    store_path: Path
+    clock: Clock
+    tls: bool = False
+    sensors: Callable[[], dict[str, bool]] = dict
+    users: UserFile = field(init=False)
+    sessions: Sessions = field(init=False)
+    backoff: Backoff = field(default_factory=Backoff)
+    live: set[asyncio.Queue[str]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.users = UserFile(users_mod.users_path(self.state_dir))
+        self.sessions = Sessions(self.state_dir / "web-sessions.db")
+
+    def entry(self, entry: Entry) -> None:
+        """An entry listener: each entry to every live log, as docs/mqtt.md's event."""
+        if not self.live:
+            return
+        config = self.config()
+        data = json.dumps(events.event(entry, site=config.site.id, tz=config.tz))
+        for queue in list(self.live):
+            try:
+                queue.put_nowait(data)
+            except asyncio.QueueFull:
+                # A reader that fell this far behind ends; its browser reconnects.
+                self.live.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(END)
+
+
+def _hours(page: StaffPage) -> float:
+    web_config = page.config().web
+    return web_config.session_hours if web_config is not None else 12.0
+
+
+PAGE: web.AppKey[StaffPage] = web.AppKey("staff_page")
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    """Who is asking: the user and their session."""
+
+    user: User
+    session: Session
+
+
+SESSION: web.RequestKey[Visit] = web.RequestKey("session", Visit)
+
+
+def _page(request: web.Request) -> StaffPage:
+    return request.app[PAGE]
+
+
+def _same_origin(request: web.Request) -> bool:
+    """The request came from one of this site's own pages (Django's check, both headers)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site != "same-origin":
+        return False
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        if origin == "null" or parts.netloc.lower() != request.host.lower():
+            return False
+    referer = request.headers.get("Referer")
+    if origin is None and referer is not None:
+        return urlsplit(referer).netloc.lower() == request.host.lower()
+    return True
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def _secure(request: web.Request) -> bool:
+    page = _page(request)
+    if page.tls or request.secure:
+        return True
+    # The TLS proxy of docs/tls.md runs on this machine and says so.
+    return request.remote in LOOPBACK and (
+        request.headers.get("X-Forwarded-Proto") == "https")
+
+
+def _address(request: web.Request) -> str:
+    """Who is asking: behind the TLS proxy on this machine, the client it names.
+
+    Else every login through the proxy would share one address, and one guesser's
+    backoff would hold every member of staff out. Only the proxy's own (last) hop
+    is believed: anything left of it was written by the client.
+    """
+    remote = request.remote or "?"
+    if remote in LOOPBACK:
+        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
+                for hop in header.split(",") if hop.strip()]
+        if hops:
+            return hops[-1][:64]
+    return remote
+
+
+def _visit(request: web.Request) -> Visit | None:
+    page = _page(request)
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return None
+    session = page.sessions.find(token, page.clock.now())
+    if session is None:
+        return None
+    user = page.users.get(session.user)
+    # A new password (or role) stamps the user anew: older sessions end.
+    if user is None or user.changed != session.stamp:
+        return None
+    return Visit(user, session)
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _forbidden(text: str) -> web.HTTPForbidden:
+    return web.HTTPForbidden(text=text, content_type="text/plain")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC = frozenset({"/login"})
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await _guarded(request, handler)
+    except web.HTTPException as exc:
+        exc.headers.update(HEADERS)
+        raise
+    response.headers.update(HEADERS)
+    return response
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    public = request.path in PUBLIC or request.path.startswith("/static/")
+    if request.method not in ("GET", "HEAD", "POST"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+    if request.method == "POST" and not _same_origin(request):
+        log.warning("staff page: a POST from another origin refused", path=request.path,
+                    origin=request.headers.get("Origin", ""), address=request.remote)
+        raise _forbidden("refused: this request did not come from this site's own page")
+    if public:
+        return await handler(request)
+    visit = _visit(request)
+    if visit is None:
+        if request.method == "POST" or request.path in ("/events", "/log.csv"):
+            raise _forbidden("refused: log in first")
+        raise web.HTTPSeeOther("/login")
+    if request.method == "POST":
+        form = await request.post()
+        given = form.get("csrf")
+        if not isinstance(given, str) or not hmac.compare_digest(
+                given.encode(), visit.session.csrf.encode()):
+            log.warning("staff page: a POST without its token refused", path=request.path,
+                        user=visit.user.name)
+            raise _forbidden("refused: the form's token is missing or old; reload the page")
+    request[SESSION] = visit
+    return await handler(request)
+
+
+def _needs(request: web.Request, role: Role) -> Visit:
+    visit: Visit = request[SESSION]
+    if not visit.user.may(role):
+        log.warning("staff page: refused by role", path=request.path, user=visit.user.name,
+                    role=visit.user.role, needs=role)
+        raise _forbidden(f"refused: this needs the role {role} or higher")
+    return visit
+
+
+def _render(request: web.Request, template: str, context: dict[str, Any],
+            status: int = 200) -> web.Response:
+    page = _page(request)
+    visit: Visit | None = request.get(SESSION)
+    config = page.config()
+    base = {"visit": visit, "csrf": visit.session.csrf if visit else "", "site": config.site.id,
+            "may_open": bool(visit and visit.user.may("staff")),
+            "may_issue": bool(visit and visit.user.may("staff"))}
+    return aiohttp_jinja2.render_template(template, request, {**base, **context},
+                                          status=status)
+
+
+def _local(page: StaffPage, ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, page.config().tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- login ------------------------------------------------------------------------------
+
+async def login_form(request: web.Request) -> web.Response:
+    return _login_page(request, "")
+
+
+def _login_page(request: web.Request, error: str, status: int = 200) -> web.Response:
+    page = _page(request)
+    # One token per browser until it logs in: another tab, or the favicon's redirect
+    # here, must not make the form already shown stale.
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    if not 20 <= len(token) <= 64 or not token.replace("-", "").replace("_", "").isalnum():
+        token = secrets.token_urlsafe(24)
+    response = _render(request, "login.html", {
+        "login_csrf": token, "error": error, "no_users": not page.users.current()},
+        status=status)
+    response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", path="/login",
+                        secure=_secure(request))
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    page = _page(request)
+    form = await request.post()
+    given, expected = form.get("csrf"), request.cookies.get(LOGIN_COOKIE, "")
+    if not isinstance(given, str) or not expected or not hmac.compare_digest(
+            given.encode(), expected.encode()):
+        raise _forbidden("refused: the form's token is missing or old; reload the page")
+    name = str(form.get("username", ""))[:64].strip().lower()
+    password = str(form.get("password", ""))
+    address = _address(request)
+    keys = [f"user:{name}", f"address:{address}"]
+    now = page.clock.now()
+    wait = page.backoff.wait(keys, now)
+    if wait > 0:
+        log.warning("staff page: login refused, backing off", address=address,
+                    seconds=round(wait, 1))
+        response = _login_page(request, f"Too many failed logins. Try again in "
+                               f"{max(1, round(wait))} seconds.", status=429)
+        response.headers["Retry-After"] = str(max(1, round(wait)))
+        return response
+    user = page.users.get(name)
+    ok = await asyncio.to_thread(users_mod.verify, user, password)
+    if not ok or user is None:
+        page.backoff.failed(keys, page.clock.now())
+        # Never the name typed: it may be a password typed in the wrong box.
+        log.warning("staff page: login failed", address=address)
+        return _login_page(request, "Wrong name or password.", status=401)
+    page.backoff.succeeded(keys)
+    token, _ = page.sessions.start(user.name, user.changed, page.clock.now(),
+                                   _hours(page))
+    log.info("staff page: logged in", user=user.name, role=user.role, address=address)
+    response = _see_other("/")
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
+                        secure=_secure(request),
+                        max_age=int(_hours(page) * 3600))
+    response.del_cookie(LOGIN_COOKIE, path="/login")
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    page = _page(request)
+    visit: Visit = request[SESSION]
+    page.sessions.end(request.cookies.get(COOKIE, ""))
+    log.info("staff page: logged out", user=visit.user.name)
+    response = _see_other("/login")
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+# -- reading the log ---------------------------------------------------------------------
+
+def _query(path: Path, *, gate: str | None, status: str | None, before: int | None,
+           limit: int, since: float | None = None) -> list[tuple[int, Entry]]:
+    conn = connect(path, readonly=True)
+    try:
+        present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+        columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
+        sql = f"SELECT id, {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
+        args: list[Any] = []
+        if gate:
+            sql += " AND gate = ?"
+            args.append(gate)
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        if before is not None:
+            sql += " AND id < ?"
+            args.append(before)
+        if since is not None:  # by the time index: the last day, not the whole log
+            sql += " AND time >= ?"
+            args.append(since)
+        # By time when bounded by it, so SQLite walks the time index, not every row.
+        sql += f" ORDER BY {'time' if since is not None else 'id'} DESC LIMIT ?"
+        args.append(limit)
+        return [(row[0], Entry(*row[1:])) for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def _filters(request: web.Request) -> tuple[str | None, str | None, int | None]:
+    page = _page(request)
+    gate = request.query.get("gate") or None
+    if gate is not None and gate not in page.config().gates:
+        gate = None
+    status = request.query.get("status") or None
+    if status not in (None, "ACK", "NAK", "ERR", "ALARM"):
+        status = None
+    before_text = request.query.get("before", "")
+    before = int(before_text) if before_text.isdigit() and len(before_text) < 19 else None
+    return gate, status, before
+
+
+async def _entries(page: StaffPage, **kwargs: Any) -> list[tuple[int, Entry]]:
+    try:
+        return await asyncio.to_thread(_query, page.store_path, **kwargs)
+    except sqlite3.Error as exc:
+        log.error("staff page: cannot read the entry store", error=str(exc))
+        raise web.HTTPServiceUnavailable(text="the entry store cannot be read now") from exc
+
+
+def _rows(page: StaffPage, found: list[tuple[int, Entry]]) -> list[dict[str, Any]]:
+    return [{"id": id_, "time": _local(page, e.time), "gate": e.gate or "", "status": e.status,
+             "reason": e.reason, "who": e.credential, "caller": e.caller or "",
+             "source": e.source} for id_, e in found]
+
+
+async def index(request: web.Request) -> web.Response:
+    page = _page(request)
+    config = page.config()
+    states = page.sensors()
+    gates = [{"name": name, "state": ("open" if states[name] else "closed")
+              if name in states else "no sensor"} for name in config.gates]
+    latest = await _entries(page, gate=None, status=None, before=None, limit=10)
+    alarms = await _entries(page, gate=None, status="ALARM", before=None, limit=5,
+                            since=page.clock.now() - 86400)
+    return _render(request, "index.html", {
+        "gates": gates, "entries": _rows(page, latest), "alarms": _rows(page, alarms)})
+
+
+async def log_page(request: web.Request) -> web.Response:
+    page = _page(request)
+    gate, status, before = _filters(request)
+    found = await _entries(page, gate=gate, status=status, before=before, limit=PAGE_SIZE + 1)
+    more = len(found) > PAGE_SIZE
+    found = found[:PAGE_SIZE]
+    older = None
+    if more:
+        older = "/log?" + "&".join(f"{k}={quote(v)}" for k, v in (
+            ("gate", gate or ""), ("status", status or ""), ("before", str(found[-1][0]))) if v)
+    return _render(request, "log.html", {
+        "entries": _rows(page, found), "gates": list(page.config().gates), "gate": gate or "",
+        "status": status or "", "older": older,
+        "csv": "/log.csv?" + "&".join(f"{k}={quote(v)}" for k, v in (
+            ("gate", gate or ""), ("status", status or "")) if v)})
+
+
+def _cell(value: Any) -> str:
+    """A spreadsheet never runs a cell: formula starters are quoted (numbers stay)."""
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "@", "\t", "\r") or (
+            text[:1] in ("+", "-") and not text[1:2].isdigit()):
+        return "'" + text
+    return text
+
+
+async def log_csv(request: web.Request) -> web.StreamResponse:
+    page = _page(request)
+    gate, status, _ = _filters(request)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": 'attachment; filename="entries.csv"', **HEADERS})
+    await response.prepare(request)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["time", *ENTRY_COLUMNS[1:]])
+    before: int | None = None
+    while True:
+        found = await _entries(page, gate=gate, status=status, before=before, limit=CSV_BATCH)
+        for _, entry in found:
+            writer.writerow([_local(page, entry.time),
+                             *(_cell(getattr(entry, c)) for c in ENTRY_COLUMNS[1:])])
+        await response.write(buffer.getvalue().encode())
+        buffer.seek(0)
+        buffer.truncate()
+        if len(found) < CSV_BATCH:
+            break
+        before = found[-1][0]
+    await response.write_eof()
+    return response
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    page = _page(request)
+    queue: asyncio.Queue[str] = asyncio.Queue(LIVE_QUEUE)
+    page.live.add(queue)
+    try:
+        async with sse_response(request, headers=HEADERS) as stream:
+            while stream.is_connected():
+                data = await queue.get()
+                # A stream outlives no logout, new password or expiry.
+                if data == END or _visit(request) is None:
+                    break
+                await stream.send(data, event="entry")
+    finally:
+        page.live.discard(queue)
+    return stream
+
+
+# -- opening -----------------------------------------------------------------------------
+
+def _gate(request: web.Request) -> str:
+    gate = request.match_info["gate"]
+    if gate not in _page(request).config().gates:
+        raise web.HTTPNotFound(text="no such gate")
+    return gate
+
+
+async def open_confirm(request: web.Request) -> web.Response:
+    _needs(request, "staff")
+    return _render(request, "open.html", {"gate": _gate(request), "result": None})
+
+
+async def open_gate(request: web.Request) -> web.Response:
+    visit = _needs(request, "staff")
+    gate = _gate(request)
+    page = _page(request)
+    answer = await page.gatekeeper.call(RawCall(
+        gate=gate, source="web", sent=page.clock.now(), user=visit.user.name))
+    log.info("staff page: open", user=visit.user.name, gate=gate, status=answer.status.value,
+             reason=answer.reason)
+    return _render(request, "open.html", {
+        "gate": gate, "result": answer.status.value, "reason": answer.reason},
+        status=200 if answer.status.value == "ACK" else 502)
+
+
+# -- visitor codes -----------------------------------------------------------------------
+
+def _visitor_rows(page: StaffPage) -> list[dict[str, Any]]:
+    now = page.clock.now()
+    rows = []
+    for credential in page.gatekeeper.book.visitors.values():
+        if credential.valid_until is not None and credential.valid_until < now:
+            continue
+        rows.append({"id": credential.id.removeprefix("visitor:"), "name": credential.name,
+                     "gates": ", ".join(sorted(credential.gates)),
+                     "until": _local(page, credential.valid_until),
+                     "uses": credential.max_uses or ""})
+    return sorted(rows, key=lambda r: r["until"])
+
+
+async def visitors_page(request: web.Request) -> web.Response:
+    _needs(request, "staff")
+    page = _page(request)
+    return _render(request, "visitors.html", {
+        "visitors": _visitor_rows(page), "gates": list(page.config().gates), "error": ""})
+
+
+def _number(text: str, low: float, high: float) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+def sms_text(site: str, number: str, code: str, until: str) -> str:
+    """The text staff send the visitor: within one SMS (160 GSM-7 characters)."""
+    text = f"Your entry code for {site}: call {number} and type {code}#. Valid until {until}."
+    if len(text) > SMS_LIMIT:
+        text = f"Entry code: call {number}, type {code}#. Valid until {until}."
+    return text[:SMS_LIMIT]
+
+
+async def issue(request: web.Request) -> web.Response:
+    visit = _needs(request, "staff")
+    page = _page(request)
+    config = page.config()
+    form = await request.post()
+    name = str(form.get("name", "")).strip()
+    gates = [g for g in form.getall("gates", []) if isinstance(g, str)]
+    hours = _number(str(form.get("hours", "")), 0.25, 24 * 31)
+    uses_text = str(form.get("uses", "")).strip()
+    uses = _number(uses_text, 1, 10_000) if uses_text else None
+    problem = ""
+    if not name or len(name) > 64 or not name.isprintable():
+        problem = "Give a name of 1 to 64 characters."
+    elif hours is None:
+        problem = "Hours must be a number from 0.25 to 744."
+    elif uses_text and (uses is None or uses != int(uses)):
+        problem = "Uses must be a whole number from 1 to 10000, or empty for unlimited."
+    elif not gates or any(g not in config.gates for g in gates):
+        problem = "Choose at least one gate."
+    if problem:
+        return _render(request, "visitors.html", {
+            "visitors": _visitor_rows(page), "gates": list(config.gates), "error": problem},
+            status=400)
+    assert hours is not None
+    now = page.clock.now()
+    book = page.gatekeeper.book
+    try:
+        issued = visitors.make(book, name=name, gates=gates, valid_from=None,
+                               valid_until=now + hours * 3600,
+                               max_uses=int(uses) if uses is not None else None,
+                               length=config.visitors.length, now=now)
+        if not await page.gatekeeper.store.call(add_visitor, issued.row):
+            raise visitors.VisitorError("those digits were just issued; try again")
+    except (visitors.VisitorError, sqlite3.Error) as exc:
+        return _render(request, "visitors.html", {
+            "visitors": _visitor_rows(page), "gates": list(config.gates),
+            "error": f"No code issued: {exc}"}, status=409)
+    book.visitors = {**book.visitors, issued.row.digest: visitors.credential(issued.row)}
+    log.info("staff page: visitor code issued", user=visit.user.name, visitor=name,
+             id=issued.row.id, gates=gates, hours=hours, uses=uses)
+    numbers = config.gates[gates[0]].numbers
+    until = _local(page, issued.row.valid_until)[:16]
+    number = numbers[0] if numbers else ""
+    tel = f"tel:{number},,{issued.code}%23" if number else ""
+    qr = ""
+    if tel:
+        # segno's own SVG of a URI of digits: nothing in it came from a form as markup.
+        svg = segno.make(tel, error="m").svg_inline(scale=4, border=2, omitsize=True)
+        qr = Markup(svg)  # noqa: S704
+    return _render(request, "issued.html", {
+        "name": name, "code": issued.code, "until": until, "gates": ", ".join(gates),
+        "sms": sms_text(config.site.id, number or "the gate", issued.code, until),
+        "tel": tel, "qr": qr})
+
+
+def _delete_visitor(conn: sqlite3.Connection, visitor_id: str) -> int:
+    return conn.execute("DELETE FROM visitors WHERE id = ?", (visitor_id,)).rowcount
+
+
+async def revoke(request: web.Request) -> web.StreamResponse:
+    visit = _needs(request, "staff")
+    page = _page(request)
+    visitor_id = request.match_info["id"]
+    book = page.gatekeeper.book
+    if not await page.gatekeeper.store.call(_delete_visitor, visitor_id):
+        raise web.HTTPNotFound(text="no such visitor code")
+    book.visitors = {digest: c for digest, c in book.visitors.items()
+                     if c.id != f"visitor:{visitor_id}"}
+    log.info("staff page: visitor code revoked", user=visit.user.name, id=visitor_id)
+    raise web.HTTPSeeOther("/visitors")
+
+
+def _extend_visitor(conn: sqlite3.Connection, visitor_id: str, now: float,
+                    seconds: float) -> VisitorRow | None:
+    # From its end, or from now for a code that has already ended.
+    conn.execute("UPDATE visitors SET valid_until = max(valid_until, ?) + ? WHERE id = ?",
+                 (now, seconds, visitor_id))
+    row = conn.execute(f"SELECT {', '.join(VISITOR_COLUMNS)} FROM visitors "  # noqa: S608
+                       "WHERE id = ?", (visitor_id,)).fetchone()
+    return VisitorRow.from_row(row) if row is not None else None
+
+
+async def extend(request: web.Request) -> web.StreamResponse:
+    visit = _needs(request, "staff")
+    page = _page(request)
+    form = await request.post()
+    hours = _number(str(form.get("hours", "")), 0.25, 24 * 31)
+    if hours is None:
+        raise web.HTTPBadRequest(text="Hours must be a number from 0.25 to 744.")
+    visitor_id = request.match_info["id"]
+    row = await page.gatekeeper.store.call(_extend_visitor, visitor_id, page.clock.now(),
+                                           hours * 3600)
+    if row is None:
+        raise web.HTTPNotFound(text="no such visitor code")
+    book = page.gatekeeper.book
+    book.visitors = {**book.visitors, row.digest: visitors.credential(row)}
+    log.info("staff page: visitor code extended", user=visit.user.name, id=visitor_id,
+             hours=hours)
+    raise web.HTTPSeeOther("/visitors")
+
+
+# -- the app -----------------------------------------------------------------------------
+
+def make_web_app(page: StaffPage) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_FORM)
+    app[PAGE] = page
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
+                         autoescape=jinja2.select_autoescape(default=True))
+    page.gatekeeper.listeners.append(page.entry)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/", index)
+    app.router.add_get("/log", log_page)
+    app.router.add_get("/log.csv", log_csv)
+    app.router.add_get("/events", live)
+    app.router.add_get("/visitors", visitors_page)
+    app.router.add_post("/visitors", issue)
+    app.router.add_post("/visitors/{id}/revoke", revoke)
+    app.router.add_post("/visitors/{id}/extend", extend)
+    app.router.add_get("/gates/{gate}/open", open_confirm)
+    app.router.add_post("/gates/{gate}/open", open_gate)
+    app.router.add_static("/static/", HERE / "static")
+
+    async def closing(app: web.Application) -> None:
+        with contextlib.suppress(ValueError):
+            page.gatekeeper.listeners.remove(page.entry)
+        page.sessions.close()
+
+    app.on_cleanup.append(closing)
+    return app
+
+

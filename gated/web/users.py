@@ -1,0 +1,130 @@
+"""The staff page's users: a name, a role and an argon2id hash, in the state directory.
+
+The file is replaced atomically (``gated.book.files``) and read again by the
+daemon whenever it changes, so ``gated users`` works while the daemon runs.
+A user's ``changed`` stamp is part of every session made for them: a new
+password or a new role ends every session of that user.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from gated.book import files
+from gated.core.errors import GatedError
+
+Role = Literal["admin", "staff", "viewer"]
+ROLES: tuple[Role, ...] = ("viewer", "staff", "admin")
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+MIN_PASSWORD = 10
+MAX_PASSWORD = 1024
+# argon2-cffi's defaults are RFC 9106's low-memory profile (argon2id, 64 MiB).
+_hasher = PasswordHasher()
+# Checked when the name is unknown, so a failed login takes as long either way.
+_DUMMY = _hasher.hash(secrets.token_hex(16))
+
+
+class UserError(GatedError):
+    """A user could not be added or changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    role: Role
+    hash: str
+    changed: float
+
+    def may(self, role: Role) -> bool:
+        """Whether this user holds ``role`` or a higher one."""
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def users_path(state_dir: Path) -> Path:
+    return state_dir / "users.json"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UserError(f"user names are 1-32 of a-z, 0-9, '.', '_' and '-': not {name!r}")
+    return name
+
+
+def check_password(password: str) -> str:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise UserError(f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return password
+
+
+def load(path: Path) -> dict[str, User]:
+    """Every user in the file; none when there is no file yet."""
+    files.refuse_link(path)
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    found: dict[str, User] = {}
+    for name, item in raw.get("users", {}).items():
+        if item.get("role") in ROLES and isinstance(item.get("hash"), str):
+            found[name] = User(name, cast(Role, item["role"]), item["hash"],
+                               float(item.get("changed", 0.0)))
+    return found
+
+
+def save(path: Path, users: dict[str, User]) -> None:
+    body = {"users": {u.name: {"role": u.role, "hash": u.hash, "changed": u.changed}
+                      for u in sorted(users.values(), key=lambda u: u.name)}}
+    files.make_dir(path.parent)
+    files.replace(path, (json.dumps(body, indent=1) + "\n").encode())
+
+
+def make(name: str, role: Role, password: str) -> User:
+    # Stamped to the microsecond and never equal to the one it replaces.
+    return User(check_name(name), role, _hasher.hash(check_password(password)),
+                time.time() + secrets.randbelow(1000) / 1e9)
+
+
+def verify(user: User | None, password: str) -> bool:
+    """Slow on purpose (argon2id), and as slow for a name that does not exist."""
+    try:
+        return _hasher.verify(user.hash if user else _DUMMY, password[:MAX_PASSWORD]) and (
+            user is not None)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+class UserFile:
+    """The users file as the daemon sees it: read again whenever it changed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, User] = {}
+
+    def current(self) -> dict[str, User]:
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            try:
+                self._users = load(self.path) if stamp is not None else {}
+            except (UserError, files.FileError):
+                self._users = {}  # an unreadable file lets nobody in
+            self._stamp = stamp
+        return self._users
+
+    def get(self, name: str) -> User | None:
+        return self.current().get(name)

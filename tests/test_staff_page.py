@@ -1,0 +1,384 @@
+"""The staff page (DESIGN §16) served by the real daemon: who may do what, and the
+attacks it must stand (a forged POST, a missing token, a viewer's open, guessed passwords)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gated import cli
+from gated.site.store import Entry
+
+from .helpers import BARRIER, FakeClock
+from .staffpage import WEB, Browser, csrf_of, make_users
+
+
+class Site:
+    def __init__(self, running: Any, state: Path) -> None:
+        self.running = running
+        self.state = state
+        host, port = running.daemon.web_listening[0]
+        self.base = f"http://{host}:{port}"
+        self.browsers: list[Browser] = []
+
+    def browser(self) -> Browser:
+        browser = Browser.open(self.base)
+        self.browsers.append(browser)
+        return browser
+
+    async def as_user(self, name: str) -> Browser:
+        browser = self.browser()
+        status, _, headers = await browser.login(name)
+        assert status == 303 and headers["Location"] == "/"
+        return browser
+
+    def pin_states(self, number: int = 17) -> list[bool]:
+        return [s.state for s in self.running.pin(number).states]
+
+    def entries(self) -> list[tuple[str, str, str, str]]:
+        conn = sqlite3.connect(self.state / "entries.sqlite3")
+        try:
+            return conn.execute("SELECT source, credential, status, gate FROM entries "
+                                "ORDER BY id").fetchall()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+async def site(start_daemon: Callable[..., Any], tmp_path: Path) -> AsyncIterator[Site]:
+    """The test site with [web], and an admin, a staff member and a viewer."""
+    make_users(tmp_path / "state")
+    running = await start_daemon(WEB, clock=FakeClock())
+    made = Site(running, tmp_path / "state")
+    yield made
+    for browser in made.browsers:
+        await browser.close()
+
+
+async def _released(site: Site, number: int = 17) -> list[bool]:
+    """The pin's history once it is off again (bounded wait)."""
+    for _ in range(300):
+        states = site.pin_states(number)
+        if len(states) > 1 and not states[-1]:
+            return states
+        await asyncio.sleep(0.01)
+    return site.pin_states(number)
+
+
+async def test_a_forged_post_from_another_origin_opens_nothing(site: Site) -> None:
+    """A staff member's logged-in browser made to POST by another site's page opens no gate."""
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf()
+    for headers in ({"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "https://evil.example", "Sec-Fetch-Site": ""},
+                    {"Origin": "null"},
+                    {"Sec-Fetch-Site": "same-site"}):
+        status, body, _ = await sam.post("/gates/barrier/open", {"csrf": csrf}, headers=headers)
+        assert status == 403, (headers, status)
+        assert "did not come from this site" in body
+    assert site.pin_states() == [False]
+    assert site.entries() == []
+
+
+async def test_a_post_without_the_sessions_token_opens_nothing(site: Site) -> None:
+    """A state change without the session's CSRF token (missing, another's, or none at all
+    without a session) is 403 and changes nothing."""
+    sam = await site.as_user("sam")
+    ada = await site.as_user("ada")
+    others = await ada.csrf()
+    for data in ({}, {"csrf": ""}, {"csrf": others}, {"csrf": "x" * 43}):
+        status, _, _ = await sam.post("/gates/barrier/open", data)
+        assert status == 403, data
+    stranger = site.browser()
+    status, _, _ = await stranger.post("/gates/barrier/open", {"csrf": others})
+    assert status == 403
+    status, _, _ = await sam.post("/visitors", {"name": "x", "hours": "1", "gates": "barrier"})
+    assert status == 403
+    assert site.pin_states() == [False]
+    assert site.entries() == []
+
+
+async def test_a_viewer_never_opens_a_gate(site: Site) -> None:
+    """A viewer sees the site and the log, but their open (with a good token) is 403."""
+    vic = await site.as_user("vic")
+    status, html, _ = await vic.get("/")
+    assert status == 200 and "barrier" in html and "/gates/barrier/open" not in html
+    csrf = await vic.csrf()
+    status, _, _ = await vic.post("/gates/barrier/open", {"csrf": csrf})
+    assert status == 403
+    status, _, _ = await vic.get("/visitors")
+    assert status == 403
+    status, _, _ = await vic.post("/visitors", {"csrf": csrf, "name": "x", "hours": "1",
+                                                "gates": "barrier"})
+    assert status == 403
+    assert site.pin_states() == [False]
+    assert site.entries() == []
+
+
+async def test_a_guessed_password_is_slowed_and_never_says_who_exists(site: Site) -> None:
+    """Wrong passwords answer alike for a real and an unknown name; after 5 failures even
+    the right one waits (429), 1 s then doubling; the wait passes and is forgotten."""
+    clock: FakeClock = site.running.daemon.clock
+    guesser = site.browser()
+    real = await guesser.login("ada", "not-her-password")
+    ghost = await guesser.login("nobody", "not-her-password")
+    assert real[0] == ghost[0] == 401
+    assert real[1].replace(re.search(r'value="[^"]+"', real[1])[0], "") == (  # type: ignore[index]
+        ghost[1].replace(re.search(r'value="[^"]+"', ghost[1])[0], ""))  # type: ignore[index]
+    for _ in range(3):
+        assert (await guesser.login("ada", "still-wrong-1"))[0] == 401
+    status, body, headers = await guesser.login("ada")  # the right password, too soon
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert "logged in" not in body.lower()
+    clock.advance(1.5)
+    assert (await guesser.login("ada", "wrong-again-1"))[0] == 401
+    status, _, headers = await guesser.login("ada")
+    assert status == 429 and headers["Retry-After"] == "2"
+    clock.advance(3600 + 1)  # a quiet hour: forgotten, never a permanent ban
+    status, _, headers = await guesser.login("ada")
+    assert status == 303 and headers["Location"] == "/"
+
+
+async def test_staff_open_a_gate_through_the_gatekeeper_recorded_with_their_name(
+        site: Site) -> None:
+    """A staff member's confirmed open pulses the relay once and is an entry with
+    source web and their name."""
+    sam = await site.as_user("sam")
+    status, html, _ = await sam.get("/gates/barrier/open")
+    assert status == 200 and "Open barrier now" in html
+    assert site.pin_states() == [False]  # the GET only asks
+    status, html, _ = await sam.post("/gates/barrier/open", {"csrf": await sam.csrf()})
+    assert status == 200 and "barrier opened" in html
+    assert await _released(site) == [False, True, False]
+    assert site.entries() == [("web", "sam", "ACK", "barrier")]
+    status, _, _ = await sam.post("/gates/nowhere/open", {"csrf": await sam.csrf()})
+    assert status == 404
+
+
+async def test_without_a_session_pages_go_to_login_and_posts_are_refused(site: Site) -> None:
+    """No session: a page redirects to /login, the live log, the CSV and every POST are
+    403; the login page says how to make a first user only when there is none."""
+    stranger = site.browser()
+    for path in ("/", "/log", "/visitors", "/gates/barrier/open"):
+        status, _, headers = await stranger.get(path)
+        assert status == 303 and headers["Location"] == "/login", path
+    for path in ("/events", "/log.csv"):
+        assert (await stranger.get(path))[0] == 403, path
+    assert (await stranger.post("/logout", {}))[0] == 403
+    _, html, _ = await stranger.get("/login")
+    assert "gated users add" not in html
+    (site.state / "users.json").unlink()
+    _, html, _ = await stranger.get("/login")
+    assert "gated users add NAME --role admin" in html
+
+
+async def test_a_password_change_ends_every_session(site: Site, monkeypatch:
+                                                     pytest.MonkeyPatch) -> None:
+    """`gated users passwd` ends the user's sessions at once; logout ends its own."""
+    phone, laptop = await site.as_user("sam"), await site.as_user("sam")
+    assert (await phone.get("/"))[0] == 200
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-new-password-9\n"))
+    config = str(site.running.daemon.loaded.path)
+    assert cli.main(["users", "passwd", "sam", "-c", config]) == 0
+    for browser in (phone, laptop):
+        status, _, headers = await browser.get("/")
+        assert status == 303 and headers["Location"] == "/login"
+    fresh = site.browser()
+    assert (await fresh.login("sam", "a-new-password-9"))[0] == 303
+    status, _, _ = await fresh.post("/logout", {"csrf": await fresh.csrf()})
+    assert status == 303
+    assert (await fresh.get("/"))[0] == 303
+
+
+async def test_pages_forbid_framing_foreign_scripts_and_cors(site: Site) -> None:
+    """Every answer, refusals too, carries a CSP of this origin only, X-Frame-Options DENY,
+    and no CORS header; the session cookie is HttpOnly and SameSite=Strict."""
+    stranger = site.browser()
+    for status_path in ("/login", "/events", "/static/style.css"):
+        _, _, headers = await stranger.get(status_path, headers={"Origin": "https://x.example"})
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "http" not in csp
+        assert headers["X-Frame-Options"] == "DENY"
+        assert "Access-Control-Allow-Origin" not in headers
+    _, html, _ = await stranger.get("/login")
+    assert "<script>" not in html and "http://" not in html and "https://" not in html
+    _, _, headers = await stranger.login("ada")
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+async def test_a_visitor_code_from_the_page_opens_through_the_webhook(site: Site) -> None:
+    """Staff issue a code (shown once, with an SMS text of at most 160 characters, a tel:
+    link and its QR); it opens by the webhook as many times as given; revoked, it opens
+    nothing."""
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Plumber <b>Bob</b>",
+                                                   "hours": "4", "uses": "1",
+                                                   "gates": "barrier"})
+    assert status == 200
+    code = re.search(r'<p class="code" id="code">(\d+)</p>', html)[1]  # type: ignore[index]
+    sms = re.search(r'<textarea[^>]*>([^<]*)</textarea>', html)[1]  # type: ignore[index]
+    assert code in sms and BARRIER in sms and len(sms) <= 160
+    assert f'href="tel:{BARRIER},,{code}%23"' in html
+    assert "<svg" in html and "Plumber &lt;b&gt;Bob&lt;/b&gt;" in html
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=ACK")
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")
+    _, listing, _ = await sam.get("/visitors")
+    assert code not in listing  # never shown again
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Second",
+                                                   "hours": "1", "gates": "barrier"})
+    second = re.search(r'id="code">(\d+)<', html)[1]  # type: ignore[index]
+    visitor_id = re.findall(r'/visitors/([0-9a-f]+)/revoke', (await sam.get("/visitors"))[1])
+    assert len(visitor_id) == 2
+    for vid in visitor_id:
+        assert (await sam.post(f"/visitors/{vid}/revoke", {"csrf": csrf}))[0] == 303
+    assert (await site.running.get(code=second, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "x", "hours": "zero",
+                                                   "gates": "barrier"})
+    assert status == 400 and "Hours must be" in html
+
+
+async def _submit(site: Site, entries: list[Entry]) -> None:
+    store = site.running.daemon.gatekeeper.store
+    for entry in entries:
+        store.submit(entry, None, None)
+    assert await store.flush()
+
+
+async def test_the_log_pages_filters_and_exports_without_running_a_cell(site: Site) -> None:
+    """The log shows 50 entries a page with a link to older ones, filters by gate, and its
+    CSV quotes a name a spreadsheet would run."""
+    now = site.running.daemon.clock.now()
+    await _submit(site, [Entry(time=now + i, gate="barrier" if i % 2 else "door",
+                               caller="+31612345678", did=BARRIER, status="ACK",
+                               reason="granted", credential=f"=HYPERLINK(\"x\",\"{i}\")")
+                         for i in range(120)])
+    vic = await site.as_user("vic")
+    status, html, _ = await vic.get("/log")
+    assert status == 200 and html.count("<tr class=\"s-ACK\">") == 50
+    older = re.search(r'href="(/log\?before=\d+)"', html)[1]  # type: ignore[index]
+    _, html, _ = await vic.get(older)
+    assert html.count("<tr class=\"s-ACK\">") == 50
+    _, html, _ = await vic.get("/log?gate=door")
+    assert "<td>barrier</td>" not in html
+    status, text, headers = await vic.get("/log.csv?gate=barrier")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    lines = text.strip().splitlines()
+    assert len(lines) == 61
+    assert "\"'=HYPERLINK" in lines[1] and ",+31612345678," in lines[1]
+
+
+async def test_the_live_log_gets_each_entry_and_never_a_typed_digit(site: Site) -> None:
+    """/events sends one `entry` event per entry, the JSON of docs/mqtt.md, without the
+    digits the caller typed."""
+    vic = await site.as_user("vic")
+    async with vic.session.get(site.base + "/events") as stream:
+        assert stream.status == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        answer = asyncio.ensure_future(site.running.get(code="471123", did=BARRIER,
+                                                        callerid="+31612345678"))
+        lines: list[str] = []
+        async with asyncio.timeout(10):
+            while not any(line.startswith("data:") for line in lines):
+                lines.append((await stream.content.readline()).decode().strip())
+        assert (await answer)[1].startswith("status=ACK")
+    assert "event: entry" in lines
+    event = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+    assert event["credential"] == "Demo" and event["gate"] == "barrier"
+    assert event["result"] == "granted" and event["site"] == "test"
+    assert "471123" not in json.dumps(event)
+
+
+def test_users_are_made_by_the_command_line_and_never_by_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gated users add/ls/rm` keep argon2id hashes in a private file; a short password or
+    a taken name changes nothing."""
+    from .helpers import write_config
+
+    config = str(write_config(tmp_path, WEB))
+    path = tmp_path / "state" / "users.json"
+    assert cli.main(["users", "ls", "-c", config]) == 0
+    assert not path.exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert cli.main(["users", "add", "ada", "--role", "admin", "-c", config,
+                     "--password-stdin"]) == 2
+    assert not path.exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("long-enough-password\n"))
+    assert cli.main(["users", "add", "ada", "--role", "admin", "-c", config,
+                     "--password-stdin"]) == 0
+    text = path.read_text()
+    assert "$argon2id$" in text and "long-enough-password" not in text
+    assert path.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr("sys.stdin", io.StringIO("another-password-2\n"))
+    assert cli.main(["users", "add", "ada", "--role", "viewer", "-c", config]) == 2
+    assert path.read_text() == text
+    capsys.readouterr()
+    assert cli.main(["users", "ls", "-c", config]) == 0
+    assert "ada" in capsys.readouterr().out
+    assert cli.main(["users", "rm", "ada", "-c", config]) == 0
+    assert json.loads(path.read_text()) == {"users": {}}
+
+
+async def test_a_session_cookie_is_secure_behind_the_local_tls_proxy(site: Site) -> None:
+    """Behind docs/tls.md's proxy (on this machine, X-Forwarded-Proto: https) the session
+    cookie is Secure too."""
+    browser = site.browser()
+    _, html, _ = await browser.get("/login")
+    status, _, headers = await browser.post(
+        "/login", {"username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" in headers["Set-Cookie"]
+
+
+
+async def test_a_guesser_behind_the_tls_proxy_never_holds_other_staff_out(site: Site) -> None:
+    """Behind the TLS proxy on this machine, the backoff counts the client the proxy names:
+    one guesser's failures never hold another member of staff out."""
+    guesser, ada = site.browser(), site.browser()
+    outside = {"X-Forwarded-For": "203.0.113.9"}
+    for number in range(6):
+        _, html, _ = await guesser.get("/login")
+        status, _, _ = await guesser.post("/login", {
+            "username": f"nobody{number}", "password": "guess-guess-1",
+            "csrf": csrf_of(html)}, headers=outside)
+        assert status == (401 if number < 5 else 429)
+    _, html, _ = await ada.get("/login")
+    status, _, headers = await ada.post("/login", {
+        "username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-For": "198.51.100.7"})
+    assert status == 303 and headers["Location"] == "/"
+
+
+async def test_an_extended_visitor_code_opens_past_its_first_end(site: Site) -> None:
+    """Staff extend a visitor code by hours; past its first end it still opens, and an
+    extension without the session's token changes nothing."""
+    clock: FakeClock = site.running.daemon.clock
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    _, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Courier", "hours": "1",
+                                              "gates": "barrier"})
+    code = re.search(r'id="code">(\d+)<', html)[1]  # type: ignore[index]
+    vid = re.findall(r'/visitors/([0-9a-f]+)/extend', (await sam.get("/visitors"))[1])[0]
+    assert (await sam.post(f"/visitors/{vid}/extend", {"hours": "24"}))[0] == 403
+    assert (await sam.post(f"/visitors/{vid}/extend", {"csrf": csrf, "hours": "x"}))[0] == 400
+    assert (await sam.post(f"/visitors/{vid}/extend", {"csrf": csrf, "hours": "3"}))[0] == 303
+    clock.advance(2 * 3600)
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=ACK")
+    clock.advance(3 * 3600)
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")
