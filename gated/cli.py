@@ -508,6 +508,9 @@ EXAMPLES = {
     ("forward",): ["gated forward ls", "gated forward ls --json", "gated forward retry crm"],
     ("lockout",): ["gated lockout ls", "gated lockout clear +31612345678",
                    "gated lockout clear --site", "gated lockout clear withheld"],
+    ("users",): ["sudo -u gated gated users add ada --role admin",
+                 "echo \"$PASSWORD\" | gated users add bob --role staff --password-stdin",
+                 "gated users ls", "gated users passwd bob", "gated users rm bob"],
 }
 
 
