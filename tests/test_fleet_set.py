@@ -63,6 +63,19 @@ async def site_with_set(broker: Mosquitto, start_daemon: Any, tmp_path: Path,
     return key, manifest, running, fleetset
 
 
+async def offer(probe: Probe, keys: SetKeys, first: codeset.Manifest, fleetset: Any,
+                data: bytes, chunk: bytes) -> None:
+    """Publish ``chunk`` as the only chunk of a set of ``data`` with a manifest signed by
+    staff, and wait until the site has taken it in and is done with it."""
+    await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
+    await probe.publish(f"{FLEET}/set", signed(keys, codeset.Manifest(
+        serial=first.serial + (1 << 16), version=codeset.version_of(data), size=len(data),
+        chunks=1, codes=100, key=first.key)), retain=True)
+    await eventually(lambda: fleetset.newest is not None
+                     and fleetset.newest.version == codeset.version_of(data))
+    await eventually(lambda: not fleetset.pending)
+
+
 async def test_a_fleet_code_put_by_staff_opens_and_the_broker_never_sees_its_digits(
         broker: Mosquitto, probe: Probe, start_daemon: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,13 +234,7 @@ async def test_a_damaged_chunk_is_never_applied(broker: Mosquitto, probe: Probe,
     other = codeset.build(entries(key, 100, start=500))
     (chunk,) = codeset.split(other)
     damaged = chunk[:-1] + bytes([chunk[-1] ^ 1])
-    await probe.publish(f"{FLEET}/set/0", damaged, retain=True)
-    await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
-        serial=first.serial + (1 << 16), version=codeset.version_of(other), size=len(other),
-        chunks=1, codes=100, key=first.key)), retain=True)
-    await eventually(lambda: fleetset.newest is not None
-                     and fleetset.newest.version == codeset.version_of(other))
-    await eventually(lambda: not fleetset.pending)
+    await offer(probe, key, first, fleetset, other, damaged)
     assert fleetset.manifest is not None and fleetset.manifest.version == first.version
     assert await running.get(code="00000001", did=BARRIER) == (200, "status=ACK")
     assert await running.get(code="00000501", did=BARRIER) == (200, "status=NAK")
@@ -535,13 +542,7 @@ async def test_a_set_whose_insides_lie_is_never_applied_and_the_site_says_so(
     bad = corrupt(*sections_of(codeset.build(entries(key, 100, start=500))))
     (chunk,) = codeset.split(bad)
     with capture_logs() as logs:
-        await probe.publish(f"{FLEET}/set/0", chunk, retain=True)
-        await probe.publish(f"{FLEET}/set", signed(key, codeset.Manifest(
-            serial=first.serial + (1 << 16), version=codeset.version_of(bad), size=len(bad),
-            chunks=1, codes=100, key=first.key)), retain=True)
-        await eventually(lambda: fleetset_.newest is not None
-                         and fleetset_.newest.version == codeset.version_of(bad))
-        await eventually(lambda: not fleetset_.pending)
+        await offer(probe, key, first, fleetset_, bad, chunk)
         assert await running.get(code="00000501", did=BARRIER) == (200, "status=NAK")
         assert await running.get(code="00000001", did=BARRIER) == (200, "status=ACK")
         (alarm,) = await probe.wait_for("gated/test/alarms", 1, within=5)
