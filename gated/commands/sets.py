@@ -31,10 +31,13 @@ one and publishes again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +60,10 @@ if TYPE_CHECKING:
 
 # How often a command merges and publishes again when others keep replacing the manifest.
 ATTEMPTS = 12
+# Serials are microseconds: a broker whose set is older than the last this machine
+# published by more than a minute went back (restored, replayed); less is a race
+# with another staff machine, which the retries settle.
+ROLLED_BACK = 60 * 1_000_000
 # How long a command waits after publishing before it checks its manifest still stands.
 SETTLE = 0.2
 
@@ -95,6 +102,20 @@ class SetKeys:
     def remember(self, serial: int) -> None:
         if serial > self.remembered():
             files.replace(self.memory, f"{serial}\n".encode("ascii"))
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self) -> AsyncIterator[None]:
+        """This machine's commands on this set, one after another: two at once would
+        publish serials out of order and overwrite each other's listing."""
+        files.make_dir(self.memory.parent)
+        # Not "<memory>.lock": that name is the replacement's own (gated.book.files).
+        lock = self.memory.with_name(self.memory.name + ".flock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
 
 
 def fleet_keys(loaded: compiler.Loaded) -> SetKeys:
@@ -257,7 +278,9 @@ def current(broker: Broker, keys: SetKeys) -> dict[str, Entry]:
         raise FleetError(f"{broker.refused}; nothing is built on it: publish the whole set "
                          f"again with `{_import_command(keys)}`, which replaces it")
     if manifest is not None:
-        if manifest.serial < keys.remembered():
+        # Older by more than a race between two machines could make it: the broker
+        # went back (a restore from an old copy, a replay) and lost changes.
+        if manifest.serial < keys.remembered() - ROLLED_BACK:
             raise FleetError(
                 f"the broker holds serial {manifest.serial}, older than the "
                 f"{keys.remembered()} this machine published last: it lost changes (restored "
@@ -360,6 +383,12 @@ async def publish_set(client: aiomqtt.Client, keys: SetKeys, entries: Iterable[E
 async def change(client: aiomqtt.Client, keys: SetKeys, marker: str,
                  code_id: str, body: bytes | None) -> Manifest:
     """Put (``body``) or delete (None) one fleet code, as a delta or a new set."""
+    async with keys.one_at_a_time():
+        return await _change(client, keys, marker, code_id, body)
+
+
+async def _change(client: aiomqtt.Client, keys: SetKeys, marker: str,
+                  code_id: str, body: bytes | None) -> Manifest:
     base = keys.base
     for attempt in range(ATTEMPTS):
         broker = await read(client, keys, marker)
@@ -413,8 +442,9 @@ async def replace_all(client: aiomqtt.Client, keys: SetKeys, marker: str,
                       entries: list[Entry]) -> tuple[Manifest, str | None]:
     """Make ``entries`` the whole set (``gated codes import --fleet``, ``--replace``); the
     manifest, and what was said of a manifest on the broker that it replaced unread."""
-    broker = await read(client, keys, marker)
-    return await publish_set(client, keys, entries, broker), broker.refused
+    async with keys.one_at_a_time():
+        broker = await read(client, keys, marker)
+        return await publish_set(client, keys, entries, broker), broker.refused
 
 
 async def merge(client: aiomqtt.Client, keys: SetKeys, marker: str,
@@ -422,15 +452,16 @@ async def merge(client: aiomqtt.Client, keys: SetKeys, marker: str,
     """Lay ``entries`` over the set on the broker (a site's ``gated codes import``): the
     set's other codes stay, and the codes of these ids published one message each
     are cleared so the set's version takes their place."""
-    broker = await read(client, keys, marker)
-    codes = current(broker, keys) if broker.manifest is not None else {}
-    if broker.refused is not None:
-        raise FleetError(f"{broker.refused}; nothing is built on it: publish the whole set "
-                         f"with `{_import_command(keys)}`, which replaces it")
-    codes.update((entry.id, entry) for entry in entries)
-    ids = {entry.id for entry in entries}
-    return await publish_set(client, keys, codes.values(), broker,
-                             clear=[code_id for code_id in broker.deltas if code_id in ids])
+    async with keys.one_at_a_time():
+        broker = await read(client, keys, marker)
+        codes = current(broker, keys) if broker.manifest is not None else {}
+        if broker.refused is not None:
+            raise FleetError(f"{broker.refused}; nothing is built on it: publish the whole "
+                             f"set with `{_import_command(keys)}`, which replaces it")
+        codes.update((entry.id, entry) for entry in entries)
+        ids = {entry.id for entry in entries}
+        return await publish_set(client, keys, codes.values(), broker,
+                                 clear=[code_id for code_id in broker.deltas if code_id in ids])
 
 
 def rows(broker: Broker, tz: Any,
