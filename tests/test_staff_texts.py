@@ -80,3 +80,10 @@ def test_a_second_language_file_with_the_same_keys_loads_and_renders(
     with pytest.raises(texts.TextsError):
         env.get_template("login.html").render({**context, "t": texts.load(
             tmp_path / "yy.toml")})
+
+
+def test_the_live_logs_script_takes_its_words_from_the_page() -> None:
+    """The script shows no word of its own: what it writes comes from the page's texts."""
+    script = (WEB / "static" / "live.js").read_text()
+    assert re.findall(r'textContent\s*=\s*"[^"]*[A-Za-z][^"]*"', script) == []
+    assert 'data-live="{{ t("index.live") }}"' in (WEB / "templates" / "index.html").read_text()
