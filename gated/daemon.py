@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from gated.pbx.baresip import BaresipEngine
     from gated.pbx.sip import SipCalls
     from gated.site.metrics import Metrics
+    from gated.web.server import StaffPage
 
 # A reload compiled here (not in the child) checks the forwards too.
 config_mod.add_check(forward.check)
@@ -134,6 +135,7 @@ class Daemon:
     _twiml_settings: LiveTwiml | None = None
     state_lock: statelock.StateLock | None = None
     sip_engine: BaresipEngine | None = None
+    staff_page: StaffPage | None = None
 
     @property
     def url(self) -> str:
@@ -359,6 +361,7 @@ class Daemon:
                          store_path=self.loaded.store_path, clock=self.clock,
                          tls=self.loaded.config.web.tls_cert is not None,
                          sensors=lambda: {n: s.is_open for n, s in self.sensors.items()})
+        self.staff_page = page
         # Live logs never end by themselves: at a stop they are cut, not awaited.
         return web.AppRunner(make_web_app(page), handle_signals=False, access_log=None,
                              shutdown_timeout=1.0)

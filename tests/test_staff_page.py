@@ -382,3 +382,192 @@ async def test_an_extended_visitor_code_opens_past_its_first_end(site: Site) -> 
     clock.advance(3 * 3600)
     assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
         "status=NAK")
+
+
+def _users_file(site: Site) -> dict[str, Any]:
+    users: dict[str, Any] = json.loads((site.state / "users.json").read_text())["users"]
+    return {name: item["role"] for name, item in users.items()}
+
+
+def _user_entries(site: Site) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(site.state / "entries.sqlite3")
+    try:
+        return conn.execute("SELECT credential, reason, credential_id FROM entries "
+                            "WHERE kind = 'user' ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_only_admins_reach_any_users_url(site: Site) -> None:
+    """A staff member or a viewer gets 403 on every /users URL, GET or POST with a good
+    token, and no user changes."""
+    before = (site.state / "users.json").read_bytes()
+    for name in ("sam", "vic"):
+        browser = await site.as_user(name)
+        csrf = await browser.csrf()
+        for path in ("/users", "/users/ada/role", "/users/nobody/anything"):
+            assert (await browser.get(path))[0] == 403, (name, path)
+        for path, data in (("/users", {"name": "mallory", "role": "admin",
+                                       "password": "mallory-pass-1",
+                                       "password2": "mallory-pass-1"}),
+                           ("/users/ada/role", {"role": "viewer"}),
+                           ("/users/ada/password", {"password": "taken-over-1",
+                                                    "password2": "taken-over-1"}),
+                           ("/users/ada/remove", {}),
+                           (f"/users/{name}/role", {"role": "admin"})):
+            status, _, _ = await browser.post(path, {"csrf": csrf, **data})
+            assert status == 403, (name, path, status)
+        _, html, _ = await browser.get("/")
+        assert 'href="/users"' not in html
+    assert (site.state / "users.json").read_bytes() == before
+    assert _user_entries(site) == []
+
+
+async def test_a_forged_or_tokenless_users_post_changes_no_user(site: Site) -> None:
+    """An admin's browser made to POST to /users by another origin, or without the
+    session's token, adds nobody; the same form from the page with its token does."""
+    ada = await site.as_user("ada")
+    csrf = await ada.csrf("/users")
+    form = {"name": "mallory", "role": "admin", "password": "mallory-pass-1",
+            "password2": "mallory-pass-1"}
+    for headers in ({"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "null"}):
+        assert (await ada.post("/users", {"csrf": csrf, **form}, headers=headers))[0] == 403
+    for data in (form, {"csrf": "", **form}, {"csrf": "x" * 43, **form}):
+        assert (await ada.post("/users", data))[0] == 403
+    assert (await ada.post("/users/sam/remove", {}))[0] == 403
+    assert set(_users_file(site)) == {"ada", "sam", "vic"}
+    status, html, _ = await ada.post("/users", {"csrf": csrf, **form})
+    assert status == 200 and "User mallory added." in html
+    assert _users_file(site)["mallory"] == "admin"
+    assert "mallory-pass-1" not in html
+
+
+async def test_admins_manage_users_and_each_change_ends_that_users_sessions(
+        site: Site) -> None:
+    """An admin adds a user (password typed twice), changes their role, resets their
+    password and removes them; each change is an entry naming the admin and ends the
+    user's sessions at once."""
+    ada = await site.as_user("ada")
+    _, html, _ = await ada.get("/users")
+    assert all(name in html for name in ("ada", "sam", "vic"))
+    csrf = csrf_of(html)
+    status, html, _ = await ada.post("/users", {"csrf": csrf, "name": "bob", "role": "staff",
+                                                "password": "bob-password-1",
+                                                "password2": "bob-password-2"})
+    assert status == 400 and "The two passwords differ." in html
+    status, html, _ = await ada.post("/users", {"csrf": csrf, "name": "sam", "role": "staff",
+                                                "password": "bob-password-1",
+                                                "password2": "bob-password-1"})
+    assert status == 409
+    status, _, _ = await ada.post("/users", {"csrf": csrf, "name": "bob", "role": "staff",
+                                             "password": "bob-password-1",
+                                             "password2": "bob-password-1"})
+    assert status == 200 and _users_file(site)["bob"] == "staff"
+    bob = site.browser()
+    assert (await bob.login("bob", "bob-password-1"))[0] == 303
+    assert (await bob.get("/visitors"))[0] == 200
+    status, html, _ = await ada.post("/users/bob/role", {"csrf": csrf, "role": "viewer"})
+    assert status == 200 and _users_file(site)["bob"] == "viewer"
+    assert (await bob.get("/"))[0] == 303  # the role change ended the session
+    assert (await bob.login("bob", "bob-password-1"))[0] == 303
+    assert (await bob.get("/visitors"))[0] == 403  # a viewer now
+    status, _, _ = await ada.post("/users/bob/password", {
+        "csrf": csrf, "password": "bob-password-9", "password2": "bob-password-9"})
+    assert status == 200
+    assert (await bob.get("/"))[0] == 303
+    assert (await bob.login("bob", "bob-password-1"))[0] == 401
+    assert (await bob.login("bob", "bob-password-9"))[0] == 303
+    status, _, _ = await ada.post("/users/bob/remove", {"csrf": csrf})
+    assert status == 200 and "bob" not in _users_file(site)
+    assert (await bob.get("/"))[0] == 303
+    assert (await bob.login("bob", "bob-password-9"))[0] == 401
+    assert (await ada.post("/users/nobody/remove", {"csrf": csrf}))[0] == 404
+    assert _user_entries(site) == [("ada", "user-added", "user:bob"),
+                                   ("ada", "user-role", "user:bob"),
+                                   ("ada", "user-password", "user:bob"),
+                                   ("ada", "user-removed", "user:bob")]
+
+
+async def test_the_last_admin_is_never_removed_or_demoted(site: Site) -> None:
+    """The only admin cannot remove or demote themselves (409, nothing changes); once
+    there is a second admin they can, and their own session ends."""
+    ada = await site.as_user("ada")
+    csrf = await ada.csrf("/users")
+    for path, data in (("/users/ada/remove", {}), ("/users/ada/role", {"role": "staff"}),
+                       ("/users/ada/role", {"role": "viewer"})):
+        status, html, _ = await ada.post(path, {"csrf": csrf, **data})
+        assert status == 409 and "last admin" in html, path
+    assert _users_file(site)["ada"] == "admin"
+    assert (await ada.post("/users/sam/role", {"csrf": csrf, "role": "admin"}))[0] == 200
+    status, _, headers = await ada.post("/users/ada/role", {"csrf": csrf, "role": "staff"})
+    assert status == 303 and headers["Location"] == "/login"
+    assert _users_file(site) == {"ada": "staff", "sam": "admin", "vic": "viewer"}
+    assert (await ada.get("/"))[0] == 303
+
+
+async def test_ten_logins_at_once_never_run_more_than_two_password_checks(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten logins at once run at most two argon2id checks (64 MiB each) at a time, the rest
+    wait their turn and all log in; past the bounded queue a login gets 429."""
+    import threading
+
+    from gated.web import users as users_mod
+
+    real = users_mod.verify
+    lock = threading.Lock()
+    release = threading.Event()
+    counts = {"running": 0, "peak": 0, "entered": 0}
+
+    def counted(user: Any, password: str) -> bool:
+        with lock:
+            counts["running"] += 1
+            counts["entered"] += 1
+            counts["peak"] = max(counts["peak"], counts["running"])
+        try:
+            release.wait(10)  # bounded: held so that the others pile up behind
+            return real(user, password)
+        finally:
+            with lock:
+                counts["running"] -= 1
+
+    monkeypatch.setattr(users_mod, "verify", counted)
+    page: Any = getattr(site.running.daemon, "staff_page", None)
+    browsers = [site.browser() for _ in range(10)]
+    forms = [csrf_of((await b.get("/login"))[1]) for b in browsers]
+
+    async def login(browser: Any, csrf: str) -> int:
+        return (await browser.post("/login", {"username": "ada", "csrf": csrf,
+                                              "password": "ada-password-1"}))[0]
+
+    tasks = [asyncio.create_task(login(b, c)) for b, c in zip(browsers, forms, strict=True)]
+    for _ in range(1000):  # until every login is in a check or waits for one
+        checks = getattr(page, "checks", None)
+        if counts["entered"] > 2 or (
+                checks is not None and counts["running"] == 2 and checks.waiting == 8):
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    statuses = await asyncio.gather(*tasks)
+    assert counts["peak"] <= 2, f"{counts['peak']} password checks ran at once"
+    assert statuses == [303] * 10
+    assert counts["entered"] == 10
+
+    # Past the queue: one check running, one waiting, the next is told to come back.
+    from gated.web.server import PasswordChecks
+
+    page.checks = PasswordChecks(limit=1, queue=1)
+    release.clear()
+    counts.update(entered=0, peak=0)
+    first = asyncio.create_task(login(browsers[0], csrf_of((await browsers[0].get(
+        "/login"))[1])))
+    second = asyncio.create_task(login(browsers[1], csrf_of((await browsers[1].get(
+        "/login"))[1])))
+    for _ in range(1000):
+        if counts["running"] == 1 and page.checks.waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    status, body, headers = await browsers[2].login("ada")
+    assert status == 429 and headers["Retry-After"] == "1" and "Try again" in body
+    release.set()
+    assert await asyncio.gather(first, second) == [303, 303]

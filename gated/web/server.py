@@ -42,10 +42,12 @@ from gated.site.store import (
     add_visitor,
     connect,
 )
+from gated.web import texts as texts_mod
 from gated.web import users as users_mod
 from gated.web.backoff import Backoff
 from gated.web.sessions import Session, Sessions
-from gated.web.users import Role, User, UserFile
+from gated.web.texts import Texts
+from gated.web.users import ROLES, Role, User, UserError, UserFile
 
 log = structlog.get_logger("gated.web")
 
@@ -58,6 +60,12 @@ MAX_FORM = 16 * 1024
 SMS_LIMIT = 160
 LIVE_QUEUE = 256
 END = ""  # in a live log's queue: its reader fell behind and ends
+STATUSES = ("ACK", "NAK", "ERR", "ALARM")
+# Each argon2id check (a login, a new password) holds 64 MiB: two at once at most,
+# a bounded queue behind them, and past it the backoff's 429.
+PASSWORD_CHECKS = 2
+PASSWORD_QUEUE = 16
+PASSWORD_WAIT = 30.0
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 HEADERS = {
@@ -68,6 +76,37 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+class PasswordChecks:
+    """At most ``limit`` argon2id checks at once; a bounded queue waits for them."""
+
+    def __init__(self, limit: int = PASSWORD_CHECKS, queue: int = PASSWORD_QUEUE,
+                 wait: float = PASSWORD_WAIT) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self.queue = queue
+        self.wait = wait
+        self.running = 0
+        self.waiting = 0
+
+    async def run(self, check: Callable[..., bool], *args: Any) -> bool | None:
+        """The check's answer, run in a thread; None when too many wait already."""
+        if self.waiting >= self.queue:
+            return None
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            return None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            return await asyncio.to_thread(check, *args)
+        finally:
+            self.running -= 1
+            self._slots.release()
 
 
 @dataclass
@@ -85,6 +124,8 @@ class StaffPage:
     sessions: Sessions = field(init=False)
     backoff: Backoff = field(default_factory=Backoff)
     live: set[asyncio.Queue[str]] = field(default_factory=set)
+    texts: Texts = field(default_factory=texts_mod.language)
+    checks: PasswordChecks = field(default_factory=PasswordChecks)
 
     def __post_init__(self) -> None:
         self.users = UserFile(users_mod.users_path(self.state_dir))
@@ -193,6 +234,10 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
+def _t(request: web.Request) -> Texts:
+    return _page(request).texts
+
+
 def _forbidden(text: str) -> web.HTTPForbidden:
     return web.HTTPForbidden(text=text, content_type="text/plain")
 
@@ -219,14 +264,20 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     if request.method == "POST" and not _same_origin(request):
         log.warning("staff page: a POST from another origin refused", path=request.path,
                     origin=request.headers.get("Origin", ""), address=request.remote)
-        raise _forbidden("refused: this request did not come from this site's own page")
+        raise _forbidden(_t(request)("refused.origin"))
     if public:
         return await handler(request)
     visit = _visit(request)
     if visit is None:
         if request.method == "POST" or request.path in ("/events", "/log.csv"):
-            raise _forbidden("refused: log in first")
+            raise _forbidden(_t(request)("refused.login_first"))
         raise web.HTTPSeeOther("/login")
+    if (request.path == "/users" or request.path.startswith("/users/")) and (
+            not visit.user.may("admin")):
+        # Every /users URL, routed or not: nothing there tells a non-admin anything.
+        log.warning("staff page: refused by role", path=request.path, user=visit.user.name,
+                    role=visit.user.role, needs="admin")
+        raise _forbidden(_t(request)("refused.role", role="admin"))
     if request.method == "POST":
         form = await request.post()
         given = form.get("csrf")
@@ -234,7 +285,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
                 given.encode(), visit.session.csrf.encode()):
             log.warning("staff page: a POST without its token refused", path=request.path,
                         user=visit.user.name)
-            raise _forbidden("refused: the form's token is missing or old; reload the page")
+            raise _forbidden(_t(request)("refused.token"))
     request[SESSION] = visit
     return await handler(request)
 
@@ -244,7 +295,7 @@ def _needs(request: web.Request, role: Role) -> Visit:
     if not visit.user.may(role):
         log.warning("staff page: refused by role", path=request.path, user=visit.user.name,
                     role=visit.user.role, needs=role)
-        raise _forbidden(f"refused: this needs the role {role} or higher")
+        raise _forbidden(_t(request)("refused.role", role=role))
     return visit
 
 
@@ -254,8 +305,10 @@ def _render(request: web.Request, template: str, context: dict[str, Any],
     visit: Visit | None = request.get(SESSION)
     config = page.config()
     base = {"visit": visit, "csrf": visit.session.csrf if visit else "", "site": config.site.id,
+            "t": page.texts,
             "may_open": bool(visit and visit.user.may("staff")),
-            "may_issue": bool(visit and visit.user.may("staff"))}
+            "may_issue": bool(visit and visit.user.may("staff")),
+            "may_admin": bool(visit and visit.user.may("admin"))}
     return aiohttp_jinja2.render_template(template, request, {**base, **context},
                                           status=status)
 
@@ -280,7 +333,8 @@ def _login_page(request: web.Request, error: str, status: int = 200) -> web.Resp
     if not 20 <= len(token) <= 64 or not token.replace("-", "").replace("_", "").isalnum():
         token = secrets.token_urlsafe(24)
     response = _render(request, "login.html", {
-        "login_csrf": token, "error": error, "no_users": not page.users.current()},
+        "login_csrf": token, "error": error, "no_users": not page.users.current(),
+        "first_user": "sudo -u gated gated users add NAME --role admin"},
         status=status)
     response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", path="/login",
                         secure=_secure(request))
@@ -293,7 +347,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     given, expected = form.get("csrf"), request.cookies.get(LOGIN_COOKIE, "")
     if not isinstance(given, str) or not expected or not hmac.compare_digest(
             given.encode(), expected.encode()):
-        raise _forbidden("refused: the form's token is missing or old; reload the page")
+        raise _forbidden(_t(request)("refused.token"))
     name = str(form.get("username", ""))[:64].strip().lower()
     password = str(form.get("password", ""))
     address = _address(request)
@@ -303,17 +357,22 @@ async def login(request: web.Request) -> web.StreamResponse:
     if wait > 0:
         log.warning("staff page: login refused, backing off", address=address,
                     seconds=round(wait, 1))
-        response = _login_page(request, f"Too many failed logins. Try again in "
-                               f"{max(1, round(wait))} seconds.", status=429)
+        response = _login_page(request, page.texts("login.backoff", seconds=max(
+            1, round(wait))), status=429)
         response.headers["Retry-After"] = str(max(1, round(wait)))
         return response
     user = page.users.get(name)
-    ok = await asyncio.to_thread(users_mod.verify, user, password)
+    ok = await page.checks.run(users_mod.verify, user, password)
+    if ok is None:
+        log.warning("staff page: login refused, too many at once", address=address)
+        response = _login_page(request, page.texts("login.busy"), status=429)
+        response.headers["Retry-After"] = "1"
+        return response
     if not ok or user is None:
         page.backoff.failed(keys, page.clock.now())
         # Never the name typed: it may be a password typed in the wrong box.
         log.warning("staff page: login failed", address=address)
-        return _login_page(request, "Wrong name or password.", status=401)
+        return _login_page(request, page.texts("login.wrong"), status=401)
     page.backoff.succeeded(keys)
     token, _ = page.sessions.start(user.name, user.changed, page.clock.now(),
                                    _hours(page))
@@ -372,7 +431,7 @@ def _filters(request: web.Request) -> tuple[str | None, str | None, int | None]:
     if gate is not None and gate not in page.config().gates:
         gate = None
     status = request.query.get("status") or None
-    if status not in (None, "ACK", "NAK", "ERR", "ALARM"):
+    if status is not None and status not in STATUSES:
         status = None
     before_text = request.query.get("before", "")
     before = int(before_text) if before_text.isdigit() and len(before_text) < 19 else None
@@ -384,7 +443,7 @@ async def _entries(page: StaffPage, **kwargs: Any) -> list[tuple[int, Entry]]:
         return await asyncio.to_thread(_query, page.store_path, **kwargs)
     except sqlite3.Error as exc:
         log.error("staff page: cannot read the entry store", error=str(exc))
-        raise web.HTTPServiceUnavailable(text="the entry store cannot be read now") from exc
+        raise web.HTTPServiceUnavailable(text=page.texts("refused.store")) from exc
 
 
 def _rows(page: StaffPage, found: list[tuple[int, Entry]]) -> list[dict[str, Any]]:
@@ -398,7 +457,9 @@ async def index(request: web.Request) -> web.Response:
     config = page.config()
     states = page.sensors()
     gates = [{"name": name, "state": ("open" if states[name] else "closed")
-              if name in states else "no sensor"} for name in config.gates]
+              if name in states else "no sensor",
+              "state_key": ("open" if states[name] else "closed") if name in states else "none"}
+             for name in config.gates]
     latest = await _entries(page, gate=None, status=None, before=None, limit=10)
     alarms = await _entries(page, gate=None, status="ALARM", before=None, limit=5,
                             since=page.clock.now() - 86400)
@@ -418,7 +479,7 @@ async def log_page(request: web.Request) -> web.Response:
             ("gate", gate or ""), ("status", status or ""), ("before", str(found[-1][0]))) if v)
     return _render(request, "log.html", {
         "entries": _rows(page, found), "gates": list(page.config().gates), "gate": gate or "",
-        "status": status or "", "older": older,
+        "status": status or "", "older": older, "statuses": STATUSES,
         "csv": "/log.csv?" + "&".join(f"{k}={quote(v)}" for k, v in (
             ("gate", gate or ""), ("status", status or "")) if v)})
 
@@ -480,7 +541,7 @@ async def live(request: web.Request) -> web.StreamResponse:
 def _gate(request: web.Request) -> str:
     gate = request.match_info["gate"]
     if gate not in _page(request).config().gates:
-        raise web.HTTPNotFound(text="no such gate")
+        raise web.HTTPNotFound(text=_t(request)("refused.no_gate"))
     return gate
 
 
@@ -532,11 +593,11 @@ def _number(text: str, low: float, high: float) -> float | None:
     return value if low <= value <= high else None
 
 
-def sms_text(site: str, number: str, code: str, until: str) -> str:
+def sms_text(t: Texts, site: str, number: str, code: str, until: str) -> str:
     """The text staff send the visitor: within one SMS (160 GSM-7 characters)."""
-    text = f"Your entry code for {site}: call {number} and type {code}#. Valid until {until}."
+    text = t("issued.sms", site=site, number=number, code=code, until=until)
     if len(text) > SMS_LIMIT:
-        text = f"Entry code: call {number}, type {code}#. Valid until {until}."
+        text = t("issued.sms_short", number=number, code=code, until=until)
     return text[:SMS_LIMIT]
 
 
@@ -552,13 +613,13 @@ async def issue(request: web.Request) -> web.Response:
     uses = _number(uses_text, 1, 10_000) if uses_text else None
     problem = ""
     if not name or len(name) > 64 or not name.isprintable():
-        problem = "Give a name of 1 to 64 characters."
+        problem = page.texts("visitors.bad_name")
     elif hours is None:
-        problem = "Hours must be a number from 0.25 to 744."
+        problem = page.texts("visitors.bad_hours")
     elif uses_text and (uses is None or uses != int(uses)):
-        problem = "Uses must be a whole number from 1 to 10000, or empty for unlimited."
+        problem = page.texts("visitors.bad_uses")
     elif not gates or any(g not in config.gates for g in gates):
-        problem = "Choose at least one gate."
+        problem = page.texts("visitors.bad_gates")
     if problem:
         return _render(request, "visitors.html", {
             "visitors": _visitor_rows(page), "gates": list(config.gates), "error": problem},
@@ -572,11 +633,11 @@ async def issue(request: web.Request) -> web.Response:
                                max_uses=int(uses) if uses is not None else None,
                                length=config.visitors.length, now=now)
         if not await page.gatekeeper.store.call(add_visitor, issued.row):
-            raise visitors.VisitorError("those digits were just issued; try again")
+            raise visitors.VisitorError(page.texts("visitors.taken"))
     except (visitors.VisitorError, sqlite3.Error) as exc:
         return _render(request, "visitors.html", {
             "visitors": _visitor_rows(page), "gates": list(config.gates),
-            "error": f"No code issued: {exc}"}, status=409)
+            "error": page.texts("visitors.not_issued", problem=exc)}, status=409)
     book.visitors = {**book.visitors, issued.row.digest: visitors.credential(issued.row)}
     log.info("staff page: visitor code issued", user=visit.user.name, visitor=name,
              id=issued.row.id, gates=gates, hours=hours, uses=uses)
@@ -591,7 +652,8 @@ async def issue(request: web.Request) -> web.Response:
         qr = Markup(svg)  # noqa: S704
     return _render(request, "issued.html", {
         "name": name, "code": issued.code, "until": until, "gates": ", ".join(gates),
-        "sms": sms_text(config.site.id, number or "the gate", issued.code, until),
+        "sms": sms_text(page.texts, config.site.id, number or page.texts("issued.no_number"),
+                        issued.code, until),
         "tel": tel, "qr": qr})
 
 
@@ -605,7 +667,7 @@ async def revoke(request: web.Request) -> web.StreamResponse:
     visitor_id = request.match_info["id"]
     book = page.gatekeeper.book
     if not await page.gatekeeper.store.call(_delete_visitor, visitor_id):
-        raise web.HTTPNotFound(text="no such visitor code")
+        raise web.HTTPNotFound(text=page.texts("visitors.no_such"))
     book.visitors = {digest: c for digest, c in book.visitors.items()
                      if c.id != f"visitor:{visitor_id}"}
     log.info("staff page: visitor code revoked", user=visit.user.name, id=visitor_id)
@@ -628,17 +690,163 @@ async def extend(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     hours = _number(str(form.get("hours", "")), 0.25, 24 * 31)
     if hours is None:
-        raise web.HTTPBadRequest(text="Hours must be a number from 0.25 to 744.")
+        raise web.HTTPBadRequest(text=page.texts("visitors.bad_hours"))
     visitor_id = request.match_info["id"]
     row = await page.gatekeeper.store.call(_extend_visitor, visitor_id, page.clock.now(),
                                            hours * 3600)
     if row is None:
-        raise web.HTTPNotFound(text="no such visitor code")
+        raise web.HTTPNotFound(text=page.texts("visitors.no_such"))
     book = page.gatekeeper.book
     book.visitors = {**book.visitors, row.digest: visitors.credential(row)}
     log.info("staff page: visitor code extended", user=visit.user.name, id=visitor_id,
              hours=hours)
     raise web.HTTPSeeOther("/visitors")
+
+
+# -- users (admins only) -----------------------------------------------------------------
+
+USER_ENTRY = {"add": "user-added", "role": "user-role", "password": "user-password",
+              "remove": "user-removed"}
+
+
+def _user_rows(page: StaffPage) -> list[dict[str, str]]:
+    return [{"name": u.name, "role": u.role}
+            for u in sorted(page.users.current().values(), key=lambda u: u.name)]
+
+
+def _users_page(request: web.Request, *, error: str = "", done: str = "",
+                status: int = 200) -> web.Response:
+    page = _page(request)
+    return _render(request, "users.html", {
+        "users": _user_rows(page), "roles": list(reversed(ROLES)), "error": error,
+        "done": done}, status=status)
+
+
+async def users_page(request: web.Request) -> web.Response:
+    _needs(request, "admin")
+    return _users_page(request)
+
+
+class _Refused(Exception):
+    """A user change refused, with the text that says why."""
+
+    def __init__(self, key: str, status: int = 400) -> None:
+        super().__init__(key)
+        self.key = key
+        self.status = status
+
+
+def _admins(users: dict[str, User]) -> int:
+    return sum(1 for u in users.values() if u.role == "admin")
+
+
+async def _new_password(page: StaffPage, name: str, role: Role,
+                        form: Any) -> User:
+    password = str(form.get("password", ""))
+    if not users_mod.MIN_PASSWORD <= len(password) <= users_mod.MAX_PASSWORD:
+        raise _Refused("users.bad_password")
+    if not hmac.compare_digest(password.encode(), str(form.get("password2", "")).encode()):
+        raise _Refused("users.mismatch")
+    # Hashing holds argon2id's 64 MiB like a login's check: it takes a slot too.
+    made: list[User] = []
+
+    def make() -> bool:
+        made.append(users_mod.make(name, role, password))
+        return True
+
+    if await page.checks.run(make) is None:
+        raise _Refused("login.busy", status=429)
+    return made[0]
+
+
+async def _change(request: web.Request, action: str) -> web.Response:
+    visit = _needs(request, "admin")
+    page = _page(request)
+    form = await request.post()
+    target = request.match_info.get("name") or str(form.get("name", "")).strip().lower()
+    try:
+        users = users_mod.load(page.users.path)
+        current = users.get(target)
+        if action == "add":
+            try:
+                users_mod.check_name(target)
+            except UserError:
+                raise _Refused("users.bad_name") from None
+            if current is not None:
+                raise _Refused("users.exists", status=409)
+        elif current is None:
+            raise _Refused("users.no_such", status=404)
+        role = str(form.get("role", current.role if current else ""))
+        if role not in ROLES:
+            raise _Refused("users.bad_role")
+        new_role = ROLES[ROLES.index(role)]
+        if current is not None and current.role == "admin" and _admins(users) <= 1 and (
+                action == "remove" or (action == "role" and new_role != "admin")):
+            raise _Refused("users.last_admin", status=409)
+        if action == "add":
+            users[target] = await _new_password(page, target, new_role, form)
+            done = page.texts("users.added", name=target)
+        elif action == "password":
+            assert current is not None
+            users[target] = await _new_password(page, target, current.role, form)
+            done = page.texts("users.password_changed", name=target)
+        elif action == "role":
+            assert current is not None
+            if new_role == current.role:
+                return _users_page(request)
+            # A new stamp: every session made under the old role ends.
+            users[target] = User(current.name, new_role, current.hash,
+                                 max(users_mod.make_stamp(), current.changed + 1e-6))
+            done = page.texts("users.role_changed", name=target,
+                              role=page.texts(f"users.role_{new_role}"))
+        else:
+            del users[target]
+            done = page.texts("users.removed", name=target)
+        # Read again just before writing: a change made meanwhile (the command
+        # line, another admin) to another user is kept, not overwritten.
+        latest = users_mod.load(page.users.path)
+        if target in users:
+            latest[target] = users[target]
+        else:
+            latest.pop(target, None)
+        if _admins(latest) < 1:
+            raise _Refused("users.last_admin", status=409)
+        users_mod.save(page.users.path, latest)
+    except _Refused as refused:
+        log.warning("staff page: user change refused", user=visit.user.name, action=action,
+                    target=target if users_mod.NAME.fullmatch(target) else "?",
+                    why=refused.key)
+        return _users_page(request, error=page.texts(refused.key), status=refused.status)
+    except (UserError, OSError) as exc:
+        log.error("staff page: cannot change the users file", error=str(exc))
+        return _users_page(request, error=page.texts("users.unreadable"), status=503)
+    if action != "add":
+        page.sessions.end_all(target)
+    log.info("staff page: user changed", user=visit.user.name, action=action, target=target,
+             role=users[target].role if target in users else "")
+    await page.gatekeeper.note(Entry(
+        time=page.clock.now(), gate=None, caller=None, did=None, status="ACK",
+        reason=USER_ENTRY[action], credential=visit.user.name, credential_id=f"user:{target}",
+        kind="user", source="web"))
+    if target == visit.user.name and action != "add":
+        raise web.HTTPSeeOther("/login")  # their own session has just ended
+    return _users_page(request, done=done)
+
+
+async def user_add(request: web.Request) -> web.Response:
+    return await _change(request, "add")
+
+
+async def user_role(request: web.Request) -> web.Response:
+    return await _change(request, "role")
+
+
+async def user_password(request: web.Request) -> web.Response:
+    return await _change(request, "password")
+
+
+async def user_remove(request: web.Request) -> web.Response:
+    return await _change(request, "remove")
 
 
 # -- the app -----------------------------------------------------------------------------
@@ -662,6 +870,11 @@ def make_web_app(page: StaffPage) -> web.Application:
     app.router.add_post("/visitors/{id}/extend", extend)
     app.router.add_get("/gates/{gate}/open", open_confirm)
     app.router.add_post("/gates/{gate}/open", open_gate)
+    app.router.add_get("/users", users_page)
+    app.router.add_post("/users", user_add)
+    app.router.add_post("/users/{name}/role", user_role)
+    app.router.add_post("/users/{name}/password", user_password)
+    app.router.add_post("/users/{name}/remove", user_remove)
     app.router.add_static("/static/", HERE / "static")
 
     async def closing(app: web.Application) -> None:

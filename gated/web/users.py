@@ -89,10 +89,13 @@ def save(path: Path, users: dict[str, User]) -> None:
     files.replace(path, (json.dumps(body, indent=1) + "\n").encode())
 
 
-def make(name: str, role: Role, password: str) -> User:
+def make_stamp() -> float:
     # Stamped to the microsecond and never equal to the one it replaces.
-    return User(check_name(name), role, _hasher.hash(check_password(password)),
-                time.time() + secrets.randbelow(1000) / 1e9)
+    return time.time() + secrets.randbelow(1000) / 1e9
+
+
+def make(name: str, role: Role, password: str) -> User:
+    return User(check_name(name), role, _hasher.hash(check_password(password)), make_stamp())
 
 
 def verify(user: User | None, password: str) -> bool:

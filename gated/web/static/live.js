@@ -7,7 +7,8 @@
   const body = table.tBodies[0];
   const state = document.getElementById("livestate");
   const source = new EventSource("/events");
-  source.onopen = function () { if (state) state.textContent = "live"; };
+  // The word comes from the page (the language file), not from this script.
+  source.onopen = function () { if (state) state.textContent = state.dataset.live || ""; };
   source.onerror = function () { if (state) state.textContent = ""; };
   source.addEventListener("entry", function (message) {
     const e = JSON.parse(message.data);
