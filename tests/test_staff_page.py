@@ -4,10 +4,13 @@ attacks it must stand (a forged POST, a missing token, a viewer's open, guessed 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
+import os
 import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 
 from gated import cli
 from gated.site.store import Entry
+from gated.web import users as users_mod
 
 from .helpers import BARRIER, FakeClock
 from .staffpage import WEB, Browser, csrf_of, make_users
@@ -512,8 +516,6 @@ async def test_ten_logins_at_once_never_run_more_than_two_password_checks(
     wait their turn and all log in; past the bounded queue a login gets 429."""
     import threading
 
-    from gated.web import users as users_mod
-
     real = users_mod.verify
     lock = threading.Lock()
     release = threading.Event()
@@ -571,3 +573,84 @@ async def test_ten_logins_at_once_never_run_more_than_two_password_checks(
     assert status == 429 and headers["Retry-After"] == "1" and "Try again" in body
     release.set()
     assert await asyncio.gather(first, second) == [303, 303]
+
+
+# -- two writers of users.json ----------------------------------------------------------
+
+def _lock_waiters(lock: Path) -> int:
+    """How many wait for ``lock``'s flock, as the kernel says (/proc/locks)."""
+    inode = f":{lock.stat().st_ino}"
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if " -> " in line and line.split()[-3].endswith(inode))
+
+
+def _reads_a_pipe(pid: int) -> bool:
+    """Whether process ``pid`` waits to read a pipe (its stdin, here)."""
+    return "pipe_read" in Path(f"/proc/{pid}/wchan").read_text()
+
+
+async def _gated(site: Site, *args: str) -> asyncio.subprocess.Process:
+    """`gated ARGS` as a process of its own, on the test site's config."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gated", "-c", str(site.state.parent / "gated.toml"), *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+
+CAROL = {"name": "carol", "role": "staff", "password": "carol-password-1",
+         "password2": "carol-password-1"}
+
+
+@pytest.mark.parametrize("second", ["page", "command line"])
+async def test_two_changes_to_the_users_at_once_lose_neither(site: Site, second: str) -> None:
+    """A change from the page or from `gated users` while another writer is between reading
+    users.json and writing it waits for that writer (users.json.flock), so both are kept."""
+    path = site.state / "users.json"
+    lock = path.with_name("users.json.flock")
+    ada = await site.as_user("ada")
+    csrf = await ada.csrf("/users")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the first writer takes the lock and reads
+        theirs = users_mod.load(path)
+        change: asyncio.Future[Any]
+        if second == "page":
+            change = asyncio.ensure_future(ada.post("/users", {"csrf": csrf, **CAROL}))
+        else:
+            process = await _gated(site, "users", "add", "carol", "--role", "staff",
+                                   "--password-stdin")
+            change = asyncio.ensure_future(process.communicate(b"carol-password-1\n"))
+        for _ in range(3000):  # until the second change is made, or waits for the lock
+            if change.done() or _lock_waiters(lock):
+                break
+            await asyncio.sleep(0.01)
+        theirs["bob"] = users_mod.make("bob", "viewer", "bob-password-1")
+        users_mod.save(path, theirs)  # ... and writes what it read, with its change
+    finally:
+        os.close(fd)
+    said = await asyncio.wait_for(change, 30)
+    if second == "page":
+        assert said[0] == 200 and "User carol added." in said[1]
+    else:
+        assert process.returncode == 0, said
+    assert _users_file(site) == {"ada": "admin", "sam": "staff", "vic": "viewer",
+                                 "bob": "viewer", "carol": "staff"}
+
+
+async def test_a_user_added_on_the_page_while_gated_users_waits_for_a_password_is_kept(
+        site: Site) -> None:
+    """`gated users add` waiting for its password while an admin adds a user on the page
+    keeps that user: the command line reads the file again once it has the password."""
+    process = await _gated(site, "users", "add", "bob", "--role", "viewer",
+                           "--password-stdin")
+    for _ in range(3000):  # until it waits on its stdin (the password)
+        if process.returncode is not None or _reads_a_pipe(process.pid):
+            break
+        await asyncio.sleep(0.01)
+    ada = await site.as_user("ada")
+    status, html, _ = await ada.post("/users", {"csrf": await ada.csrf("/users"), **CAROL})
+    assert status == 200 and "User carol added." in html
+    said = await asyncio.wait_for(process.communicate(b"bob-password-1\n"), 30)
+    assert process.returncode == 0, said
+    assert _users_file(site) == {"ada": "admin", "sam": "staff", "vic": "viewer",
+                                 "bob": "viewer", "carol": "staff"}

@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from markupsafe import Markup
 
+from gated.book import files
 from gated.book.config import Config
 from gated.core.clock import Clock
 from gated.site import events, visitors
@@ -765,6 +766,8 @@ async def _change(request: web.Request, action: str) -> web.Response:
     form = await request.post()
     target = request.match_info.get("name") or str(form.get("name", "")).strip().lower()
     try:
+        # A first look, to refuse before a password is hashed; the change itself
+        # is checked again against the file as it is when written (below).
         users = users_mod.load(page.users.path)
         current = users.get(target)
         if action == "add":
@@ -783,47 +786,60 @@ async def _change(request: web.Request, action: str) -> web.Response:
         if current is not None and current.role == "admin" and _admins(users) <= 1 and (
                 action == "remove" or (action == "role" and new_role != "admin")):
             raise _Refused("users.last_admin", status=409)
-        if action == "add":
-            users[target] = await _new_password(page, target, new_role, form)
-            done = page.texts("users.added", name=target)
-        elif action == "password":
-            assert current is not None
-            users[target] = await _new_password(page, target, current.role, form)
-            done = page.texts("users.password_changed", name=target)
-        elif action == "role":
-            assert current is not None
-            if new_role == current.role:
-                return _users_page(request)
-            # A new stamp: every session made under the old role ends.
-            users[target] = User(current.name, new_role, current.hash,
-                                 max(users_mod.make_stamp(), current.changed + 1e-6))
-            done = page.texts("users.role_changed", name=target,
-                              role=page.texts(f"users.role_{new_role}"))
-        else:
-            del users[target]
-            done = page.texts("users.removed", name=target)
-        # Read again just before writing: a change made meanwhile (the command
-        # line, another admin) to another user is kept, not overwritten.
-        latest = users_mod.load(page.users.path)
-        if target in users:
-            latest[target] = users[target]
-        else:
-            latest.pop(target, None)
-        if _admins(latest) < 1:
-            raise _Refused("users.last_admin", status=409)
-        users_mod.save(page.users.path, latest)
+        made: User | None = None
+        if action in ("add", "password"):
+            made = await _new_password(page, target, current.role if current else new_role,
+                                       form)
+        elif action == "role" and current is not None and new_role == current.role:
+            return _users_page(request)
+
+        def apply(latest: dict[str, User]) -> User | None:
+            # Under the file's lock, on the file as it is now: a change made
+            # meanwhile (the command line, another admin) is kept, not overwritten.
+            now = latest.get(target)
+            if action == "add":
+                if now is not None:
+                    raise _Refused("users.exists", status=409)
+                assert made is not None
+                latest[target] = made
+            elif now is None:
+                raise _Refused("users.no_such", status=404)
+            elif action == "password":
+                assert made is not None
+                latest[target] = User(target, now.role, made.hash, made.changed)
+            elif action == "role":
+                # A new stamp: every session made under the old role ends.
+                latest[target] = User(target, new_role, now.hash,
+                                      max(users_mod.make_stamp(), now.changed + 1e-6))
+            else:
+                del latest[target]
+            if _admins(latest) < 1:
+                raise _Refused("users.last_admin", status=409)
+            return latest.get(target)
+
+        # The lock may be held by `gated users`: wait for it off the event loop.
+        changed = await asyncio.to_thread(users_mod.update, page.users.path, apply)
     except _Refused as refused:
         log.warning("staff page: user change refused", user=visit.user.name, action=action,
                     target=target if users_mod.NAME.fullmatch(target) else "?",
                     why=refused.key)
         return _users_page(request, error=page.texts(refused.key), status=refused.status)
-    except (UserError, OSError) as exc:
+    except (UserError, files.FileError, OSError) as exc:
         log.error("staff page: cannot change the users file", error=str(exc))
         return _users_page(request, error=page.texts("users.unreadable"), status=503)
+    if action == "add":
+        done = page.texts("users.added", name=target)
+    elif action == "password":
+        done = page.texts("users.password_changed", name=target)
+    elif action == "role":
+        done = page.texts("users.role_changed", name=target,
+                          role=page.texts(f"users.role_{new_role}"))
+    else:
+        done = page.texts("users.removed", name=target)
     if action != "add":
         page.sessions.end_all(target)
     log.info("staff page: user changed", user=visit.user.name, action=action, target=target,
-             role=users[target].role if target in users else "")
+             role=changed.role if changed is not None else "")
     await page.gatekeeper.note(Entry(
         time=page.clock.now(), gate=None, caller=None, did=None, status="ACK",
         reason=USER_ENTRY[action], credential=visit.user.name, credential_id=f"user:{target}",
