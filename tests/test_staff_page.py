@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gated import cli
@@ -654,3 +655,72 @@ async def test_a_user_added_on_the_page_while_gated_users_waits_for_a_password_i
     assert process.returncode == 0, said
     assert _users_file(site) == {"ada": "admin", "sam": "staff", "vic": "viewer",
                                  "bob": "viewer", "carol": "staff"}
+
+
+# -- behind a proxy on another machine -----------------------------------------------------
+
+@pytest.fixture
+async def proxied(start_daemon: Callable[..., Any], tmp_path: Path) -> AsyncIterator[Site]:
+    """The test site whose [server] trusts a proxy at 127.0.0.3 (a machine of its own here:
+    the page takes only 127.0.0.1 and ::1 for this one)."""
+    make_users(tmp_path / "state")
+    running = await start_daemon(WEB, clock=FakeClock(),
+                                 server='trusted_proxies = ["127.0.0.3/32"]')
+    made = Site(running, tmp_path / "state")
+    yield made
+    for browser in made.browsers:
+        await browser.close()
+
+
+def _from(site: Site, address: str) -> Browser:
+    """A browser whose connections come from ``address``."""
+    browser = Browser(site.base, aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+        connector=aiohttp.TCPConnector(local_addr=(address, 0))))
+    site.browsers.append(browser)
+    return browser
+
+
+async def _guess(browser: Browser, number: int, headers: dict[str, str]) -> int:
+    """One wrong login (a new name each time: only the address can add them up)."""
+    _, html, _ = await browser.get("/login")
+    status, _, _ = await browser.post("/login", {
+        "username": f"nobody{number}", "password": "guess-guess-1", "csrf": csrf_of(html)},
+        headers=headers)
+    return status
+
+
+async def test_a_trusted_proxy_elsewhere_gets_secure_cookies_and_per_client_backoff(
+        proxied: Site) -> None:
+    """Through a proxy in [server] trusted_proxies on another machine, the session cookie
+    is Secure when it says https, and the backoff counts the client it names (past its own
+    trusted hops), so one guesser behind it never holds other staff out."""
+    proxy = _from(proxied, "127.0.0.3")
+    statuses = []
+    for number in range(7):
+        # The guesser writes a new address of its own each time; the proxy appends
+        # whom it saw (203.0.113.9), after a hop of its own.
+        statuses.append(await _guess(proxy, number, {
+            "X-Forwarded-For": f"10.9.9.{number}, 203.0.113.9, 127.0.0.3"}))
+    assert statuses == [401] * 5 + [429] * 2
+    _, html, _ = await proxy.get("/login")
+    status, _, headers = await proxy.post("/login", {
+        "username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"})
+    assert status == 303 and headers["Location"] == "/"
+    assert "Secure" in headers["Set-Cookie"]
+
+
+async def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied: Site) -> None:
+    """A client that is neither loopback nor a trusted proxy gets no Secure cookie for
+    saying https, and cannot escape its backoff by naming other clients."""
+    stranger = _from(proxied, "127.0.0.2")
+    statuses = [await _guess(stranger, number, {"X-Forwarded-For": f"203.0.113.{number}"})
+                for number in range(6)]
+    assert statuses == [401] * 5 + [429]
+    honest = _from(proxied, "127.0.0.4")
+    _, html, _ = await honest.get("/login")
+    status, _, headers = await honest.post("/login", {
+        "username": "sam", "password": "sam-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" not in headers["Set-Cookie"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import csv
 import datetime as dt
+import functools
 import hmac
 import io
 import json
@@ -33,7 +34,7 @@ from markupsafe import Markup
 from gated.book import files
 from gated.book.config import Config
 from gated.core.clock import Clock
-from gated.site import events, visitors
+from gated.site import events, forwarded, visitors
 from gated.site.gatekeeper import Gatekeeper, RawCall
 from gated.site.store import (
     ENTRY_COLUMNS,
@@ -188,32 +189,41 @@ def _same_origin(request: web.Request) -> bool:
     return True
 
 
-LOOPBACK = ("127.0.0.1", "::1")
+# A proxy on this machine is believed without being named in the config.
+LOOPBACK = ("127.0.0.1/32", "::1/128")
+
+
+@functools.lru_cache(maxsize=8)
+def _proxies(configured: tuple[str, ...]) -> tuple[forwarded.Network, ...]:
+    return forwarded.networks((*LOOPBACK, *configured))
+
+
+def _trusted(request: web.Request) -> tuple[forwarded.Network, ...]:
+    """Whose X-Forwarded-* headers are believed: this machine's, and [server]
+    trusted_proxies (the webhook's TLS proxies, on this machine or another)."""
+    return _proxies(tuple(_page(request).config().server.trusted_proxies))
 
 
 def _secure(request: web.Request) -> bool:
     page = _page(request)
     if page.tls or request.secure:
         return True
-    # The TLS proxy of docs/tls.md runs on this machine and says so.
-    return request.remote in LOOPBACK and (
+    # The TLS proxy of docs/tls.md says so; from anyone else, the header is the client's.
+    return forwarded.within(request.remote, _trusted(request)) and (
         request.headers.get("X-Forwarded-Proto") == "https")
 
 
 def _address(request: web.Request) -> str:
-    """Who is asking: behind the TLS proxy on this machine, the client it names.
+    """Who is asking: behind a trusted proxy, the client it names.
 
     Else every login through the proxy would share one address, and one guesser's
-    backoff would hold every member of staff out. Only the proxy's own (last) hop
-    is believed: anything left of it was written by the client.
+    backoff would hold every member of staff out. The chain is walked from the
+    right past the trusted proxies' own hops: anything left of those was written
+    by the client.
     """
-    remote = request.remote or "?"
-    if remote in LOOPBACK:
-        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
-                for hop in header.split(",") if hop.strip()]
-        if hops:
-            return hops[-1][:64]
-    return remote
+    client = forwarded.client(request.remote, request.headers.getall("X-Forwarded-For", []),
+                              _trusted(request))
+    return (client or request.remote or "?")[:64]
 
 
 def _visit(request: web.Request) -> Visit | None:
