@@ -22,6 +22,7 @@ from gated import cli
 from gated.site.store import Entry
 from gated.web import users as users_mod
 
+from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, FakeClock
 from .staffpage import WEB, Browser, csrf_of, make_users
 
@@ -724,3 +725,97 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied: Sit
         "username": "sam", "password": "sam-password-1", "csrf": csrf_of(html)},
         headers={"X-Forwarded-Proto": "https"})
     assert status == 303 and "Secure" not in headers["Set-Cookie"]
+
+
+# -- visitor codes on a broker site ----------------------------------------------------
+
+@pytest.fixture
+async def broker_site(broker: Mosquitto, start_daemon: Callable[..., Any],
+                      tmp_path: Path) -> AsyncIterator[Site]:
+    """The test site with [web] and [mqtt] on a real Mosquitto, connected and synced."""
+    make_users(tmp_path / "state")
+    running = await start_daemon(WEB + mqtt_table(broker))
+    await mqtt_ready(running)
+    made = Site(running, tmp_path / "state")
+    yield made
+    for browser in made.browsers:
+        await browser.close()
+
+
+def _local_visitors(site: Site) -> int:
+    conn = sqlite3.connect(site.state / "entries.sqlite3")
+    try:
+        return int(conn.execute("SELECT count(*) FROM visitors").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_visitor_code_from_the_page_on_a_broker_site_lives_on_the_broker(
+        broker_site: Site, probe: Probe) -> None:
+    """On a site with [mqtt] the page issues a code as `gated codes issue` does: a retained
+    keyed hash under codes/v-… that every subscriber sees, applied here from the broker (no
+    local row); the page lists it, extends it and revokes it on the broker too."""
+    site = broker_site
+    await probe.subscribe("gated/test/codes/+")
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "uses": "1",
+                                                   "gates": "barrier"})
+    assert status == 200, html
+    code = re.search(r'id="code">(\d+)<', html)[1]  # type: ignore[index]
+    (published,) = await probe.wait_for("gated/test/codes/+", 1)
+    topic = published.topic
+    assert topic.startswith("gated/test/codes/v-")
+    assert b"hmac-sha256:" in published.payload and code.encode() not in published.payload
+    assert _local_visitors(site) == 0
+    late = await Probe(probe.port).connect()  # Home Assistant, another gated: retained
+    try:
+        await late.subscribe(topic)
+        (retained,) = await late.wait_for(topic, 1)
+        assert retained.payload == published.payload
+    finally:
+        await late.disconnect()
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=ACK")
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")  # one use
+
+    code_id = topic.rsplit("/", 1)[1]
+    _, listing, _ = await sam.get("/visitors")
+    assert "Loodgieter" in listing and f"/visitors/{code_id}/revoke" in listing
+    assert code not in listing
+    before = json.loads(published.payload)["valid_until"]
+    assert (await sam.post(f"/visitors/{code_id}/extend", {"csrf": csrf, "hours": "2"}))[
+        0] == 303
+    extended = (await probe.wait_for(topic, 2))[-1]
+    assert json.loads(extended.payload)["valid_until"] > before
+    assert (await sam.post(f"/visitors/{code_id}/revoke", {"csrf": csrf}))[0] == 303
+    assert (await probe.wait_for(topic, 3))[-1].payload == b""
+    bridge = site.running.daemon.bridge
+    await eventually(lambda: bridge.codes.get("site", code_id) is None)
+    assert "Loodgieter" not in (await sam.get("/visitors"))[1]
+
+
+async def test_a_broker_site_issues_no_code_from_the_page_while_the_broker_is_away(
+        broker: Mosquitto, broker_site: Site) -> None:
+    """With [mqtt] and the broker not connected, the page says so and issues nothing (no
+    local code the site's other gated and Home Assistant would never see); once the broker
+    is back it issues again."""
+    site = broker_site
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    broker.stop()
+    link = site.running.daemon.link
+    await eventually(lambda: not link.connected)
+    _, html, _ = await sam.get("/visitors")
+    assert "not connected" in html
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "gates": "barrier"})
+    assert status == 503 and "not connected" in html and 'id="code"' not in html
+    assert _local_visitors(site) == 0 and not site.running.daemon.bridge.visitor_codes()
+    broker.start()
+    await mqtt_ready(site.running, connections=2)
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "gates": "barrier"})
+    assert status == 200 and 'id="code"' in html
