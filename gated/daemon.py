@@ -360,7 +360,8 @@ class Daemon:
                          state_dir=self.loaded.store_path.parent,
                          store_path=self.loaded.store_path, clock=self.clock,
                          tls=self.loaded.config.web.tls_cert is not None,
-                         sensors=lambda: {n: s.is_open for n, s in self.sensors.items()})
+                         sensors=lambda: {n: s.is_open for n, s in self.sensors.items()},
+                         broker=self.bridge)
         self.staff_page = page
         # Live logs never end by themselves: at a stop they are cut, not awaited.
         return web.AppRunner(make_web_app(page), handle_signals=False, access_log=None,

@@ -4,19 +4,25 @@ attacks it must stand (a forged POST, a missing token, a viewer's open, guessed 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
+import os
 import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gated import cli
 from gated.site.store import Entry
+from gated.web import users as users_mod
 
+from .broker import Mosquitto, Probe, eventually, mqtt_ready, mqtt_table
 from .helpers import BARRIER, FakeClock
 from .staffpage import WEB, Browser, csrf_of, make_users
 
@@ -512,8 +518,6 @@ async def test_ten_logins_at_once_never_run_more_than_two_password_checks(
     wait their turn and all log in; past the bounded queue a login gets 429."""
     import threading
 
-    from gated.web import users as users_mod
-
     real = users_mod.verify
     lock = threading.Lock()
     release = threading.Event()
@@ -571,3 +575,247 @@ async def test_ten_logins_at_once_never_run_more_than_two_password_checks(
     assert status == 429 and headers["Retry-After"] == "1" and "Try again" in body
     release.set()
     assert await asyncio.gather(first, second) == [303, 303]
+
+
+# -- two writers of users.json ----------------------------------------------------------
+
+def _lock_waiters(lock: Path) -> int:
+    """How many wait for ``lock``'s flock, as the kernel says (/proc/locks)."""
+    inode = f":{lock.stat().st_ino}"
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if " -> " in line and line.split()[-3].endswith(inode))
+
+
+def _reads_a_pipe(pid: int) -> bool:
+    """Whether process ``pid`` waits to read a pipe (its stdin, here)."""
+    return "pipe_read" in Path(f"/proc/{pid}/wchan").read_text()
+
+
+async def _gated(site: Site, *args: str) -> asyncio.subprocess.Process:
+    """`gated ARGS` as a process of its own, on the test site's config."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gated", "-c", str(site.state.parent / "gated.toml"), *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+
+CAROL = {"name": "carol", "role": "staff", "password": "carol-password-1",
+         "password2": "carol-password-1"}
+
+
+@pytest.mark.parametrize("second", ["page", "command line"])
+async def test_two_changes_to_the_users_at_once_lose_neither(site: Site, second: str) -> None:
+    """A change from the page or from `gated users` while another writer is between reading
+    users.json and writing it waits for that writer (users.json.flock), so both are kept."""
+    path = site.state / "users.json"
+    lock = path.with_name("users.json.flock")
+    ada = await site.as_user("ada")
+    csrf = await ada.csrf("/users")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the first writer takes the lock and reads
+        theirs = users_mod.load(path)
+        change: asyncio.Future[Any]
+        if second == "page":
+            change = asyncio.ensure_future(ada.post("/users", {"csrf": csrf, **CAROL}))
+        else:
+            process = await _gated(site, "users", "add", "carol", "--role", "staff",
+                                   "--password-stdin")
+            change = asyncio.ensure_future(process.communicate(b"carol-password-1\n"))
+        for _ in range(3000):  # until the second change is made, or waits for the lock
+            if change.done() or _lock_waiters(lock):
+                break
+            await asyncio.sleep(0.01)
+        theirs["bob"] = users_mod.make("bob", "viewer", "bob-password-1")
+        users_mod.save(path, theirs)  # ... and writes what it read, with its change
+    finally:
+        os.close(fd)
+    said = await asyncio.wait_for(change, 30)
+    if second == "page":
+        assert said[0] == 200 and "User carol added." in said[1]
+    else:
+        assert process.returncode == 0, said
+    assert _users_file(site) == {"ada": "admin", "sam": "staff", "vic": "viewer",
+                                 "bob": "viewer", "carol": "staff"}
+
+
+async def test_a_user_added_on_the_page_while_gated_users_waits_for_a_password_is_kept(
+        site: Site) -> None:
+    """`gated users add` waiting for its password while an admin adds a user on the page
+    keeps that user: the command line reads the file again once it has the password."""
+    process = await _gated(site, "users", "add", "bob", "--role", "viewer",
+                           "--password-stdin")
+    for _ in range(3000):  # until it waits on its stdin (the password)
+        if process.returncode is not None or _reads_a_pipe(process.pid):
+            break
+        await asyncio.sleep(0.01)
+    ada = await site.as_user("ada")
+    status, html, _ = await ada.post("/users", {"csrf": await ada.csrf("/users"), **CAROL})
+    assert status == 200 and "User carol added." in html
+    said = await asyncio.wait_for(process.communicate(b"bob-password-1\n"), 30)
+    assert process.returncode == 0, said
+    assert _users_file(site) == {"ada": "admin", "sam": "staff", "vic": "viewer",
+                                 "bob": "viewer", "carol": "staff"}
+
+
+# -- behind a proxy on another machine -----------------------------------------------------
+
+@pytest.fixture
+async def proxied(start_daemon: Callable[..., Any], tmp_path: Path) -> AsyncIterator[Site]:
+    """The test site whose [server] trusts a proxy at 127.0.0.3 (a machine of its own here:
+    the page takes only 127.0.0.1 and ::1 for this one)."""
+    make_users(tmp_path / "state")
+    running = await start_daemon(WEB, clock=FakeClock(),
+                                 server='trusted_proxies = ["127.0.0.3/32"]')
+    made = Site(running, tmp_path / "state")
+    yield made
+    for browser in made.browsers:
+        await browser.close()
+
+
+def _from(site: Site, address: str) -> Browser:
+    """A browser whose connections come from ``address``."""
+    browser = Browser(site.base, aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+        connector=aiohttp.TCPConnector(local_addr=(address, 0))))
+    site.browsers.append(browser)
+    return browser
+
+
+async def _guess(browser: Browser, number: int, headers: dict[str, str]) -> int:
+    """One wrong login (a new name each time: only the address can add them up)."""
+    _, html, _ = await browser.get("/login")
+    status, _, _ = await browser.post("/login", {
+        "username": f"nobody{number}", "password": "guess-guess-1", "csrf": csrf_of(html)},
+        headers=headers)
+    return status
+
+
+async def test_a_trusted_proxy_elsewhere_gets_secure_cookies_and_per_client_backoff(
+        proxied: Site) -> None:
+    """Through a proxy in [server] trusted_proxies on another machine, the session cookie
+    is Secure when it says https, and the backoff counts the client it names (past its own
+    trusted hops), so one guesser behind it never holds other staff out."""
+    proxy = _from(proxied, "127.0.0.3")
+    statuses = []
+    for number in range(7):
+        # The guesser writes a new address of its own each time; the proxy appends
+        # whom it saw (203.0.113.9), after a hop of its own.
+        statuses.append(await _guess(proxy, number, {
+            "X-Forwarded-For": f"10.9.9.{number}, 203.0.113.9, 127.0.0.3"}))
+    assert statuses == [401] * 5 + [429] * 2
+    _, html, _ = await proxy.get("/login")
+    status, _, headers = await proxy.post("/login", {
+        "username": "ada", "password": "ada-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"})
+    assert status == 303 and headers["Location"] == "/"
+    assert "Secure" in headers["Set-Cookie"]
+
+
+async def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied: Site) -> None:
+    """A client that is neither loopback nor a trusted proxy gets no Secure cookie for
+    saying https, and cannot escape its backoff by naming other clients."""
+    stranger = _from(proxied, "127.0.0.2")
+    statuses = [await _guess(stranger, number, {"X-Forwarded-For": f"203.0.113.{number}"})
+                for number in range(6)]
+    assert statuses == [401] * 5 + [429]
+    honest = _from(proxied, "127.0.0.4")
+    _, html, _ = await honest.get("/login")
+    status, _, headers = await honest.post("/login", {
+        "username": "sam", "password": "sam-password-1", "csrf": csrf_of(html)},
+        headers={"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" not in headers["Set-Cookie"]
+
+
+# -- visitor codes on a broker site ----------------------------------------------------
+
+@pytest.fixture
+async def broker_site(broker: Mosquitto, start_daemon: Callable[..., Any],
+                      tmp_path: Path) -> AsyncIterator[Site]:
+    """The test site with [web] and [mqtt] on a real Mosquitto, connected and synced."""
+    make_users(tmp_path / "state")
+    running = await start_daemon(WEB + mqtt_table(broker))
+    await mqtt_ready(running)
+    made = Site(running, tmp_path / "state")
+    yield made
+    for browser in made.browsers:
+        await browser.close()
+
+
+def _local_visitors(site: Site) -> int:
+    conn = sqlite3.connect(site.state / "entries.sqlite3")
+    try:
+        return int(conn.execute("SELECT count(*) FROM visitors").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_visitor_code_from_the_page_on_a_broker_site_lives_on_the_broker(
+        broker_site: Site, probe: Probe) -> None:
+    """On a site with [mqtt] the page issues a code as `gated codes issue` does: a retained
+    keyed hash under codes/v-… that every subscriber sees, applied here from the broker (no
+    local row); the page lists it, extends it and revokes it on the broker too."""
+    site = broker_site
+    await probe.subscribe("gated/test/codes/+")
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "uses": "1",
+                                                   "gates": "barrier"})
+    assert status == 200, html
+    code = re.search(r'id="code">(\d+)<', html)[1]  # type: ignore[index]
+    (published,) = await probe.wait_for("gated/test/codes/+", 1)
+    topic = published.topic
+    assert topic.startswith("gated/test/codes/v-")
+    assert b"hmac-sha256:" in published.payload and code.encode() not in published.payload
+    assert _local_visitors(site) == 0
+    late = await Probe(probe.port).connect()  # Home Assistant, another gated: retained
+    try:
+        await late.subscribe(topic)
+        (retained,) = await late.wait_for(topic, 1)
+        assert retained.payload == published.payload
+    finally:
+        await late.disconnect()
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=ACK")
+    assert (await site.running.get(code=code, did=BARRIER, callerid=""))[1].startswith(
+        "status=NAK")  # one use
+
+    code_id = topic.rsplit("/", 1)[1]
+    _, listing, _ = await sam.get("/visitors")
+    assert "Loodgieter" in listing and f"/visitors/{code_id}/revoke" in listing
+    assert code not in listing
+    before = json.loads(published.payload)["valid_until"]
+    assert (await sam.post(f"/visitors/{code_id}/extend", {"csrf": csrf, "hours": "2"}))[
+        0] == 303
+    extended = (await probe.wait_for(topic, 2))[-1]
+    assert json.loads(extended.payload)["valid_until"] > before
+    assert (await sam.post(f"/visitors/{code_id}/revoke", {"csrf": csrf}))[0] == 303
+    assert (await probe.wait_for(topic, 3))[-1].payload == b""
+    bridge = site.running.daemon.bridge
+    await eventually(lambda: bridge.codes.get("site", code_id) is None)
+    assert "Loodgieter" not in (await sam.get("/visitors"))[1]
+
+
+async def test_a_broker_site_issues_no_code_from_the_page_while_the_broker_is_away(
+        broker: Mosquitto, broker_site: Site) -> None:
+    """With [mqtt] and the broker not connected, the page says so and issues nothing (no
+    local code the site's other gated and Home Assistant would never see); once the broker
+    is back it issues again."""
+    site = broker_site
+    sam = await site.as_user("sam")
+    csrf = await sam.csrf("/visitors")
+    broker.stop()
+    link = site.running.daemon.link
+    await eventually(lambda: not link.connected)
+    _, html, _ = await sam.get("/visitors")
+    assert "not connected" in html
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "gates": "barrier"})
+    assert status == 503 and "not connected" in html and 'id="code"' not in html
+    assert _local_visitors(site) == 0 and not site.running.daemon.bridge.visitor_codes()
+    broker.start()
+    await mqtt_ready(site.running, connections=2)
+    status, html, _ = await sam.post("/visitors", {"csrf": csrf, "name": "Loodgieter",
+                                                   "hours": "4", "gates": "barrier"})
+    assert status == 200 and 'id="code"' in html

@@ -16,7 +16,7 @@ from typing import cast
 from gated.book import compiler
 from gated.core.console import print_table
 from gated.web import users as users_mod
-from gated.web.users import ROLES, Role, UserError
+from gated.web.users import ROLES, Role, User, UserError
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -37,33 +37,49 @@ def _password(args: argparse.Namespace) -> str:
 def cmd_add(args: argparse.Namespace) -> int:
     path = users_mod.users_path(_state_dir(args))
     name = users_mod.check_name(args.name)
-    users = users_mod.load(path)
-    if name in users:
+    if name in users_mod.load(path):  # said before the password is asked for
         raise UserError(f"user {name!r} exists; use `gated users passwd {name}`")
-    users[name] = users_mod.make(name, cast(Role, args.role), _password(args))
-    users_mod.save(path, users)
+    made = users_mod.make(name, cast(Role, args.role), _password(args))
+
+    def add(users: dict[str, User]) -> None:
+        # Read again under the lock: the password took its time, and the page
+        # (or another command) may have changed the file meanwhile.
+        if name in users:
+            raise UserError(f"user {name!r} exists; use `gated users passwd {name}`")
+        users[name] = made
+
+    users_mod.update(path, add)
     print(f"user {name} added ({args.role})", file=sys.stderr)
     return 0
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     path = users_mod.users_path(_state_dir(args))
-    users = users_mod.load(path)
-    user = users.get(args.name)
-    if user is None:
+    if args.name not in users_mod.load(path):
         raise UserError(f"no user {args.name!r}")
-    users[user.name] = users_mod.make(user.name, args.role or user.role, _password(args))
-    users_mod.save(path, users)
-    print(f"password of {user.name} changed; their sessions have ended", file=sys.stderr)
+    # Its hash and stamp; the role is taken as it is when the file is written.
+    made = users_mod.make(args.name, args.role or "viewer", _password(args))
+
+    def passwd(users: dict[str, User]) -> None:
+        user = users.get(args.name)
+        if user is None:
+            raise UserError(f"no user {args.name!r}")
+        # The role as it is now, unless a new one was asked for.
+        users[user.name] = User(user.name, args.role or user.role, made.hash, made.changed)
+
+    users_mod.update(path, passwd)
+    print(f"password of {args.name} changed; their sessions have ended", file=sys.stderr)
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     path = users_mod.users_path(_state_dir(args))
-    users = users_mod.load(path)
-    if users.pop(args.name, None) is None:
-        raise UserError(f"no user {args.name!r}")
-    users_mod.save(path, users)
+
+    def remove(users: dict[str, User]) -> None:
+        if users.pop(args.name, None) is None:
+            raise UserError(f"no user {args.name!r}")
+
+    users_mod.update(path, remove)
     print(f"user {args.name} removed; their sessions have ended", file=sys.stderr)
     return 0
 

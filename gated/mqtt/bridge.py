@@ -113,6 +113,9 @@ class Bridge:
         self._synced = asyncio.Event()
         self.synced_connections = 0  # connections whose retained codes are all in
         self._closed = False
+        # Site codes this daemon published itself (the staff page's visitor codes):
+        # by id, whoever waits for this site's word on them.
+        self._awaited: dict[str, list[asyncio.Future[str | None]]] = {}
         self._unsubscribe_alarms: Callable[[], None] = lambda: None
         self.routes = RouteChannel(self)
         # Discovery configs cleared for gates taken out: topic -> when.
@@ -365,6 +368,7 @@ class Bridge:
             if scope == "fleet" and channel is not None:
                 channel.waiting.pop(code_id, None)
             self._withdraw(scope, code_id)
+            self._said(scope, code_id, None)
             return
         if scope == "fleet" and channel is not None and not channel.admits(
                 code_id, message.payload):
@@ -381,6 +385,7 @@ class Bridge:
             # In force already: a live sender waits for a word, and a refusal
             # left over from an earlier version must not stay on the broker.
             self.verdicts.clear(scope, code_id, force=live and scope == "site")
+            self._said(scope, code_id, None)
             return
         try:
             code = parse(scope, code_id, payload, self.config)
@@ -391,6 +396,7 @@ class Bridge:
         except Rejected as exc:
             log.warning("managed code refused", id=code_id, scope=scope, error=str(exc))
             self.verdicts.refuse(scope, code_id, str(exc))
+            self._said(scope, code_id, str(exc))
             return
         try:
             previous = self.codes.put(self.gatekeeper.book, code)
@@ -399,6 +405,7 @@ class Bridge:
             # nothing kept, the same verdict topic, and no hint whose digits.
             log.warning("managed code refused", id=code_id, scope=scope, error=exc.detail)
             self.verdicts.refuse(scope, code_id, str(exc))
+            self._said(scope, code_id, str(exc))
             if isinstance(exc, Clash):
                 self._clashed()
             return
@@ -409,6 +416,7 @@ class Bridge:
         # a word from every site on every change (and again on every bridge
         # reconnect, which delivers retained messages as live) is a storm.
         self.verdicts.clear(scope, code_id, force=live and scope == "site")
+        self._said(scope, code_id, None)
         channel = self.channel(scope)
         if channel is not None and channel.has_set:
             channel.confirm()
@@ -453,6 +461,48 @@ class Bridge:
             await self.link.publish(topic, payload, qos=qos, retain=retain, within=EVENT_TIMEOUT)
         except BrokerError as exc:
             log.info("mqtt publish failed", topic=topic, error=str(exc))
+
+    # -- site codes of the daemon's own (the staff page's visitor codes) -----------------
+
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker, and not stopping."""
+        return self.link.connected and not self._closed
+
+    def visitor_codes(self) -> list[ManagedCode]:
+        """The site's visitor codes from the broker (ids ``v-…``) now in force here."""
+        return [code for code in self.codes.applied.values()
+                if code.scope == "site" and code.id.startswith(VISITOR_PREFIX)]
+
+    async def put_code(self, code_id: str, body: bytes, *, within: float) -> str | None:
+        """Publish a site code retained, as ``gated codes put`` does (empty: delete it),
+        and wait for this site to take it from the broker like anyone's.
+
+        None once it is in force here (or, empty, withdrawn); else why it was
+        refused. BrokerError when the broker did not take it; TimeoutError when it
+        did, but the code has not come back within ``within`` seconds.
+        """
+        said: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        waiting = self._awaited.setdefault(code_id, [])
+        waiting.append(said)  # before publishing: the broker may send it back at once
+        try:
+            await self.link.publish(self.code_topic("site", code_id), body, qos=1,
+                                    retain=True, within=within)
+            async with asyncio.timeout(within):
+                return await said
+        finally:
+            if said in waiting:
+                waiting.remove(said)
+            if not waiting and self._awaited.get(code_id) is waiting:
+                del self._awaited[code_id]
+
+    def _said(self, scope: Scope, code_id: str, refusal: str | None) -> None:
+        """This site's word on a code of its own, to whoever waits for it."""
+        if scope != "site":
+            return
+        for said in self._awaited.pop(code_id, []):
+            if not said.done():
+                said.set_result(refusal)
 
     # -- events -----------------------------------------------------------------------------
 

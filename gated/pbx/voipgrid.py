@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from multidict import MultiDict, MultiDictProxy
 from gated.book.config import ServerConfig
 from gated.core.decide import Status
 from gated.pbx import GATEKEEPER
+from gated.site import forwarded
 from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
 from gated.site.sockets import waited
 
@@ -36,51 +36,25 @@ WHAT_THE_DIAL_PLAN_DOES = {
     "ERR": "gated could not do it: the dial plan takes its failure branch (usually a person)",
 }
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def _within(address: str | None, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address((address or "").strip())
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
 @dataclass(frozen=True, slots=True)
 class WebhookSettings:
     tokens: tuple[bytes, ...]
-    allow_from: tuple[Network, ...]
+    allow_from: tuple[forwarded.Network, ...]
     nak_word: str
     deadline: float
-    trusted_proxies: tuple[Network, ...] = ()
+    trusted_proxies: tuple[forwarded.Network, ...] = ()
 
     @classmethod
     def build(cls, tokens: Sequence[str], allow_from: Sequence[str], nak_word: str,
               deadline: float, trusted_proxies: Sequence[str] = ()) -> WebhookSettings:
-        return cls(tuple(t.encode() for t in tokens), _networks(allow_from), nak_word, deadline,
-                   _networks(trusted_proxies))
+        return cls(tuple(t.encode() for t in tokens), forwarded.networks(allow_from), nak_word,
+                   deadline, forwarded.networks(trusted_proxies))
 
     def client(self, request: web.Request) -> str | None:
-        """The caller's address: X-Forwarded-For only when it came from a trusted proxy.
-
-        Walk the forwarded chain from the right, past our own proxies; the
-        first address that is not one of them is the client. Anything further
-        left was written by the client and proves nothing.
-        """
-        remote = request.remote
-        if not self.trusted_proxies or not _within(remote, self.trusted_proxies):
-            return remote
-        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
-                for hop in header.split(",")]
-        for hop in reversed(hops):
-            if not _within(hop, self.trusted_proxies):
-                return hop
-        return remote
+        """The caller's address: X-Forwarded-For only when it came from a trusted proxy
+        (``gated.site.forwarded``)."""
+        return forwarded.client(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                self.trusted_proxies)
 
     def token_ok(self, given: str) -> bool:
         """Constant time in the token's content; every token is compared every time."""
@@ -91,10 +65,10 @@ class WebhookSettings:
         return ok
 
     def client_ok(self, remote: str | None) -> bool:
-        return not self.allow_from or _within(remote, self.allow_from)
+        return not self.allow_from or forwarded.within(remote, self.allow_from)
 
     def proxy(self, address: str) -> bool:
-        return bool(self.trusted_proxies) and _within(address, self.trusted_proxies)
+        return bool(self.trusted_proxies) and forwarded.within(address, self.trusted_proxies)
 
 
 def body(answer: Answer, nak_word: str = "NAK") -> str:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import csv
 import datetime as dt
+import functools
 import hmac
 import io
 import json
@@ -19,7 +20,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp_jinja2
@@ -30,9 +31,13 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from markupsafe import Markup
 
+from gated.book import files, sitekey
 from gated.book.config import Config
+from gated.book.messages import VISITOR_PREFIX, ManagedCode, Rejected
+from gated.book.messages import parse as parse_code
 from gated.core.clock import Clock
-from gated.site import events, visitors
+from gated.core.errors import BrokerError
+from gated.site import events, forwarded, visitors
 from gated.site.gatekeeper import Gatekeeper, RawCall
 from gated.site.store import (
     ENTRY_COLUMNS,
@@ -109,6 +114,25 @@ class PasswordChecks:
             self._slots.release()
 
 
+class BrokerCodes(Protocol):
+    """The site's broker, for its visitor codes (``gated.mqtt.bridge.Bridge``, with
+    ``[mqtt]``): a code issued here goes there, as ``gated codes issue`` sends it."""
+
+    @property
+    def connected(self) -> bool:
+        """Connected now: a code sent would reach the broker."""
+        ...
+
+    def visitor_codes(self) -> list[ManagedCode]:
+        """The site's visitor codes from the broker (ids ``v-…``) in force here."""
+        ...
+
+    async def put_code(self, code_id: str, body: bytes, *, within: float) -> str | None:
+        """Publish a site code retained (empty: delete it) and wait for this site to apply
+        it: None, or why it was refused; BrokerError, or TimeoutError once published."""
+        ...
+
+
 @dataclass
 class StaffPage:
     """What the pages need, handed in by the daemon (the one assembly point)."""
@@ -120,6 +144,8 @@ class StaffPage:
     clock: Clock
     tls: bool = False
     sensors: Callable[[], dict[str, bool]] = dict
+    # With [mqtt]: visitor codes are issued, extended and revoked there, never locally.
+    broker: BrokerCodes | None = None
     users: UserFile = field(init=False)
     sessions: Sessions = field(init=False)
     backoff: Backoff = field(default_factory=Backoff)
@@ -187,32 +213,41 @@ def _same_origin(request: web.Request) -> bool:
     return True
 
 
-LOOPBACK = ("127.0.0.1", "::1")
+# A proxy on this machine is believed without being named in the config.
+LOOPBACK = ("127.0.0.1/32", "::1/128")
+
+
+@functools.lru_cache(maxsize=8)
+def _proxies(configured: tuple[str, ...]) -> tuple[forwarded.Network, ...]:
+    return forwarded.networks((*LOOPBACK, *configured))
+
+
+def _trusted(request: web.Request) -> tuple[forwarded.Network, ...]:
+    """Whose X-Forwarded-* headers are believed: this machine's, and [server]
+    trusted_proxies (the webhook's TLS proxies, on this machine or another)."""
+    return _proxies(tuple(_page(request).config().server.trusted_proxies))
 
 
 def _secure(request: web.Request) -> bool:
     page = _page(request)
     if page.tls or request.secure:
         return True
-    # The TLS proxy of docs/tls.md runs on this machine and says so.
-    return request.remote in LOOPBACK and (
+    # The TLS proxy of docs/tls.md says so; from anyone else, the header is the client's.
+    return forwarded.within(request.remote, _trusted(request)) and (
         request.headers.get("X-Forwarded-Proto") == "https")
 
 
 def _address(request: web.Request) -> str:
-    """Who is asking: behind the TLS proxy on this machine, the client it names.
+    """Who is asking: behind a trusted proxy, the client it names.
 
     Else every login through the proxy would share one address, and one guesser's
-    backoff would hold every member of staff out. Only the proxy's own (last) hop
-    is believed: anything left of it was written by the client.
+    backoff would hold every member of staff out. The chain is walked from the
+    right past the trusted proxies' own hops: anything left of those was written
+    by the client.
     """
-    remote = request.remote or "?"
-    if remote in LOOPBACK:
-        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", [])
-                for hop in header.split(",") if hop.strip()]
-        if hops:
-            return hops[-1][:64]
-    return remote
+    client = forwarded.client(request.remote, request.headers.getall("X-Forwarded-For", []),
+                              _trusted(request))
+    return (client or request.remote or "?")[:64]
 
 
 def _visit(request: web.Request) -> Visit | None:
@@ -565,24 +600,43 @@ async def open_gate(request: web.Request) -> web.Response:
 
 # -- visitor codes -----------------------------------------------------------------------
 
+# How long a code sent to the broker may take to come back applied (as `gated codes
+# put` waits for its verdict).
+BROKER_WAIT = 5.0
+
+
 def _visitor_rows(page: StaffPage) -> list[dict[str, Any]]:
     now = page.clock.now()
+    credentials = [(c.id.removeprefix("visitor:"), c)
+                   for c in page.gatekeeper.book.visitors.values()]
+    if page.broker is not None:
+        # Issued on the broker (here, or by `gated codes issue`): listed by their id there.
+        credentials += [(code.id, code.credential) for code in page.broker.visitor_codes()]
     rows = []
-    for credential in page.gatekeeper.book.visitors.values():
+    for visitor_id, credential in credentials:
         if credential.valid_until is not None and credential.valid_until < now:
             continue
-        rows.append({"id": credential.id.removeprefix("visitor:"), "name": credential.name,
+        rows.append({"id": visitor_id, "name": credential.name,
                      "gates": ", ".join(sorted(credential.gates)),
                      "until": _local(page, credential.valid_until),
                      "uses": credential.max_uses or ""})
     return sorted(rows, key=lambda r: r["until"])
 
 
-async def visitors_page(request: web.Request) -> web.Response:
-    _needs(request, "staff")
+def _broker_down(page: StaffPage) -> bool:
+    return page.broker is not None and not page.broker.connected
+
+
+def _visitors_page(request: web.Request, error: str = "", status: int = 200) -> web.Response:
     page = _page(request)
     return _render(request, "visitors.html", {
-        "visitors": _visitor_rows(page), "gates": list(page.config().gates), "error": ""})
+        "visitors": _visitor_rows(page), "gates": list(page.config().gates), "error": error,
+        "broker_down": _broker_down(page)}, status=status)
+
+
+async def visitors_page(request: web.Request) -> web.Response:
+    _needs(request, "staff")
+    return _visitors_page(request)
 
 
 def _number(text: str, low: float, high: float) -> float | None:
@@ -621,10 +675,11 @@ async def issue(request: web.Request) -> web.Response:
     elif not gates or any(g not in config.gates for g in gates):
         problem = page.texts("visitors.bad_gates")
     if problem:
-        return _render(request, "visitors.html", {
-            "visitors": _visitor_rows(page), "gates": list(config.gates), "error": problem},
-            status=400)
+        return _visitors_page(request, problem, status=400)
     assert hours is not None
+    if page.broker is not None:
+        return await _issue_on_broker(request, page.broker, visit, name=name, gates=gates,
+                                      hours=hours, uses=int(uses) if uses is not None else None)
     now = page.clock.now()
     book = page.gatekeeper.book
     try:
@@ -635,26 +690,121 @@ async def issue(request: web.Request) -> web.Response:
         if not await page.gatekeeper.store.call(add_visitor, issued.row):
             raise visitors.VisitorError(page.texts("visitors.taken"))
     except (visitors.VisitorError, sqlite3.Error) as exc:
-        return _render(request, "visitors.html", {
-            "visitors": _visitor_rows(page), "gates": list(config.gates),
-            "error": page.texts("visitors.not_issued", problem=exc)}, status=409)
+        return _visitors_page(request, page.texts("visitors.not_issued", problem=exc),
+                              status=409)
     book.visitors = {**book.visitors, issued.row.digest: visitors.credential(issued.row)}
     log.info("staff page: visitor code issued", user=visit.user.name, visitor=name,
              id=issued.row.id, gates=gates, hours=hours, uses=uses)
+    return _issued_page(request, name=name, gates=gates, code=issued.code,
+                        until=issued.row.valid_until)
+
+
+async def _issue_on_broker(request: web.Request, broker: BrokerCodes, visit: Visit, *,
+                           name: str, gates: list[str], hours: float,
+                           uses: int | None) -> web.Response:
+    """With [mqtt], a visitor code goes to the broker as `gated codes issue` sends it: a
+    retained keyed hash under codes/v-…, which every gated of the site and Home Assistant
+    see, applied here when it comes back. Never a local code in its place."""
+    page = _page(request)
+    config = page.config()
+    book = page.gatekeeper.book
+    if not broker.connected:
+        log.warning("staff page: no visitor code issued, the broker is not connected",
+                    user=visit.user.name)
+        return _visitors_page(request, page.texts("visitors.no_broker"), status=503)
+    now = page.clock.now()
+    until = float(int(now + hours * 3600))  # whole seconds, as the message says it
+    try:
+        if not book.site_key:
+            # The digits would travel in clear (`gated codes put` refuses too).
+            raise visitors.VisitorError(page.texts("visitors.no_site_key"))
+        # Digits no other credential of this site holds (a clash would be refused).
+        issued = visitors.make(book, name=name, gates=gates, valid_from=None,
+                               valid_until=until, max_uses=uses,
+                               length=config.visitors.length, now=now)
+        code_id = VISITOR_PREFIX + issued.row.id
+        fields: dict[str, Any] = {
+            "name": name, "code_hash": sitekey.code_hash(book.key, issued.code),
+            "gates": gates,
+            "valid_until": dt.datetime.fromtimestamp(until, config.tz).isoformat()}
+        if uses is not None:
+            fields["max_uses"] = uses
+        body = json.dumps(fields, ensure_ascii=False).encode()
+        try:
+            parse_code("site", code_id, body, config)  # checked here first, as staff's are
+        except Rejected as exc:
+            raise visitors.VisitorError(str(exc)) from None
+    except visitors.VisitorError as exc:
+        return _visitors_page(request, page.texts("visitors.not_issued", problem=exc),
+                              status=409)
+    try:
+        refused = await broker.put_code(code_id, body, within=BROKER_WAIT)
+    except BrokerError as exc:
+        log.warning("staff page: no visitor code issued, the broker did not take it",
+                    user=visit.user.name, error=str(exc))
+        return _visitors_page(request, page.texts("visitors.no_broker"), status=503)
+    except TimeoutError:
+        # On the broker, retained: the site applies it when it comes back. Its digits
+        # are shown now or never.
+        log.warning("staff page: visitor code on the broker, not yet applied here",
+                    user=visit.user.name, id=code_id)
+        return _issued_page(request, name=name, gates=gates, code=issued.code, until=until,
+                            note=page.texts("issued.unconfirmed"))
+    if refused is not None:
+        return _visitors_page(request, page.texts("visitors.not_issued", problem=refused),
+                              status=409)
+    log.info("staff page: visitor code issued on the broker", user=visit.user.name,
+             visitor=name, id=code_id, gates=gates, hours=hours, uses=uses)
+    return _issued_page(request, name=name, gates=gates, code=issued.code, until=until)
+
+
+def _issued_page(request: web.Request, *, name: str, gates: list[str], code: str,
+                 until: float | None, note: str = "") -> web.Response:
+    """The new code, shown this once: an SMS text, a tel: link and its QR."""
+    page = _page(request)
+    config = page.config()
     numbers = config.gates[gates[0]].numbers
-    until = _local(page, issued.row.valid_until)[:16]
+    shown = _local(page, until)[:16]
     number = numbers[0] if numbers else ""
-    tel = f"tel:{number},,{issued.code}%23" if number else ""
+    tel = f"tel:{number},,{code}%23" if number else ""
     qr = ""
     if tel:
         # segno's own SVG of a URI of digits: nothing in it came from a form as markup.
         svg = segno.make(tel, error="m").svg_inline(scale=4, border=2, omitsize=True)
         qr = Markup(svg)  # noqa: S704
     return _render(request, "issued.html", {
-        "name": name, "code": issued.code, "until": until, "gates": ", ".join(gates),
+        "name": name, "code": code, "until": shown, "gates": ", ".join(gates),
         "sms": sms_text(page.texts, config.site.id, number or page.texts("issued.no_number"),
-                        issued.code, until),
-        "tel": tel, "qr": qr})
+                        code, shown),
+        "tel": tel, "qr": qr, "note": note})
+
+
+def _on_broker(page: StaffPage, visitor_id: str) -> BrokerCodes | None:
+    """The broker, when ``visitor_id`` names one of its codes (``v-…``)."""
+    if page.broker is None or not visitor_id.startswith(VISITOR_PREFIX):
+        return None
+    return page.broker
+
+
+async def _change_on_broker(request: web.Request, broker: BrokerCodes, visitor_id: str,
+                            body: Callable[[ManagedCode], bytes]) -> None:
+    """Publish ``body(code)`` for a visitor code on the broker (empty: revoke it)."""
+    page = _page(request)
+    current = {code.id: code for code in broker.visitor_codes()}.get(visitor_id)
+    if current is None:
+        raise web.HTTPNotFound(text=page.texts("visitors.no_such"))
+    if not broker.connected:
+        raise web.HTTPServiceUnavailable(text=page.texts("visitors.no_broker"))
+    try:
+        refused = await broker.put_code(visitor_id, body(current), within=BROKER_WAIT)
+    except BrokerError as exc:
+        log.warning("staff page: visitor code not changed, the broker did not take it",
+                    id=visitor_id, error=str(exc))
+        raise web.HTTPServiceUnavailable(text=page.texts("visitors.no_broker")) from None
+    except TimeoutError:
+        refused = None  # on the broker; applied here when it comes back
+    if refused is not None:
+        raise web.HTTPConflict(text=page.texts("visitors.not_changed", problem=refused))
 
 
 def _delete_visitor(conn: sqlite3.Connection, visitor_id: str) -> int:
@@ -665,6 +815,12 @@ async def revoke(request: web.Request) -> web.StreamResponse:
     visit = _needs(request, "staff")
     page = _page(request)
     visitor_id = request.match_info["id"]
+    broker = _on_broker(page, visitor_id)
+    if broker is not None:
+        await _change_on_broker(request, broker, visitor_id, lambda _code: b"")
+        log.info("staff page: visitor code revoked on the broker", user=visit.user.name,
+                 id=visitor_id)
+        raise web.HTTPSeeOther("/visitors")
     book = page.gatekeeper.book
     if not await page.gatekeeper.store.call(_delete_visitor, visitor_id):
         raise web.HTTPNotFound(text=page.texts("visitors.no_such"))
@@ -684,6 +840,15 @@ def _extend_visitor(conn: sqlite3.Connection, visitor_id: str, now: float,
     return VisitorRow.from_row(row) if row is not None else None
 
 
+def _extended(code: ManagedCode, now: float, seconds: float, tz: dt.tzinfo) -> bytes:
+    """A broker visitor code's message, valid ``seconds`` longer: from its end, or from
+    now for one that has already ended (as a local code is extended)."""
+    fields = json.loads(code.body)  # an object: the bridge applied it
+    start = max(code.credential.valid_until or now, now)
+    fields["valid_until"] = dt.datetime.fromtimestamp(int(start + seconds), tz).isoformat()
+    return json.dumps(fields, ensure_ascii=False).encode()
+
+
 async def extend(request: web.Request) -> web.StreamResponse:
     visit = _needs(request, "staff")
     page = _page(request)
@@ -692,6 +857,14 @@ async def extend(request: web.Request) -> web.StreamResponse:
     if hours is None:
         raise web.HTTPBadRequest(text=page.texts("visitors.bad_hours"))
     visitor_id = request.match_info["id"]
+    broker = _on_broker(page, visitor_id)
+    if broker is not None:
+        now, tz = page.clock.now(), page.config().tz
+        await _change_on_broker(request, broker, visitor_id,
+                                lambda code: _extended(code, now, hours * 3600, tz))
+        log.info("staff page: visitor code extended on the broker", user=visit.user.name,
+                 id=visitor_id, hours=hours)
+        raise web.HTTPSeeOther("/visitors")
     row = await page.gatekeeper.store.call(_extend_visitor, visitor_id, page.clock.now(),
                                            hours * 3600)
     if row is None:
@@ -765,6 +938,8 @@ async def _change(request: web.Request, action: str) -> web.Response:
     form = await request.post()
     target = request.match_info.get("name") or str(form.get("name", "")).strip().lower()
     try:
+        # A first look, to refuse before a password is hashed; the change itself
+        # is checked again against the file as it is when written (below).
         users = users_mod.load(page.users.path)
         current = users.get(target)
         if action == "add":
@@ -783,47 +958,60 @@ async def _change(request: web.Request, action: str) -> web.Response:
         if current is not None and current.role == "admin" and _admins(users) <= 1 and (
                 action == "remove" or (action == "role" and new_role != "admin")):
             raise _Refused("users.last_admin", status=409)
-        if action == "add":
-            users[target] = await _new_password(page, target, new_role, form)
-            done = page.texts("users.added", name=target)
-        elif action == "password":
-            assert current is not None
-            users[target] = await _new_password(page, target, current.role, form)
-            done = page.texts("users.password_changed", name=target)
-        elif action == "role":
-            assert current is not None
-            if new_role == current.role:
-                return _users_page(request)
-            # A new stamp: every session made under the old role ends.
-            users[target] = User(current.name, new_role, current.hash,
-                                 max(users_mod.make_stamp(), current.changed + 1e-6))
-            done = page.texts("users.role_changed", name=target,
-                              role=page.texts(f"users.role_{new_role}"))
-        else:
-            del users[target]
-            done = page.texts("users.removed", name=target)
-        # Read again just before writing: a change made meanwhile (the command
-        # line, another admin) to another user is kept, not overwritten.
-        latest = users_mod.load(page.users.path)
-        if target in users:
-            latest[target] = users[target]
-        else:
-            latest.pop(target, None)
-        if _admins(latest) < 1:
-            raise _Refused("users.last_admin", status=409)
-        users_mod.save(page.users.path, latest)
+        made: User | None = None
+        if action in ("add", "password"):
+            made = await _new_password(page, target, current.role if current else new_role,
+                                       form)
+        elif action == "role" and current is not None and new_role == current.role:
+            return _users_page(request)
+
+        def apply(latest: dict[str, User]) -> User | None:
+            # Under the file's lock, on the file as it is now: a change made
+            # meanwhile (the command line, another admin) is kept, not overwritten.
+            now = latest.get(target)
+            if action == "add":
+                if now is not None:
+                    raise _Refused("users.exists", status=409)
+                assert made is not None
+                latest[target] = made
+            elif now is None:
+                raise _Refused("users.no_such", status=404)
+            elif action == "password":
+                assert made is not None
+                latest[target] = User(target, now.role, made.hash, made.changed)
+            elif action == "role":
+                # A new stamp: every session made under the old role ends.
+                latest[target] = User(target, new_role, now.hash,
+                                      max(users_mod.make_stamp(), now.changed + 1e-6))
+            else:
+                del latest[target]
+            if _admins(latest) < 1:
+                raise _Refused("users.last_admin", status=409)
+            return latest.get(target)
+
+        # The lock may be held by `gated users`: wait for it off the event loop.
+        changed = await asyncio.to_thread(users_mod.update, page.users.path, apply)
     except _Refused as refused:
         log.warning("staff page: user change refused", user=visit.user.name, action=action,
                     target=target if users_mod.NAME.fullmatch(target) else "?",
                     why=refused.key)
         return _users_page(request, error=page.texts(refused.key), status=refused.status)
-    except (UserError, OSError) as exc:
+    except (UserError, files.FileError, OSError) as exc:
         log.error("staff page: cannot change the users file", error=str(exc))
         return _users_page(request, error=page.texts("users.unreadable"), status=503)
+    if action == "add":
+        done = page.texts("users.added", name=target)
+    elif action == "password":
+        done = page.texts("users.password_changed", name=target)
+    elif action == "role":
+        done = page.texts("users.role_changed", name=target,
+                          role=page.texts(f"users.role_{new_role}"))
+    else:
+        done = page.texts("users.removed", name=target)
     if action != "add":
         page.sessions.end_all(target)
     log.info("staff page: user changed", user=visit.user.name, action=action, target=target,
-             role=users[target].role if target in users else "")
+             role=changed.role if changed is not None else "")
     await page.gatekeeper.note(Entry(
         time=page.clock.now(), gate=None, caller=None, did=None, status="ACK",
         reason=USER_ENTRY[action], credential=visit.user.name, credential_id=f"user:{target}",

@@ -2,19 +2,27 @@
 
 The file is replaced atomically (``gated.book.files``) and read again by the
 daemon whenever it changes, so ``gated users`` works while the daemon runs.
+Every change (the page's ``/users``, ``gated users``) is a read-change-write
+under an flock on ``users.json.flock`` (``update``): two at once take turns,
+and neither writes over the other's change with what it read before it.
 A user's ``changed`` stamp is part of every session made for them: a new
 password or a new role ends every session of that user.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -87,6 +95,47 @@ def save(path: Path, users: dict[str, User]) -> None:
                       for u in sorted(users.values(), key=lambda u: u.name)}}
     files.make_dir(path.parent)
     files.replace(path, (json.dumps(body, indent=1) + "\n").encode())
+
+
+@contextlib.contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold the users file's lock (blocking: in the daemon, only ever in a thread).
+
+    Not ``<file>.lock``: that name is the replacement's own (``gated.book.files``).
+    The kernel drops an flock with its holder, so a killed command leaves none behind.
+    """
+    lock = path.with_name(path.name + ".flock")
+    try:
+        files.make_dir(path.parent)
+        # Private and, made by a root command, the state directory owner's: else
+        # the daemon could not open it and the page could change no user.
+        files.create_private(lock)
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            files.refuse_link(lock)
+        raise UserError(f"cannot open {lock}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+T = TypeVar("T")
+
+
+def update(path: Path, change: Callable[[dict[str, User]], T]) -> T:
+    """Read the users, ``change`` them and write them, all under the file's lock.
+
+    ``change`` sees the file as it is now, whatever another writer did meanwhile,
+    and raises to change nothing.
+    """
+    with one_at_a_time(path):
+        users = load(path)
+        result = change(users)
+        save(path, users)
+        return result
 
 
 def make_stamp() -> float:
