@@ -302,3 +302,29 @@ def test_doctor_names_a_symlink_in_the_state_dir(site: Path) -> None:
     (finding,) = [f for f in findings if f.topic == "state" and f.level == "problem"]
     assert f"{link} is a symbolic link" in finding.message
     assert finding.fix == f"rm {link}"
+
+
+def test_a_lock_a_root_command_made_is_still_the_folders_owners(tmp_path: Path) -> None:
+    """A staff command's lock on a code set, made under sudo, belongs to the folder's
+    owner: made root's, the next command as that owner could not open it and refused
+    to run."""
+    import asyncio
+    import dataclasses
+
+    from gated.commands.sets import SetKeys
+
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    memory = folder / "fleet-signing.key.serial"
+    keys = SetKeys.__new__(SetKeys)  # only its memory is used by the lock
+    object.__setattr__(keys, "memory", memory)
+    assert "memory" in {f.name for f in dataclasses.fields(SetKeys)}
+
+    async def hold() -> None:
+        async with keys.one_at_a_time():
+            pass
+
+    asyncio.run(hold())
+    made = (folder / "fleet-signing.key.serial.flock").stat()
+    assert (made.st_uid, made.st_gid, stat.S_IMODE(made.st_mode)) == (NOBODY, NOBODY, 0o600)

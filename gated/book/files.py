@@ -75,6 +75,26 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def open_flock(path: Path) -> int:
+    """The descriptor of ``<path>.flock`` (made 0600 and owned like its folder), for
+    an ``fcntl.flock`` that puts changes to ``path`` one after another.
+
+    Not ``<path>.lock``: that name is the replacement's own (``replacing``). Made
+    by a root command, it is still the folder owner's, so the daemon and staff's
+    own commands can open it after. The kernel drops an flock with its holder, so a
+    killed command leaves none behind. FileError says why it cannot be opened.
+    """
+    lock = path.with_name(path.name + ".flock")
+    try:
+        make_dir(path.parent)
+        create_private(lock)
+        return os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileError(_linked(lock)) from None
+        raise FileError(f"cannot open {lock}: {_reason(exc)}") from None
+
+
 def owner_for(directory: Path) -> tuple[int, int] | None:
     """Who new files in ``directory`` should belong to, when that is not us.
 

@@ -107,10 +107,7 @@ class SetKeys:
     async def one_at_a_time(self) -> AsyncIterator[None]:
         """This machine's commands on this set, one after another: two at once would
         publish serials out of order and overwrite each other's listing."""
-        files.make_dir(self.memory.parent)
-        # Not "<memory>.lock": that name is the replacement's own (gated.book.files).
-        lock = self.memory.with_name(self.memory.name + ".flock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = files.open_flock(self.memory)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             yield

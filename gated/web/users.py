@@ -12,7 +12,6 @@ password or a new role ends every session of that user.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -101,20 +100,12 @@ def save(path: Path, users: dict[str, User]) -> None:
 def one_at_a_time(path: Path) -> Iterator[None]:
     """Hold the users file's lock (blocking: in the daemon, only ever in a thread).
 
-    Not ``<file>.lock``: that name is the replacement's own (``gated.book.files``).
-    The kernel drops an flock with its holder, so a killed command leaves none behind.
+    The lock is ``files.open_flock``'s, beside the file.
     """
-    lock = path.with_name(path.name + ".flock")
     try:
-        files.make_dir(path.parent)
-        # Private and, made by a root command, the state directory owner's: else
-        # the daemon could not open it and the page could change no user.
-        files.create_private(lock)
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            files.refuse_link(lock)
-        raise UserError(f"cannot open {lock}: {exc.strerror}") from None
+        fd = files.open_flock(path)
+    except files.FileError as exc:
+        raise UserError(str(exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
