@@ -3,16 +3,17 @@
     .venv/bin/pip install py-spy       # once: a sampling profiler, not gated's
     .venv/bin/python tests/bench/breakdown.py [--against DIR ...] [--seconds S]
 
-For this checkout and each ``--against`` tree (a folder holding a ``gated``
-package, e.g. ``git archive <commit> gated | tar -x -C DIR``): gated on the
-bench's large site (100,000 codes, 10,000 TOTP users, 1,000 callers), wrk at
-32 connections as ``./dev bench`` drives it, and py-spy sampling the daemon
-meanwhile. Each sample of the event loop's thread goes to one part of the call:
-that of its innermost frame in gated (the gated code the work is done for),
-else that of its innermost library frame (aiohttp's own work, the loop's). The
-loop's CPU per answered call, read from /proc over the same seconds, is shared
-out by those counts. Trees run alternately, ``--rounds`` times, so they share
-the machine's noise; the counts of all rounds are summed.
+For the floor (``floor.py``), this checkout and each ``--against`` tree (a
+folder holding a ``gated`` package, e.g. ``git archive <commit> gated | tar -x
+-C DIR``): gated on the bench's large site (100,000 codes, 10,000 TOTP users,
+1,000 callers), wrk at 32 connections as ``./dev bench`` drives it, and py-spy
+sampling the daemon meanwhile. Each sample of the event loop's thread goes to
+one part of the call: that of its innermost frame in gated (the gated code the
+work is done for), else that of its innermost library frame (aiohttp's own
+work, the loop's). The loop's CPU per answered call, read from /proc over the
+same seconds, is shared out by those counts. Trees run alternately,
+``--rounds`` times, so they share the machine's noise; the counts of all
+rounds are summed.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def one_round(tree: Path, site: sitegen.Site, port: int, seconds: float, pyspy: 
         server.stop()
     calls = max(result["requests"], 1)
     return (sample_counts(raw), (after[1] - before[1]) / calls * 1e6,
-            (after[0] - before[0]) / calls * 1e6)
+            (after[0] - before[0]) / calls * 1e6, result["rps"])
 
 
 def main() -> None:
@@ -111,25 +112,28 @@ def main() -> None:
         "py-spy")
     if pyspy is None:
         raise SystemExit("breakdown: needs py-spy (.venv/bin/pip install py-spy)")
-    trees = [bench.ROOT, *args.against]
+    trees: list[Path | None] = [None, bench.ROOT, *args.against]  # None: the floor
     with tempfile.TemporaryDirectory(prefix="gated-breakdown-") as folder:
         work = Path(folder)
         port = bench.free_port()
         site = sitegen.generate(work / "site", codes=100_000, totp=10_000, callers=1_000,
                                 port=port)
         counts = {tree: collections.Counter[str]() for tree in trees}
-        loop_us: dict[Path, list[float]] = {tree: [] for tree in trees}
-        all_us: dict[Path, list[float]] = {tree: [] for tree in trees}
+        loop_us: dict[Path | None, list[float]] = {tree: [] for tree in trees}
+        all_us: dict[Path | None, list[float]] = {tree: [] for tree in trees}
+        rps: dict[Path | None, list[float]] = {tree: [] for tree in trees}
         for _ in range(args.rounds):
             for tree in trees:
-                samples, loop, every = one_round(tree, site, port, args.seconds, pyspy, work)
+                samples, loop, every, rate = one_round(tree, site, port, args.seconds, pyspy,
+                                                       work)
                 counts[tree].update(samples)
                 loop_us[tree].append(loop)
                 all_us[tree].append(every)
+                rps[tree].append(rate)
                 time.sleep(0.5)
     parts = [part for part, _ in GATED_PARTS] + [
         part for part, _ in LIBRARY_PARTS if part not in dict(GATED_PARTS)] + ["other"]
-    names = [str(tree) for tree in trees]
+    names = ["the floor" if tree is None else str(tree) for tree in trees]
     print("us of the loop's CPU per answered call, by part (share of its samples)")
     print("| part | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(trees))
@@ -144,6 +148,10 @@ def main() -> None:
         f"{statistics.median(loop_us[tree]):.1f}" for tree in trees) + " |")
     print("| **every thread, per call** | " + " | ".join(
         f"{statistics.median(all_us[tree]):.1f}" for tree in trees) + " |")
+    floor = statistics.median(rps[None])
+    print("| **calls/s (x the floor's)** | " + " | ".join(
+        f"{statistics.median(rps[tree]):.0f} ({statistics.median(rps[tree]) / floor:.2f}x)"
+        for tree in trees) + " |")
 
 
 if __name__ == "__main__":
