@@ -1267,9 +1267,19 @@ def publish(markdown: str) -> None:
     """Replace the generated parts of docs/benchmark.md (all of it) and of the
     README (the tables), keep the prose around them."""
     _replace(ROOT / TARGETS, "<!-- bench:begin -->", "<!-- bench:end -->", markdown)
-    tables = markdown[markdown.index("| | requests/s"):markdown.index("\n- ")]
     _replace(ROOT / "README.md", "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->",
-             tables.strip())
+             "\n\n".join(_table(markdown, head) for head in README_TABLES))
+
+
+# The tables the README shows: throughput against the floor, and the targets.
+README_TABLES = ("| | requests/s", "| target |")
+
+
+def _table(markdown: str, head: str) -> str:
+    """The Markdown table whose first line starts with ``head``."""
+    start = markdown.index(head)
+    end = markdown.find("\n\n", start)
+    return markdown[start:end if end >= 0 else len(markdown)].strip()
 
 
 def _replace(path: Path, begin: str, end: str, content: str) -> None:
