@@ -3,6 +3,9 @@ playing the provider's registrar, and calls come in through it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gated.commands import doctor
-from gated.pbx.baresip import BaresipEngine, local_address
+from gated.pbx.baresip import BaresipEngine, Setup, account_line, local_address
 from gated.site.store import read_entries
 
 from . import sipp
@@ -79,6 +82,37 @@ async def test_gated_registers_its_account_and_its_password_is_never_logged(
         assert PASSWORD not in said
 
 
+async def test_a_call_the_registrar_sends_as_soon_as_gated_registers_opens_the_gate(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """The registrar calls the contact gated registered the moment it has granted the
+    registration, and a visitor types 5555#: the call is answered, the barrier's relay
+    pulses, the entry is ACK with source sip, and gated sends the BYE."""
+    async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD,
+                         caller=VISITOR, codes=["5555#"]) as provider:
+        running = await register_daemon(start_daemon, tmp_path, provider.address)
+        status, errors = await provider.finished()
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    [entry] = entries(running)
+    assert (entry.status, entry.source, entry.caller, entry.did) == (
+        "ACK", "sip", VISITOR, BARRIER)
+    await eventually(lambda: pulses(running) == [False, True, False], within=5)
+
+
+async def test_wrong_codes_through_the_registrar_open_nothing(start_daemon: Any,
+                                                             tmp_path: Path) -> None:
+    """Two wrong codes through the registrar with attempts = 2: two NAKs recorded, the
+    relay never energised, and gated hangs up."""
+    async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD,
+                         caller=VISITOR, codes=["1111#", "2222#"]) as provider:
+        running = await register_daemon(start_daemon, tmp_path, provider.address)
+        status, errors = await provider.finished()
+    assert status == 0, errors
+    await running.daemon.gatekeeper.store.flush()
+    assert [e.status for e in entries(running)] == ["NAK", "NAK"]
+    assert pulses(running) == [False]
+
+
 async def test_a_call_to_the_registered_contact_from_elsewhere_is_never_answered(
         start_daemon: Any, tmp_path: Path) -> None:
     """Someone at another address (127.0.0.2) who found the contact gated registered sends
@@ -120,3 +154,48 @@ async def test_gated_renews_its_registration_before_the_registrar_lets_it_expire
     assert len(set(contacts)) == 1
     await running.daemon.gatekeeper.store.flush()
     assert [e.status for e in entries(running)] == ["ACK"]
+
+
+# An engine that refuses every account it is given, answering as baresip's menu does:
+# its answer repeats the account line, the password in it.
+REFUSING_ENGINE = """
+import json, socket, sys
+folder = sys.argv[sys.argv.index("-f") + 1]
+port = next(int(line.rsplit(":", 1)[1]) for line in open(folder + "/config")
+            if line.startswith("ctrl_tcp_listen"))
+server = socket.create_server(("127.0.0.1", port))
+connection, _ = server.accept()
+stream = connection.makefile("rb")
+while True:
+    size = b""
+    while (byte := stream.read(1)) != b":":
+        if not byte:
+            sys.exit()
+        size += byte
+    command = json.loads(stream.read(int(size) + 1)[:-1])
+    answer = json.dumps({"response": True, "ok": False, "token": command["token"],
+                         "data": "Creating UA for " + command.get("params", "") + " ..."})
+    connection.sendall(str(len(answer)).encode() + b":" + answer.encode() + b",")
+"""
+
+
+async def test_an_account_the_engine_refuses_is_logged_without_its_password(
+        tmp_path: Path) -> None:
+    """The engine refuses the account gated gives it and repeats the account line in its
+    answer: gated logs the refusal, and not the answer with the password in it."""
+    fake = tmp_path / "baresip"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{REFUSING_ENGINE}' \"$@\"\n")
+    fake.chmod(0o755)
+    setup = Setup(tmp_path / "engine", "127.0.0.1",
+                  (account_line(f"sip:{BARRIER}@192.0.2.9", PASSWORD),), domain="192.0.2.9")
+    engine = BaresipEngine(setup, dict, binary=str(fake))
+    with capture_logs() as logs:
+        running = asyncio.create_task(engine.run())
+        try:
+            await eventually(lambda: "sip engine refused a command" in repr(logs), within=10)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            await engine.stop()
+    assert PASSWORD not in repr(logs)

@@ -14,7 +14,12 @@ in. Measured on Debian's baresip 1.0.0 (the one version this adapter knows):
 - no event carries the address an INVITE came from: the verbose log's
   ``sipsess connect via UDP A --> B`` line, followed by the call's
   ``Incoming call from`` line, is read for it. A call whose source was not seen
-  has none, and a trunk's allowlist refuses it.
+  has none, and a trunk's allowlist refuses it;
+- events go only to a control connection the engine has accepted, and it
+  registers and takes calls the moment it starts: a call then (a registrar
+  calls at once) would ring with nobody told. So the engine starts with no
+  account, and gated adds them (``uanew``) on its connection: the engine
+  accepts it before it reads the command, and until then answers a call 404.
 
 A killed or hung engine is restarted (the call in progress is lost and told
 as ended); the webhook never waits on it.
@@ -149,7 +154,7 @@ class Setup:
 
     folder: Path
     address: str              # net_interface: the machine's own address
-    accounts: tuple[str, ...]  # baresip account lines
+    accounts: tuple[str, ...]  # baresip account lines, given over the control port
     listen: str | None = None  # trunk mode: sip_listen
     ctrl_port: int = 0         # 0: a free one at each start
     domain: str = ""           # register mode: the provider's host (transfers go there)
@@ -191,7 +196,9 @@ def config_text(setup: Setup, ctrl_port: int) -> str:
 def write_files(setup: Setup, ctrl_port: int, played: dict[Sound, bytes]) -> None:
     files.make_dir(setup.folder)
     files.replace(setup.folder / "config", config_text(setup, ctrl_port).encode())
-    files.replace(setup.folder / "accounts", ("\n".join(setup.accounts) + "\n").encode())
+    # No account in it: they come over the control port once gated listens (and
+    # without the file the engine writes a template of its own).
+    files.replace(setup.folder / "accounts", b"")
     for name, data in played.items():
         path = setup.folder / f"{name}.wav"
         with contextlib.suppress(OSError):
@@ -234,6 +241,8 @@ class BaresipEngine:
         self._seen = asyncio.Event()
         self._last_source: str | None = None
         self._token = 0
+        # Commands whose answer repeats a secret (an account's password): never logged.
+        self._secret_tokens: set[str] = set()
         self._probed = asyncio.Event()
         self._probe_token = ""
         self.registration = ""  # what the engine last said of its registrations
@@ -292,6 +301,10 @@ class BaresipEngine:
         try:
             reader, writer = await self._connect(port, process)
             self._writer = writer
+            # Only now: the engine takes calls for an account from the moment it has it,
+            # and tells of them only on a connection it accepted before.
+            for account in self.setup.accounts:
+                await self._send("uanew", account, secret=True)
             self.state = "running"
             self._report()
             log.info("sip engine running", pid=process.pid, ctrl=f"127.0.0.1:{port}")
@@ -341,6 +354,7 @@ class BaresipEngine:
         self._calls.clear()
         self._sources.clear()
         self._peers.clear()
+        self._secret_tokens.clear()
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -387,12 +401,17 @@ class BaresipEngine:
 
     async def _message(self, message: dict[str, object]) -> None:
         if message.get("response"):
-            if message.get("token") == self._probe_token:
+            token = message.get("token")
+            if token == self._probe_token:
                 self.registration = " ".join(str(message.get("data", "")).split())[:300]
                 self._probed.set()
                 self._report()
-            if not message.get("ok"):
-                log.warning("sip engine refused a command", token=message.get("token"),
+            if token in self._secret_tokens:
+                self._secret_tokens.discard(str(token))
+                if not message.get("ok"):
+                    log.warning("sip engine refused a command", token=token)
+            elif not message.get("ok"):
+                log.warning("sip engine refused a command", token=token,
                             answer=str(message.get("data", ""))[:200])
             return
         kind, call = message.get("type"), str(message.get("id", ""))
@@ -438,7 +457,7 @@ class BaresipEngine:
         while True:
             yield await self._queue.get()
 
-    async def _send(self, command: str, params: str = "") -> str:
+    async def _send(self, command: str, params: str = "", *, secret: bool = False) -> str:
         writer = self._writer
         if writer is None:
             raise EngineError("the SIP engine is not running")
@@ -446,6 +465,8 @@ class BaresipEngine:
         message = {"command": command, "token": f"g{self._token}"}
         if params:
             message["params"] = params
+        if secret:
+            self._secret_tokens.add(message["token"])
         writer.write(netstring(message))
         await writer.drain()
         return message["token"]
