@@ -156,6 +156,25 @@ async def test_gated_renews_its_registration_before_the_registrar_lets_it_expire
     assert [e.status for e in entries(running)] == ["ACK"]
 
 
+async def test_a_registrar_that_names_itself_in_latin_1_does_not_get_the_engine_restarted(
+        start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registrar whose Server header is not UTF-8 ("Telefónica" in ISO-8859-1, which the
+    engine passes on in its registration report): the engine's answers are still read, so
+    it is not taken for hung and restarted, and the registration is reported."""
+    monkeypatch.setattr(BaresipEngine, "probe_every", 0.2)
+    monkeypatch.setattr(BaresipEngine, "probe_wait", 1.0)
+    async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD,
+                         server="Centralita Telef\xf3nica") as provider:
+        running = await register_daemon(start_daemon, tmp_path, provider.address)
+        status, errors = await provider.finished()
+        assert status == 0, errors
+        engine = running.daemon.sip_engine
+        await eventually(lambda: "Centralita" in engine.registration, within=10)
+        probed = engine.probes
+        await eventually(lambda: engine.probes >= probed + 5, within=10)
+    assert engine.restarts == 0
+
+
 # An engine that refuses every account it is given, answering as baresip's menu does:
 # its answer repeats the account line, the password in it.
 REFUSING_ENGINE = """

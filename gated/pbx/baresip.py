@@ -19,7 +19,9 @@ in. Measured on Debian's baresip 1.0.0 (the one version this adapter knows):
   registers and takes calls the moment it starts: a call then (a registrar
   calls at once) would ring with nobody told. So the engine starts with no
   account, and gated adds them (``uanew``) on its connection: the engine
-  accepts it before it reads the command, and until then answers a call 404.
+  accepts it before it reads the command, and until then answers a call 404;
+- its reports are not always UTF-8: ``reginfo`` repeats the registrar's Server
+  header byte for byte.
 
 A killed or hung engine is restarted (the call in progress is lost and told
 as ended); the webhook never waits on it.
@@ -245,6 +247,7 @@ class BaresipEngine:
         self._secret_tokens: set[str] = set()
         self._probed = asyncio.Event()
         self._probe_token = ""
+        self.probes = 0  # questions the engine has answered
         self.registration = ""  # what the engine last said of its registrations
         self._reported: dict[str, object] = {}
 
@@ -380,7 +383,8 @@ class BaresipEngine:
             except asyncio.IncompleteReadError:
                 raise EngineError("baresip's control connection closed") from None
             try:
-                message = json.loads(body[:-1])
+                # Not always UTF-8: a registrar's Server header comes through as it was sent.
+                message = json.loads(body[:-1].decode(errors="replace"))
             except ValueError:
                 continue
             if isinstance(message, dict):
@@ -404,6 +408,7 @@ class BaresipEngine:
             token = message.get("token")
             if token == self._probe_token:
                 self.registration = " ".join(str(message.get("data", "")).split())[:300]
+                self.probes += 1
                 self._probed.set()
                 self._report()
             if token in self._secret_tokens:
