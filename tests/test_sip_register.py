@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gated.commands import doctor
-from gated.pbx.baresip import BaresipEngine, Setup, account_line, local_address
+from gated.pbx.baresip import BaresipEngine, Setup, account_line, local_address, read_status
 from gated.site.store import read_entries
 
 from . import sipp
@@ -173,6 +173,27 @@ async def test_a_registrar_that_names_itself_in_latin_1_does_not_get_the_engine_
         probed = engine.probes
         await eventually(lambda: engine.probes >= probed + 5, within=10)
     assert engine.restarts == 0
+
+
+async def test_doctor_shows_the_registration_in_plain_words(
+        start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine colours its registration report and repeats the registrar's Server
+    header, which may hold terminal controls (here CSI, U+009B): `gated doctor` and the
+    status file show the registration without any control character."""
+    monkeypatch.setattr(BaresipEngine, "probe_every", 0.2)
+    server = "Registrar \u009b2J".encode().decode("latin-1")  # its UTF-8 bytes, sent as they are
+    async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD,
+                         server=server) as provider:
+        running = await register_daemon(start_daemon, tmp_path, provider.address)
+        status, errors = await provider.finished()
+        assert status == 0, errors
+        engine = running.daemon.sip_engine
+        await eventually(lambda: "Registrar" in engine.registration, within=10)
+    state_dir = running.daemon.gatekeeper.store.path.parent
+    [_, finding] = sip_findings(running)
+    for said in (finding.message, str(read_status(state_dir)), engine.registration):
+        assert " OK " in said
+        assert said.isprintable(), repr(said)
 
 
 # An engine that refuses every account it is given, answering as baresip's menu does:

@@ -20,8 +20,8 @@ in. Measured on Debian's baresip 1.0.0 (the one version this adapter knows):
   calls at once) would ring with nobody told. So the engine starts with no
   account, and gated adds them (``uanew``) on its connection: the engine
   accepts it before it reads the command, and until then answers a call 404;
-- its reports are not always UTF-8: ``reginfo`` repeats the registrar's Server
-  header byte for byte.
+- its reports are not always UTF-8 or plain text: ``reginfo`` repeats the
+  registrar's Server header byte for byte, and colours the state.
 
 A killed or hung engine is restarted (the call in progress is lost and told
 as ended); the webhook never waits on it.
@@ -53,6 +53,7 @@ from gated.book import files
 from gated.book.config import Config
 from gated.core.errors import EngineError
 from gated.core.numbers import normalise
+from gated.core.printable import printable
 from gated.pbx.engine import Digit, Ended, Event, Incoming, Sound
 
 log = structlog.get_logger("gated.sip")
@@ -68,6 +69,7 @@ RATE = 8000
 _VERSION = re.compile(rb"baresip v(\d+\.\d+\.\d+)")
 _CONNECT = re.compile(r"sipsess connect via \S+ (\S+) --> ")
 _INCOMING = re.compile(r"Incoming call from: (?:.* )?(sips?:\S+) - ")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the engine's terminal colours
 MAX_FRAME = 65536  # no reply or event of baresip's comes near; a bigger one is a fault
 SOURCE_WAIT = 1.0  # how long an INVITE's source may lag its event (a pipe, a socket)
 STATUS = "status.json"  # beside the engine's files: what `gated doctor` reads
@@ -207,6 +209,12 @@ def write_files(setup: Setup, ctrl_port: int, played: dict[Sound, bytes]) -> Non
             if path.stat().st_size == len(data) and path.read_bytes() == data:
                 continue  # a restart rewrites megabytes of an SD card for nothing
         files.replace(path, data)
+
+
+def plain(text: str) -> str:
+    """An engine's report on one line in plain words: its colours and any control
+    character (a registrar's Server header is repeated in it) left out."""
+    return printable(" ".join(_COLOUR.sub("", text).split()))
 
 
 def netstring(message: dict[str, str]) -> bytes:
@@ -407,7 +415,7 @@ class BaresipEngine:
         if message.get("response"):
             token = message.get("token")
             if token == self._probe_token:
-                self.registration = " ".join(str(message.get("data", "")).split())[:300]
+                self.registration = plain(str(message.get("data", "")))[:300]
                 self.probes += 1
                 self._probed.set()
                 self._report()
@@ -417,7 +425,7 @@ class BaresipEngine:
                     log.warning("sip engine refused a command", token=token)
             elif not message.get("ok"):
                 log.warning("sip engine refused a command", token=token,
-                            answer=str(message.get("data", ""))[:200])
+                            answer=plain(str(message.get("data", "")))[:200])
             return
         kind, call = message.get("type"), str(message.get("id", ""))
         if not call:
