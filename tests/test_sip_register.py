@@ -82,6 +82,26 @@ async def test_gated_registers_its_account_and_its_password_is_never_logged(
         assert PASSWORD not in said
 
 
+async def test_an_account_the_registrar_refuses_is_logged_and_doctor_calls_it_a_problem(
+        start_daemon: Any, tmp_path: Path) -> None:
+    """The registrar refuses the account (the password file holds a wrong one): gated logs
+    that the registration failed and the registrar's answer, and `gated doctor` calls it a
+    problem, naming the answer and not the password."""
+    wrong = "Not-the-pass-51a9"
+    with capture_logs() as logs:
+        async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD) as provider:
+            running = await register_daemon(start_daemon, tmp_path, provider.address, wrong)
+            status, _ = await provider.finished()
+            assert status != 0  # it refused the REGISTER
+            await eventually(lambda: "problem" in [f.level for f in sip_findings(running)],
+                             within=10, step=0.25)
+    [finding] = [f for f in sip_findings(running) if f.level == "problem"]
+    assert "403 Forbidden" in finding.message
+    assert [e["why"] for e in logs if e["event"] == "sip registration failed"] == [
+        "403 Forbidden"]
+    assert wrong not in repr(logs) + repr(sip_findings(running))
+
+
 async def test_a_call_the_registrar_sends_as_soon_as_gated_registers_opens_the_gate(
         start_daemon: Any, tmp_path: Path) -> None:
     """The registrar calls the contact gated registered the moment it has granted the

@@ -257,6 +257,9 @@ class BaresipEngine:
         self._probe_token = ""
         self.probes = 0  # questions the engine has answered
         self.registration = ""  # what the engine last said of its registrations
+        # What the registrar last said: None until it answers (or with no account to register).
+        self.registered: bool | None = None
+        self.refusal = ""  # its answer when it did not take the account
         self._reported: dict[str, object] = {}
 
     # -- supervision ------------------------------------------------------------------
@@ -265,7 +268,8 @@ class BaresipEngine:
         """The engine's state for `gated doctor`, written only when it changes."""
         status: dict[str, object] = {"state": self.state, "pid": self.pid,
                                      "restarts": self.restarts,
-                                     "registration": self.registration}
+                                     "registration": self.registration,
+                                     "registered": self.registered, "refusal": self.refusal}
         if status == self._reported:
             return
         self._reported = status
@@ -299,6 +303,7 @@ class BaresipEngine:
 
     async def _run_once(self) -> None:
         port = self.setup.ctrl_port or free_port()
+        self.registered, self.refusal = None, ""  # a new engine registers afresh
         write_files(self.setup, port, self.played())
         argv = [self.binary, "-v", "-f", str(self.setup.folder)]
         stdbuf = shutil.which("stdbuf")
@@ -428,6 +433,9 @@ class BaresipEngine:
                             answer=plain(str(message.get("data", "")))[:200])
             return
         kind, call = message.get("type"), str(message.get("id", ""))
+        if kind in ("REGISTER_OK", "REGISTER_FAIL"):
+            self._registrar_said(kind == "REGISTER_OK", str(message.get("param", "")))
+            return
         if not call:
             return
         if kind == "CALL_INCOMING":
@@ -449,6 +457,17 @@ class BaresipEngine:
             self._queue.put_nowait(Ended(call))
             # The source a prompt switched to stays for later calls.
             await self._send("ausrc", "aubridge,src-null")
+
+    def _registrar_said(self, ok: bool, answer: str) -> None:
+        """A registration taken is logged when it was not before; each refusal is (the
+        engine tries again only after half a minute or more), and kept for doctor."""
+        answer = plain(answer)[:100]
+        if ok and self.registered is not True:
+            log.info("sip registered", answer=answer)
+        elif not ok:
+            log.warning("sip registration failed", why=answer)
+        self.registered, self.refusal = ok, "" if ok else answer
+        self._report()
 
     async def _source(self, peer: str) -> str | None:
         """Where the call's INVITE came from, as the engine's log said; None if unseen."""
