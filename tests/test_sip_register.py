@@ -161,11 +161,11 @@ async def test_a_call_to_the_registered_contact_from_elsewhere_is_never_answered
     assert [(e.status, e.reason) for e in entries(running)] == [("ACK", "granted_caller")]
 
 
-async def test_gated_renews_its_registration_before_the_registrar_lets_it_expire(
+async def test_gated_renews_a_registration_the_registrar_grants_for_two_seconds(
         start_daemon: Any, tmp_path: Path) -> None:
-    """A registrar that grants 2 seconds, twice: gated registers again, challenged and
-    authenticated each time, at the same contact, before they are up; a call through
-    the registrar after the renewals still opens."""
+    """A registrar that grants 2 seconds, twice: gated registers again each time, challenged
+    and authenticated, at the same contact; a call through the registrar after the
+    renewals still opens."""
     async with registrar(tmp_path / "registrar", HOST, BARRIER, PASSWORD,
                          grants=(2, 2, 3600), caller=VISITOR, codes=["5555#"]) as provider:
         running = await register_daemon(start_daemon, tmp_path, provider.address)
