@@ -10,13 +10,15 @@ from pathlib import Path
 
 PCAPS = Path("/usr/share/sip-tester")
 _NAMES = {"#": "pound", "*": "star"}
+# Where a caller's INVITE goes: the number asked for (-s) at the address sipp calls.
+SERVICE = "sip:[service]@[remote_ip]:[remote_port]"
 
 _INVITE = """
   <send retrans="500"><![CDATA[
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      INVITE {target} SIP/2.0
       Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
       From: "Visitor" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag09[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>
+      To: <{to}>
       Call-ID: [call_id]
       CSeq: 1 INVITE
       Contact: sip:{caller}@[local_ip]:[local_port]
@@ -40,10 +42,10 @@ _INVITE = """
   <recv response="183" optional="true"/>
   <recv response="200" rtd="true"/>
   <send><![CDATA[
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      ACK {target} SIP/2.0
       Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
       From: "Visitor" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag09[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      To: <{to}>[peer_tag_param]
       Call-ID: [call_id]
       CSeq: 1 ACK
       Contact: sip:{caller}@[local_ip]:[local_port]
@@ -71,10 +73,10 @@ _BYE = """
 
 _INFO = """
   <send><![CDATA[
-      INFO sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      INFO {target} SIP/2.0
       Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
       From: "Visitor" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag09[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      To: <{to}>[peer_tag_param]
       Call-ID: [call_id]
       CSeq: {cseq} INFO
       Contact: sip:{caller}@[local_ip]:[local_port]
@@ -89,11 +91,18 @@ _INFO = """
 
 
 def scenario(caller: str, codes: list[str], *, info: bool = False) -> str:
-    """Call, then type each of ``codes`` (a pause before each); then wait for the BYE.
+    """Call, then type each of ``codes`` (a pause before each); then wait for the BYE."""
+    return ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="gated caller">'
+            + dialogue(caller, codes, info=info) + "\n</scenario>\n")
+
+
+def dialogue(caller: str, codes: list[str], *, info: bool = False, target: str = SERVICE,
+             to: str = SERVICE) -> str:
+    """The call's part of a scenario: INVITE ``target`` (To ``to``), the keys, the BYE.
 
     No pause follows the last key: a BYE that came during one would be unexpected.
     """
-    body = _INVITE.format(caller=caller)
+    body = _INVITE.format(caller=caller, target=target, to=to)
     cseq = 1
     for code in codes:
         body += '\n  <pause milliseconds="1200"/>'
@@ -102,13 +111,11 @@ def scenario(caller: str, codes: list[str], *, info: bool = False) -> str:
                 body += '\n  <pause milliseconds="250"/>'
             if info:
                 cseq += 1
-                body += _INFO.format(caller=caller, cseq=cseq, key=key)
+                body += _INFO.format(caller=caller, cseq=cseq, key=key, target=target, to=to)
                 continue
             pcap = PCAPS / f"dtmf_2833_{_NAMES.get(key, key)}.pcap"
             body += f'\n  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>'
-    body += _BYE
-    return ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="gated caller">'
-            + body + "\n</scenario>\n")
+    return body + _BYE
 
 
 def free_udp(host: str) -> int:

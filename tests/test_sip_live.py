@@ -209,8 +209,8 @@ callers = ["{RESIDENT}"]
 
 async def test_the_engines_files_are_private_and_its_control_port_is_loopback_only(
         start_daemon: Any) -> None:
-    """baresip's folder is 0700 and its files 0600 (the account's password is in one),
-    and its control port, which can dial, listens on 127.0.0.1 only."""
+    """baresip's folder is 0700 and its files 0600, and its control port, which can dial
+    and is given the accounts, listens on 127.0.0.1 only."""
     running, _ = await sip_daemon(start_daemon)
     folder = running.daemon.gatekeeper.store.path.parent / "baresip"
     assert folder.stat().st_mode & 0o777 == 0o700

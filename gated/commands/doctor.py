@@ -134,6 +134,12 @@ def check_sip(state_dir: Path) -> list[Finding]:
     if status is None:
         findings.append(Finding("info", "sip", "the engine has not run here yet",
                                 "start gated: sudo systemctl start gated"))
+    elif status.get("state") == "running" and status.get("registered") is False:
+        findings.append(Finding(
+            "problem", "sip", f"the registrar did not take the account: "
+            f"{status.get('refusal') or 'no answer'}",
+            "check sip.account, the password in sip.password_file, and that the registrar "
+            "is reachable; `journalctl -u gated | grep 'sip regist'` says when it tried"))
     elif status.get("state") == "running":
         findings.append(Finding(
             "ok", "sip", f"engine running (pid {status.get('pid')}, restarted "

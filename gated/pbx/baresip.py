@@ -14,7 +14,14 @@ in. Measured on Debian's baresip 1.0.0 (the one version this adapter knows):
 - no event carries the address an INVITE came from: the verbose log's
   ``sipsess connect via UDP A --> B`` line, followed by the call's
   ``Incoming call from`` line, is read for it. A call whose source was not seen
-  has none, and a trunk's allowlist refuses it.
+  has none, and a trunk's allowlist refuses it;
+- events go only to a control connection the engine has accepted, and it
+  registers and takes calls the moment it starts: a call then (a registrar
+  calls at once) would ring with nobody told. So the engine starts with no
+  account, and gated adds them (``uanew``) on its connection: the engine
+  accepts it before it reads the command, and until then answers a call 404;
+- its reports are not always UTF-8 or plain text: ``reginfo`` repeats the
+  registrar's Server header byte for byte, and colours the state.
 
 A killed or hung engine is restarted (the call in progress is lost and told
 as ended); the webhook never waits on it.
@@ -46,6 +53,7 @@ from gated.book import files
 from gated.book.config import Config
 from gated.core.errors import EngineError
 from gated.core.numbers import normalise
+from gated.core.printable import printable
 from gated.pbx.engine import Digit, Ended, Event, Incoming, Sound
 
 log = structlog.get_logger("gated.sip")
@@ -61,6 +69,7 @@ RATE = 8000
 _VERSION = re.compile(rb"baresip v(\d+\.\d+\.\d+)")
 _CONNECT = re.compile(r"sipsess connect via \S+ (\S+) --> ")
 _INCOMING = re.compile(r"Incoming call from: (?:.* )?(sips?:\S+) - ")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the engine's terminal colours
 MAX_FRAME = 65536  # no reply or event of baresip's comes near; a bigger one is a fault
 SOURCE_WAIT = 1.0  # how long an INVITE's source may lag its event (a pipe, a socket)
 STATUS = "status.json"  # beside the engine's files: what `gated doctor` reads
@@ -149,7 +158,7 @@ class Setup:
 
     folder: Path
     address: str              # net_interface: the machine's own address
-    accounts: tuple[str, ...]  # baresip account lines
+    accounts: tuple[str, ...]  # baresip account lines, given over the control port
     listen: str | None = None  # trunk mode: sip_listen
     ctrl_port: int = 0         # 0: a free one at each start
     domain: str = ""           # register mode: the provider's host (transfers go there)
@@ -191,13 +200,21 @@ def config_text(setup: Setup, ctrl_port: int) -> str:
 def write_files(setup: Setup, ctrl_port: int, played: dict[Sound, bytes]) -> None:
     files.make_dir(setup.folder)
     files.replace(setup.folder / "config", config_text(setup, ctrl_port).encode())
-    files.replace(setup.folder / "accounts", ("\n".join(setup.accounts) + "\n").encode())
+    # No account in it: they come over the control port once gated listens (and
+    # without the file the engine writes a template of its own).
+    files.replace(setup.folder / "accounts", b"")
     for name, data in played.items():
         path = setup.folder / f"{name}.wav"
         with contextlib.suppress(OSError):
             if path.stat().st_size == len(data) and path.read_bytes() == data:
                 continue  # a restart rewrites megabytes of an SD card for nothing
         files.replace(path, data)
+
+
+def plain(text: str) -> str:
+    """An engine's report on one line in plain words: its colours and any control
+    character (a registrar's Server header is repeated in it) left out."""
+    return printable(" ".join(_COLOUR.sub("", text).split()))
 
 
 def netstring(message: dict[str, str]) -> bytes:
@@ -234,9 +251,15 @@ class BaresipEngine:
         self._seen = asyncio.Event()
         self._last_source: str | None = None
         self._token = 0
+        # Commands whose answer repeats a secret (an account's password): never logged.
+        self._secret_tokens: set[str] = set()
         self._probed = asyncio.Event()
         self._probe_token = ""
+        self.probes = 0  # questions the engine has answered
         self.registration = ""  # what the engine last said of its registrations
+        # What the registrar last said: None until it answers (or with no account to register).
+        self.registered: bool | None = None
+        self.refusal = ""  # its answer when it did not take the account
         self._reported: dict[str, object] = {}
 
     # -- supervision ------------------------------------------------------------------
@@ -245,7 +268,8 @@ class BaresipEngine:
         """The engine's state for `gated doctor`, written only when it changes."""
         status: dict[str, object] = {"state": self.state, "pid": self.pid,
                                      "restarts": self.restarts,
-                                     "registration": self.registration}
+                                     "registration": self.registration,
+                                     "registered": self.registered, "refusal": self.refusal}
         if status == self._reported:
             return
         self._reported = status
@@ -279,6 +303,7 @@ class BaresipEngine:
 
     async def _run_once(self) -> None:
         port = self.setup.ctrl_port or free_port()
+        self.registered, self.refusal = None, ""  # a new engine registers afresh
         write_files(self.setup, port, self.played())
         argv = [self.binary, "-v", "-f", str(self.setup.folder)]
         stdbuf = shutil.which("stdbuf")
@@ -292,6 +317,10 @@ class BaresipEngine:
         try:
             reader, writer = await self._connect(port, process)
             self._writer = writer
+            # Only now: the engine takes calls for an account from the moment it has it,
+            # and tells of them only on a connection it accepted before.
+            for account in self.setup.accounts:
+                await self._send("uanew", account, secret=True)
             self.state = "running"
             self._report()
             log.info("sip engine running", pid=process.pid, ctrl=f"127.0.0.1:{port}")
@@ -341,6 +370,7 @@ class BaresipEngine:
         self._calls.clear()
         self._sources.clear()
         self._peers.clear()
+        self._secret_tokens.clear()
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -366,7 +396,8 @@ class BaresipEngine:
             except asyncio.IncompleteReadError:
                 raise EngineError("baresip's control connection closed") from None
             try:
-                message = json.loads(body[:-1])
+                # Not always UTF-8: a registrar's Server header comes through as it was sent.
+                message = json.loads(body[:-1].decode(errors="replace"))
             except ValueError:
                 continue
             if isinstance(message, dict):
@@ -387,15 +418,24 @@ class BaresipEngine:
 
     async def _message(self, message: dict[str, object]) -> None:
         if message.get("response"):
-            if message.get("token") == self._probe_token:
-                self.registration = " ".join(str(message.get("data", "")).split())[:300]
+            token = message.get("token")
+            if token == self._probe_token:
+                self.registration = plain(str(message.get("data", "")))[:300]
+                self.probes += 1
                 self._probed.set()
                 self._report()
-            if not message.get("ok"):
-                log.warning("sip engine refused a command", token=message.get("token"),
-                            answer=str(message.get("data", ""))[:200])
+            if token in self._secret_tokens:
+                self._secret_tokens.discard(str(token))
+                if not message.get("ok"):
+                    log.warning("sip engine refused a command", token=token)
+            elif not message.get("ok"):
+                log.warning("sip engine refused a command", token=token,
+                            answer=plain(str(message.get("data", "")))[:200])
             return
         kind, call = message.get("type"), str(message.get("id", ""))
+        if kind in ("REGISTER_OK", "REGISTER_FAIL"):
+            self._registrar_said(kind == "REGISTER_OK", str(message.get("param", "")))
+            return
         if not call:
             return
         if kind == "CALL_INCOMING":
@@ -418,6 +458,17 @@ class BaresipEngine:
             # The source a prompt switched to stays for later calls.
             await self._send("ausrc", "aubridge,src-null")
 
+    def _registrar_said(self, ok: bool, answer: str) -> None:
+        """A registration taken is logged when it was not before; each refusal is (the
+        engine tries again only after half a minute or more), and kept for doctor."""
+        answer = plain(answer)[:100]
+        if ok and self.registered is not True:
+            log.info("sip registered", answer=answer)
+        elif not ok:
+            log.warning("sip registration failed", why=answer)
+        self.registered, self.refusal = ok, "" if ok else answer
+        self._report()
+
     async def _source(self, peer: str) -> str | None:
         """Where the call's INVITE came from, as the engine's log said; None if unseen."""
         loop = asyncio.get_running_loop()
@@ -438,7 +489,7 @@ class BaresipEngine:
         while True:
             yield await self._queue.get()
 
-    async def _send(self, command: str, params: str = "") -> str:
+    async def _send(self, command: str, params: str = "", *, secret: bool = False) -> str:
         writer = self._writer
         if writer is None:
             raise EngineError("the SIP engine is not running")
@@ -446,6 +497,8 @@ class BaresipEngine:
         message = {"command": command, "token": f"g{self._token}"}
         if params:
             message["params"] = params
+        if secret:
+            self._secret_tokens.add(message["token"])
         writer.write(netstring(message))
         await writer.drain()
         return message["token"]
