@@ -93,3 +93,41 @@ def test_daemon_sends_ready_then_watchdog_and_stops_on_sigterm(tmp_path: Path) -
         assert daemon.stderr is not None
         daemon.stderr.close()
         listener.close()
+
+
+def test_a_site_without_code_sets_or_a_staff_page_carries_neither_library(
+        tmp_path: Path) -> None:
+    """`gated run` on a site with no broker and no staff page loads neither cryptography
+    (signed code sets) nor argon2 (the page's passwords), and makes no argon2 hash at
+    start: every command built every command's parser, and both came in with it
+    (~6 MB of the daemon's memory, and a 64 MiB hash at each start)."""
+    port = free_port()
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"',
+                                                 f'listen = "127.0.0.1:{port}"'))
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(10)
+    env = {**os.environ, "NOTIFY_SOCKET": address}
+    daemon = subprocess.Popen([sys.executable, "-m", "gated", "--config", str(config), "run"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert listener.recv(256) == b"READY=1"
+        query = f"token={TOKEN}&code=&did={BARRIER}&callerid={RESIDENT}".replace("+", "%2B")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/voipgrid?{query}",
+                                    timeout=5) as response:
+            assert response.read() == b"status=ACK"
+        mapped = Path(f"/proc/{daemon.pid}/maps").read_text()
+        libraries = {line.split()[-1] for line in mapped.splitlines() if ".so" in line}
+        assert [path for path in libraries if "/cryptography/" in path
+                or "/argon2" in path or "_cffi_backend" in path] == []
+        # The high-water mark stays far below an argon2 hash's 64 MiB over the start.
+        status = Path(f"/proc/{daemon.pid}/status").read_text()
+        peak_kib = int(status.split("VmHWM:")[1].split()[0])
+        rss_kib = int(status.split("VmRSS:")[1].split()[0])
+        assert peak_kib - rss_kib < 32 * 1024
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        listener.close()

@@ -18,12 +18,26 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from gated.book import files, sitekey
 from gated.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+
+def _ed25519() -> ModuleType:
+    # Loaded with the first key: the command line imports this module for every
+    # command, and a site without code sets (nor a staff page's argon2) runs
+    # without cryptography in its memory (~6 MB with argon2).
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519
 
 SEED_BYTES = 32
 PUBLIC_BYTES = 32
@@ -67,7 +81,7 @@ class Signer:
 
     @classmethod
     def generate(cls) -> Signer:
-        return cls(Ed25519PrivateKey.generate())
+        return cls(_ed25519().Ed25519PrivateKey.generate())
 
 
 class Trust:
@@ -101,6 +115,8 @@ class Trust:
         key = self.keys.get(signer)
         if key is None:
             return False
+        from cryptography.exceptions import InvalidSignature
+
         try:
             key.verify(bytes.fromhex(signature), data)
         except (InvalidSignature, ValueError):
@@ -120,7 +136,7 @@ def read_public(path: Path) -> dict[str, Ed25519PublicKey]:
             raw = bytes.fromhex(word)
             if len(raw) != PUBLIC_BYTES:
                 raise ValueError
-            keys[fingerprint(raw)] = Ed25519PublicKey.from_public_bytes(raw)
+            keys[fingerprint(raw)] = _ed25519().Ed25519PublicKey.from_public_bytes(raw)
         except ValueError:
             raise ConfigError(f"{path}, line {number}: not a public signing key "
                               f"({PUBLIC_BYTES * 2} hex digits)") from None
@@ -139,7 +155,8 @@ def _read(path: Path) -> str:
 def read_private(path: Path) -> Signer | None:
     """Staff's signing key in ``path``; None when there is no such file."""
     seed = sitekey.read_key(path, "signing key")
-    return None if seed is None else Signer(Ed25519PrivateKey.from_private_bytes(seed))
+    return None if seed is None else Signer(
+        _ed25519().Ed25519PrivateKey.from_private_bytes(seed))
 
 
 def make_keys(hmac_key_path: Path) -> tuple[Signer, bool]:
@@ -150,7 +167,7 @@ def make_keys(hmac_key_path: Path) -> tuple[Signer, bool]:
     if signer is not None:
         return signer, False
     seed = sitekey.ensure_key(path, "signing key")
-    signer = Signer(Ed25519PrivateKey.from_private_bytes(seed))
+    signer = Signer(_ed25519().Ed25519PrivateKey.from_private_bytes(seed))
     trust(public_path(hmac_key_path), signer.public)
     return signer, True
 

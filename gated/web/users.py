@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -21,13 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, cast
-
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 from gated.book import files
 from gated.core.errors import GatedError
+
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
 
 Role = Literal["admin", "staff", "viewer"]
 ROLES: tuple[Role, ...] = ("viewer", "staff", "admin")
@@ -35,9 +36,20 @@ NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
 # argon2-cffi's defaults are RFC 9106's low-memory profile (argon2id, 64 MiB).
-_hasher = PasswordHasher()
-# Checked when the name is unknown, so a failed login takes as long either way.
-_DUMMY = _hasher.hash(secrets.token_hex(16))
+# Made at the first use, not at import: the command line imports this module for
+# every command, and `gated run` on a site without a staff page neither loads
+# argon2 nor makes a hash (~170 ms and 64 MiB at each start).
+@functools.cache
+def _hasher() -> PasswordHasher:
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()
+
+
+@functools.cache
+def _dummy() -> str:
+    """Checked when the name is unknown, so a failed login takes as long either way."""
+    return _hasher().hash(secrets.token_hex(16))
 
 
 class UserError(GatedError):
@@ -135,13 +147,15 @@ def make_stamp() -> float:
 
 
 def make(name: str, role: Role, password: str) -> User:
-    return User(check_name(name), role, _hasher.hash(check_password(password)), make_stamp())
+    return User(check_name(name), role, _hasher().hash(check_password(password)), make_stamp())
 
 
 def verify(user: User | None, password: str) -> bool:
     """Slow on purpose (argon2id), and as slow for a name that does not exist."""
+    from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
     try:
-        return _hasher.verify(user.hash if user else _DUMMY, password[:MAX_PASSWORD]) and (
+        return _hasher().verify(user.hash if user else _dummy(), password[:MAX_PASSWORD]) and (
             user is not None)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
