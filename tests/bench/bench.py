@@ -58,6 +58,9 @@ from gated.book import files
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 LUA = HERE / "calls.lua"
+# The servers' interpreter: ``--site-python``, a virtual environment with gated's
+# own dependencies only, as a site installs it (./dev bench makes one); the test
+# tools would load into the daemon (structlog imports rich when it is there).
 PYTHON = sys.executable
 DEADLINE = 3.0  # the sites' answer_deadline
 READY_TIMEOUT = 120.0
@@ -1232,7 +1235,11 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true",
                         help=f"do not update {TARGETS} after a full run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary site folder")
+    parser.add_argument("--site-python", default=sys.executable,
+                        help="the interpreter the servers run with (default: this one)")
     args = parser.parse_args()
+    global PYTHON
+    PYTHON = args.site_python
     if shutil.which("wrk") is None:
         print("bench: wrk is needed (apt-get install wrk; ./dev bench installs it)",
               file=sys.stderr)
