@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
-import zoneinfo
-from typing import Any
 
 import pyotp
 from hypothesis import given, settings
@@ -79,54 +75,3 @@ def test_a_step_holds_keyed_digests_not_codes() -> None:
     assert list(step.prefixes) == expected
     assert sorted(users[i].credential.id for i in step.users) == sorted(u.credential.id
                                                                         for u in users)
-
-
-class _NoThreads(concurrent.futures.ThreadPoolExecutor):
-    """The loop's default executor, counting what is handed to it and running none."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=1)
-        self.jobs = 0
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        self.jobs += 1
-        raise AssertionError("a TOTP step was built in a thread")
-
-
-async def test_a_totp_step_is_built_between_calls_never_in_a_thread() -> None:
-    """The daemon builds a step's table on the loop a slice of users at a time: a thread
-    building it held the interpreter lock from the calls answered meanwhile. The
-    tables built so are the ones a lookup builds itself."""
-    from gated.book.codes import TOTP_SLICE, CodeBook
-    from gated.daemon import build_totp_steps
-
-    users = [user(base64.b32encode(bytes([i % 256, i // 256]) * 10).decode(), name=f"u{i}")
-             for i in range(3 * TOTP_SLICE + 5)]
-    table = TotpTable(users=users, period=30)
-    book = CodeBook(gates={}, by_number={}, totp={30: table}, tz=zoneinfo.ZoneInfo("UTC"),
-                    region="NL")
-    loop = asyncio.get_running_loop()
-    executor = _NoThreads()
-    loop.set_default_executor(executor)  # the test's loop closes it at the end
-    turns = 0
-
-    def count() -> None:
-        nonlocal turns
-        turns += 1
-        if building:
-            loop.call_soon(count)
-
-    building = True
-    loop.call_soon(count)
-    now = 1_790_000_000.0
-    wanted = table.missing(now)
-    await build_totp_steps(book, now)
-    building = False
-    assert executor.jobs == 0
-    built = sorted(table.steps)
-    assert built == wanted and len(built) == 2 * TOTP_WINDOW + 2
-    # The loop turned between slices of every step (4 steps of 4 slices each).
-    assert turns >= 4 * 4
-    for timecode in built:
-        again = TotpTable(users=users, period=30, key=table.key).build(timecode)
-        assert table.steps[timecode] == again

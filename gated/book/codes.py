@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import bisect
 import hmac
-import itertools
 import os
 import struct
 import sys
@@ -38,8 +37,6 @@ from gated.core.credential import Credential, Gate
 
 # How many TOTP steps either side of now are accepted (clock drift, slow typing).
 TOTP_WINDOW = 1
-# Users a slice of a step's build computes (two HMACs each): ~1 ms here.
-TOTP_SLICE = 128
 
 
 # One record per static code after the 8-byte prefix: the digest's other 24
@@ -323,26 +320,14 @@ class TotpTable:
         return found
 
     def build(self, timecode: int) -> Step:
-        """The table for one step, at once (a lookup that finds it missing)."""
-        return self.joined(list(self.slices(timecode)))
-
-    def slices(self, timecode: int, size: int = TOTP_SLICE) -> Iterator[list[int]]:
-        """A step's users' keyed-digest prefixes, ``size`` users at a time, in user
-        order: the daemon builds a step between calls, a slice each loop turn."""
+        """The table for one step; touches no shared state, so it may run in a thread."""
         users = self.users
         codes = (users.codes(timecode) if isinstance(users, CompiledUsers)
                  else (user.code(timecode) for user in users))
         key = self.key
         # sitekey.digest and digest_prefix, inlined: this runs for every user.
-        prefixes = (int.from_bytes(hmac.digest(key, code.encode(), "sha256")[:8], "little")
-                    for code in codes)
-        while part := list(itertools.islice(prefixes, size)):
-            yield part
-
-    @staticmethod
-    def joined(slices: Sequence[list[int]]) -> Step:
-        """The step's table from all its slices, sorted by prefix."""
-        prefixes = list(itertools.chain.from_iterable(slices))
+        prefixes = [int.from_bytes(hmac.digest(key, code.encode(), "sha256")[:8], "little")
+                    for code in codes]
         order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
         return Step(array.array("Q", [prefixes[i] for i in order]), array.array("I", order))
 
