@@ -73,15 +73,17 @@ def sample_counts(raw: Path) -> collections.Counter[str]:
     return counts
 
 
-def one_round(tree: Path, site: sitegen.Site, port: int, seconds: float, pyspy: str,
-              work: Path) -> tuple[collections.Counter[str], float, float]:
-    """(samples by part, loop CPU us per call, all threads' CPU us per call)."""
+def one_round(tree: Path | None, site: sitegen.Site, port: int, seconds: float, pyspy: str,
+              work: Path) -> tuple[collections.Counter[str], float, float, float]:
+    """(samples by part, loop CPU us per call, all threads' CPU us per call, calls/s);
+    ``tree`` None: the floor."""
     folder = site.config.parent
-    state = folder / "state"
-    shutil.rmtree(state, ignore_errors=True)
-    server = bench.Server(
-        "gated", ["env", f"PYTHONPATH={tree}", bench.PYTHON, "-m", "gated", "-c",
-                  str(site.config), "run"], port, folder, folder / "gated.log")
+    shutil.rmtree(folder / "state", ignore_errors=True)
+    argv = (["env", f"PYTHONPATH={tree}", bench.PYTHON, "-m", "gated", "-c", str(site.config),
+             "run"] if tree is not None
+            else [bench.PYTHON, str(bench.HERE / "floor.py"), "--port", str(port)])
+    server = bench.Server("gated" if tree is not None else "floor", argv, port, folder,
+                          folder / "gated.log")
     raw = work / "samples.txt"
     server.start()
     try:
