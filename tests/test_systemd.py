@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from .helpers import BARRIER, RESIDENT, TOKEN, write_config
@@ -56,8 +58,13 @@ def free_port() -> int:
     return port
 
 
-def test_daemon_sends_ready_then_watchdog_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """A real daemon process says READY=1 once answering, pings WATCHDOG=1, exits 0 on TERM."""
+Daemon = tuple[subprocess.Popen[bytes], socket.socket, int]
+
+
+@contextlib.contextmanager
+def notifying_daemon(tmp_path: Path, **env: str) -> Iterator[Daemon]:
+    """A real daemon process on the test site, its NOTIFY_SOCKET listener and its port;
+    killed at the end if it still runs."""
     port = free_port()
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace('listen = "127.0.0.1:0"',
@@ -66,26 +73,12 @@ def test_daemon_sends_ready_then_watchdog_and_stops_on_sigterm(tmp_path: Path) -
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(address)
     listener.settimeout(10)
-    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
-    env.pop("WATCHDOG_PID", None)
+    environ = {**os.environ, "NOTIFY_SOCKET": address, **env}
+    environ.pop("WATCHDOG_PID", None)
     daemon = subprocess.Popen([sys.executable, "-m", "gated", "--config", str(config), "run"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert listener.recv(256) == b"READY=1"
-        # READY means the webhook answers now, not soon.
-        query = f"token={TOKEN}&code=&did={BARRIER}&callerid={RESIDENT}".replace("+", "%2B")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/voipgrid?{query}",
-                                    timeout=5) as response:
-            assert response.read() == b"status=ACK"
-        started = time.monotonic()
-        pings = [listener.recv(256) for _ in range(3)]
-        assert pings == [b"WATCHDOG=1"] * 3
-        assert time.monotonic() - started < 1.0  # every 0.1 s, half of WATCHDOG_USEC
-        daemon.send_signal(signal.SIGTERM)
-        while (message := listener.recv(256)) == b"WATCHDOG=1":
-            pass
-        assert message == b"STOPPING=1"
-        assert daemon.wait(10) == 0
+        yield daemon, listener, port
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -95,29 +88,41 @@ def test_daemon_sends_ready_then_watchdog_and_stops_on_sigterm(tmp_path: Path) -
         listener.close()
 
 
+def call_resident(port: int) -> bytes:
+    """A resident's call (no code) to the daemon: its answer's body."""
+    query = f"token={TOKEN}&code=&did={BARRIER}&callerid={RESIDENT}".replace("+", "%2B")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/voipgrid?{query}",
+                                timeout=5) as response:
+        body: bytes = response.read()
+    return body
+
+
+def test_daemon_sends_ready_then_watchdog_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """A real daemon process says READY=1 once answering, pings WATCHDOG=1, exits 0 on TERM."""
+    with notifying_daemon(tmp_path, WATCHDOG_USEC="200000") as (daemon, listener, port):
+        assert listener.recv(256) == b"READY=1"
+        # READY means the webhook answers now, not soon.
+        assert call_resident(port) == b"status=ACK"
+        started = time.monotonic()
+        pings = [listener.recv(256) for _ in range(3)]
+        assert pings == [b"WATCHDOG=1"] * 3
+        assert time.monotonic() - started < 1.0  # every 0.1 s, half of WATCHDOG_USEC
+        daemon.send_signal(signal.SIGTERM)
+        while (message := listener.recv(256)) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert daemon.wait(10) == 0
+
+
 def test_a_site_without_code_sets_or_a_staff_page_carries_neither_library(
         tmp_path: Path) -> None:
     """`gated run` on a site with no broker and no staff page loads neither cryptography
     (signed code sets) nor argon2 (the page's passwords), and makes no argon2 hash at
     start: every command built every command's parser, and both came in with it
     (~6 MB of the daemon's memory, and a 64 MiB hash at each start)."""
-    port = free_port()
-    config = write_config(tmp_path)
-    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"',
-                                                 f'listen = "127.0.0.1:{port}"'))
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(10)
-    env = {**os.environ, "NOTIFY_SOCKET": address}
-    daemon = subprocess.Popen([sys.executable, "-m", "gated", "--config", str(config), "run"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with notifying_daemon(tmp_path) as (daemon, listener, port):
         assert listener.recv(256) == b"READY=1"
-        query = f"token={TOKEN}&code=&did={BARRIER}&callerid={RESIDENT}".replace("+", "%2B")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/voipgrid?{query}",
-                                    timeout=5) as response:
-            assert response.read() == b"status=ACK"
+        assert call_resident(port) == b"status=ACK"
         mapped = Path(f"/proc/{daemon.pid}/maps").read_text()
         libraries = {line.split()[-1] for line in mapped.splitlines() if ".so" in line}
         assert [path for path in libraries if "/cryptography/" in path
@@ -127,7 +132,3 @@ def test_a_site_without_code_sets_or_a_staff_page_carries_neither_library(
         peak_kib = int(status.split("VmHWM:")[1].split()[0])
         rss_kib = int(status.split("VmRSS:")[1].split()[0])
         assert peak_kib - rss_kib < 32 * 1024
-    finally:
-        daemon.terminate()
-        daemon.wait(10)
-        listener.close()
