@@ -37,8 +37,9 @@ def _held_port() -> socket.socket:
 @dataclass
 class Receiver:
     """An aiohttp server on a port it holds from the start: down (refusing connections)
-    until started, scripted answers. Only requests under its own random path count: a
-    sender left over from elsewhere, aimed at a port since reused, cannot know it."""
+    until started, scripted answers. Only requests under its own random path count:
+    whatever else on the machine reaches its port (another run's sender aimed at a port
+    since reused, someone's curl) cannot know that path."""
 
     # Statuses to answer, in order; 200 once they run out.
     script: list[int] = field(default_factory=list)

@@ -483,10 +483,13 @@ async def test_a_receiver_holds_its_port_from_the_start() -> None:
 
 async def test_a_receiver_counts_only_the_requests_sent_to_its_own_url(
         receiver: Receiver) -> None:
-    """A request to the receiver's port but not to its URL (a sender left over from another
-    test, aimed at a port since reused) is answered 404 and not counted as received."""
+    """A request to the receiver's port but not to its URL (someone's curl, another run's
+    sender aimed at a port since reused) is answered 404 and not counted as received."""
     await receiver.start()
     async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{receiver.port}/voipgrid",
+                               headers={"User-Agent": "curl/7.88.1"}) as response:
+            assert response.status == 404
         for url in (f"http://127.0.0.1:{receiver.port}/hook",
                     f"http://127.0.0.1:{receiver.port}/mp/collect?measurement_id=G-TEST"):
             async with session.post(url, data=b"{}") as response:
