@@ -66,9 +66,12 @@ class Mosquitto:
             "log_type all\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_from = 0  # where this run's lines begin in the log (it is appended to)
 
     def start(self, within: float = 5.0) -> None:
         assert self.process is None, "already running"
+        path = self.dir / "mosquitto.log"
+        self._log_from = path.stat().st_size if path.exists() else 0
         self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + within
@@ -109,6 +112,15 @@ class Mosquitto:
     def log(self) -> str:
         path = self.dir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_of_this_run(self) -> str:
+        """The log since the last start (a restarted broker appends to the same file)."""
+        path = self.dir / "mosquitto.log"
+        if not path.exists():
+            return ""
+        with path.open("rb") as log:
+            log.seek(self._log_from)
+            return log.read().decode(errors="replace")
 
 
 @dataclass(frozen=True)

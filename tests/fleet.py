@@ -75,6 +75,29 @@ def bridge_topics(site: str = "noord") -> list[tuple[str, str, int]]:
                                                      text, re.MULTILINE)]
 
 
+def bridge_subscribed(log: str, connection: str) -> bool:
+    """Whether, by the edge's log, bridge ``connection`` is connected and central has
+    acknowledged every subscription it made in this connection.
+
+    Central queues a subscription's retained messages before it acknowledges it,
+    so whatever it is sent after this comes behind them.
+    """
+    lines = log.splitlines()
+    connack = f"Received CONNACK on connection local.{connection}."
+    begun = [n for n, line in enumerate(lines) if line.endswith(connack)]
+    if not begun:
+        return False
+    since = lines[begun[-1] + 1:]
+    gone = (f"Client local.{connection} ", f"Socket error on client local.{connection}",
+            f"Connecting bridge (step 1) {connection} ")
+    if any(word in line for line in since for word in gone):
+        return False
+    # Sent all at once when the CONNACK arrives; acknowledged in order, later.
+    sent = sum(f"Bridge local.{connection} sending SUBSCRIBE" in line for line in since)
+    acked = sum(line.endswith(f"Received SUBACK from local.{connection}") for line in since)
+    return sent > 0 and acked == sent
+
+
 class Forwarder:
     """A TCP forwarder with its own thread, whose link a test can cut and restore."""
 
@@ -179,17 +202,25 @@ class Fleet:
         return client
 
     async def linked(self, edge: Mosquitto, *, within: float = 5.0) -> None:
-        """Wait until ``edge``'s bridge is up and subscribed on central.
+        """Wait until ``edge``'s bridge is up and subscribed on central, and the edge
+        has every retained message central sent for those subscriptions.
 
         ``$SYS/broker/connection/<name>/state`` is no proof: the bridge sends 1
         before its subscriptions, and an edge's own copy can still say 1 from
-        before a drop. A marker sent from central must come through.
+        before a drop. A marker sent from central must come through, and only
+        once central has acknowledged the subscriptions of the bridge's current
+        connection: central keeps the bridge's session (cleansession false), so
+        a marker sent before that goes out on the old session's subscriptions,
+        ahead of the retained messages the new ones bring.
         """
-        ping = PING.format(site=self.site(edge))
+        site = self.site(edge)
+        ping = PING.format(site=site)
         watcher = await self.probe(edge, f"{ping}/+")
         sender = await self.probe(self.central)
         marker = f"{ping}/{next(self._markers)}"
         async with asyncio.timeout(within):
+            await eventually(lambda: bridge_subscribed(edge.log_of_this_run(), f"edge-{site}"),
+                             within=within, step=0.02)
             while not watcher.on(marker):
                 await sender.publish(marker, b"")
                 with contextlib.suppress(TimeoutError):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-
-from .process import free_port
 
 # 32 random bytes, base64, as `openssl rand -base64 32` makes them.
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw9Y1wnGEI+Zs="
@@ -23,23 +23,51 @@ class Received:
     at: float  # time.monotonic() when it arrived
 
 
+def _held_port() -> socket.socket:
+    """A socket bound to a free port, not listening: the port is held from now on (no
+    other socket can bind it, SO_REUSEADDR or not) and refuses connections until
+    ``listen``. A port number picked and let go is anyone's until it is bound again:
+    another test's server, in this run or another on the machine, could take it
+    and be sent the forwards meant for this one."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 @dataclass
 class Receiver:
-    """An aiohttp server on a fixed free port: down until started, scripted answers."""
+    """An aiohttp server on a port it holds from the start: down (refusing connections)
+    until started, scripted answers. Only requests under its own random path count:
+    whatever else on the machine reaches its port (another run's sender aimed at a port
+    since reused, someone's curl) cannot know that path."""
 
-    port: int = field(default_factory=free_port)
     # Statuses to answer, in order; 200 once they run out.
     script: list[int] = field(default_factory=list)
     hang: bool = False
     requests: list[Received] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)  # paths asked for outside its own
+    _socket: socket.socket = field(default_factory=_held_port)
+    _prefix: str = field(default_factory=lambda: f"/r{secrets.token_hex(8)}")
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
+    def port(self) -> int:
+        return int(self._socket.getsockname()[1])
+
+    @property
+    def base(self) -> str:
+        """The receiver's own root: what a URL for it starts with."""
+        return f"http://127.0.0.1:{self.port}{self._prefix}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.base}/hook"
 
     async def _handle(self, request: web.Request) -> web.Response:
+        if not request.path.startswith(self._prefix + "/"):
+            self.strays.append(request.path)
+            return web.Response(status=404)
         body = await request.read()
         self.requests.append(Received(dict(request.headers), body, time.monotonic()))
         async with self._arrived:
@@ -55,13 +83,16 @@ class Receiver:
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=0.1)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+        # Listens on the socket held since the start; closed with the runner.
+        await web.SockSite(self._runner, self._socket).start()
         return self
 
     async def stop(self) -> None:
+        """Stop answering and let the port go (a receiver is started once)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._socket.close()
 
     async def wait_for(self, count: int, within: float = 10.0) -> list[Received]:
         """Until ``count`` requests have arrived (all of them so far, in order)."""
@@ -78,8 +109,7 @@ def forward_table(url: str, *, name: str = "crm", fmt: str = "json", caller: str
 
 
 def ga4_url(receiver: Receiver) -> str:
-    return (f"http://127.0.0.1:{receiver.port}/mp/collect?measurement_id=G-TEST"
-            f"&api_secret={API_SECRET}")
+    return f"{receiver.base}/mp/collect?measurement_id=G-TEST&api_secret={API_SECRET}"
 
 
 def headers_of(received: Received) -> dict[str, Any]:

@@ -3,20 +3,26 @@ directory, used only when it was made from exactly the sources at hand."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import gc
 import json
 import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from gpiozero.pins.mock import MockFactory
 
 from gated.book import bookfile, compiler, sitekey
 from gated.book import config as config_mod
 from gated.core.decide import Ledger, Request, decide
 from gated.core.lockout import Policy
+from gated.daemon import Daemon
 from tests.helpers import BARRIER, FakeClock, config_text, write_config
 from tests.test_book_check import rebuilt, sections_of, set_record
 
@@ -398,6 +404,66 @@ async def test_a_compile_that_hangs_is_killed_and_the_reload_refused(tmp_path: P
     os.mkfifo(fifo)
     with pytest.raises(config_mod.ConfigError, match="took over 1 s; killed"):
         await compiler.load_in_child(fifo, within=1.0)
+
+
+def _compilers() -> list[int]:
+    """This process's children that are compiling children (``_compile``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == str(os.getpid()) and compiler.CHILD_COMMAND.encode() in command:
+            found.append(int(proc.name))
+    return found
+
+
+def _writer(fifo: Path) -> int | None:
+    """The FIFO opened for writing, or None while nothing has it open for reading."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return None
+
+
+def test_a_daemon_stopped_mid_reload_leaves_no_compiler_behind(
+        tmp_path: Path, mock_factory: MockFactory) -> None:
+    """The daemon stopped while its reload's child compiles, its event loop closed right
+    after (as a test's is): the child is killed and reaped and its pipe closed, so
+    nothing of it is left for the garbage collector to warn about in a later test."""
+    path = write_config(tmp_path)
+    loaded = compiler.load(path, create_key=True)
+    writers: list[int] = []
+
+    async def stop_mid_reload() -> None:
+        daemon = Daemon(loaded, mock_factory=mock_factory, install_signals=False)
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        # The config becomes a FIFO: the daemon's file watcher starts a reload, whose
+        # child blocks reading it, compiling for as long as the test likes.
+        path.unlink()
+        os.mkfifo(path)
+        async with asyncio.timeout(30):
+            while (writer := _writer(path)) is None:  # noqa: ASYNC110 (no event says a reader came)
+                await asyncio.sleep(0.05)
+        writers.append(writer)
+        daemon.stop.set()
+        await asyncio.wait_for(task, 10)
+
+    try:
+        asyncio.run(stop_mid_reload())
+    finally:
+        for fd in writers:
+            os.close(fd)
+    assert _compilers() == []
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in warned] == []
 
 
 def test_a_second_daemon_stops_before_its_compiler_touches_the_running_ones_book(

@@ -52,3 +52,21 @@ async def test_a_replaced_edge_gets_every_retained_code_when_queues_are_larger_t
     await fleet.linked(fleet.edge1)
     assert await _count(fleet.edge1.port) == CODES
     assert DROPPED not in fleet.central.log()
+
+
+async def test_an_edge_is_linked_only_once_its_new_connection_brought_every_retained_code(
+        make_fleet: Callable[..., Any]) -> None:
+    """edge2 replaced while its link is down: central keeps the bridge's session, which
+    can deliver a marker before the retained codes the new connection subscribes to;
+    linked() returns only once the edge has every one of them."""
+    larger = f"max_queued_messages {CODES + 1000}\n"
+    fleet = await make_fleet(extra={"central": larger, "edge2": larger})
+    await _publish_codes(fleet)
+    await fleet.linked(fleet.edge2)  # the old edge2 has them all: central queues none
+    fleet.link.cut()
+    fleet.replace(fleet.edge2)
+    linking = asyncio.create_task(fleet.linked(fleet.edge2, within=30))
+    await fleet.cut_seen()  # the bridge tried central and was turned away
+    fleet.link.restore()
+    await linking
+    assert await _count(fleet.edge2.port) == CODES

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import sqlite3
 import textwrap
 import time
@@ -314,9 +315,7 @@ async def test_kill_9_with_forwards_pending_loses_none(tmp_path: Path,
                                                        receiver: Receiver) -> None:
     """The real daemon killed with -9 while its endpoint is down: after a restart with
     the endpoint up, every answered call's forward arrives at least once."""
-    port = free_port()
-    while port == receiver.port:  # reserved by the receiver, not bound until it starts
-        port = free_port()
+    port = free_port()  # not the receiver's: it holds that one
     config = write_config(tmp_path, forward_table(receiver.url, caller="number"))
     config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
     url = f"http://127.0.0.1:{port}/voipgrid"
@@ -463,6 +462,41 @@ async def test_webhook_id_is_the_same_after_a_restart(start_daemon: Any, tmp_pat
     await until(lambda: not outbox(second))
     ids = {headers_of(r)["webhook-id"] for r in receiver.requests}
     assert len(ids) == 1
+
+
+async def test_a_receiver_holds_its_port_from_the_start() -> None:
+    """A receiver not up yet refuses connections as a down endpoint does, and no other
+    server (another test's receiver, in this run or another on the machine) can listen
+    on its port and be sent the forwards meant for it."""
+    down = Receiver()
+    try:
+        with socket.socket() as stranger:
+            # As aiohttp's TCPSite binds: with SO_REUSEADDR.
+            stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="Address already in use"):
+                stranger.bind(("127.0.0.1", down.port))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", down.port), timeout=5).close()
+    finally:
+        await down.stop()
+
+
+async def test_a_receiver_counts_only_the_requests_sent_to_its_own_url(
+        receiver: Receiver) -> None:
+    """A request to the receiver's port but not to its URL (someone's curl, another run's
+    sender aimed at a port since reused) is answered 404 and not counted as received."""
+    await receiver.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{receiver.port}/voipgrid",
+                               headers={"User-Agent": "curl/7.88.1"}) as response:
+            assert response.status == 404
+        for url in (f"http://127.0.0.1:{receiver.port}/hook",
+                    f"http://127.0.0.1:{receiver.port}/mp/collect?measurement_id=G-TEST"):
+            async with session.post(url, data=b"{}") as response:
+                assert response.status == 404
+        async with session.post(receiver.url, data=b"{}") as response:
+            assert response.status == 200
+    assert [r.body for r in receiver.requests] == [b"{}"]
 
 
 async def test_template_that_fails_on_a_real_entry_rejects_that_row(
