@@ -1014,6 +1014,28 @@ def load_visitors(conn: sqlite3.Connection) -> list[VisitorRow]:
     return [VisitorRow.from_row(row) for row in rows]
 
 
+def query_entries(conn: sqlite3.Connection, *, since: float | None = None,
+                  gate: str | None = None, status: str | None = None,
+                  before: int | None = None, limit: int = 50) -> list[tuple[int, Entry]]:
+    """Newest entries first, with their row ids (``before``: only older rows than that
+    id), for `gated log` and the staff page's log."""
+    # A store the daemon has not migrated yet (read-only here) lacks the newer
+    # columns: they read as empty.
+    present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
+    sql = f"SELECT id, {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
+    args: list[Any] = []
+    for clause, value in (("gate = ?", gate), ("status = ?", status), ("id < ?", before),
+                          ("time >= ?", since)):
+        if value is not None:
+            sql += f" AND {clause}"
+            args.append(value)
+    # By time when bounded by it, so SQLite walks the time index, not every row.
+    sql += f" ORDER BY {'time' if since is not None else 'id'} DESC LIMIT ?"
+    args.append(limit)
+    return [(row[0], Entry(*row[1:])) for row in conn.execute(sql, args)]
+
+
 def read_entries(path: Path, *, since: float | None = None, gate: str | None = None,
                  limit: int = 50) -> list[Entry]:
     """Newest entries first, for ``gated log``; opens the store read-only."""
@@ -1022,21 +1044,8 @@ def read_entries(path: Path, *, since: float | None = None, gate: str | None = N
     try:
         conn = connect(path, readonly=True)
         try:
-            # A store the daemon has not migrated yet (read-only here) lacks the
-            # newer columns: they read as empty.
-            present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
-            columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
-            query = f"SELECT {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
-            args: list[Any] = []
-            if since is not None:
-                query += " AND time >= ?"
-                args.append(since)
-            if gate is not None:
-                query += " AND gate = ?"
-                args.append(gate)
-            query += " ORDER BY id DESC LIMIT ?"
-            args.append(limit)
-            return [Entry(*row) for row in conn.execute(query, args)]
+            return [entry for _, entry in query_entries(conn, since=since, gate=gate,
+                                                        limit=limit)]
         finally:
             conn.close()
     except sqlite3.Error as exc:

@@ -46,6 +46,7 @@ from gated.site.store import (
     VisitorRow,
     add_visitor,
     connect,
+    query_entries,
 )
 from gated.web import texts as texts_mod
 from gated.web import users as users_mod
@@ -436,26 +437,8 @@ def _query(path: Path, *, gate: str | None, status: str | None, before: int | No
            limit: int, since: float | None = None) -> list[tuple[int, Entry]]:
     conn = connect(path, readonly=True)
     try:
-        present = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
-        columns = ", ".join(c if c in present else "''" for c in ENTRY_COLUMNS)
-        sql = f"SELECT id, {columns} FROM entries WHERE 1=1"  # noqa: S608 (constant columns)
-        args: list[Any] = []
-        if gate:
-            sql += " AND gate = ?"
-            args.append(gate)
-        if status:
-            sql += " AND status = ?"
-            args.append(status)
-        if before is not None:
-            sql += " AND id < ?"
-            args.append(before)
-        if since is not None:  # by the time index: the last day, not the whole log
-            sql += " AND time >= ?"
-            args.append(since)
-        # By time when bounded by it, so SQLite walks the time index, not every row.
-        sql += f" ORDER BY {'time' if since is not None else 'id'} DESC LIMIT ?"
-        args.append(limit)
-        return [(row[0], Entry(*row[1:])) for row in conn.execute(sql, args)]
+        return query_entries(conn, gate=gate or None, status=status or None, before=before,
+                             limit=limit, since=since)
     finally:
         conn.close()
 
