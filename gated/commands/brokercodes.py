@@ -38,15 +38,22 @@ class StaffError(GatedError):
     """A staff command could not do what was asked; the message says why."""
 
 
+def broker_action(actions: Any, common: argparse.ArgumentParser, what: str, name: str,
+                  helptext: str) -> argparse.ArgumentParser:
+    """One action on the broker's ``what`` (a code, a route): site's or, with
+    ``--fleet``, every site's."""
+    p: argparse.ArgumentParser = actions.add_parser(name, help=helptext, description=helptext,
+                                                    parents=[common])
+    p.add_argument("--fleet", action="store_true",
+                   help=f"under [mqtt] fleet_prefix: a {what} for every site")
+    return p
+
+
 def add_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     """Register ``codes put|rm`` (the broker's codes) beside the local actions."""
 
     def action(name: str, helptext: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = actions.add_parser(name, help=helptext,
-                                                        description=helptext, parents=[common])
-        p.add_argument("--fleet", action="store_true",
-                       help="under [mqtt] fleet_prefix: a code for every site")
-        return p
+        return broker_action(actions, common, "code", name, helptext)
 
     p = action("put", "publish a code to the broker (new or changed) and wait for gated's "
                       "verdict")

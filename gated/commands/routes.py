@@ -23,6 +23,7 @@ from gated.commands.brokercodes import (
     _base,
     _client_id,
     _verdict,
+    broker_action,
     list_retained,
     remove,
 )
@@ -35,11 +36,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     actions = routes.add_subparsers(dest="routes_command", required=True, metavar="ACTION")
 
     def action(name: str, helptext: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = actions.add_parser(name, help=helptext,
-                                                        description=helptext, parents=[common])
-        p.add_argument("--fleet", action="store_true",
-                       help="under [mqtt] fleet_prefix: a route for every site")
-        return p
+        return broker_action(actions, common, "route", name, helptext)
 
     p = action("put", "publish a route to the broker (new or changed) and wait for gated's "
                       "verdict")
