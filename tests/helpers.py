@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import textwrap
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,14 @@ class FakeActuator:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class TimerCountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the timers put on it (call_later goes through call_at)."""
+
+    timers = 0
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
+                context: Any = None) -> asyncio.TimerHandle:
+        self.timers += 1
+        return super().call_at(when, callback, *args, context=context)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,15 @@ from gated.core.lockout import Policy
 from gated.site.gatekeeper import Answer, Gatekeeper, RawCall
 from gated.site.store import Store, read_entries
 
-from .helpers import BARRIER, RESIDENT, SINGLE_USE, TOKEN, FakeActuator, write_config
-
-
-class TimerCountingLoop(asyncio.SelectorEventLoop):
-    """An event loop that counts the timers put on it (call_later goes through call_at)."""
-
-    timers = 0
-
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
-                context: Any = None) -> asyncio.TimerHandle:
-        self.timers += 1
-        return super().call_at(when, callback, *args, context=context)
+from .helpers import (
+    BARRIER,
+    RESIDENT,
+    SINGLE_USE,
+    TOKEN,
+    FakeActuator,
+    TimerCountingLoop,
+    write_config,
+)
 
 
 class HangingActuator:

@@ -14,9 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,7 +26,7 @@ from gated.site import store as store_mod
 from gated.site.gatekeeper import Gatekeeper, RawCall
 from gated.site.store import Entry, Store, read_entries
 
-from .helpers import BARRIER, RESIDENT, FakeActuator, write_config
+from .helpers import BARRIER, RESIDENT, FakeActuator, TimerCountingLoop, write_config
 
 
 def entry(n: int) -> Entry:
@@ -168,17 +166,6 @@ def test_a_calls_code_digest_keeps_the_interpreter_lock(monkeypatch: pytest.Monk
     # RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
     assert sitekey.digest(b"Jefe", "what do ya want for nothing?").hex() == (
         "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
-
-
-class TimerCountingLoop(asyncio.SelectorEventLoop):
-    """An event loop that counts the timers put on it (call_later goes through call_at)."""
-
-    timers = 0
-
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
-                context: Any = None) -> asyncio.TimerHandle:
-        self.timers += 1
-        return super().call_at(when, callback, *args, context=context)
 
 
 def test_calls_answered_together_share_their_deadline_timer(tmp_path: Path) -> None:
